@@ -1,0 +1,5 @@
+import sys
+
+from dogo.cli import main
+
+sys.exit(main())

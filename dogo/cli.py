@@ -1,0 +1,169 @@
+"""The `dogo` command: train, eval, export (convert and bench arrive with their backends)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from dogo.engine import checkpoint, config as config_mod
+from dogo.engine.checkpoint import CheckpointError
+from dogo.engine.config import ConfigError
+from dogo.pipelines.base import DataError
+
+console = Console()
+
+
+def _checkpoint_path(spec: str) -> Path:
+    """A checkpoint file, or a run folder (its newest checkpoint)."""
+    path = Path(spec)
+    if path.is_dir():
+        found = checkpoint.latest(path)
+        if found is None:
+            raise CheckpointError(f"run folder {path} has no checkpoints under {checkpoint.folder(path)}")
+        return found
+    return path
+
+
+def _load_run(spec: str, overrides: list[str]):
+    path = _checkpoint_path(spec)
+    state = checkpoint.load(path)
+    cfg = config_mod.from_dict(state["config"])
+    for o in overrides:
+        config_mod.apply_override(cfg, o)
+    return path, state, cfg
+
+
+def cmd_train(args) -> int:
+    from dogo.engine.train import train
+    cfg = config_mod.load(args.config, args.overrides)
+    train(cfg)  # a run stopped by SIGTERM/SIGINT has saved its checkpoint: that is a clean exit too
+    return 0
+
+
+def _eval_setup(cfg):
+    from dogo.engine import distributed
+    from dogo.engine.train import build_peers, resolve_precision
+    ctx = distributed.init(cfg.device)
+    precision = resolve_precision(cfg, ctx.device)
+    return ctx, precision, build_peers
+
+
+def cmd_eval_knn(args) -> int:
+    from dogo.engine.evaluate import KnnMonitor
+    path, state, cfg = _load_run(args.checkpoint, args.overrides)
+    ctx, precision, build_peers = _eval_setup(cfg)
+    monitor = KnnMonitor(cfg, ctx, precision.dtype, precision.channels_last)
+    trained = build_peers(cfg).to(ctx.device)
+    for name, peer in trained.peers.items():
+        peer.load_state_dict(state["peers"][name])
+    random_init = build_peers(cfg).to(ctx.device)  # the run's own starting weights (same seed)
+    table = Table(title=f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) on "
+                        f"{Path(cfg.data.path) / cfg.data.val_split}, step {state['position']['step']}")
+    for col in ("peer", "arch", "trained %", "random init %", "gain (points)"):
+        table.add_column(col, justify="right" if "%" in col or "gain" in col else "left")
+    rows = {}
+    for name in trained.peers:
+        t = monitor.top1(trained.peers[name].backbone)
+        r = monitor.top1(random_init.peers[name].backbone)
+        rows[name] = {"trained": t, "random_init": r}
+        table.add_row(name, cfg.peers[name].arch, f"{t:.2f}", f"{r:.2f}", f"{t - r:+.2f}")
+    if ctx.is_main:
+        console.print(table)
+    return 0
+
+
+def cmd_eval_linear(args) -> int:
+    from dogo.engine.evaluate import extract_features, linear_probe
+    from dogo.pipelines.folder import scan
+    path, state, cfg = _load_run(args.checkpoint, args.overrides)
+    if args.peer not in state["peers"]:
+        raise ConfigError(f"--peer {args.peer!r}: the checkpoint has peers {', '.join(state['peers'])}")
+    ctx, precision, build_peers = _eval_setup(cfg)
+    model = build_peers(cfg).to(ctx.device)
+    model.peers[args.peer].load_state_dict(state["peers"][args.peer])
+    backbone = model.peers[args.peer].backbone
+    root = Path(cfg.data.path)
+    feats = {}
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        index = scan(root / split)
+        feats[split] = extract_features(backbone, index, np.arange(len(index)), image_size=cfg.data.image_size,
+                                        batch_size=cfg.eval.batch_size, workers=cfg.data.workers,
+                                        recipe=cfg.augment, ctx=ctx, dtype=precision.dtype,
+                                        channels_last=precision.channels_last)
+    num_classes = len(scan(root / cfg.data.train_split).classes)
+    result = linear_probe(*feats[cfg.data.train_split], *feats[cfg.data.val_split], num_classes,
+                          epochs=args.epochs, lr=args.lr, seed=cfg.seed)
+    if ctx.is_main:
+        console.print(f"linear probe on frozen {cfg.peers[args.peer].arch} features of peer '{args.peer}' "
+                      f"({path}): " + ", ".join(f"{k} {v:.2f}%" for k, v in result.items()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from dogo.engine.io import atomic_write
+    path, state, cfg = _load_run(args.checkpoint, [])
+    if args.peer not in state["peers"]:
+        raise ConfigError(f"--peer {args.peer!r}: the checkpoint has peers {', '.join(state['peers'])}")
+    prefix = "backbone."
+    weights = {k[len(prefix):]: v for k, v in state["peers"][args.peer].items() if k.startswith(prefix)}
+    atomic_write(args.out, lambda tmp: torch.save(weights, tmp))
+    peer = cfg.peers[args.peer]
+    console.print(f"wrote {args.out}: the {peer.arch} backbone of peer '{args.peer}' ({len(weights)} tensors)\n"
+                  f"load it with torchvision:  m = torchvision.models.{peer.arch}(); "
+                  f"m.{'fc' if peer.arch.startswith('resnet') else 'classifier'} = torch.nn.Identity(); "
+                  f"m.load_state_dict(torch.load('{args.out}'), strict=True)", highlight=False)
+    if peer.cifar_stem:
+        console.print("this backbone was trained with cifar_stem: first rebuild the stem with "
+                      "dogo.models.build_backbone('" + peer.arch + "', cifar_stem=True)", highlight=False)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dogo", description="Self-supervised distillation trainer (DoGo, SimCLR).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
+    t.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.lr=0.6 peers.r18.tau=0.2")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint's backbones")
+    esub = e.add_subparsers(dest="kind", required=True)
+    k = esub.add_parser("knn", help="weighted kNN top-1 of every peer, against its random initialisation")
+    k.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
+    k.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=/imagenet eval.knn_k=200")
+    k.set_defaults(func=cmd_eval_knn)
+    lin = esub.add_parser("linear", help="linear probe on frozen features: top-1 and top-5")
+    lin.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
+    lin.add_argument("--peer", required=True, help="which peer's backbone to probe")
+    lin.add_argument("--epochs", type=int, default=100, help="passes over the cached training features")
+    lin.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the linear layer")
+    lin.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=/imagenet")
+    lin.set_defaults(func=cmd_eval_linear)
+
+    x = sub.add_parser("export", help="write one peer's backbone as a plain torchvision state_dict")
+    x.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
+    x.add_argument("--peer", required=True, help="which peer to export")
+    x.add_argument("out", help="output .pt file")
+    x.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    warnings.filterwarnings("once", category=UserWarning)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Checkpoints: written atomically (temporary file, fsync, rename), the newest `keep` kept, resumable exactly."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from dogo.engine.io import atomic_write
+
+_NAME = re.compile(r"^step_(\d{9})\.pt$")
+
+# Keys whose change makes a checkpoint unusable for a run (model shapes, optimiser state, data position).
+STRUCTURAL_KEYS = ("objective.name", "objective.share_views", "optim.name", "data.batch_size")
+PEER_KEYS = ("arch", "cifar_stem", "head_hidden", "head_out")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def folder(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: Path, state: dict, step: int, keep: int) -> Path:
+    path = folder(run_dir) / f"step_{step:09d}.pt"
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    for old in all_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    d = folder(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = all_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
+        raise CheckpointError(f"{path} is not a readable dogo checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
+    """Raise if the checkpoint was made by a config with other models, optimiser or batch position."""
+    diffs = []
+    for key in STRUCTURAL_KEYS:
+        if _get(saved_cfg, key) != _get(cfg, key):
+            diffs.append(f"{key}: checkpoint {_get(saved_cfg, key)!r}, config {_get(cfg, key)!r}")
+    if list(saved_cfg["peers"]) != list(cfg["peers"]):
+        diffs.append(f"peers: checkpoint {list(saved_cfg['peers'])}, config {list(cfg['peers'])}")
+    else:
+        for name in cfg["peers"]:
+            for key in PEER_KEYS:
+                a, b = saved_cfg["peers"][name][key], cfg["peers"][name][key]
+                if a != b:
+                    diffs.append(f"peers.{name}.{key}: checkpoint {a!r}, config {b!r}")
+    if diffs:
+        raise CheckpointError(f"{path} was written by another config ({'; '.join(diffs)}); "
+                              f"use a new run name, or checkpoint.resume=none to start fresh")

@@ -1,0 +1,318 @@
+"""Typed, strict configuration: one dataclass per section, YAML in, `key=value` overrides, unknown keys rejected.
+
+Every error names the offending key (and the file or override it came from) and, for a misspelt key, the nearest
+valid one. The resolved config is what a run writes beside its results and stores in its checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from dogo.engine.io import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message says which and what to do."""
+
+
+@dataclass
+class DataConfig:
+    backend: Literal["folder", "synthetic"] = "folder"  # where two-view batches come from
+    path: str = "data/shapes64"  # root holding one folder per split (ImageNet layout: train/, val/)
+    train_split: str = "train"
+    val_split: str = "val"  # labelled split the kNN monitor queries
+    image_size: int = 64  # side of each training view, pixels
+    batch_size: int = 256  # images per step over all ranks (each image yields two views per peer)
+    workers: int = 4  # decoding processes per rank; 0 decodes in the training process
+    synthetic_images: int = 2048  # dataset size of the synthetic backend (random pixels, for speed tests)
+
+
+@dataclass
+class AugmentConfig:
+    """The SimCLR recipe (../shared/ALGORITHMS.md); every random parameter is drawn per image."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5  # 0 for 32 px images, as SimCLR does on CIFAR
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_fraction: float = 0.1  # kernel side as a fraction of the view side (made odd)
+    solarize_p: float = 0.0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PeerConfig:
+    arch: str = "resnet18"  # a registered backbone name (dogo.models.BACKBONES)
+    cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
+    head_hidden: int = 2048
+    head_out: int = 128
+    tau: float = 0.1  # NT-Xent temperature
+    kl_weight: float = 1.0  # DoGo lambda_k on KL(P_peer || P_k), per-row mean ('batchmean')
+    lr: Optional[float] = None  # per 256 images; None takes optim.lr
+    weight_decay: Optional[float] = None  # None takes optim.weight_decay
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["simclr", "dogo"] = "dogo"
+    tau_kl: float = 0.1  # temperature of the cross-view similarity softmax in the DoGo KL term
+    share_views: bool = False  # dogo: both peers see the same two views (half the decoding and augmentation)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["lars", "sgd", "adamw"] = "lars"
+    lr: float = 0.3  # learning rate per 256 images; scaled linearly by the global batch
+    weight_decay: float = 1e-6  # never applied to biases and norm parameters
+    momentum: float = 0.9  # lars and sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    eps: float = 1e-8  # adamw
+    trust_coefficient: float = 0.001  # lars eta
+    clip_grad_norm: float = 0.0  # max global grad norm; 0 turns clipping off
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 100
+    warmup_epochs: float = 10.0  # linear warm-up from 0, then cosine to final_lr_ratio x lr
+    final_lr_ratio: float = 0.0
+    max_steps: int = 0  # if > 0, the run (and its schedule) is this many steps instead of `epochs`
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    sync_bn: bool = False  # batch statistics over all ranks (SimCLR's global BN)
+    timeout_min: float = 30.0
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also at every epoch end; 0 means epoch ends only
+    keep: int = 3  # newest checkpoints kept
+    resume: str = "auto"  # auto (newest in the run folder, else start fresh) | none | a checkpoint path
+
+
+@dataclass
+class EvalConfig:
+    knn_every_epochs: int = 1  # kNN monitor at epoch ends; 0 turns it off
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_bank_images: int = 0  # train images in the kNN feature bank; 0 takes the whole split
+    batch_size: int = 256  # per rank, for feature extraction
+
+
+@dataclass
+class LogConfig:
+    every: int = 20  # steps between metric lines (the only host syncs in the hot loop)
+    progress: Literal["auto", "on", "off"] = "auto"  # rich progress bar; auto: when stdout is a terminal
+
+
+@dataclass
+class Config:
+    name: str = "run"  # the run folder is out_dir/name
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    peers: dict[str, PeerConfig] = field(default_factory=lambda: {"r18": PeerConfig()})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building and checking
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+    return f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return build(tp, value, prefix=key)
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"{key}: expected a non-empty mapping of name -> settings, got {value!r}")
+        return {str(k): _coerce(v or {}, args[1], f"{key}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def build(cls: type, raw: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with the nearest valid one."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown key '{full}'" + _suggest(str(key), names))
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def apply_override(cfg: Config, override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (0.3, true, [1, 2], null)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key=value (e.g. optim.lr=0.6)")
+    path, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{override}': the value is not valid YAML ({exc})") from None
+    parts = path.strip().split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts):
+        done = ".".join(parts[:depth])
+        last = depth == len(parts) - 1
+        if isinstance(node, dict):
+            if part not in node:
+                raise ConfigError(f"override '{override}': no entry '{part}' under '{done}'" + _suggest(part, list(node)))
+            if last:
+                node[part] = _coerce(value, type(node[part]), path)
+            node = node[part]
+            continue
+        hints = typing.get_type_hints(type(node))
+        if part not in hints:
+            where = f" under '{done}'" if done else ""
+            raise ConfigError(f"override '{override}': unknown key '{part}'{where}" + _suggest(part, list(hints)))
+        if last:
+            setattr(node, part, _coerce(value, hints[part], path))
+        node = getattr(node, part)
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (None: the defaults), apply overrides, and check the whole for consistency."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        cfg = build(Config, raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    for override in overrides:
+        apply_override(cfg, override)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Config) -> None:
+    """Cross-field checks that single types cannot express."""
+    n = len(cfg.peers)
+    if cfg.objective.name == "dogo" and n != 2:
+        raise ConfigError(f"objective.name=dogo needs exactly 2 peers, the config has {n}: {', '.join(cfg.peers)}")
+    positive = {"data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size,
+                "schedule.epochs": cfg.schedule.epochs, "log.every": cfg.log.every, "checkpoint.keep": cfg.checkpoint.keep,
+                "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for name, peer in cfg.peers.items():
+        if peer.tau <= 0:
+            raise ConfigError(f"peers.{name}.tau must be positive, got {peer.tau}")
+    lo, hi = cfg.augment.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.augment.crop_scale}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: {cfg.device!r} is not one of 'auto', 'cpu', 'cuda'")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (tuples as lists so that it loads back)."""
+    text = yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False)
+    atomic_write_text(path, text)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def from_dict(raw: dict) -> Config:
+    return build(Config, raw)

@@ -1,0 +1,123 @@
+"""Evaluation of backbone features: the weighted kNN monitor and a linear probe, on a labelled image folder.
+
+Features are the backbone's pooled penultimate layer in eval mode (BN running statistics), L2-normalised for kNN.
+Under torchrun each rank extracts a strided share of the images and the shares are all-gathered.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dogo.engine.distributed import DistContext, gather_no_grad
+from dogo.pipelines.folder import ImageFolderIndex, eval_batches, scan
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, index: ImageFolderIndex, positions: np.ndarray, *, image_size: int,
+                     batch_size: int, workers: int, recipe, ctx: DistContext, dtype: torch.dtype,
+                     channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (n, D) float32, labels (n,)) for index[positions], on every rank; undecodable images dropped."""
+    w = ctx.world_size
+    padded = np.concatenate([positions, np.repeat(positions[-1:], (-len(positions)) % w)])
+    mine = padded[ctx.rank::w]
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    autocast = torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for images, y in eval_batches(index, mine, image_size, batch_size, workers, ctx.device, recipe,
+                                  torch.float32 if dtype == torch.float32 else dtype, channels_last):
+        with autocast:
+            feats.append(backbone(images).float())
+        labels.append(y)
+    backbone.train(was_training)
+    f, y = torch.cat(feats), torch.cat(labels)
+    if w > 1:
+        # rank r holds padded[r::w]; interleave back to the original order, then drop the padding
+        f = gather_no_grad(f).view(w, -1, f.shape[1]).transpose(0, 1).reshape(-1, f.shape[1])
+        y = gather_no_grad(y).view(w, -1).T.reshape(-1)
+        f, y = f[:len(positions)], y[:len(positions)]
+    keep = y >= 0
+    return f[keep], y[keep]
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                k: int, temperature: float, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN (Wu et al. 2018): each of the k nearest bank features votes exp(cos / T) for its class.
+
+    Returns (n, num_classes) scores; bank and queries are L2-normalised inside.
+    """
+    bank = F.normalize(bank, dim=1)
+    k = min(k, bank.shape[0])
+    out = []
+    for q in F.normalize(queries, dim=1).split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        out.append(votes)
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    top = scores.topk(max(ks), dim=1).indices
+    hits = top == labels.view(-1, 1)
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks if k <= scores.shape[1]}
+
+
+def bank_positions(n: int, limit: int, seed: int) -> np.ndarray:
+    """All positions, or a fixed random subset of `limit` (sorted, for sequential reads)."""
+    if limit <= 0 or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+class KnnMonitor:
+    """kNN top-1 of backbones on (data.path/train_split as bank, data.path/val_split as queries)."""
+
+    def __init__(self, cfg, ctx: DistContext, dtype: torch.dtype, channels_last: bool):
+        root = Path(cfg.data.path)
+        self.train_index = scan(root / cfg.data.train_split)
+        self.val_index = scan(root / cfg.data.val_split)
+        self.bank = bank_positions(len(self.train_index), cfg.eval.knn_bank_images, cfg.seed)
+        self.cfg, self.ctx, self.dtype, self.channels_last = cfg, ctx, dtype, channels_last
+
+    def _features(self, backbone, index, positions):
+        c = self.cfg
+        return extract_features(backbone, index, positions, image_size=c.data.image_size,
+                                batch_size=c.eval.batch_size, workers=c.data.workers, recipe=c.augment,
+                                ctx=self.ctx, dtype=self.dtype, channels_last=self.channels_last)
+
+    def top1(self, backbone: nn.Module) -> float:
+        bank, bank_y = self._features(backbone, self.train_index, self.bank)
+        queries, y = self._features(backbone, self.val_index, np.arange(len(self.val_index)))
+        scores = knn_predict(bank, bank_y, queries, len(self.train_index.classes), self.cfg.eval.knn_k,
+                             self.cfg.eval.knn_temperature)
+        return topk_accuracy(scores, y, ks=(1,))["top1"]
+
+
+def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                 num_classes: int, epochs: int = 100, lr: float = 1e-3, batch_size: int = 256,
+                 weight_decay: float = 1e-4, seed: int = 0) -> dict[str, float]:
+    """A linear classifier on frozen, standardised features (train statistics); top-1 and top-5 on val, in %."""
+    mean, std = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True).clamp_min(1e-6)
+    train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    clf = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * max(1, len(train_f) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_f), generator=gen).to(train_f.device)
+        for idx in order.split(batch_size):
+            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return topk_accuracy(clf(val_f), val_y)

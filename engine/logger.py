@@ -1,0 +1,79 @@
+"""JSON-lines metrics in the run folder and a rich progress bar; loss terms stay on the device between log steps."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dogo.engine.distributed import all_reduce_mean
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, images_per_step: int,
+                 world_size: int, progress: str = "auto"):
+        self.is_main = is_main
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.images_per_step, self.world_size = images_per_step, world_size
+        self.console = Console(file=sys.stdout)
+        show = progress == "on" or (progress == "auto" and self.console.is_terminal)
+        self.progress = None
+        if is_main and show:
+            self.progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[speed]} img/s"), TextColumn("{task.fields[terms]}"),
+                TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch=0,
+                                               speed="-", terms="")
+            self.progress.start()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._steps = 0
+        self._t0 = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        """Accumulate one step's terms on the device: no host synchronisation."""
+        for k, v in terms.items():
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+        self._steps += 1
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def flush(self, step: int, epoch: int, lrs: dict[str, float]) -> dict:
+        """Average the accumulated terms over steps and ranks (one sync), write a line, reset."""
+        if not self._steps:
+            return {}
+        keys = sorted(self._sums)
+        values = all_reduce_mean(torch.stack([self._sums[k] for k in keys]) / self._steps).tolist()
+        elapsed = time.perf_counter() - self._t0
+        speed = self._steps * self.images_per_step / max(elapsed, 1e-9)
+        record = {"step": step, "epoch": epoch, "images_per_s": round(speed, 2),
+                  "images_per_s_per_rank": round(speed / self.world_size, 2),
+                  **{k: round(v, 6) for k, v in zip(keys, values)},
+                  **{f"lr/{k}": v for k, v in lrs.items()}}
+        self._sums, self._steps, self._t0 = {}, 0, time.perf_counter()
+        if self.is_main:
+            self._write(record)
+            terms = "  ".join(f"{k} {record[k]:.4f}" for k in keys)
+            if self.progress is not None:
+                self.progress.update(self.task, epoch=epoch, speed=f"{speed:.1f}", terms=terms)
+            else:
+                self.console.print(f"step {step} epoch {epoch}  {speed:.1f} img/s  {terms}", highlight=False)
+        return record
+
+    def event(self, kind: str, message: str, **fields) -> None:
+        """A one-off record (evaluation, checkpoint, warning), written and printed by the main rank."""
+        if self.is_main:
+            self._write({"event": kind, **fields})
+            self.console.print(message, highlight=False)
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,0 +1,77 @@
+"""The objectives' losses as functions of the embeddings: every training step goes through `objective_loss`.
+
+Shapes: each rank holds b = B/W images; z1, z2 are (b, d) embeddings of the two views. Columns span the global
+batch: they are all-gathered from every rank (with gradient), rows are this rank's own. At world size 1 the
+gathers are identities and no process group is needed.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from dogo.engine.distributed import gather_no_grad, gather_with_grad, rank
+
+
+def normalize(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows in fp32, whatever the autocast dtype of the embeddings."""
+    return F.normalize(z.float(), dim=1)
+
+
+def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over this rank's 2b rows against all 2B columns; mean over the rows.
+
+    z1, z2: (b, d), L2-normalised. Row i of view 1 has its positive at column B + g(i) and itself at g(i),
+    where g(i) = rank * b + i is the image's global index.
+    """
+    b = z1.shape[0]
+    rows = torch.cat([z1, z2])  # (2b, d)
+    c1, c2 = gather_with_grad(z1), gather_with_grad(z2)
+    cols = torch.cat([c1, c2])  # (2B, d)
+    big_b = c1.shape[0]
+    logits = rows @ cols.T / tau  # (2b, 2B)
+    g = rank() * b + torch.arange(b, device=z1.device)
+    self_col = torch.cat([g, g + big_b])
+    pos_col = torch.cat([g + big_b, g])
+    r = torch.arange(2 * b, device=z1.device)
+    logits = logits.index_put((r, self_col), torch.tensor(float("-inf"), device=z1.device))
+    return (torch.logsumexp(logits, dim=1) - logits[r, pos_col]).mean()
+
+
+def cross_view_log_softmax(z1: torch.Tensor, z2: torch.Tensor, tau_kl: float, grad: bool = True) -> torch.Tensor:
+    """log P: row-wise log-softmax of this rank's view-1 rows against every view-2 column, (b, B)."""
+    cols = gather_with_grad(z2) if grad else gather_no_grad(z2)
+    return torch.log_softmax(z1 @ cols.T / tau_kl, dim=1)
+
+
+def dogo_kl(log_p_self: torch.Tensor, log_p_peer: torch.Tensor) -> torch.Tensor:
+    """KL(P_peer || P_self) summed over columns, averaged over rows ('batchmean'); P_peer carries no gradient."""
+    log_p_peer = log_p_peer.detach()
+    return (log_p_peer.exp() * (log_p_peer - log_p_self)).sum(dim=1).mean()
+
+
+def objective_loss(embeddings: Mapping[str, tuple[torch.Tensor, torch.Tensor]], objective, peers
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss to backpropagate and its named terms (detached), for every peer.
+
+    embeddings: peer name -> (z1, z2), raw head outputs of this rank's images, (b, d) each.
+    objective: ObjectiveConfig; peers: name -> PeerConfig (tau, kl_weight).
+    simclr: sum over peers of NT-Xent. dogo (2 peers): each peer adds kl_weight * KL(P_peer || P_self).
+    """
+    z = {name: (normalize(a), normalize(b)) for name, (a, b) in embeddings.items()}
+    terms: dict[str, torch.Tensor] = {}
+    total = 0.0
+    for name, (z1, z2) in z.items():
+        loss = ntxent(z1, z2, peers[name].tau)
+        terms[f"{name}/ntxent"] = loss.detach()
+        total = total + loss
+    if objective.name == "dogo":
+        a, b = list(z)
+        log_p = {name: cross_view_log_softmax(*z[name], objective.tau_kl) for name in (a, b)}
+        for me, peer in ((a, b), (b, a)):
+            kl = dogo_kl(log_p[me], log_p[peer])
+            terms[f"{me}/kl"] = kl.detach()
+            total = total + peers[me].kl_weight * kl
+    terms["loss"] = total.detach()
+    return total, terms

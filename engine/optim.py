@@ -1,0 +1,97 @@
+"""Optimisers over both peers' parameter groups, and the learning-rate schedule as a pure function of the step."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, final_ratio: float = 0.0) -> float:
+    """Linear warm-up from 0 over `warmup_steps`, then cosine from 1 to `final_ratio` at `total_steps`."""
+    if not 0 <= step <= total_steps:
+        raise ValueError(f"step {step} outside the schedule of {total_steps} steps")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al.), as SimCLR uses it.
+
+    Groups with `lars=False` (biases and norms) get neither weight decay nor adaptation. The trust ratio is
+    computed on the device (no host synchronisation): eta * ||w|| / ||g + wd * w||, or 1 where a norm is 0.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if group["lars"]:
+                w_norms = torch._foreach_norm(params)
+                g_norms = torch._foreach_norm(grads)
+                trust = [torch.where((w > 0) & (g > 0), group["trust_coefficient"] * w / g, torch.ones_like(w))
+                         for w, g in zip(w_norms, g_norms)]
+                grads = torch._foreach_mul(grads, trust)
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases and normalisation parameters (every tensor of rank <= 1) are never decayed."""
+    return param.ndim <= 1
+
+
+def param_groups(peers: dict[str, nn.Module], cfg, global_batch: int) -> list[dict]:
+    """Two groups per peer (decayed, not decayed), each with its peer's base learning rate scaled by batch/256."""
+    groups = []
+    for name, module in peers.items():
+        peer_cfg = cfg.peers[name]
+        lr = (peer_cfg.lr if peer_cfg.lr is not None else cfg.optim.lr) * global_batch / 256
+        wd = peer_cfg.weight_decay if peer_cfg.weight_decay is not None else cfg.optim.weight_decay
+        decay, plain = [], []
+        for pname, p in module.named_parameters():
+            if p.requires_grad:
+                (plain if _no_decay(pname, p) else decay).append(p)
+        groups.append(dict(params=decay, peer=name, base_lr=lr, lr=lr, weight_decay=wd, lars=True))
+        groups.append(dict(params=plain, peer=name, base_lr=lr, lr=lr, weight_decay=0.0, lars=False))
+    return groups
+
+
+def build_optimizer(peers: dict[str, nn.Module], cfg, global_batch: int, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    groups = param_groups(peers, cfg, global_batch)
+    o = cfg.optim
+    if o.name == "lars":
+        return LARS(groups, lr=groups[0]["lr"], momentum=o.momentum, trust_coefficient=o.trust_coefficient)
+    # fused kernels on CUDA, foreach (one launch per group of tensors) elsewhere
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=o.momentum, **fast)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=o.betas, eps=o.eps, **fast)
+    raise ValueError(f"optim.name={o.name!r} is not one of lars, sgd, adamw")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor

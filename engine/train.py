@@ -1,0 +1,248 @@
+"""The training loop: one step forwards every peer, backpropagates the summed loss once, updates all peers."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dogo.engine import checkpoint, config as config_mod, distributed
+from dogo.engine.config import Config
+from dogo.engine.evaluate import KnnMonitor
+from dogo.engine.logger import MetricsLogger
+from dogo.engine.losses import objective_loss
+from dogo.engine.optim import build_optimizer, lr_factor, set_lr
+from dogo.models import build_peer
+from dogo.pipelines import build_loader
+
+
+class PeerSet(nn.Module):
+    """All peers in one module, so that one DDP wrapper and one backward cover them.
+
+    forward(views) -> {peer: (z1, z2)}: peer k takes views pairs[k]; both views go through it as one batch
+    (one forward per peer, BN statistics over both views as in SimCLR's code).
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.peers = nn.ModuleDict({name: build_peer(p) for name, p in cfg.peers.items()})
+        shared = cfg.objective.name == "simclr" or cfg.objective.share_views
+        self.pairs = {name: (0, 1) if shared else (2 * k, 2 * k + 1) for k, name in enumerate(cfg.peers)}
+
+    @property
+    def n_views(self) -> int:
+        return 2 * len({pair for pair in self.pairs.values()})
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for name, peer in self.peers.items():
+            i, j = self.pairs[name]
+            z = peer(torch.cat([views[i], views[j]]))
+            out[name] = z.chunk(2)
+        return out
+
+
+def build_peers(cfg: Config) -> PeerSet:
+    """Peers at their initial weights: the same for a given seed, in training and in evaluation."""
+    torch.manual_seed(cfg.seed)
+    return PeerSet(cfg)
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    channels_last: bool
+
+    @property
+    def scaler_enabled(self) -> bool:
+        return self.dtype == torch.float16
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> Precision:
+    """auto: bf16 autocast and channels_last on CUDA; fp32 on CPUs (bf16 is about 2x slower on CPUs without AMX)."""
+    name = cfg.precision.dtype
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise config_mod.ConfigError("precision.dtype=fp16 needs CUDA; use fp32 or bf16 on CPUs")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    cl = cfg.precision.channels_last
+    return Precision(dtype, device.type == "cuda" if cl == "auto" else cl == "on")
+
+
+@dataclass
+class Position:
+    """Where the run is: `step` counts optimiser steps; (epoch, step_in_epoch) is the next batch's place."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.ctx = distributed.init(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_min)
+        self.run_dir = cfg.run_dir
+        self.precision = resolve_precision(cfg, self.ctx.device)
+        self.model = build_peers(cfg)
+        if cfg.distributed.sync_bn and self.ctx.distributed:
+            self.model = distributed.convert_sync_batchnorm(self.model, self.ctx.device)
+        fmt = torch.channels_last if self.precision.channels_last else torch.contiguous_format
+        self.model.to(self.ctx.device, memory_format=fmt)
+        self.loader = build_loader(cfg.data, cfg.augment, n_views=self.model.n_views, seed=cfg.seed,
+                                   rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
+                                   dtype=self.precision.dtype, channels_last=self.precision.channels_last)
+        self.forward = self.model
+        if self.ctx.distributed:
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None)
+        self.optimizer = build_optimizer(dict(self.model.peers.items()), cfg, cfg.data.batch_size,
+                                         self.ctx.device)
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision.scaler_enabled)
+        spe = self.loader.steps_per_epoch
+        self.total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else cfg.schedule.epochs * spe
+        self.warmup_steps = round(cfg.schedule.warmup_epochs * spe)
+        self.pos = Position()
+        self.knn = None
+        if cfg.eval.knn_every_epochs > 0 and cfg.data.backend == "folder":
+            self.knn = KnnMonitor(cfg, self.ctx, self.precision.dtype, self.precision.channels_last)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "peers": {name: p.state_dict() for name, p in self.model.peers.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "position": vars(self.pos).copy(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "config": config_mod.to_dict(self.cfg),
+            "world_size": self.ctx.world_size,
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.ctx.is_main:
+            path = checkpoint.save(self.run_dir, self.state_dict(), self.pos.step, self.cfg.checkpoint.keep)
+        distributed.barrier()
+        return path
+
+    def resume(self) -> Path | None:
+        spec = self.cfg.checkpoint.resume
+        if spec == "none":
+            return None
+        path = checkpoint.latest(self.run_dir) if spec == "auto" else Path(spec)
+        if path is None:
+            return None
+        state = checkpoint.load(path)
+        checkpoint.check_compatible(state["config"], config_mod.to_dict(self.cfg), path)
+        for name, peer in self.model.peers.items():
+            peer.load_state_dict(state["peers"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.pos = Position(**state["position"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimiser step over every peer. No host synchronisation."""
+        set_lr(self.optimizer, lr_factor(self.pos.step, self.total_steps, self.warmup_steps,
+                                         self.cfg.schedule.final_lr_ratio))
+        dt = self.precision.dtype
+        with torch.autocast(self.ctx.device.type, dtype=dt, enabled=dt != torch.float32):
+            embeddings = self.forward(views)
+        loss, terms = objective_loss(embeddings, self.cfg.objective, self.cfg.peers)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return terms
+
+    def lrs(self) -> dict[str, float]:
+        return {g["peer"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def evaluate(self, log: MetricsLogger) -> dict[str, float]:
+        results = {}
+        if self.knn is None:
+            return results
+        for name, peer in self.model.peers.items():
+            results[name] = self.knn.top1(peer.backbone)
+        log.event("knn", "kNN top-1: " + ", ".join(f"{n} {v:.2f}%" for n, v in results.items()),
+                  step=self.pos.step, epoch=self.pos.epoch, top1=results)
+        return results
+
+    def fit(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_mod.dump(cfg, self.run_dir / "config.yaml")
+        resumed = self.resume()
+        log = MetricsLogger(self.run_dir, ctx.is_main, self.total_steps, self.pos.step, cfg.data.batch_size,
+                            ctx.world_size, cfg.log.progress)
+        if resumed:
+            log.event("resume", f"resumed from {resumed} at step {self.pos.step}", path=str(resumed),
+                      step=self.pos.step)
+        stop = distributed.StopRequest(ctx)
+        spe = self.loader.steps_per_epoch
+        result = {"stopped": False, "knn_top1": {}}
+        start = time.perf_counter()
+        try:
+            while self.pos.step < self.total_steps:
+                self.loader.set_epoch(self.pos.epoch, self.pos.step_in_epoch)
+                for batch in self.loader:
+                    log.add(self.step(batch.views))
+                    self.pos.step += 1
+                    self.pos.step_in_epoch += 1
+                    if batch.skipped:
+                        log.event("skipped", f"skipped {len(batch.skipped)} undecodable file(s): {batch.skipped[0]}",
+                                  files=batch.skipped)
+                    if self.pos.step_in_epoch == spe:  # the epoch is complete: the next batch opens the next one
+                        self.pos.epoch += 1
+                        self.pos.step_in_epoch = 0
+                    if self.pos.step % cfg.log.every == 0 or self.pos.step == self.total_steps:
+                        log.flush(self.pos.step, self.pos.epoch, self.lrs())
+                    if stop.should_stop():
+                        path = self.save()
+                        log.event("stopped", f"stopped by signal at step {self.pos.step}; checkpoint {path}; "
+                                             f"run the same command again to resume", step=self.pos.step)
+                        result["stopped"] = True
+                        return result
+                    epoch_end = self.pos.step_in_epoch == 0
+                    last = self.pos.step == self.total_steps
+                    every = cfg.checkpoint.every_steps
+                    if epoch_end or last or (every and self.pos.step % every == 0):
+                        self.save()
+                    if (epoch_end and cfg.eval.knn_every_epochs
+                            and self.pos.epoch % cfg.eval.knn_every_epochs == 0) or (last and self.knn):
+                        result["knn_top1"] = self.evaluate(log)
+                    if last:
+                        break
+            skipped = len(getattr(self.loader, "skipped", []))
+            log.event("done", f"finished {self.pos.step} steps in {time.perf_counter() - start:.0f} s"
+                      + (f"; {skipped} undecodable file(s) were skipped" if skipped else ""),
+                      step=self.pos.step, skipped=skipped)
+            return result
+        finally:
+            stop.close()
+            log.close()
+
+
+def train(cfg: Config) -> dict:
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.fit()
+        result["run_dir"] = str(trainer.run_dir)
+        result["step"] = trainer.pos.step
+        return result
+    finally:
+        distributed.shutdown()

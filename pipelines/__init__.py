@@ -1,0 +1,25 @@
+"""Stored images to device-resident two-view batches. One module per backend, one protocol (base.TwoViewLoader)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dogo.pipelines.base import DataError, TwoViewBatch, TwoViewLoader
+
+__all__ = ["DataError", "TwoViewBatch", "TwoViewLoader", "build_loader"]
+
+
+def build_loader(data, recipe, *, n_views: int, seed: int, rank: int, world_size: int, device: torch.device,
+                 dtype: torch.dtype, channels_last: bool) -> TwoViewLoader:
+    """The training loader that `data.backend` names (data: DataConfig; recipe: AugmentConfig)."""
+    common = dict(image_size=data.image_size, global_batch=data.batch_size, n_views=n_views, recipe=recipe,
+                  seed=seed, rank=rank, world_size=world_size, device=device, dtype=dtype,
+                  channels_last=channels_last)
+    if data.backend == "folder":
+        from dogo.pipelines.folder import FolderLoader
+        return FolderLoader(Path(data.path) / data.train_split, workers=data.workers, **common)
+    if data.backend == "synthetic":
+        from dogo.pipelines.synthetic import SyntheticLoader
+        return SyntheticLoader(num_images=data.synthetic_images, **common)
+    raise DataError(f"data.backend={data.backend!r} is not available; choose folder or synthetic")

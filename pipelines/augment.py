@@ -1,0 +1,192 @@
+"""The SimCLR recipe after the crop, applied to a whole uint8 batch on its device.
+
+flip -> colour jitter (p, random order per image, as torchvision's ColorJitter) -> grayscale (p) -> Gaussian blur
+(per-image sigma, p) -> solarise (p) -> normalise -> training dtype, channels_last. Every random parameter is drawn
+per image from a generator seeded per (step, view), for the *global* batch, of which each rank keeps its own rows:
+the result does not depend on the world size, and resume needs no generator state.
+
+The colour operations follow torchvision.transforms.v2.functional on float images in [0, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) luma."""
+    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _per_image(f: torch.Tensor) -> torch.Tensor:
+    return f.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * _per_image(factor)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_image(factor)
+    return (f * x + (1 - f) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = _per_image(factor)
+    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by `shift` (fraction of a turn, in [-0.5, 0.5]) through HSV, as torchvision does."""
+    r, g, b = x.unbind(dim=1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = ((hr + hg + hb) / 6.0 + 1.0) % 1.0
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    v = maxc
+    # hsv -> rgb
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    mask = i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)  # (N, 6, H, W)
+    a1 = torch.stack((v, q, p, p, t, v), dim=1)
+    a2 = torch.stack((t, v, v, q, p, p), dim=1)
+    a3 = torch.stack((p, p, t, v, v, q), dim=1)
+    a4 = torch.stack((a1, a2, a3), dim=1)  # (N, 3, 6, H, W)
+    return (a4 * mask.unsqueeze(1)).sum(dim=2)
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """(N,) sigmas -> (N, size) normalised 1-D kernels, as torchvision's _get_gaussian_kernel1d."""
+    half = (size - 1) * 0.5
+    xs = torch.linspace(-half, half, size, device=sigma.device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (xs.view(1, -1) / sigma.view(-1, 1)).square())
+    return k / k.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Separable blur with one sigma per image, reflect padding (torchvision's choice)."""
+    n, c, h, w = x.shape
+    k = gaussian_kernels(sigma, size).to(x.dtype).repeat_interleave(c, dim=0)  # (N*C, size)
+    pad = size // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k.view(n * c, 1, 1, size), groups=n * c)
+    y = F.conv2d(y, k.view(n * c, 1, size, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def blur_kernel_size(image_size: int, fraction: float) -> int:
+    """About `fraction` of the side, odd, at least 3."""
+    k = max(3, int(round(image_size * fraction)))
+    return k if k % 2 else k + 1
+
+
+@dataclass
+class ViewParams:
+    """Per-image random parameters of one view, each (N,) on the device."""
+    flip: torch.Tensor  # bool
+    jitter: torch.Tensor  # bool: apply colour jitter at all
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor
+    order: torch.Tensor  # (N, 4) int64: a permutation of (brightness, contrast, saturation, hue) per image
+    gray: torch.Tensor  # bool
+    blur: torch.Tensor  # bool
+    sigma: torch.Tensor
+    solarize: torch.Tensor  # bool
+
+
+def draw_params(recipe, n: int, generator: torch.Generator, device: torch.device) -> ViewParams:
+    """Draw the recipe's random parameters for n images (uniform factors as torchvision's ColorJitter)."""
+    u = torch.rand(n, 10, generator=generator, device=device)
+
+    def factor(col: int, strength: float) -> torch.Tensor:
+        return 1 - strength + 2 * strength * u[:, col]
+
+    lo, hi = recipe.blur_sigma
+    order = torch.rand(n, 4, generator=generator, device=device).argsort(dim=1)
+    return ViewParams(
+        flip=u[:, 0] < recipe.flip_p,
+        jitter=u[:, 1] < recipe.jitter_p,
+        brightness=factor(2, recipe.brightness),
+        contrast=factor(3, recipe.contrast),
+        saturation=factor(4, recipe.saturation),
+        hue=(2 * u[:, 5] - 1) * recipe.hue,
+        order=order,
+        gray=u[:, 6] < recipe.grayscale_p,
+        blur=u[:, 7] < recipe.blur_p,
+        sigma=lo + (hi - lo) * u[:, 8],
+        solarize=u[:, 9] < recipe.solarize_p,
+    )
+
+
+def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.view(-1, 1, 1, 1), a, b)
+
+
+def apply_params(x: torch.Tensor, p: ViewParams, recipe, blur_size: int) -> torch.Tensor:
+    """Float images in [0, 1], (N, 3, H, W) -> augmented, still in [0, 1]. No host synchronisation."""
+    x = _select(p.flip, x.flip(-1), x)
+    if recipe.jitter_p > 0:
+        ops = (
+            (adjust_brightness, p.brightness),
+            (adjust_contrast, p.contrast),
+            (adjust_saturation, p.saturation),
+            (adjust_hue, p.hue),
+        )
+        # Each image applies its four operations in its own order: at slot j every image whose j-th operation is
+        # op k takes op k's result. Selecting by mask keeps the batch whole (no data-dependent shapes, no sync).
+        for slot in range(4):
+            for k, (op, value) in enumerate(ops):
+                chosen = p.jitter & (p.order[:, slot] == k)
+                x = _select(chosen, op(x, value), x)
+    if recipe.grayscale_p > 0:
+        x = _select(p.gray, grayscale(x).expand_as(x), x)
+    if recipe.blur_p > 0:
+        x = _select(p.blur, gaussian_blur(x, p.sigma, blur_size), x)
+    if recipe.solarize_p > 0:
+        x = _select(p.solarize, torch.where(x >= 0.5, 1 - x, x), x)
+    return x
+
+
+class BatchAugment:
+    """Callable: uint8 (b, 3, S, S) on the device -> normalised views in the training dtype and memory format."""
+
+    def __init__(self, recipe, image_size: int, dtype: torch.dtype, channels_last: bool):
+        self.recipe = recipe
+        self.blur_size = blur_kernel_size(image_size, recipe.blur_kernel_fraction)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(recipe.std).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, seed: int, rows: slice, global_rows: int) -> torch.Tensor:
+        """`rows` of a global batch of `global_rows` images: parameters are drawn for all, then sliced."""
+        device = images.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        params = draw_params(self.recipe, global_rows, gen, device)
+        params = ViewParams(**{k: v[rows] for k, v in vars(params).items()})
+        x = images.float().div_(255)
+        x = apply_params(x, params, self.recipe, self.blur_size)
+        x = (x - self._mean.to(device)) / self._std.to(device)
+        return x.to(dtype=self.dtype, memory_format=self.memory_format)

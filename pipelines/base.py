@@ -1,0 +1,80 @@
+"""The protocol every pipeline backend satisfies, and the sharding every backend shares.
+
+A loader yields `TwoViewBatch`es whose views are already on the training device, augmented, normalised, in the
+training dtype and memory format. The engine sees only this protocol: it never imports a data library.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message names the path and what to do."""
+
+
+@dataclass
+class TwoViewBatch:
+    views: list[torch.Tensor]  # n_views tensors (b, 3, S, S): views 2k and 2k+1 are one pair of the same images
+    labels: torch.Tensor  # (b,) int64 on the device; -1 where the source has no labels
+    skipped: list[str] = field(default_factory=list)  # files that could not be decoded (replaced by others)
+
+
+class TwoViewLoader(Protocol):
+    steps_per_epoch: int  # full global batches in one epoch (the last partial batch is dropped)
+    images_per_epoch: int
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Position the next iteration at `start_step` of `epoch` (resume restores both)."""
+
+    def __iter__(self) -> Iterator[TwoViewBatch]: ...
+
+    def __len__(self) -> int:
+        """Steps the next iteration yields."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which rows of each global batch belong to this rank.
+
+    Every epoch has one seeded permutation of the dataset, the same on every rank; global batch s is
+    perm[s*B:(s+1)*B] and rank r owns its r-th contiguous slice. A run on W ranks therefore sees exactly the images
+    (and, with per-image seeds, the augmentations) that one process with the global batch sees.
+    """
+    num_images: int
+    global_batch: int
+    rank: int
+    world_size: int
+    seed: int
+
+    def __post_init__(self):
+        if self.global_batch % self.world_size:
+            raise DataError(f"data.batch_size={self.global_batch} does not divide over {self.world_size} ranks; "
+                            f"use a multiple of {self.world_size}")
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_images // self.global_batch
+
+    def indices(self, epoch: int, step: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+        start = step * self.global_batch + self.rank * self.local_batch
+        return perm[start:start + self.local_batch]
+
+
+def check_batch_fits(num_images: int, global_batch: int, where: str) -> None:
+    if num_images < global_batch:
+        raise DataError(f"data.batch_size={global_batch} is larger than the {num_images} images in {where}; "
+                        f"lower data.batch_size (the last partial batch of each epoch is dropped)")
+
+
+def view_seed(seed: int, epoch: int, step: int, view: int) -> int:
+    """One 63-bit seed per (run seed, epoch, step, view) for the batched augmentation's generator."""
+    return int(np.random.SeedSequence([seed, epoch, step, view]).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -1,0 +1,57 @@
+"""Config loading: strict keys with suggestions, type checks, overrides, and a round trip through the run folder."""
+import pytest
+
+from dogo.engine.config import Config, ConfigError, dump, load
+from tests.conftest import REPO, write_config
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load(path)
+        assert isinstance(cfg, Config)
+
+
+def test_unknown_key_names_the_file_and_nearest_key(tmp_path):
+    path = write_config(tmp_path / "c.yaml", {"optim": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match=r"c\.yaml.*optim\.lrr.*did you mean 'lr'"):
+        load(path)
+
+
+def test_unknown_section(tmp_path):
+    path = write_config(tmp_path / "c.yaml", {"optimiser": {"lr": 0.1}})
+    with pytest.raises(ConfigError, match="did you mean 'optim'"):
+        load(path)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("data.batch_size=1.5", "data.batch_size: expected an integer"),
+    ("objective.name=byol", "not one of 'simclr', 'dogo'"),
+    ("data.batchsize=3", "did you mean 'batch_size'"),
+    ("peers.r19.tau=0.2", "did you mean 'r18'"),
+    ("optim.lr", "key=value"),
+    ("augment.crop_scale=[0.5]", "list of 2 numbers"),
+    ("peers.r18.cifar_stem=1", "true or false"),
+])
+def test_bad_overrides(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load(None, ["objective.name=simclr", override] if "objective" not in override else [override])
+
+
+def test_overrides_apply_with_types():
+    cfg = load(None, ["objective.name=simclr", "optim.lr=1", "augment.crop_scale=[0.2, 1]",
+                      "peers.r18.lr=null", "peers.r18.cifar_stem=true"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.augment.crop_scale == (0.2, 1.0)
+    assert cfg.peers["r18"].cifar_stem is True
+
+
+def test_dogo_needs_two_peers():
+    with pytest.raises(ConfigError, match="exactly 2 peers"):
+        load(None, ["objective.name=dogo"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load(REPO / "configs" / "demo.yaml", ["optim.lr=0.01"])
+    dump(cfg, tmp_path / "config.yaml")
+    assert load(tmp_path / "config.yaml") == cfg

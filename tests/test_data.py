@@ -1,0 +1,128 @@
+"""The folder backend and its bad inputs, sharding across world sizes, the batched recipe, the kNN classifier."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dogo.engine.config import AugmentConfig
+from dogo.engine.evaluate import knn_predict
+from dogo.pipelines.augment import BatchAugment, adjust_hue
+from dogo.pipelines.base import DataError, Shard
+from dogo.pipelines.folder import FolderLoader, scan
+
+CPU = torch.device("cpu")
+
+
+def folder_loader(root, batch=8, n_views=2, rank=0, world=1, **recipe):
+    return FolderLoader(root, image_size=16, global_batch=batch, n_views=n_views, recipe=AugmentConfig(**recipe),
+                        workers=0, seed=0, rank=rank, world_size=world, device=CPU, dtype=torch.float32,
+                        channels_last=False)
+
+
+def test_batches_have_views_on_device_normalised(shapes):
+    loader = folder_loader(shapes / "train", n_views=4)
+    assert len(loader) == loader.steps_per_epoch == 80 // 8
+    batch = next(iter(loader))
+    assert len(batch.views) == 4
+    for v in batch.views:
+        assert v.shape == (8, 3, 16, 16) and v.dtype == torch.float32 and torch.isfinite(v).all()
+    assert not torch.equal(batch.views[0], batch.views[1])  # two different views of the same images
+    assert batch.labels.min() >= 0 and batch.labels.max() < 10
+
+
+def test_two_ranks_see_exactly_the_global_batch(shapes):
+    whole = next(iter(folder_loader(shapes / "train", batch=8)))
+    halves = [next(iter(folder_loader(shapes / "train", batch=8, rank=r, world=2))) for r in range(2)]
+    for v in range(2):
+        torch.testing.assert_close(torch.cat([h.views[v] for h in halves]), whole.views[v])
+    assert torch.equal(torch.cat([h.labels for h in halves]), whole.labels)
+
+
+def test_resume_position_skips_the_consumed_steps(shapes):
+    loader = folder_loader(shapes / "train")
+    loader.set_epoch(2)
+    all_steps = list(loader)
+    loader.set_epoch(2, start_step=3)
+    assert len(loader) == len(all_steps) - 3
+    torch.testing.assert_close(next(iter(loader)).views[0], all_steps[3].views[0])
+
+
+def test_shard_epochs_are_permutations():
+    shard = Shard(num_images=20, global_batch=5, rank=0, world_size=1, seed=0)
+    seen = np.concatenate([shard.indices(0, s) for s in range(shard.steps_per_epoch)])
+    assert sorted(seen) == list(range(20))
+    assert not np.array_equal(shard.indices(0, 0), shard.indices(1, 0))
+
+
+def test_batch_must_divide_over_ranks():
+    with pytest.raises(DataError, match="multiple of 3"):
+        Shard(num_images=20, global_batch=8, rank=0, world_size=3, seed=0)
+
+
+def test_missing_path_shows_expected_layout(tmp_path):
+    with pytest.raises(DataError, match=r"(?s)does not exist.*ROOT/train/<class_name>"):
+        scan(tmp_path / "nope")
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="no images"):
+        scan(tmp_path / "train")
+    with pytest.raises(DataError, match="no class folders"):
+        scan(tmp_path / "train" / "cat")
+
+
+def test_class_folder_without_images_warns_and_keeps_labels(shapes, tmp_path):
+    root = tmp_path / "train"
+    shutil.copytree(shapes / "train", root)
+    (root / "aaa_empty").mkdir()
+    with pytest.warns(UserWarning, match="aaa_empty"):
+        index = scan(root)
+    assert index.classes[0] == "aaa_empty" and index.labels.min() == 1
+
+
+def test_corrupt_images_are_skipped_and_reported(shapes, tmp_path):
+    root = tmp_path / "train"
+    shutil.copytree(shapes / "train", root)
+    (root / "circle" / "zero.jpg").write_bytes(b"")
+    good = (root / "circle" / "circle_00000.jpg").read_bytes()
+    (root / "circle" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "star" / "text.png").write_text("not an image")
+    loader = folder_loader(root, batch=8)
+    batches = list(loader)
+    assert sum(b.views[0].shape[0] for b in batches) == 8 * loader.steps_per_epoch
+    bad = {s.split(":")[0].rsplit("/", 1)[-1] for s in loader.skipped}
+    assert {"zero.jpg", "text.png"} <= bad  # a truncated JPEG may decode partially; the others cannot
+
+
+def test_batch_larger_than_dataset(shapes):
+    with pytest.raises(DataError, match="data.batch_size=1000 is larger than the 80 images"):
+        folder_loader(shapes / "train", batch=1000)
+
+
+def test_recipe_rates_are_per_image():
+    """With only one op at a time, the fraction of changed images matches its probability."""
+    n = 2000
+    x = torch.rand(n, 3, 8, 8).mul(255).to(torch.uint8)
+    off = dict(flip_p=0, jitter_p=0, grayscale_p=0, blur_p=0, solarize_p=0, mean=(0, 0, 0), std=(1, 1, 1))
+    for key, p in (("grayscale_p", 0.2), ("flip_p", 0.5), ("solarize_p", 0.3)):
+        recipe = AugmentConfig(**{**off, key: p})
+        out = BatchAugment(recipe, 8, torch.float32, False)(x, seed=5, rows=slice(0, n), global_rows=n)
+        changed = (out - x.float() / 255).abs().flatten(1).amax(1) > 1e-6
+        rate = changed.float().mean().item()
+        assert abs(rate - p) < 4 * (p * (1 - p) / n) ** 0.5, (key, rate)
+
+
+def test_hue_shift_by_a_full_turn_is_identity():
+    x = torch.rand(4, 3, 6, 6)
+    torch.testing.assert_close(adjust_hue(x, torch.zeros(4)), x, atol=1e-5, rtol=0)
+
+
+def test_knn_predicts_by_weighted_nearest_neighbours():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    scores = knn_predict(bank, labels, queries, num_classes=2, k=3, temperature=0.1)
+    assert scores.argmax(1).tolist() == [0, 1]

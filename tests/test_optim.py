@@ -1,0 +1,65 @@
+"""Schedule and optimisers."""
+import math
+
+import pytest
+import torch
+
+from dogo.engine.config import load
+from dogo.engine.optim import LARS, build_optimizer, lr_factor, param_groups
+from dogo.models import Peer
+
+
+def test_warmup_then_cosine():
+    total, warm = 100, 10
+    f = [lr_factor(s, total, warm) for s in range(total + 1)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.0, abs=1e-12)
+    assert f[55] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(100, 100, 0, final_ratio=0.1) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        lr_factor(101, 100, 10)
+
+
+def test_lars_matches_a_plain_reference():
+    torch.manual_seed(0)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    opt = LARS([{"params": [w], "lars": True, "weight_decay": 0.1},
+                {"params": [b], "lars": False, "weight_decay": 0.0}], lr=0.5, momentum=0.9, trust_coefficient=0.01)
+    w_ref, b_ref = w.detach().clone(), b.detach().clone()
+    mw, mb = torch.zeros_like(w_ref), torch.zeros_like(b_ref)
+    for step in range(3):
+        gw, gb = torch.randn_like(w_ref), torch.randn_like(b_ref)
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        d = gw + 0.1 * w_ref
+        mw = 0.9 * mw + 0.01 * w_ref.norm() / d.norm() * d
+        mb = 0.9 * mb + gb
+        w_ref -= 0.5 * mw
+        b_ref -= 0.5 * mb
+        torch.testing.assert_close(w.detach(), w_ref)
+        torch.testing.assert_close(b.detach(), b_ref)
+
+
+def test_groups_scale_lr_and_skip_decay_on_biases_and_norms():
+    cfg = load(None, ["objective.name=simclr", "optim.lr=0.3", "optim.weight_decay=0.01", "peers.r18.lr=0.6"])
+    peers = {"r18": Peer("resnet18", False, 32, 8)}
+    groups = param_groups(peers, cfg, global_batch=512)
+    decay, plain = groups
+    assert decay["lr"] == pytest.approx(1.2) and decay["weight_decay"] == 0.01
+    assert plain["weight_decay"] == 0.0 and not plain["lars"]
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in plain["params"])
+    n = sum(1 for _ in peers["r18"].parameters())
+    assert len(decay["params"]) + len(plain["params"]) == n
+
+
+@pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
+def test_each_optimiser_steps(name):
+    cfg = load(None, ["objective.name=simclr", f"optim.name={name}"])
+    peer = Peer("resnet18", True, 16, 8)
+    opt = build_optimizer({"r18": peer}, cfg, 256, torch.device("cpu"))
+    before = [p.detach().clone() for p in peer.parameters()]
+    peer(torch.randn(4, 3, 8, 8)).square().sum().backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, peer.parameters()))

@@ -1,0 +1,130 @@
+"""Whole runs through the `dogo` command: distributed equivalence, kill and resume, signals, export, bad input."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+
+from dogo.engine import checkpoint
+from tests.conftest import REPO, cli_env, run_cli, tiny_config, write_config
+
+
+def metrics(run_dir):
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [l for l in lines if "event" not in l]
+
+
+def final_peers(run_dir):
+    return checkpoint.load(checkpoint.latest(run_dir))["peers"]
+
+
+def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_path):
+    """Same images, same augmentations, global-batch loss columns, synced BN: the same run on 1 or 2 ranks."""
+    common = {"distributed": {"sync_bn": True}, "schedule": {"max_steps": 3}}
+    one = write_config(tmp_path / "one.yaml", tiny_config(shapes, tmp_path / "w1", **common))
+    two = write_config(tmp_path / "two.yaml", tiny_config(shapes, tmp_path / "w2", **common))
+    run_cli("train", str(one))
+    run_cli("train", str(two), torchrun_procs=2)
+    m1, m2 = metrics(tmp_path / "w1" / "t"), metrics(tmp_path / "w2" / "t")
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
+    for a, b in zip(m1, m2):
+        for key in ("loss", "a/ntxent", "a/kl", "b/ntxent", "b/kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    p1, p2 = final_peers(tmp_path / "w1" / "t"), final_peers(tmp_path / "w2" / "t")
+    for peer in ("a", "b"):
+        for name, t in p1[peer].items():
+            if t.is_floating_point():
+                torch.testing.assert_close(p2[peer][name], t, rtol=1e-3, atol=1e-5, msg=f"{peer}.{name}")
+
+
+def test_kill_and_resume_is_bit_identical(shapes, tmp_path):
+    straight = write_config(tmp_path / "s.yaml", tiny_config(shapes, tmp_path / "straight"))
+    run_cli("train", str(straight))
+
+    resumed_cfg = tiny_config(shapes, tmp_path / "resumed", checkpoint={"every_steps": 3})
+    resumed = write_config(tmp_path / "r.yaml", resumed_cfg)
+    ckpt3 = tmp_path / "resumed" / "t" / "checkpoints" / "step_000000003.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "dogo", "train", str(resumed)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not ckpt3.exists() and proc.poll() is None:
+        time.sleep(0.002)
+    proc.kill()  # SIGKILL: nothing is saved beyond the step-3 checkpoint
+    proc.wait()
+    assert checkpoint.latest(tmp_path / "resumed" / "t") == ckpt3, "the run got past step 6 before the kill"
+    run_cli("train", str(resumed))  # resume: auto
+
+    a, b = final_peers(tmp_path / "straight" / "t"), final_peers(tmp_path / "resumed" / "t")
+    for peer in a:
+        for name, t in a[peer].items():
+            assert torch.equal(t, b[peer][name]), f"{peer}.{name} differs after resume"
+    sa = checkpoint.load(checkpoint.latest(tmp_path / "straight" / "t"))
+    sb = checkpoint.load(checkpoint.latest(tmp_path / "resumed" / "t"))
+    assert sa["position"] == sb["position"] == {"step": 6, "epoch": 0, "step_in_epoch": 6}
+    for k, state in sa["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shapes, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 10_000}))
+    proc = subprocess.Popen([sys.executable, "-m", "dogo", "train", str(cfg)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "runs" / "t" / "metrics.jsonl"
+    while (not log.exists() or not log.read_text()) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopped by signal" in out
+    state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
+    assert 1 <= state["position"]["step"] < 10_000
+
+
+def test_export_loads_into_torchvision_strictly(shapes, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 2}))
+    run_cli("train", str(cfg))
+    out = tmp_path / "r18.pt"
+    run_cli("export", str(tmp_path / "runs" / "t"), "--peer", "a", str(out))
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(torch.load(out), strict=True)
+    model.eval()
+    from dogo.engine.train import PeerSet
+    from dogo.engine.config import from_dict
+    state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
+    peers = PeerSet(from_dict(state["config"]))
+    peers.peers["a"].load_state_dict(state["peers"]["a"])
+    backbone = peers.peers["a"].backbone.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), backbone(x), rtol=0, atol=0)
+
+
+def test_checkpoint_from_another_config_is_refused(shapes, tmp_path):
+    cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1})
+    run_cli("train", str(write_config(tmp_path / "a.yaml", cfg)))
+    cfg["peers"]["a"]["arch"] = "resnet34"
+    proc = run_cli("train", str(write_config(tmp_path / "b.yaml", cfg)), check=False)
+    assert proc.returncode == 2
+    assert "written by another config" in proc.stdout and "peers.a.arch" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"data": {"path": "/no/such/dataset"}}, "does not exist"),
+    ({"data": {"batch_size": 4096}}, "larger than the 80 images"),
+])
+def test_bad_input_is_a_clear_error(shapes, tmp_path, change, message):
+    cfg = tiny_config(shapes, tmp_path / "runs", **change)
+    proc = run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)), check=False)
+    assert proc.returncode == 2 and message in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_unknown_key_on_the_command_line(shapes, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs"))
+    proc = run_cli("train", str(cfg), "optim.learning_rate=0.1", check=False)
+    assert proc.returncode == 2 and "unknown key 'learning_rate'" in proc.stdout
