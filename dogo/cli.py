@@ -75,6 +75,16 @@ def cmd_eval_knn(args) -> int:
         table.add_row(name, cfg.peers[name].arch, f"{t:.2f}", f"{r:.2f}", f"{t - r:+.2f}")
     if ctx.is_main:
         console.print(table)
+        import json
+        from dogo.benchmarks.train_step import environment
+        from dogo.engine.io import atomic_write_text
+        out = Path(args.json) if args.json else path.parent.parent / "knn.json"
+        atomic_write_text(out, json.dumps({
+            "evaluation": "knn_top1_vs_random_init", "checkpoint": str(path), "step": state["position"]["step"],
+            "config": cfg.name, "data": str(Path(cfg.data.path) / cfg.data.val_split), "k": cfg.eval.knn_k,
+            "temperature": cfg.eval.knn_temperature, "peers": {n: {"arch": cfg.peers[n].arch, **r} for n, r in rows.items()},
+            "environment": environment(ctx.device)}, indent=1) + "\n")
+        console.print(f"wrote {out}", highlight=False)
     return 0
 
 
@@ -124,6 +134,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from dogo.benchmarks.train_step import bench_train, write
+    from dogo.engine import distributed
+    cfg = config_mod.load(args.config, args.overrides)
+    result = bench_train(cfg, args.warmup, args.steps, args.repeats)
+    if distributed.rank() == 0:
+        env = result["environment"]
+        where = (env["gpu"] or f"cpu{env['cpu_count']}").replace(" ", "_")
+        out = Path(args.json or f"benchmarks/results/train_{cfg.name}_{result['image_size']}px_{where}.json")
+        write(result, out)
+        w, e = result["step_with_batch_and_augmentation"], result["engine_only"]
+        console.print(f"{cfg.name} on {env['gpu'] or 'CPU'}: {w['images_per_s_median']:.1f} images/s per device "
+                      f"(whole step; {e['images_per_s_median']:.1f} engine only); wrote {out}", highlight=False)
+    distributed.shutdown()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dogo", description="Self-supervised distillation trainer (DoGo, SimCLR).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +165,7 @@ def parser() -> argparse.ArgumentParser:
     k = esub.add_parser("knn", help="weighted kNN top-1 of every peer, against its random initialisation")
     k.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     k.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=/imagenet eval.knn_k=200")
+    k.add_argument("--json", help="also write the table here (always written to the run folder as knn.json)")
     k.set_defaults(func=cmd_eval_knn)
     lin = esub.add_parser("linear", help="linear probe on frozen features: top-1 and top-5")
     lin.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
@@ -152,6 +180,16 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--peer", required=True, help="which peer to export")
     x.add_argument("out", help="output .pt file")
     x.set_defaults(func=cmd_export)
+    b = sub.add_parser("bench", help="throughput benchmarks that write JSON into benchmarks/results/")
+    bsub = b.add_subparsers(dest="kind", required=True)
+    bt = bsub.add_parser("train", help="training-step images/s per device on synthetic batches")
+    bt.add_argument("config", help="YAML config, e.g. configs/bench_r18_r50.yaml")
+    bt.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. data.image_size=64")
+    bt.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN autotuning)")
+    bt.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    bt.add_argument("--repeats", type=int, default=3, help="timed repeats; the JSON keeps each and the median")
+    bt.add_argument("--json", help="output file (default: benchmarks/results/train_<name>_<size>px_<device>.json)")
+    bt.set_defaults(func=cmd_bench_train)
     return p
 
 

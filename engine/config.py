@@ -58,6 +58,7 @@ class AugmentConfig:
 class PeerConfig:
     arch: str = "resnet18"  # a registered backbone name (dogo.models.BACKBONES)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
+    zero_init_residual: bool = False  # ResNets: each block's last BN starts at zero scale (SimCLR's init)
     head_hidden: int = 2048
     head_out: int = 128
     tau: float = 0.1  # NT-Xent temperature
@@ -289,6 +290,8 @@ def check(cfg: Config) -> None:
     for name, peer in cfg.peers.items():
         if peer.tau <= 0:
             raise ConfigError(f"peers.{name}.tau must be positive, got {peer.tau}")
+        if peer.zero_init_residual and not peer.arch.startswith("resnet"):
+            raise ConfigError(f"peers.{name}.zero_init_residual applies to ResNets only, not {peer.arch}")
     lo, hi = cfg.augment.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.augment.crop_scale}")

@@ -57,7 +57,7 @@ class MetricsLogger:
         self._sums, self._steps, self._t0 = {}, 0, time.perf_counter()
         if self.is_main:
             self._write(record)
-            terms = "  ".join(f"{k} {record[k]:.4f}" for k in keys)
+            terms = "  ".join([f"{k} {record[k]:.4f}" for k in keys] + [f"lr/{k} {v:.3g}" for k, v in lrs.items()])
             if self.progress is not None:
                 self.progress.update(self.task, epoch=epoch, speed=f"{speed:.1f}", terms=terms)
             else:

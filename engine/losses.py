@@ -35,7 +35,8 @@ def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
     self_col = torch.cat([g, g + big_b])
     pos_col = torch.cat([g + big_b, g])
     r = torch.arange(2 * b, device=z1.device)
-    logits = logits.index_put((r, self_col), torch.tensor(float("-inf"), device=z1.device))
+    is_self = torch.arange(2 * big_b, device=z1.device) == self_col[:, None]  # built on the device: no copy
+    logits = logits.masked_fill(is_self, float("-inf"))
     return (torch.logsumexp(logits, dim=1) - logits[r, pos_col]).mean()
 
 

@@ -88,6 +88,9 @@ class Trainer:
         self.ctx = distributed.init(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_min)
         self.run_dir = cfg.run_dir
         self.precision = resolve_precision(cfg, self.ctx.device)
+        if self.ctx.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 loss matmuls
         self.model = build_peers(cfg)
         if cfg.distributed.sync_bn and self.ctx.distributed:
             self.model = distributed.convert_sync_batchnorm(self.model, self.ctx.device)
@@ -182,59 +185,68 @@ class Trainer:
         return results
 
     def fit(self) -> dict:
-        cfg, ctx = self.cfg, self.ctx
-        if ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_mod.dump(cfg, self.run_dir / "config.yaml")
-        resumed = self.resume()
-        log = MetricsLogger(self.run_dir, ctx.is_main, self.total_steps, self.pos.step, cfg.data.batch_size,
-                            ctx.world_size, cfg.log.progress)
-        if resumed:
-            log.event("resume", f"resumed from {resumed} at step {self.pos.step}", path=str(resumed),
-                      step=self.pos.step)
-        stop = distributed.StopRequest(ctx)
-        spe = self.loader.steps_per_epoch
+        """Train to `total_steps` (or until SIGTERM/SIGINT), resuming first when the config says so."""
+        log = self._open_run()
+        stop = distributed.StopRequest(self.ctx)
         result = {"stopped": False, "knn_top1": {}}
         start = time.perf_counter()
         try:
-            while self.pos.step < self.total_steps:
+            while self.pos.step < self.total_steps and not result["stopped"]:
                 self.loader.set_epoch(self.pos.epoch, self.pos.step_in_epoch)
                 for batch in self.loader:
                     log.add(self.step(batch.views))
-                    self.pos.step += 1
-                    self.pos.step_in_epoch += 1
-                    if batch.skipped:
-                        log.event("skipped", f"skipped {len(batch.skipped)} undecodable file(s): {batch.skipped[0]}",
-                                  files=batch.skipped)
-                    if self.pos.step_in_epoch == spe:  # the epoch is complete: the next batch opens the next one
-                        self.pos.epoch += 1
-                        self.pos.step_in_epoch = 0
-                    if self.pos.step % cfg.log.every == 0 or self.pos.step == self.total_steps:
-                        log.flush(self.pos.step, self.pos.epoch, self.lrs())
-                    if stop.should_stop():
-                        path = self.save()
-                        log.event("stopped", f"stopped by signal at step {self.pos.step}; checkpoint {path}; "
-                                             f"run the same command again to resume", step=self.pos.step)
-                        result["stopped"] = True
-                        return result
-                    epoch_end = self.pos.step_in_epoch == 0
-                    last = self.pos.step == self.total_steps
-                    every = cfg.checkpoint.every_steps
-                    if epoch_end or last or (every and self.pos.step % every == 0):
-                        self.save()
-                    if (epoch_end and cfg.eval.knn_every_epochs
-                            and self.pos.epoch % cfg.eval.knn_every_epochs == 0) or (last and self.knn):
-                        result["knn_top1"] = self.evaluate(log)
-                    if last:
+                    if self._after_step(batch, log, stop, result):
                         break
-            skipped = len(getattr(self.loader, "skipped", []))
-            log.event("done", f"finished {self.pos.step} steps in {time.perf_counter() - start:.0f} s"
-                      + (f"; {skipped} undecodable file(s) were skipped" if skipped else ""),
-                      step=self.pos.step, skipped=skipped)
+            if not result["stopped"]:
+                skipped = len(getattr(self.loader, "skipped", []))
+                log.event("done", f"finished {self.pos.step} steps in {time.perf_counter() - start:.0f} s"
+                          + (f"; {skipped} undecodable file(s) were skipped" if skipped else ""),
+                          step=self.pos.step, skipped=skipped)
             return result
         finally:
             stop.close()
             log.close()
+
+    def _open_run(self) -> MetricsLogger:
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_mod.dump(self.cfg, self.run_dir / "config.yaml")
+        resumed = self.resume()
+        log = MetricsLogger(self.run_dir, self.ctx.is_main, self.total_steps, self.pos.step,
+                            self.cfg.data.batch_size, self.ctx.world_size, self.cfg.log.progress)
+        if resumed:
+            log.event("resume", f"resumed from {resumed} at step {self.pos.step}", path=str(resumed),
+                      step=self.pos.step)
+        return log
+
+    def _after_step(self, batch, log: MetricsLogger, stop: distributed.StopRequest, result: dict) -> bool:
+        """Advance the position, then log, checkpoint, evaluate and heed signals. True ends the epoch's loop."""
+        cfg = self.cfg
+        self.pos.step += 1
+        self.pos.step_in_epoch += 1
+        if self.pos.step_in_epoch == self.loader.steps_per_epoch:  # the next batch opens the next epoch
+            self.pos.epoch += 1
+            self.pos.step_in_epoch = 0
+        epoch_end = self.pos.step_in_epoch == 0
+        last = self.pos.step == self.total_steps
+        if batch.skipped:
+            log.event("skipped", f"skipped {len(batch.skipped)} undecodable file(s): {batch.skipped[0]}",
+                      files=batch.skipped)
+        if self.pos.step % cfg.log.every == 0 or last:
+            log.flush(self.pos.step, self.pos.epoch, self.lrs())
+        if stop.should_stop():
+            path = self.save()
+            log.event("stopped", f"stopped by signal at step {self.pos.step}; checkpoint {path}; "
+                                 f"run the same command again to resume", step=self.pos.step)
+            result["stopped"] = True
+            return True
+        every = cfg.checkpoint.every_steps
+        if epoch_end or last or (every and self.pos.step % every == 0):
+            self.save()
+        knn_due = epoch_end and cfg.eval.knn_every_epochs and self.pos.epoch % cfg.eval.knn_every_epochs == 0
+        if knn_due or (last and self.knn):
+            result["knn_top1"] = self.evaluate(log)
+        return last
 
 
 def train(cfg: Config) -> dict:

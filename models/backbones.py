@@ -11,8 +11,8 @@ from typing import Callable
 import torch.nn as nn
 import torchvision.models as tvm
 
-# name -> factory(cifar_stem) -> (module, feature_dim)
-BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {}
+# name -> factory(cifar_stem, zero_init_residual) -> (module, feature_dim)
+BACKBONES: dict[str, Callable[[bool, bool], tuple[nn.Module, int]]] = {}
 
 
 def register_backbone(name: str):
@@ -24,15 +24,18 @@ def register_backbone(name: str):
     return wrap
 
 
-def build_backbone(name: str, cifar_stem: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(name: str, cifar_stem: bool = False, zero_init_residual: bool = False
+                   ) -> tuple[nn.Module, int]:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}'; registered: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name](cifar_stem)
+    return BACKBONES[name](cifar_stem, zero_init_residual)
 
 
-def _resnet(ctor) -> Callable[[bool], tuple[nn.Module, int]]:
-    def factory(cifar_stem: bool) -> tuple[nn.Module, int]:
-        net = ctor(weights=None)
+def _resnet(ctor) -> Callable[[bool, bool], tuple[nn.Module, int]]:
+    def factory(cifar_stem: bool, zero_init_residual: bool) -> tuple[nn.Module, int]:
+        # zero_init_residual: the last BN of each block starts at zero scale (SimCLR's ResNet does so), so every
+        # block starts as the identity and deep ResNets begin learning as fast as shallow ones.
+        net = ctor(weights=None, zero_init_residual=zero_init_residual)
         dim = net.fc.in_features
         net.fc = nn.Identity()
         if cifar_stem:
@@ -43,9 +46,11 @@ def _resnet(ctor) -> Callable[[bool], tuple[nn.Module, int]]:
     return factory
 
 
-def _classifier_net(ctor, dim_of: Callable[[nn.Module], int]) -> Callable[[bool], tuple[nn.Module, int]]:
+def _classifier_net(ctor, dim_of: Callable[[nn.Module], int]) -> Callable[[bool, bool], tuple[nn.Module, int]]:
     """EfficientNet and MobileNet: features -> pool -> classifier; the first conv is features[0][0]."""
-    def factory(cifar_stem: bool) -> tuple[nn.Module, int]:
+    def factory(cifar_stem: bool, zero_init_residual: bool) -> tuple[nn.Module, int]:
+        if zero_init_residual:
+            raise ValueError("zero_init_residual applies to ResNets only")
         net = ctor(weights=None)
         dim = dim_of(net)
         net.classifier = nn.Identity()

@@ -20,10 +20,11 @@ def projection_head(in_dim: int, hidden: int, out: int) -> nn.Sequential:
 class Peer(nn.Module):
     """A backbone and its projection head; forward returns the (unnormalised) embeddings."""
 
-    def __init__(self, arch: str, cifar_stem: bool, head_hidden: int, head_out: int):
+    def __init__(self, arch: str, cifar_stem: bool, head_hidden: int, head_out: int,
+                 zero_init_residual: bool = False):
         super().__init__()
         self.arch = arch
-        self.backbone, self.feature_dim = build_backbone(arch, cifar_stem)
+        self.backbone, self.feature_dim = build_backbone(arch, cifar_stem, zero_init_residual)
         self.head = projection_head(self.feature_dim, head_hidden, head_out)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -31,4 +32,5 @@ class Peer(nn.Module):
 
 
 def build_peer(peer_cfg) -> Peer:
-    return Peer(peer_cfg.arch, peer_cfg.cifar_stem, peer_cfg.head_hidden, peer_cfg.head_out)
+    return Peer(peer_cfg.arch, peer_cfg.cifar_stem, peer_cfg.head_hidden, peer_cfg.head_out,
+                peer_cfg.zero_init_residual)

@@ -188,5 +188,7 @@ class BatchAugment:
         params = ViewParams(**{k: v[rows] for k, v in vars(params).items()})
         x = images.float().div_(255)
         x = apply_params(x, params, self.recipe, self.blur_size)
-        x = (x - self._mean.to(device)) / self._std.to(device)
+        if self._mean.device != device:  # moved once, not at every step
+            self._mean, self._std = self._mean.to(device), self._std.to(device)
+        x = (x - self._mean) / self._std
         return x.to(dtype=self.dtype, memory_format=self.memory_format)

@@ -229,3 +229,24 @@ def eval_batches(index: ImageFolderIndex, positions: np.ndarray, image_size: int
     for images, labels in loader:
         x = images.to(device, non_blocking=True).float().div_(255)
         yield ((x - mean) / std).to(dtype=dtype, memory_format=fmt), labels.to(device, non_blocking=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dogo.pipelines.folder ROOT`: check the splits before a long run starts; exit 2 with the reason."""
+    import argparse
+    p = argparse.ArgumentParser(description="Check an image-folder dataset (ImageNet layout) and count it.")
+    p.add_argument("root")
+    p.add_argument("--splits", nargs="+", default=["train", "val"])
+    a = p.parse_args(argv)
+    try:
+        for split in a.splits:
+            index = scan(Path(a.root) / split)
+            print(f"{index.root}: {len(index):,} images in {len(index.classes):,} classes")
+    except DataError as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,8 +1,8 @@
 """The embedded default dataset: procedural shapes and textures, written as JPEGs in the image-folder layout.
 
 Ten classes whose identity survives random crops and colour changes: five filled shapes (circle, square,
-triangle, star, cross) at random position, size, rotation and colours, and five textures (stripes, checkerboard,
-dots, waves, rings) at random period, orientation, phase and colours. Deterministic for a given seed. The whole
+triangle, star, cross) at random position, size and colours, and five textures (stripes, checkerboard,
+dots, waves, rings) at random period, phase and colours; each class keeps one orientation (within 10 degrees). Deterministic for a given seed. The whole
 tree is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
@@ -27,6 +27,12 @@ def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return a, b
 
 
+def _orientation(rng: np.random.Generator) -> float:
+    """Upright within +-10 degrees: the recipe makes views invariant to crops, flips and colour, not to rotation,
+    so a class keeps one orientation (as photographs mostly do)."""
+    return math.radians(rng.uniform(-10, 10))
+
+
 def _polygon(cx, cy, radius, n, rotation, inner=None):
     pts = []
     for k in range(n * (2 if inner else 1)):
@@ -43,7 +49,7 @@ def _shape(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     radius = size * rng.uniform(0.28, 0.42)
     margin = radius * 0.8
     cx, cy = rng.uniform(margin, size - margin, 2)
-    rot = rng.uniform(0, 2 * math.pi)
+    rot = _orientation(rng) - math.pi / 2  # polygons point up
     fill = tuple(int(c) for c in fg)
     if kind == "circle":
         draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
@@ -65,7 +71,7 @@ def _shape(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
 def _texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     fg, bg = _colours(rng)
     period = rng.uniform(size / 8, size / 4)
-    theta = rng.uniform(0, math.pi)
+    theta = _orientation(rng) + {"stripes": 0.0, "checker": 0.0, "dots": 0.0, "waves": math.pi / 2}.get(kind, 0.0)
     phase = rng.uniform(0, 2 * math.pi)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     u = x * math.cos(theta) + y * math.sin(theta)

@@ -12,6 +12,7 @@ from dogo.pipelines.augment import BatchAugment
 from dogo.pipelines.base import Shard, TwoViewBatch, check_batch_fits, view_seed
 
 NUM_CLASSES = 10
+_IMAGE_STREAM = 1 << 20  # seed key of the images themselves; views use keys 0 .. n_views - 1
 
 
 class SyntheticLoader:
@@ -36,7 +37,7 @@ class SyntheticLoader:
         rows = slice(self.shard.rank * b, (self.shard.rank + 1) * b)
         gen = torch.Generator(device=self.device)
         for step in range(self._start, self.steps_per_epoch):
-            gen.manual_seed(view_seed(self.seed, self._epoch, step, -1))
+            gen.manual_seed(view_seed(self.seed, self._epoch, step, _IMAGE_STREAM))
             # Drawn for the global batch so that every world size sees the same images.
             images = torch.randint(0, 256, (self.shard.global_batch, 3, self.size, self.size), generator=gen,
                                    device=self.device, dtype=torch.uint8)[rows]

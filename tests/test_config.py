@@ -55,3 +55,19 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load(REPO / "configs" / "demo.yaml", ["optim.lr=0.01"])
     dump(cfg, tmp_path / "config.yaml")
     assert load(tmp_path / "config.yaml") == cfg
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+    readme = (REPO / "README.md").read_text()
+    missing = []
+    for section in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(section.type) or section.name == "peers":
+            cls = type(getattr(Config(), section.name)) if section.name != "peers" else type(Config().peers["r18"])
+            for f in dataclasses.fields(cls):
+                key = f"{section.name}.{f.name}" if section.name != "peers" else f"peers.NAME.{f.name}"
+                if f"`{key}`" not in readme:
+                    missing.append(key)
+        elif f"`{section.name}`" not in readme:
+            missing.append(section.name)
+    assert not missing, f"README.md does not document: {missing}"

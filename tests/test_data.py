@@ -126,3 +126,24 @@ def test_knn_predicts_by_weighted_nearest_neighbours():
     queries = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
     scores = knn_predict(bank, labels, queries, num_classes=2, k=3, temperature=0.1)
     assert scores.argmax(1).tolist() == [0, 1]
+
+
+def test_dataset_check_command(shapes, tmp_path, capsys):
+    from dogo.pipelines.folder import main
+    assert main([str(shapes)]) == 0
+    assert "80 images in 10 classes" in capsys.readouterr().out
+    assert main([str(tmp_path / "imagenet")]) == 2
+    assert "ROOT/train/<class_name>" in capsys.readouterr().out
+
+
+def test_synthetic_backend_is_the_same_on_any_world_size():
+    from dogo.pipelines.synthetic import SyntheticLoader
+
+    def loader(rank, world):
+        return SyntheticLoader(num_images=64, image_size=8, global_batch=8, n_views=2, recipe=AugmentConfig(),
+                               seed=1, rank=rank, world_size=world, device=CPU, dtype=torch.float32,
+                               channels_last=False)
+    whole = list(loader(0, 1))
+    assert len(whole) == 8 and whole[0].views[0].shape == (8, 3, 8, 8)
+    halves = [next(iter(loader(r, 2))) for r in range(2)]
+    torch.testing.assert_close(torch.cat([h.views[1] for h in halves]), whole[0].views[1])

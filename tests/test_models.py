@@ -9,7 +9,7 @@ from dogo.models import BACKBONES, Peer, build_backbone
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_backbone_forward_backward(name, cifar_stem):
     torch.manual_seed(0)
-    net, dim = build_backbone(name, cifar_stem)
+    net, dim = build_backbone(name, cifar_stem, zero_init_residual=name.startswith("resnet") and cifar_stem)
     x = torch.randn(2, 3, 32, 32)
     feats = net(x)
     assert feats.shape == (2, dim)

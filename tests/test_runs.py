@@ -128,3 +128,18 @@ def test_unknown_key_on_the_command_line(shapes, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs"))
     proc = run_cli("train", str(cfg), "optim.learning_rate=0.1", check=False)
     assert proc.returncode == 2 and "unknown key 'learning_rate'" in proc.stdout
+
+
+def test_eval_commands_print_knn_table_and_linear_probe(shapes, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 2},
+                                                       eval={"knn_every_epochs": 1, "knn_k": 5}))
+    run_cli("train", str(cfg))
+    knn = run_cli("eval", "knn", str(tmp_path / "runs" / "t"), "log.progress=off")
+    assert "random init" in knn.stdout and "resnet18" in knn.stdout
+    table = json.loads((tmp_path / "runs" / "t" / "knn.json").read_text())
+    assert set(table["peers"]) == {"a", "b"} and 0 <= table["peers"]["a"]["trained"] <= 100
+    lin = run_cli("eval", "linear", str(tmp_path / "runs" / "t"), "--peer", "b", "--epochs", "2")
+    assert "top1" in lin.stdout and "top5" in lin.stdout
+    events = [json.loads(l) for l in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    knn_events = [e for e in events if e.get("event") == "knn"]
+    assert knn_events and set(knn_events[-1]["top1"]) == {"a", "b"}

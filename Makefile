@@ -1,0 +1,70 @@
+# dogo: `make demo` and `make test` each set up what they need first; on a fresh machine those two are all.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DOGO := $(VENV)/bin/dogo
+STAMP := $(VENV)/.dogo-setup
+FFCV_APT := libturbojpeg0-dev libopencv-dev pkg-config
+DEMO_DATA := data/shapes64
+NGPU ?= 1
+IMAGENET ?=
+
+.PHONY: setup demo test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 bench clean
+
+setup: $(STAMP)
+
+# Re-run when pyproject.toml changes. FFCV compiles against libturbojpeg and OpenCV: install them with apt when
+# they are missing and we are root; otherwise say what to install and set up everything else.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@extras=dev,dali; \
+	if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then extras=$$extras,ffcv; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing FFCV's system packages: $(FFCV_APT)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FFCV_APT) >/dev/null \
+	    && extras=$$extras,ffcv; \
+	else \
+	  echo "NOTE: the ffcv extra is skipped: install its system packages first (as root: apt-get install -y $(FFCV_APT)), then run make setup again"; \
+	fi; \
+	echo "installing dogo with extras [$$extras] into $(VENV)"; \
+	$(PY) -m pip install -q -e ".[$$extras]"
+	@touch $(STAMP)
+
+$(DEMO_DATA): | $(STAMP)
+	$(PY) -m dogo.pipelines.shapes $(DEMO_DATA)
+
+# DoGo with a ResNet-18 and a ResNet-50 peer on the procedural dataset, then each peer's kNN top-1 against its
+# random initialisation. resume=none: every `make demo` trains from scratch.
+demo: $(STAMP) $(DEMO_DATA)
+	$(DOGO) train configs/demo.yaml checkpoint.resume=none
+	$(DOGO) eval knn runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# A missing or malformed dataset stops here with the expected layout, before torchrun starts the ranks.
+define require_imagenet
+	@if [ -z "$(IMAGENET)" ]; then echo "error: set IMAGENET=/path/to/imagenet (holding train/ and val/ class folders)"; exit 2; fi
+	@$(PY) -m dogo.pipelines.folder "$(IMAGENET)"
+endef
+
+imagenet-r18-r50: $(STAMP)
+	$(require_imagenet)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_r18_r50.yaml data.path=$(IMAGENET)
+
+imagenet-simclr-r18: $(STAMP)
+	$(require_imagenet)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_simclr_r18.yaml data.path=$(IMAGENET)
+
+imagenet-simclr-r50: $(STAMP)
+	$(require_imagenet)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_simclr_r50.yaml data.path=$(IMAGENET)
+
+# Training-step throughput (images/s per device) of the DoGo engine on device-made synthetic batches.
+bench: $(STAMP)
+	$(DOGO) bench train configs/bench_r18_r50.yaml
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,20 @@
+"""The linear probe on features whose classes are linearly separable."""
+import torch
+
+from dogo.engine.evaluate import linear_probe, topk_accuracy
+
+
+def test_linear_probe_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g) * 4
+    def sample(n):
+        y = torch.randint(0, 5, (n,), generator=g)
+        return centres[y] + torch.randn(n, 16, generator=g), y
+    result = linear_probe(*sample(500), *sample(200), num_classes=5, epochs=20, lr=1e-2)
+    assert result["top1"] > 95 and result["top5"] == 100
+
+
+def test_topk_accuracy():
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
+    acc = topk_accuracy(scores, torch.tensor([1, 2, 0]), ks=(1, 2))
+    assert abs(acc["top1"] - 100 / 3) < 1e-4 and abs(acc["top2"] - 200 / 3) < 1e-4
