@@ -135,19 +135,21 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         channels = x.shape[1]
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        xf = x.float()
         count = torch.tensor([x.numel() / channels], dtype=torch.float32, device=x.device)
-        stats = torch.cat([x.float().sum(dims), x.float().square().sum(dims), count])
-        stats = dist_nn.all_reduce(stats)
-        n = stats[-1]
-        mean = stats[:channels] / n
-        var = stats[channels:2 * channels] / n - mean.square()
+        # Two passes (mean, then centred squares) rather than E[x^2] - mean^2, which cancels badly in fp32.
+        sums = dist_nn.all_reduce(torch.cat([xf.sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:channels] / n
+        centred = xf - mean.view(shape)
+        var = dist_nn.all_reduce(centred.square().sum(dims)) / n
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
             unbiased = var.detach() * n / (n - 1)
             self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        out = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        out = centred * torch.rsqrt(var.view(shape) + self.eps)
         out = out * self.weight.view(shape) + self.bias.view(shape)
         return out.to(x.dtype)
 

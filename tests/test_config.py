@@ -44,6 +44,7 @@ def test_overrides_apply_with_types():
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.augment.crop_scale == (0.2, 1.0)
     assert cfg.peers["r18"].cifar_stem is True
+    assert load(None, ["objective.name=simclr", "log.progress=off"]).log.progress == "off"
 
 
 def test_dogo_needs_two_peers():

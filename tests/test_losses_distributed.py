@@ -1,0 +1,93 @@
+"""The losses under real gloo process groups equal one process computing the global batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dogo.engine.config import ObjectiveConfig, PeerConfig
+from dogo.engine.losses import objective_loss
+
+PEERS = {"a": PeerConfig(tau=0.2, kl_weight=1.0), "b": PeerConfig(tau=0.5, kl_weight=0.5)}
+
+
+def _inputs(global_b: int):
+    g = torch.Generator().manual_seed(global_b)
+    return [torch.randn(global_b, 8, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def _reference(objective: str, global_b: int):
+    leaves = [t.clone().requires_grad_() for t in _inputs(global_b)]
+    emb = {"a": (leaves[0], leaves[1]), "b": (leaves[2], leaves[3])}
+    loss, terms = objective_loss(emb, ObjectiveConfig(name=objective), PEERS)
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def _worker(rank: int, world: int, port: int, objective: str, global_b: int, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    b = global_b // world
+    leaves = [t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in _inputs(global_b)]
+    emb = {"a": (leaves[0], leaves[1]), "b": (leaves[2], leaves[3])}
+    loss, _ = objective_loss(emb, ObjectiveConfig(name=objective), PEERS)
+    loss.backward()
+    out[rank] = (loss.detach(), [t.grad for t in leaves])
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("objective", ["simclr", "dogo"])
+def test_gloo_ranks_equal_the_global_batch(world, objective):
+    global_b = 6 * world
+    ref_loss, ref_grads = _reference(objective, global_b)
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, _free_port(), objective, global_b, out), nprocs=world)
+    b = global_b // world
+    # the global loss is the mean of the ranks' losses; DDP averages gradients, so a rank's own rows carry
+    # world x (its gradient) / world: compare rank gradients x 1/world against the reference's rows
+    mean_loss = sum(out[r][0] for r in range(world)) / world
+    torch.testing.assert_close(mean_loss.double(), ref_loss.double(), rtol=1e-6, atol=1e-7)
+    for r in range(world):
+        for got, ref in zip(out[r][1], ref_grads):
+            torch.testing.assert_close(got.double() / world, ref[r * b:(r + 1) * b], rtol=1e-5, atol=1e-7)
+
+
+def _bn_worker(rank: int, world: int, port: int, out):
+    from dogo.engine.distributed import CPUSyncBatchNorm
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    b = 8 // world
+    bn = CPUSyncBatchNorm(3)
+    xr = x[rank * b:(rank + 1) * b].clone().requires_grad_()
+    y = bn(xr)
+    (y * w[rank * b:(rank + 1) * b]).sum().backward()
+    out[rank] = (y.detach(), xr.grad, bn.weight.grad, bn.running_var.clone())
+    dist.destroy_process_group()
+
+
+def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch():
+    x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    bn = torch.nn.BatchNorm2d(3)
+    xr = x.clone().requires_grad_()
+    (bn(xr) * w).sum().backward()
+    out = mp.Manager().dict()
+    mp.spawn(_bn_worker, args=(2, _free_port(), out), nprocs=2)
+    y = torch.cat([out[r][0] for r in range(2)])
+    reference = torch.nn.functional.batch_norm(x, None, None, bn.weight.detach(), bn.bias.detach(), training=True)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([out[r][1] for r in range(2)]), xr.grad, rtol=1e-4, atol=1e-5)
+    # each rank's weight gradient is its share; DDP sums (averages x world) them
+    torch.testing.assert_close(out[0][2] + out[1][2], bn.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[0][3], bn.running_var, rtol=1e-5, atol=1e-6)
