@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -75,7 +76,6 @@ def cmd_eval_knn(args) -> int:
         table.add_row(name, cfg.peers[name].arch, f"{t:.2f}", f"{r:.2f}", f"{t - r:+.2f}")
     if ctx.is_main:
         console.print(table)
-        import json
         from dogo.benchmarks.train_step import environment
         from dogo.engine.io import atomic_write_text
         out = Path(args.json) if args.json else path.parent.parent / "knn.json"
@@ -180,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--peer", required=True, help="which peer to export")
     x.add_argument("out", help="output .pt file")
     x.set_defaults(func=cmd_export)
+
     b = sub.add_parser("bench", help="throughput benchmarks that write JSON into benchmarks/results/")
     bsub = b.add_subparsers(dest="kind", required=True)
     bt = bsub.add_parser("train", help="training-step images/s per device on synthetic batches")
