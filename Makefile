@@ -10,7 +10,7 @@ DEMO_DATA := data/shapes64
 NGPU ?= 1
 IMAGENET ?=
 
-.PHONY: setup demo test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 bench clean
+.PHONY: setup demo test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 bench convert clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,13 @@ imagenet-simclr-r50: $(STAMP)
 # Training-step throughput (images/s per device) of the DoGo engine on device-made synthetic batches.
 bench: $(STAMP)
 	$(DOGO) bench train configs/bench_r18_r50.yaml
+
+# An image-folder split to FFCV's .beton, e.g. make convert SRC=/imagenet/train DST=/data/train.beton ARGS="--max-resolution 512"
+SRC ?=
+DST ?=
+convert: $(STAMP)
+	@if [ -z "$(SRC)" ] || [ -z "$(DST)" ]; then echo "usage: make convert SRC=/path/to/split DST=/path/out.beton [ARGS='--max-resolution 512 ...']"; exit 2; fi
+	$(DOGO) convert $(SRC) $(DST) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

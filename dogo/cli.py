@@ -1,4 +1,4 @@
-"""The `dogo` command: train, eval, export (convert and bench arrive with their backends)."""
+"""The `dogo` command: train, eval, export, bench."""
 from __future__ import annotations
 
 import argparse
@@ -151,6 +151,49 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def cmd_bench_loss(args) -> int:
+    from dogo.benchmarks.loss import bench_loss
+    from dogo.benchmarks.train_step import write
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    result = bench_loss(args.views, args.dim, args.tile, args.objective, args.dtype, device, args.repeats,
+                        args.max_seconds, log=lambda msg: console.print(msg, highlight=False))
+    env = result["environment"]
+    where = (env["gpu"] or f"cpu{env['cpu_count']}").replace(" ", "_")
+    out = Path(args.json or f"benchmarks/results/loss_{args.objective}_{where}.json")
+    write(result, out)
+    table = Table(title=f"contrastive loss ({args.objective}, d={args.dim}, tile {args.tile}) on {env['gpu'] or 'CPU'}")
+    for col in ("views", "kernel s", "kernel peak", "straightforward s", "straightforward peak", "memory", "time"):
+        table.add_column(col, justify="right")
+    gib = lambda x: f"{x / 2**30:.3f} GiB"
+    for r in result["results"]:
+        k, s = r["kernel"], r["straightforward"]
+        table.add_row(str(r["views"]), f"{k['seconds_median']:.3f}" if "seconds_median" in k else k.get("failed", "-"),
+                      gib(k["peak_bytes"]) if "peak_bytes" in k else "-",
+                      f"{s['seconds_median']:.3f}" if "seconds_median" in s else "would not fit",
+                      gib(s["peak_bytes"]) if "peak_bytes" in s else f">= {gib(r['straightforward_lower_bound_bytes'])}",
+                      f"{r['memory_ratio']:.4f}" if "memory_ratio" in r else
+                      (f"<= {r['memory_ratio_vs_lower_bound']:.4f}" if "memory_ratio_vs_lower_bound" in r else "-"),
+                      f"{r['time_ratio']:.2f}x" if "time_ratio" in r else "-")
+    console.print(table)
+    console.print(f"goal: {result['goal']}; wrote {out}", highlight=False)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    try:
+        from dogo.pipelines.convert import ConvertOptions, convert
+    except ImportError as exc:
+        raise DataError(f"dogo convert needs FFCV ({exc}); install it with `pip install dogo[ffcv]` after its system "
+                        "packages (apt-get install libturbojpeg0-dev libopencv-dev pkg-config), or run make setup") from None
+    options = ConvertOptions(max_resolution=args.max_resolution, write_mode=args.write_mode,
+                             jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
+                             smart_threshold=args.smart_threshold, num_workers=args.num_workers,
+                             chunk_size=args.chunk_size, strict=args.strict)
+    convert(args.src, args.dst, options, overwrite=args.overwrite,
+            log=lambda msg: console.print(msg, highlight=False))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dogo", description="Self-supervised distillation trainer (DoGo, SimCLR).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -181,6 +224,21 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="output .pt file")
     x.set_defaults(func=cmd_export)
 
+    c = sub.add_parser("convert", help="an image-folder split to FFCV's .beton (classes and report beside it)")
+    c.add_argument("src", help="image-folder split: SRC/<class_name>/<image>, e.g. /imagenet/train")
+    c.add_argument("dst", help="output file, e.g. /data/imagenet_train.beton")
+    c.add_argument("--max-resolution", type=int, help="longer side at most this many pixels (default: keep)")
+    c.add_argument("--write-mode", choices=["raw", "jpg", "proportion", "smart"], default="raw",
+                   help="FFCV's: raw pixels, JPEG, a --compress-probability share as JPEG, or smart [raw]")
+    c.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored JPEGs [90]")
+    c.add_argument("--compress-probability", type=float, default=0.5, help="write-mode proportion: share as JPEG [0.5]")
+    c.add_argument("--smart-threshold", type=int, help="write-mode smart: images above this many raw bytes as JPEG")
+    c.add_argument("--num-workers", type=int, default=0, help="processes (0: one per core)")
+    c.add_argument("--chunk-size", type=int, default=100, help="images per unit of work of a writer process [100]")
+    c.add_argument("--strict", action="store_true", help="the first bad file is an error (default: skip and report)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    c.set_defaults(func=cmd_convert)
+
     b = sub.add_parser("bench", help="throughput benchmarks that write JSON into benchmarks/results/")
     bsub = b.add_subparsers(dest="kind", required=True)
     bt = bsub.add_parser("train", help="training-step images/s per device on synthetic batches")
@@ -191,6 +249,18 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--repeats", type=int, default=3, help="timed repeats; the JSON keeps each and the median")
     bt.add_argument("--json", help="output file (default: benchmarks/results/train_<name>_<size>px_<device>.json)")
     bt.set_defaults(func=cmd_bench_train)
+    bl = bsub.add_parser("loss", help="time and peak memory of the contrastive kernel vs the straightforward loss")
+    bl.add_argument("--views", type=int, nargs="+", default=[4096, 16384, 65536], help="2N, both views counted")
+    bl.add_argument("--dim", type=int, default=128, help="embedding size d")
+    bl.add_argument("--tile", type=int, default=1024, help="kernel tile, in images (objective.tile)")
+    bl.add_argument("--objective", choices=["dogo", "simclr"], default="dogo",
+                    help="dogo: two peers' NT-Xent and both KL terms; simclr: one peer's NT-Xent")
+    bl.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="embeddings' dtype")
+    bl.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bl.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median kept) ...")
+    bl.add_argument("--max-seconds", type=float, default=60.0, help="... unless they have taken this long already")
+    bl.add_argument("--json", help="output file (default: benchmarks/results/loss_<objective>_<device>.json)")
+    bl.set_defaults(func=cmd_bench_loss)
     return p
 
 

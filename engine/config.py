@@ -72,6 +72,7 @@ class ObjectiveConfig:
     name: Literal["simclr", "dogo"] = "dogo"
     tau_kl: float = 0.1  # temperature of the cross-view similarity softmax in the DoGo KL term
     share_views: bool = False  # dogo: both peers see the same two views (half the decoding and augmentation)
+    tile: int = 1024  # images per tile of the contrastive kernel (rows and columns); memory grows as tile^2
 
 
 @dataclass
@@ -285,7 +286,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"objective.name=dogo needs exactly 2 peers, the config has {n}: {', '.join(cfg.peers)}")
     positive = {"data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size,
                 "schedule.epochs": cfg.schedule.epochs, "log.every": cfg.log.every, "checkpoint.keep": cfg.checkpoint.keep,
-                "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size}
+                "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size,
+                "objective.tile": cfg.objective.tile}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")

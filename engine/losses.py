@@ -1,8 +1,10 @@
 """The objectives' losses as functions of the embeddings: every training step goes through `objective_loss`.
 
 Shapes: each rank holds b = B/W images; z1, z2 are (b, d) embeddings of the two views. Columns span the global
-batch: they are all-gathered from every rank (with gradient), rows are this rank's own. At world size 1 the
-gathers are identities and no process group is needed.
+batch, rows are this rank's own. At world size 1 no process group is needed.
+
+`objective_loss` computes the terms with the tiled kernel (contrastive.py). The straightforward functions below
+(gather with gradient, full logits block) are its reference, in the tests and in `dogo bench loss`.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from dogo.engine.contrastive import contrastive_terms
 from dogo.engine.distributed import gather_no_grad, gather_with_grad, rank
 
 
 def normalize(z: torch.Tensor) -> torch.Tensor:
-    """L2-normalise rows in fp32, whatever the autocast dtype of the embeddings."""
-    return F.normalize(z.float(), dim=1)
+    """L2-normalise rows in fp32 (fp64 inputs stay fp64), whatever the autocast dtype of the embeddings."""
+    return F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
 
 
 def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
@@ -52,6 +55,16 @@ def dogo_kl(log_p_self: torch.Tensor, log_p_peer: torch.Tensor) -> torch.Tensor:
     return (log_p_peer.exp() * (log_p_peer - log_p_self)).sum(dim=1).mean()
 
 
+def reference_terms(zs, taus, tau_kl=None) -> torch.Tensor:
+    """The straightforward version of `contrastive_terms`: same inputs, same layout of terms."""
+    n = len(taus)
+    terms = [ntxent(zs[2 * k], zs[2 * k + 1], taus[k]) for k in range(n)]
+    if tau_kl is not None:
+        log_p = [cross_view_log_softmax(zs[2 * k], zs[2 * k + 1], tau_kl) for k in range(2)]
+        terms += [dogo_kl(log_p[0], log_p[1]), dogo_kl(log_p[1], log_p[0])]
+    return torch.stack(terms)
+
+
 def objective_loss(embeddings: Mapping[str, tuple[torch.Tensor, torch.Tensor]], objective, peers
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss to backpropagate and its named terms (detached), for every peer.
@@ -60,19 +73,18 @@ def objective_loss(embeddings: Mapping[str, tuple[torch.Tensor, torch.Tensor]], 
     objective: ObjectiveConfig; peers: name -> PeerConfig (tau, kl_weight).
     simclr: sum over peers of NT-Xent. dogo (2 peers): each peer adds kl_weight * KL(P_peer || P_self).
     """
-    z = {name: (normalize(a), normalize(b)) for name, (a, b) in embeddings.items()}
+    names = list(embeddings)
+    zs = [normalize(z) for name in names for z in embeddings[name]]
+    taus = [peers[name].tau for name in names]
+    tau_kl = objective.tau_kl if objective.name == "dogo" else None
+    values = contrastive_terms(zs, taus, tau_kl, objective.tile)
     terms: dict[str, torch.Tensor] = {}
-    total = 0.0
-    for name, (z1, z2) in z.items():
-        loss = ntxent(z1, z2, peers[name].tau)
-        terms[f"{name}/ntxent"] = loss.detach()
-        total = total + loss
-    if objective.name == "dogo":
-        a, b = list(z)
-        log_p = {name: cross_view_log_softmax(*z[name], objective.tau_kl) for name in (a, b)}
-        for me, peer in ((a, b), (b, a)):
-            kl = dogo_kl(log_p[me], log_p[peer])
-            terms[f"{me}/kl"] = kl.detach()
-            total = total + peers[me].kl_weight * kl
+    total = values[:len(names)].sum()
+    for k, name in enumerate(names):
+        terms[f"{name}/ntxent"] = values[k].detach()
+    if tau_kl is not None:
+        for k, name in enumerate(names):
+            terms[f"{name}/kl"] = values[len(names) + k].detach()
+            total = total + peers[name].kl_weight * values[len(names) + k]
     terms["loss"] = total.detach()
     return total, terms

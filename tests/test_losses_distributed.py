@@ -91,3 +91,48 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch():
     # each rank's weight gradient is its share; DDP sums (averages x world) them
     torch.testing.assert_close(out[0][2] + out[1][2], bn.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[0][3], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _kernel_worker(rank: int, world: int, port: int, tau_kl, global_b: int, tile: int, out):
+    from dogo.engine.contrastive import contrastive_terms
+    from dogo.engine.losses import reference_terms
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    b = global_b // world
+    taus = (0.2, 0.5)
+    result = {}
+    for name, fn in (("kernel", lambda z: contrastive_terms(z, taus, tau_kl, tile)),
+                     ("straightforward", lambda z: reference_terms(z, taus, tau_kl))):
+        leaves = [torch.nn.functional.normalize(t[rank * b:(rank + 1) * b], dim=1).requires_grad_()
+                  for t in _inputs(global_b)]
+        terms = fn(leaves)
+        terms.sum().backward()
+        result[name] = (terms.detach(), [t.grad for t in leaves])
+    out[rank] = result
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("tau_kl", [None, 0.1])
+def test_kernel_ranks_equal_the_global_batch(world, tau_kl):
+    """Tiles of 4 images over 5 images per rank: tiles straddle rank boundaries and the self-mask diagonal moves."""
+    from dogo.engine.contrastive import contrastive_terms
+    global_b = 5 * world
+    leaves = [torch.nn.functional.normalize(t, dim=1).requires_grad_() for t in _inputs(global_b)]
+    ref = contrastive_terms(leaves, (0.2, 0.5), tau_kl, tile=global_b)
+    ref.sum().backward()
+    out = mp.Manager().dict()
+    mp.spawn(_kernel_worker, args=(world, _free_port(), tau_kl, global_b, 4, out), nprocs=world)
+    b = global_b // world
+    for r in range(world):
+        # each rank's own loss and gradients equal the straightforward gather-with-gradient version's
+        kern, straight = out[r]["kernel"], out[r]["straightforward"]
+        torch.testing.assert_close(kern[0], straight[0], rtol=1e-12, atol=1e-12)
+        for a, s in zip(kern[1], straight[1]):
+            torch.testing.assert_close(a, s, rtol=1e-10, atol=1e-12)
+    # the mean of the ranks' terms is the one-process global batch; rank gradients are world x its share
+    mean_terms = sum(out[r]["kernel"][0] for r in range(world)) / world
+    torch.testing.assert_close(mean_terms, ref.detach(), rtol=1e-12, atol=1e-12)
+    for r in range(world):
+        for got, full in zip(out[r]["kernel"][1], leaves):
+            torch.testing.assert_close(got / world, full.grad[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)

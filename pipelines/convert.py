@@ -1,0 +1,234 @@
+"""`dogo convert SRC DST.beton`: an image-folder tree (ImageNet's train/ or val/) to FFCV's .beton format.
+
+Two passes over the files, both in worker processes:
+1. Check: every file is decoded (JPEGs at 1/8 scale through libjpeg's DCT scaling, which still reads the whole
+   entropy-coded stream, so truncation and corruption show) and classified as good or bad with a reason.
+2. Write: FFCV's DatasetWriter over the good files only. Its workers cannot skip a sample and would hang FFCV's
+   progress loop if one raised, so the sample function never raises: should a file that passed the check fail now
+   (changed on disk meanwhile), it writes a 1-pixel stand-in, flags it, and the conversion is then discarded with an
+   error naming the file.
+
+Whatever PIL decodes is stored as upright 8-bit RGB: EXIF orientation applied, CMYK, grayscale, palette and alpha
+images converted as torchvision's ImageFolder loader does, 16-bit images scaled to 8 bits, huge JPEGs decoded at the
+smallest DCT scale that still covers --max-resolution. Labels are the sorted class-folder names' indices.
+
+The .beton is written as DST.partial and renamed when complete; the class list (DST.classes.json) and the report
+of skipped files (DST.report.json) stand beside it.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from dogo.engine.io import atomic_write_text
+from dogo.pipelines.base import DataError
+from dogo.pipelines.folder import scan
+
+WRITE_MODES = ("raw", "jpg", "proportion", "smart")
+# Decompression-bomb guard of PIL (89 M pixels) is for untrusted input; a dataset's panoramas are legitimate. JPEGs
+# are decoded scaled down anyway; other formats up to this many pixels are accepted.
+MAX_PIXELS = 400_000_000
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    max_resolution: int | None = None  # longer side at most this (FFCV resizes with cv2 INTER_AREA); None: keep
+    write_mode: str = "raw"  # FFCV's: raw pixels, jpg, a random `compress_probability` share as jpg, or smart
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5  # write_mode=proportion
+    smart_threshold: int | None = None  # write_mode=smart: images larger than this many raw bytes go as jpg
+    num_workers: int = 0  # 0: one per core
+    chunk_size: int = 100  # images per unit of work handed to a writer process
+    strict: bool = False  # the first bad file is an error that names it
+
+    def check(self) -> None:
+        if self.write_mode not in WRITE_MODES:
+            raise DataError(f"--write-mode must be one of {', '.join(WRITE_MODES)}, got {self.write_mode!r}")
+        if self.max_resolution is not None and self.max_resolution < 1:
+            raise DataError(f"--max-resolution must be a positive number of pixels, got {self.max_resolution}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise DataError(f"--jpeg-quality must be within 1..100, got {self.jpeg_quality}")
+        if not 0 <= self.compress_probability <= 1:
+            raise DataError(f"--compress-probability must be within 0..1, got {self.compress_probability}")
+        if self.chunk_size < 1:
+            raise DataError(f"--chunk-size must be positive, got {self.chunk_size}")
+
+
+def load_rgb(path: str, max_resolution: int | None = None, draft_only: bool = False) -> np.ndarray:
+    """Decode one file to an upright (H, W, 3) uint8 array; raises on anything PIL cannot fully decode.
+
+    draft_only: decode JPEGs at their smallest DCT scale (the check pass: all of the data is still read).
+    """
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            target = (1, 1) if draft_only else (max_resolution, max_resolution) if max_resolution else None
+            if target:
+                im.draft("RGB", target)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit (or 32-bit integer) grayscale: scale the full 16-bit range to 8 bits
+            grey = np.asarray(im, dtype=np.float64) / 257.0
+            return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        if im.mode == "F":
+            raise ValueError("floating-point image (mode F) has no defined 8-bit mapping")
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _check_one(path: str) -> str | None:
+    """None when the file decodes; otherwise a one-line reason."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "zero-byte file"
+        load_rgb(path, draft_only=True)
+        return None
+    except Image.DecompressionBombError as exc:
+        return f"too many pixels: {exc}"
+    except Exception as exc:  # any decoder failure is a reason to skip, reported with its message
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def _init_worker() -> None:
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class _Samples:
+    """What FFCV's writer workers index: (image, label) of the good files; never raises (see the module doc)."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, max_resolution: int | None):
+        self.paths, self.labels, self.max_resolution = paths, labels, max_resolution
+        self.failed = mp.get_context("fork").Array("c", 4096)  # the first late failure, shared with the main process
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        _init_worker()
+        try:
+            return load_rgb(self.paths[i], self.max_resolution), int(self.labels[i])
+        except Exception as exc:
+            with self.failed.get_lock():
+                if not self.failed.value:
+                    self.failed.value = f"{self.paths[i]}: {type(exc).__name__}: {exc}"[:4000].encode()
+            return np.zeros((1, 1, 3), np.uint8), int(self.labels[i])
+
+
+class _RichProgress:
+    """Stands in for the tqdm bar FFCV's writer draws, so that conversion shows images/s and ETA like training."""
+
+    def __init__(self, total: int, **_):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn)
+        self._t0 = time.perf_counter()
+        self._bar = Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), transient=False)
+        self._task = self._bar.add_task("write", total=total, rate="-")
+        self._done = 0
+        self._bar.start()
+
+    def update(self, n: int) -> None:
+        self._done += n
+        rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
+        self._bar.update(self._task, advance=n, rate=f"{rate:.0f}")
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+def _check_all(paths: list[str], workers: int, strict: bool, log) -> dict[str, str]:
+    """Decode every file in a pool; path -> reason for each bad one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    bad: dict[str, str] = {}
+    with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool, \
+            Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                     disable=log is None) as bar:
+        task = bar.add_task("check", total=len(paths))
+        for path, reason in zip(paths, pool.imap(_check_one, paths, chunksize=64)):
+            bar.advance(task)
+            if reason is not None:
+                if strict:
+                    pool.terminate()
+                    raise DataError(f"{path}: {reason} (--strict stops at the first bad file; without it such "
+                                    "files are skipped and listed in the report)")
+                bad[path] = reason
+    return bad
+
+
+def sidecar(dst: Path, kind: str) -> Path:
+    """DST.classes.json / DST.report.json beside DST.beton."""
+    return dst.with_name(dst.stem + f".{kind}.json")
+
+
+def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions(), overwrite: bool = False,
+            log=print) -> dict:
+    """Convert; returns the report (also written beside the output)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    import ffcv.writer
+
+    options.check()
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".beton":
+        raise DataError(f"{dst}: the output should end in .beton")
+    if dst.exists() and not overwrite:
+        raise DataError(f"{dst} already exists; remove it or pass --overwrite")
+    if not dst.parent.is_dir():
+        raise DataError(f"{dst.parent} does not exist; create the output folder first")
+    index = scan(src)
+    workers = options.num_workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    bad = _check_all(index.paths, workers, options.strict, log)
+    good = [i for i, p in enumerate(index.paths) if p not in bad]
+    if not good:
+        raise DataError(f"{src}: none of its {len(index)} files could be decoded; see the reasons with --strict")
+    paths = [index.paths[i] for i in good]
+    labels = index.labels[good]
+
+    partial = dst.with_name(dst.name + ".partial")
+    partial.unlink(missing_ok=True)  # a previous interrupted run's leftovers
+    fields = {"image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution,
+                                     smart_threshold=options.smart_threshold, jpeg_quality=options.jpeg_quality,
+                                     compress_probability=options.compress_probability),
+              "label": IntField()}
+    samples = _Samples(paths, labels, options.max_resolution)
+    ffcv.writer.tqdm = _RichProgress if log is not None else _silent_progress
+    writer = DatasetWriter(str(partial), fields, num_workers=workers)
+    writer.from_indexed_dataset(samples, chunksize=options.chunk_size)
+    if samples.failed.value:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"{samples.failed.value.decode()} -- this file decoded in the check pass but not while "
+                        "writing (changed on disk?); nothing was written, run the conversion again")
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    counts = np.bincount(labels, minlength=len(index.classes))
+    atomic_write_text(sidecar(dst, "classes"), json.dumps(
+        {"classes": index.classes, "images_per_class": counts.tolist(), "source": str(src)}, indent=1) + "\n")
+    report = {"source": str(src), "output": str(dst), "images_written": len(paths), "skipped": len(bad),
+              "skipped_files": [{"path": p, "reason": r} for p, r in bad.items()],
+              "seconds": round(time.perf_counter() - t0, 2),
+              "options": {k: getattr(options, k) for k in options.__dataclass_fields__}}
+    atomic_write_text(sidecar(dst, "report"), json.dumps(report, indent=1) + "\n")
+    os.replace(partial, dst)
+    if log is not None:
+        log(f"wrote {len(paths)} images of {len(index.classes)} classes to {dst} in {report['seconds']:.0f} s; "
+            f"skipped {len(bad)} bad file(s), listed in {sidecar(dst, 'report')}")
+    return report
+
+
+class _silent_progress:
+    def __init__(self, total: int, **_):
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
