@@ -19,7 +19,16 @@ def build_loader(data, recipe, *, n_views: int, seed: int, rank: int, world_size
     if data.backend == "folder":
         from dogo.pipelines.folder import FolderLoader
         return FolderLoader(Path(data.path) / data.train_split, workers=data.workers, **common)
+    if data.backend == "ffcv":
+        if not data.beton:
+            raise DataError("data.backend=ffcv needs data.beton: the training split converted with "
+                            "`dogo convert IMAGE_FOLDER/train OUT.beton`")
+        try:
+            from dogo.pipelines.ffcv_loader import FFCVLoader
+        except ImportError as exc:
+            raise DataError(f"data.backend=ffcv needs FFCV ({exc}); install the ffcv extra (make setup)") from None
+        return FFCVLoader(data.beton, workers=data.workers, order=data.order, os_cache=data.os_cache, **common)
     if data.backend == "synthetic":
         from dogo.pipelines.synthetic import SyntheticLoader
         return SyntheticLoader(num_images=data.synthetic_images, **common)
-    raise DataError(f"data.backend={data.backend!r} is not available; choose folder or synthetic")
+    raise DataError(f"data.backend={data.backend!r} is not available; choose folder, ffcv or synthetic")

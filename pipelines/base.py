@@ -63,10 +63,19 @@ class Shard:
     def steps_per_epoch(self) -> int:
         return self.num_images // self.global_batch
 
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+
     def indices(self, epoch: int, step: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+        perm = self.permutation(epoch)
         start = step * self.global_batch + self.rank * self.local_batch
         return perm[start:start + self.local_batch]
+
+    def epoch_indices(self, epoch: int, start_step: int = 0) -> np.ndarray:
+        """This rank's rows of every global batch from start_step to the epoch's end, in order."""
+        steps = self.steps_per_epoch
+        batches = self.permutation(epoch)[:steps * self.global_batch].reshape(steps, self.global_batch)
+        return batches[start_step:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch].reshape(-1)
 
 
 def check_batch_fits(num_images: int, global_batch: int, where: str) -> None:

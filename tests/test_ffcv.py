@@ -1,0 +1,85 @@
+"""The FFCV backend: the shared order and sharding, resume position, quasi-random order, and a training run."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ffcv", reason="the ffcv extra is not installed")
+
+from dogo.engine.config import AugmentConfig  # noqa: E402
+from dogo.pipelines.base import DataError, Shard  # noqa: E402
+from dogo.pipelines.convert import ConvertOptions, convert  # noqa: E402
+from dogo.pipelines.folder import scan  # noqa: E402
+from tests.conftest import run_cli, tiny_config, write_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def beton(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("beton") / "train.beton"
+    convert(shapes / "train", out, ConvertOptions(num_workers=1, write_mode="jpg"), log=None)
+    return out
+
+
+def _loader(beton, rank=0, world=1, order="random", batch=16, n_views=2):
+    from dogo.pipelines.ffcv_loader import FFCVLoader
+    return FFCVLoader(beton, image_size=16, global_batch=batch, n_views=n_views, recipe=AugmentConfig(), workers=1,
+                      order=order, os_cache=True, seed=5, rank=rank, world_size=world, device=torch.device("cpu"),
+                      dtype=torch.float32, channels_last=False)
+
+
+def test_batches_follow_the_shared_order(beton, shapes):
+    labels = scan(shapes / "train").labels  # the .beton keeps the folder's order
+    loader = _loader(beton, n_views=4)
+    shard = Shard(80, 16, 0, 1, 5)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 5
+        for step, batch in enumerate(batches):
+            assert len(batch.views) == 4 and all(v.shape == (16, 3, 16, 16) for v in batch.views)
+            assert all(torch.isfinite(v).all() for v in batch.views)
+            np.testing.assert_array_equal(batch.labels.numpy(), labels[shard.indices(epoch, step)])
+        assert not torch.equal(batches[0].views[0], batches[0].views[1])  # two different crops of each image
+
+
+def test_two_ranks_split_each_global_batch_and_resume_at_a_step(beton):
+    whole = _loader(beton)
+    whole.set_epoch(1)
+    full = [b.labels for b in whole]
+    halves = [_loader(beton, rank=r, world=2) for r in (0, 1)]
+    for h in halves:
+        h.set_epoch(1, start_step=2)
+    parts = [[b.labels for b in h] for h in halves]
+    assert len(parts[0]) == 3
+    for step in range(3):
+        torch.testing.assert_close(torch.cat([parts[0][step], parts[1][step]]), full[step + 2])
+
+
+def test_quasi_random_covers_every_image_each_epoch(beton):
+    loader = _loader(beton, order="quasi_random", batch=8)
+    seen = []
+    for epoch in (0, 1):
+        seen.append(loader.shard.permutation(epoch))
+        assert sorted(seen[-1].tolist()) == list(range(80))
+    assert not np.array_equal(seen[0], seen[1])
+    loader.set_epoch(0)
+    assert len(list(loader)) == 10
+
+
+def test_missing_or_foreign_beton(tmp_path):
+    from dogo.pipelines.ffcv_loader import open_beton
+    with pytest.raises(DataError, match="dogo convert"):
+        open_beton(tmp_path / "none.beton")
+    (tmp_path / "junk.beton").write_bytes(b"\0" * 4096)
+    with pytest.raises(DataError, match="not a readable .beton"):
+        open_beton(tmp_path / "junk.beton")
+
+
+def test_training_run_from_a_beton(beton, shapes, tmp_path):
+    cfg = tiny_config(shapes, tmp_path, data={"backend": "ffcv", "beton": str(beton)},
+                      schedule={"max_steps": 3})
+    run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
+    rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in steps)
