@@ -16,6 +16,7 @@ from dogo.engine import checkpoint, config as config_mod
 from dogo.engine.checkpoint import CheckpointError
 from dogo.engine.config import ConfigError
 from dogo.pipelines.base import DataError
+from dogo.pipelines.convert import WRITE_MODES, ConvertOptions
 
 console = Console()
 
@@ -134,6 +135,11 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _device_tag(env: dict) -> str:
+    """Result-file suffix naming the machine: the GPU's name, or cpu<cores>."""
+    return (env["gpu"] or f"cpu{env['cpu_count']}").replace(" ", "_")
+
+
 def cmd_bench_train(args) -> int:
     from dogo.benchmarks.train_step import bench_train, write
     from dogo.engine import distributed
@@ -141,8 +147,7 @@ def cmd_bench_train(args) -> int:
     result = bench_train(cfg, args.warmup, args.steps, args.repeats)
     if distributed.rank() == 0:
         env = result["environment"]
-        where = (env["gpu"] or f"cpu{env['cpu_count']}").replace(" ", "_")
-        out = Path(args.json or f"benchmarks/results/train_{cfg.name}_{result['image_size']}px_{where}.json")
+        out = Path(args.json or f"benchmarks/results/train_{cfg.name}_{result['image_size']}px_{_device_tag(env)}.json")
         write(result, out)
         w, e = result["step_with_batch_and_augmentation"], result["engine_only"]
         console.print(f"{cfg.name} on {env['gpu'] or 'CPU'}: {w['images_per_s_median']:.1f} images/s per device "
@@ -154,12 +159,12 @@ def cmd_bench_train(args) -> int:
 def cmd_bench_loss(args) -> int:
     from dogo.benchmarks.loss import bench_loss
     from dogo.benchmarks.train_step import write
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from dogo.engine.distributed import pick_device
+    device = str(pick_device(args.device))
     result = bench_loss(args.views, args.dim, args.tile, args.objective, args.dtype, device, args.repeats,
                         args.max_seconds, log=lambda msg: console.print(msg, highlight=False))
     env = result["environment"]
-    where = (env["gpu"] or f"cpu{env['cpu_count']}").replace(" ", "_")
-    out = Path(args.json or f"benchmarks/results/loss_{args.objective}_{where}.json")
+    out = Path(args.json or f"benchmarks/results/loss_{args.objective}_{_device_tag(env)}.json")
     write(result, out)
     table = Table(title=f"contrastive loss ({args.objective}, d={args.dim}, tile {args.tile}) on {env['gpu'] or 'CPU'}")
     for col in ("views", "kernel s", "kernel peak", "straightforward s", "straightforward peak", "memory", "time"):
@@ -181,7 +186,7 @@ def cmd_bench_loss(args) -> int:
 
 def cmd_convert(args) -> int:
     try:
-        from dogo.pipelines.convert import ConvertOptions, convert
+        import ffcv  # noqa: F401
     except ImportError as exc:
         raise DataError(f"dogo convert needs FFCV ({exc}); install it with `pip install dogo[ffcv]` after its system "
                         "packages (apt-get install libturbojpeg0-dev libopencv-dev pkg-config), or run make setup") from None
@@ -189,6 +194,7 @@ def cmd_convert(args) -> int:
                              jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
                              smart_threshold=args.smart_threshold, num_workers=args.num_workers,
                              chunk_size=args.chunk_size, strict=args.strict)
+    from dogo.pipelines.convert import convert
     convert(args.src, args.dst, options, overwrite=args.overwrite,
             log=lambda msg: console.print(msg, highlight=False))
     return 0
@@ -228,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="image-folder split: SRC/<class_name>/<image>, e.g. /imagenet/train")
     c.add_argument("dst", help="output file, e.g. /data/imagenet_train.beton")
     c.add_argument("--max-resolution", type=int, help="longer side at most this many pixels (default: keep)")
-    c.add_argument("--write-mode", choices=["raw", "jpg", "proportion", "smart"], default="raw",
+    c.add_argument("--write-mode", choices=WRITE_MODES, default=ConvertOptions.write_mode,
                    help="FFCV's: raw pixels, JPEG, a --compress-probability share as JPEG, or smart [raw]")
     c.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored JPEGs [90]")
     c.add_argument("--compress-probability", type=float, default=0.5, help="write-mode proportion: share as JPEG [0.5]")

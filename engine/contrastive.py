@@ -147,8 +147,8 @@ class _TiledContrastive(torch.autograd.Function):
                         kl_state[0].update(s_kl[0], diff)
                         kl_state[1].update(s_kl[1], diff.neg_())
                 for k in range(n_peers):
-                    lse_ntx[k][i0:i0 + r] = ntx[k].lse()[:r]
-                    lse_ntx[k][b + i0:b + i1] = ntx[k].lse()[r:]
+                    lse = ntx[k].lse()  # rows [view 1; view 2] of this block
+                    lse_ntx[k][i0:i1], lse_ntx[k][b + i0:b + i1] = lse[:r], lse[r:]
                 for k, st in enumerate(kl_state):
                     lse_kl[k][i0:i1] = st.lse()
                     expect_kl[k][i0:i1] = st.acc / st.l

@@ -17,6 +17,7 @@ of skipped files (DST.report.json) stand beside it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -125,11 +126,11 @@ class _Samples:
 class _RichProgress:
     """Stands in for the tqdm bar FFCV's writer draws, so that conversion shows images/s and ETA like training."""
 
-    def __init__(self, total: int, **_):
+    def __init__(self, total: int, disable: bool = False, **_):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn)
         self._t0 = time.perf_counter()
         self._bar = Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), transient=False)
+                             TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), disable=disable)
         self._task = self._bar.add_task("write", total=total, rate="-")
         self._done = 0
         self._bar.start()
@@ -199,7 +200,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
                                      compress_probability=options.compress_probability),
               "label": IntField()}
     samples = _Samples(paths, labels, options.max_resolution)
-    ffcv.writer.tqdm = _RichProgress if log is not None else _silent_progress
+    ffcv.writer.tqdm = functools.partial(_RichProgress, disable=log is None)
     writer = DatasetWriter(str(partial), fields, num_workers=workers)
     writer.from_indexed_dataset(samples, chunksize=options.chunk_size)
     if samples.failed.value:
@@ -222,13 +223,3 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
             f"skipped {len(bad)} bad file(s), listed in {sidecar(dst, 'report')}")
     return report
 
-
-class _silent_progress:
-    def __init__(self, total: int, **_):
-        pass
-
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -102,8 +102,6 @@ class FFCVLoader:
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self._epoch, self._start = epoch, start_step
-        self._order.start_step = start_step
-        self._loader.next_epoch = epoch  # FFCV asks the order for this epoch's samples at the next iteration
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self._start
@@ -112,7 +110,8 @@ class FFCVLoader:
         b = self.shard.local_batch
         rows = slice(self.shard.rank * b, (self.shard.rank + 1) * b)
         epoch = self._epoch
-        self._loader.next_epoch = epoch
+        # FFCV asks the order for `next_epoch`'s samples when iteration starts (and then counts it up itself)
+        self._order.start_step, self._loader.next_epoch = self._start, epoch
         # fields come in the writer's order (image, label), then the extra views
         for step, (first, labels, *others) in enumerate(self._loader, start=self._start):
             uint8_views = [first, *others]
@@ -120,5 +119,3 @@ class FFCVLoader:
                                   view_seed(self.seed, epoch, step, v), rows, self.shard.global_batch)
                      for v in range(self.n_views)]
             yield TwoViewBatch(views, labels.to(self.device, non_blocking=True).long())
-            if step + 1 >= self.steps_per_epoch:
-                break
