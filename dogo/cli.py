@@ -124,6 +124,11 @@ def cmd_export(args) -> int:
     prefix = "backbone."
     weights = {k[len(prefix):]: v for k, v in state["peers"][args.peer].items() if k.startswith(prefix)}
     atomic_write(args.out, lambda tmp: torch.save(weights, tmp))
+    if args.head:
+        head = {k[len("head."):]: v for k, v in state["peers"][args.peer].items() if k.startswith("head.")}
+        atomic_write(args.head, lambda tmp: torch.save(head, tmp))
+        console.print(f"wrote {args.head}: the projection head of peer '{args.peer}' ({len(head)} tensors)",
+                      highlight=False)
     peer = cfg.peers[args.peer]
     console.print(f"wrote {args.out}: the {peer.arch} backbone of peer '{args.peer}' ({len(weights)} tensors)\n"
                   f"load it with torchvision:  m = torchvision.models.{peer.arch}(); "
@@ -228,6 +233,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     x.add_argument("--peer", required=True, help="which peer to export")
     x.add_argument("out", help="output .pt file")
+    x.add_argument("--head", metavar="OUT", help="also write the peer's projection head's state_dict here "
+                   "(with the backbone, a DisCo teacher: teacher.backbone=... teacher.head=...)")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("convert", help="an image-folder split to FFCV's .beton (classes and report beside it)")

@@ -12,7 +12,7 @@ _NAME = re.compile(r"^step_(\d{9})\.pt$")
 
 # Keys whose change makes a checkpoint unusable for a run (model shapes, optimiser state, data position).
 STRUCTURAL_KEYS = ("objective.name", "objective.share_views", "optim.name", "data.batch_size")
-PEER_KEYS = ("arch", "cifar_stem", "head_hidden", "head_out")
+PEER_KEYS = ("arch", "cifar_stem", "head_hidden", "head_out", "ssl", "pred_hidden", "queue_size")
 
 
 class CheckpointError(ValueError):
@@ -71,7 +71,7 @@ def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
     else:
         for name in cfg["peers"]:
             for key in PEER_KEYS:
-                a, b = saved_cfg["peers"][name][key], cfg["peers"][name][key]
+                a, b = saved_cfg["peers"][name].get(key), cfg["peers"][name].get(key)
                 if a != b:
                     diffs.append(f"peers.{name}.{key}: checkpoint {a!r}, config {b!r}")
     if diffs:

@@ -57,25 +57,49 @@ class AugmentConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+SSL_METHODS = ("simclr", "mocov2", "simsiam")
+DEFAULT_TAU = {"simclr": 0.1, "mocov2": 0.2}  # SimCLR's ImageNet temperature; MoCo v2's
+
+
 @dataclass
 class PeerConfig:
     arch: str = "resnet18"  # a registered backbone name (dogo.models.BACKBONES)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
     zero_init_residual: bool = False  # ResNets: each block's last BN starts at zero scale (SimCLR's init)
-    head_hidden: int = 2048
+    head_hidden: int = 2048  # DisCo widens the student's head to 2048 against the distilling bottleneck
     head_out: int = 128
-    tau: float = 0.1  # NT-Xent temperature
+    # The peer's own SSL loss. None: the objective's name for simclr/mocov2/simsiam, else simclr.
+    ssl: Optional[Literal["simclr", "mocov2", "simsiam"]] = None
+    tau: Optional[float] = None  # NT-Xent / InfoNCE temperature; None: 0.1 for simclr, 0.2 for mocov2
     kl_weight: float = 1.0  # DoGo lambda_k on KL(P_peer || P_k), per-row mean ('batchmean')
+    pred_hidden: int = 512  # simsiam: hidden width of the predictor (SimSiam's bottleneck)
+    momentum: float = 0.999  # mocov2: key encoder EMA momentum (at the start, with the cosine schedule)
+    momentum_schedule: Literal["constant", "cosine"] = "constant"  # cosine: from `momentum` to 1 over the run
+    queue_size: int = 65536  # mocov2: negatives kept (all ranks' keys of both views are enqueued each step)
     lr: Optional[float] = None  # per 256 images; None takes optim.lr
     weight_decay: Optional[float] = None  # None takes optim.weight_decay
 
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["simclr", "dogo"] = "dogo"
+    # simclr | mocov2 | simsiam: every peer learns alone with that loss. dogo: two peers, each with its own
+    # SSL loss (peers.X.ssl) plus the KL to the other. disco: students distilled from a frozen `teacher`.
+    name: Literal["simclr", "mocov2", "simsiam", "dogo", "disco"] = "dogo"
     tau_kl: float = 0.1  # temperature of the cross-view similarity softmax in the DoGo KL term
+    distill_weight: float = 1.0  # disco: weight of each view's squared distance to the teacher's embedding
     share_views: bool = False  # dogo: both peers see the same two views (half the decoding and augmentation)
     tile: int = 1024  # images per tile of the contrastive kernel (rows and columns); memory grows as tile^2
+
+
+@dataclass
+class TeacherConfig:
+    """DisCo's frozen teacher: a peer of a dogo run (checkpoint), or plain state_dict files (backbone + head)."""
+    checkpoint: str = ""  # a dogo checkpoint file or run folder (its newest checkpoint)
+    peer: str = ""  # which peer of that checkpoint; empty: its only peer
+    backbone: str = ""  # or: a torchvision-format backbone state_dict (classifier keys are ignored) ...
+    head: str = ""  # ... and its projection head's state_dict (sizes are read from it)
+    arch: str = ""  # with backbone/head files: the backbone's registered name, e.g. resnet50
+    cifar_stem: bool = False  # with backbone/head files
 
 
 @dataclass
@@ -143,6 +167,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     peers: dict[str, PeerConfig] = field(default_factory=lambda: {"r18": PeerConfig()})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -278,8 +303,26 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     for override in overrides:
         apply_override(cfg, override)
+    resolve(cfg)
     check(cfg)
     return cfg
+
+
+def ssl_of(objective: str, peer: PeerConfig) -> str:
+    """A peer's own SSL loss: its `ssl` key, else the objective's name when that names one, else simclr."""
+    return peer.ssl or (objective if objective in SSL_METHODS else "simclr")
+
+
+def resolve(cfg: Config) -> None:
+    """Fill the defaults that depend on other keys, so that the written config says what ran."""
+    single = cfg.objective.name if cfg.objective.name in SSL_METHODS else None
+    for name, peer in cfg.peers.items():
+        if single and peer.ssl not in (None, single):
+            raise ConfigError(f"peers.{name}.ssl={peer.ssl} conflicts with objective.name={single}; "
+                              f"peers with their own SSL losses train together under objective.name=dogo")
+        peer.ssl = ssl_of(cfg.objective.name, peer)
+        if peer.tau is None and peer.ssl in DEFAULT_TAU:
+            peer.tau = DEFAULT_TAU[peer.ssl]
 
 
 def check(cfg: Config) -> None:
@@ -287,6 +330,8 @@ def check(cfg: Config) -> None:
     n = len(cfg.peers)
     if cfg.objective.name == "dogo" and n != 2:
         raise ConfigError(f"objective.name=dogo needs exactly 2 peers, the config has {n}: {', '.join(cfg.peers)}")
+    if cfg.objective.name == "disco":
+        _check_teacher(cfg.teacher)
     positive = {"data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size,
                 "schedule.epochs": cfg.schedule.epochs, "log.every": cfg.log.every, "checkpoint.keep": cfg.checkpoint.keep,
                 "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size,
@@ -295,8 +340,14 @@ def check(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     for name, peer in cfg.peers.items():
-        if peer.tau <= 0:
+        if peer.tau is not None and peer.tau <= 0:
             raise ConfigError(f"peers.{name}.tau must be positive, got {peer.tau}")
+        if peer.ssl == "mocov2":
+            if not 0 <= peer.momentum < 1:
+                raise ConfigError(f"peers.{name}.momentum must be in [0, 1), got {peer.momentum}")
+            if peer.queue_size < 2 * cfg.data.batch_size:
+                raise ConfigError(f"peers.{name}.queue_size={peer.queue_size} holds less than one step's keys "
+                                  f"(2 x data.batch_size = {2 * cfg.data.batch_size}); make it larger")
         if peer.zero_init_residual and not peer.arch.startswith("resnet"):
             raise ConfigError(f"peers.{name}.zero_init_residual applies to ResNets only, not {peer.arch}")
     lo, hi = cfg.augment.crop_scale
@@ -304,6 +355,18 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.augment.crop_scale}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device: {cfg.device!r} is not one of 'auto', 'cpu', 'cuda'")
+
+
+def _check_teacher(t: TeacherConfig) -> None:
+    files = bool(t.backbone or t.head)
+    if bool(t.checkpoint) == files:
+        raise ConfigError("objective.name=disco needs its teacher from exactly one source: teacher.checkpoint=RUN "
+                          "(a dogo run folder or checkpoint; teacher.peer picks the peer), or teacher.backbone=FILE "
+                          "with teacher.head=FILE and teacher.arch=NAME")
+    if files and not (t.backbone and t.head and t.arch):
+        missing = [k for k in ("backbone", "head", "arch") if not getattr(t, k)]
+        raise ConfigError(f"a teacher from state_dict files needs teacher.backbone, teacher.head and teacher.arch; "
+                          f"missing: {', '.join('teacher.' + k for k in missing)}")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -325,4 +388,6 @@ def _plain(obj: Any) -> Any:
 
 
 def from_dict(raw: dict) -> Config:
-    return build(Config, raw)
+    cfg = build(Config, raw)
+    resolve(cfg)
+    return cfg

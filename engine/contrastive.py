@@ -12,7 +12,7 @@ DoGo's KL(P_peer || P_k) over view-1 rows against view-2 columns at tau_kl reuse
 needs both peers' log-sum-exps and E_{P_peer}[S_peer - S_k], accumulated online with the same rescaling. Its
 gradient on S_k is (P_k - P_peer) / rows; the peer's P carries no gradient.
 
-Output: one vector of terms, [ntxent_0, ..., ntxent_{P-1}] then, with tau_kl, [kl_0, kl_1] where kl_k is
+Output: one vector of terms, [ntxent_k for each peer with a temperature] then, with tau_kl, [kl_0, kl_1] where kl_k is
 KL(P_other || P_k). Means are over this rank's rows (2b for NT-Xent, b for KL), as the straightforward version in
 losses.py computes them; DDP's gradient averaging then makes the update that of the global batch.
 """
@@ -31,7 +31,7 @@ from dogo.engine.distributed import rank, world_size
 
 @dataclass(frozen=True)
 class KernelSpec:
-    taus: tuple[float, ...]  # NT-Xent temperature of each peer
+    taus: tuple[float | None, ...]  # NT-Xent temperature of each peer; None: the peer is in the KL only
     tau_kl: float | None  # DoGo KL temperature between peers 0 and 1; None: no KL terms
     tile: int  # images per tile, along the rows and along the columns
 
@@ -121,14 +121,15 @@ class _TiledContrastive(torch.autograd.Function):
         cols = _gather(torch.cat(zs, dim=1))  # (B, 2Pd): one collective for every peer and view
         big_b = cols.shape[0]
         kl = spec.tau_kl is not None
-        lse_ntx = [torch.empty(2 * b, dtype=cdt, device=dev) for _ in range(n_peers)]
+        ntx_peers = [k for k in range(n_peers) if spec.taus[k] is not None]
+        lse_ntx = {k: torch.empty(2 * b, dtype=cdt, device=dev) for k in ntx_peers}
         lse_kl = [torch.empty(b, dtype=cdt, device=dev) for _ in range(2 if kl else 0)]
         expect_kl = [torch.empty(b, dtype=cdt, device=dev) for _ in range(2 if kl else 0)]
         with torch.autocast(dev.type, enabled=False):
             for i0, i1 in _tiles(b, spec.tile):
                 r = i1 - i0
                 rows = [torch.cat([zs[2 * k][i0:i1], zs[2 * k + 1][i0:i1]]) for k in range(n_peers)]
-                ntx = [_OnlineLSE(2 * r, cdt, dev) for _ in range(n_peers)]
+                ntx = {k: _OnlineLSE(2 * r, cdt, dev) for k in ntx_peers}
                 # kl_state[k] accumulates lse of S_k and E_{P_k}[S_k - S_other] (the other peer's KL needs it)
                 kl_state = [_OnlineLSE(r, cdt, dev, weighted=True) for _ in range(2 if kl else 0)]
                 for j0, j1 in _tiles(big_b, spec.tile):
@@ -136,6 +137,9 @@ class _TiledContrastive(torch.autograd.Function):
                     col_tiles = _peer_views(cols, n_peers, d, j0, j1)
                     s_kl = []
                     for k in range(n_peers):
+                        if k not in ntx:  # a KL-only peer: just its view-1 rows x view-2 columns
+                            s_kl.append(_dot(rows[k][:r], col_tiles[k][t:], cdt) / spec.tau_kl)
+                            continue
                         s = _dot(rows[k], col_tiles[k], cdt)
                         if kl and k < 2:
                             s_kl.append(s[:r, t:] / spec.tau_kl)  # view-1 rows x view-2 columns
@@ -146,14 +150,14 @@ class _TiledContrastive(torch.autograd.Function):
                         diff = s_kl[0] - s_kl[1]
                         kl_state[0].update(s_kl[0], diff)
                         kl_state[1].update(s_kl[1], diff.neg_())
-                for k in range(n_peers):
-                    lse = ntx[k].lse()  # rows [view 1; view 2] of this block
+                for k, st in ntx.items():
+                    lse = st.lse()  # rows [view 1; view 2] of this block
                     lse_ntx[k][i0:i1], lse_ntx[k][b + i0:b + i1] = lse[:r], lse[r:]
                 for k, st in enumerate(kl_state):
                     lse_kl[k][i0:i1] = st.lse()
                     expect_kl[k][i0:i1] = st.acc / st.l
             terms = []
-            for k in range(n_peers):
+            for k in ntx_peers:
                 pos = (zs[2 * k].to(cdt) * zs[2 * k + 1].to(cdt)).sum(dim=1) / spec.taus[k]
                 terms.append((lse_ntx[k] - torch.cat([pos, pos])).mean())
             if kl:
@@ -161,7 +165,7 @@ class _TiledContrastive(torch.autograd.Function):
                 terms.append((expect_kl[1] - lse_kl[1] + lse_kl[0]).mean())
                 terms.append((expect_kl[0] - lse_kl[0] + lse_kl[1]).mean())
         ctx.spec = spec
-        ctx.save_for_backward(cols, *zs, *lse_ntx, *lse_kl)
+        ctx.save_for_backward(cols, *zs, *lse_ntx.values(), *lse_kl)
         return torch.stack(terms)
 
     @staticmethod
@@ -170,7 +174,11 @@ class _TiledContrastive(torch.autograd.Function):
         spec: KernelSpec = ctx.spec
         cols, *saved = ctx.saved_tensors
         n_peers = len(spec.taus)
-        zs, lse_ntx, lse_kl = saved[:2 * n_peers], saved[2 * n_peers:3 * n_peers], saved[3 * n_peers:]
+        ntx_peers = [k for k in range(n_peers) if spec.taus[k] is not None]
+        n_ntx = len(ntx_peers)
+        zs = saved[:2 * n_peers]
+        lse_ntx = dict(zip(ntx_peers, saved[2 * n_peers:2 * n_peers + n_ntx]))
+        lse_kl = saved[2 * n_peers + n_ntx:]
         kl = spec.tau_kl is not None
         b, d = zs[0].shape
         cdt = _compute_dtype(zs[0].dtype)
@@ -178,8 +186,8 @@ class _TiledContrastive(torch.autograd.Function):
         row_offset = rank() * b
         big_b = cols.shape[0]
         g = grad_terms.to(cdt)
-        c_ntx = [g[k] / (2 * b) for k in range(n_peers)]  # d(term)/d(row loss) for NT-Xent's mean over 2b rows
-        c_kl = [g[n_peers + k] / b for k in range(2)] if kl else []
+        c_ntx = {k: g[i] / (2 * b) for i, k in enumerate(ntx_peers)}  # d(term)/d(row loss): mean over 2b rows
+        c_kl = [g[n_ntx + k] / b for k in range(2)] if kl else []
         grad_rows = [torch.zeros(2 * b, d, dtype=cdt, device=dev) for _ in range(n_peers)]
         grad_cols = torch.zeros(big_b, 2 * n_peers * d, dtype=cdt, device=dev)
         with torch.autocast(dev.type, enabled=False):
@@ -187,12 +195,17 @@ class _TiledContrastive(torch.autograd.Function):
                 r = i1 - i0
                 rows = [torch.cat([zs[2 * k][i0:i1], zs[2 * k + 1][i0:i1]]) for k in range(n_peers)]
                 rows_c = [x.to(cdt) for x in rows]
-                lse_rows = [torch.cat([lse[i0:i1], lse[b + i0:b + i1]])[:, None] for lse in lse_ntx]
+                lse_rows = {k: torch.cat([lse[i0:i1], lse[b + i0:b + i1]])[:, None] for k, lse in lse_ntx.items()}
                 for j0, j1 in _tiles(big_b, spec.tile):
                     t = j1 - j0
                     col_tiles = _peer_views(cols, n_peers, d, j0, j1)
                     grad_s, p_kl = [], []
                     for k in range(n_peers):
+                        if k not in lse_rows:  # KL-only peer: its gradient lives in the view1 x view2 block
+                            s = _dot(rows[k][:r], col_tiles[k][t:], cdt)
+                            p_kl.append(torch.exp(s / spec.tau_kl - lse_kl[k][i0:i1, None]))
+                            grad_s.append(torch.zeros(2 * r, 2 * t, dtype=cdt, device=dev))
+                            continue
                         s = _dot(rows[k], col_tiles[k], cdt)
                         if kl and k < 2:
                             p_kl.append(torch.exp(s[:r, t:] / spec.tau_kl - lse_kl[k][i0:i1, None]))
@@ -218,18 +231,20 @@ class _TiledContrastive(torch.autograd.Function):
             for k in range(n_peers):
                 z1, z2 = zs[2 * k].to(cdt), zs[2 * k + 1].to(cdt)
                 # the positive logit z1_i . z2_i / tau appears in two rows (view 1's and view 2's)
-                pos = 2 * c_ntx[k] / spec.taus[k]
+                pos = 2 * c_ntx[k] / spec.taus[k] if k in c_ntx else 0.0
                 g1 = grad_rows[k][:b] + own[:, (2 * k) * d:(2 * k + 1) * d] - pos * z2
                 g2 = grad_rows[k][b:] + own[:, (2 * k + 1) * d:(2 * k + 2) * d] - pos * z1
                 grads += [g1.to(zs[2 * k].dtype), g2.to(zs[2 * k + 1].dtype)]
         return (None, *grads)
 
 
-def contrastive_terms(zs: Sequence[torch.Tensor], taus: Sequence[float], tau_kl: float | None = None,
+def contrastive_terms(zs: Sequence[torch.Tensor], taus: Sequence[float | None], tau_kl: float | None = None,
                       tile: int = 1024) -> torch.Tensor:
     """Loss terms of the peers' L2-normalised embeddings zs = (z1_0, z2_0, z1_1, z2_1, ...), (b, d) each.
 
-    Returns [ntxent_k for each peer] + ([KL(P_1 || P_0), KL(P_0 || P_1)] when tau_kl is given, for exactly 2 peers).
+    Returns [ntxent_k for each peer whose tau is not None] + ([KL(P_1 || P_0), KL(P_0 || P_1)] when tau_kl is
+    given, for exactly 2 peers). A peer with tau None takes part in the KL only (a SimSiam or MoCo peer of DoGo:
+    its pair is then whatever two embeddings its similarity is taken between, e.g. predictor x projector).
     Works at world size 1 without a process group and under torchrun (gloo or NCCL).
     """
     if len(zs) != 2 * len(taus):
@@ -238,5 +253,7 @@ def contrastive_terms(zs: Sequence[torch.Tensor], taus: Sequence[float], tau_kl:
         raise ValueError(f"the DoGo KL needs exactly 2 peers, got {len(taus)}")
     if tile < 1:
         raise ValueError(f"tile must be a positive number of images, got {tile}")
-    spec = KernelSpec(tuple(float(t) for t in taus), None if tau_kl is None else float(tau_kl), int(tile))
+    if tau_kl is None and any(t is None for t in taus):
+        raise ValueError("a peer without an NT-Xent temperature only makes sense with the DoGo KL (tau_kl)")
+    spec = KernelSpec(tuple(None if t is None else float(t) for t in taus), None if tau_kl is None else float(tau_kl), int(tile))
     return _TiledContrastive.apply(spec, *zs)

@@ -144,13 +144,17 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = sums[:channels] / n
         centred = xf - mean.view(shape)
         var = dist_nn.all_reduce(centred.square().sum(dims)) / n
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-            unbiased = var.detach() * n / (n - 1)
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                # momentum None is torch's cumulative average
+                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * n / (n - 1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
         out = centred * torch.rsqrt(var.view(shape) + self.eps)
-        out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.affine:  # SimSiam's projector ends in a BN without affine parameters
+            out = out * self.weight.view(shape) + self.bias.view(shape)
         return out.to(x.dtype)
 
 

@@ -3,8 +3,10 @@
 Shapes: each rank holds b = B/W images; z1, z2 are (b, d) embeddings of the two views. Columns span the global
 batch, rows are this rank's own. At world size 1 no process group is needed.
 
-`objective_loss` computes the terms with the tiled kernel (contrastive.py). The straightforward functions below
-(gather with gradient, full logits block) are its reference, in the tests and in `dogo bench loss`.
+`objective_loss` computes NT-Xent and DoGo's KL with the tiled kernel (contrastive.py). The straightforward
+functions below (gather with gradient, full logits block) are its reference, in the tests and in `dogo bench loss`.
+MoCo v2's InfoNCE, SimSiam's negative cosine and DisCo's embedding distance have no (B x B) block and are computed
+directly.
 """
 from __future__ import annotations
 
@@ -13,13 +15,19 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from dogo.engine.config import DEFAULT_TAU, ssl_of
 from dogo.engine.contrastive import contrastive_terms
 from dogo.engine.distributed import gather_no_grad, gather_with_grad, rank
 
 
+def at_least_fp32(z: torch.Tensor) -> torch.Tensor:
+    """Losses run in fp32 whatever the autocast dtype of the embeddings; fp64 inputs (the tests') stay fp64."""
+    return z if z.dtype == torch.float64 else z.float()
+
+
 def normalize(z: torch.Tensor) -> torch.Tensor:
-    """L2-normalise rows in fp32 (fp64 inputs stay fp64), whatever the autocast dtype of the embeddings."""
-    return F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
+    """L2-normalise rows in fp32 (fp64 inputs stay fp64)."""
+    return F.normalize(at_least_fp32(z), dim=1)
 
 
 def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
@@ -57,34 +65,99 @@ def dogo_kl(log_p_self: torch.Tensor, log_p_peer: torch.Tensor) -> torch.Tensor:
 
 def reference_terms(zs, taus, tau_kl=None) -> torch.Tensor:
     """The straightforward version of `contrastive_terms`: same inputs, same layout of terms."""
-    n = len(taus)
-    terms = [ntxent(zs[2 * k], zs[2 * k + 1], taus[k]) for k in range(n)]
+    terms = [ntxent(zs[2 * k], zs[2 * k + 1], tau) for k, tau in enumerate(taus) if tau is not None]
     if tau_kl is not None:
         log_p = [cross_view_log_softmax(zs[2 * k], zs[2 * k + 1], tau_kl) for k in range(2)]
         terms += [dogo_kl(log_p[0], log_p[1]), dogo_kl(log_p[1], log_p[0])]
     return torch.stack(terms)
 
 
-def objective_loss(embeddings: Mapping[str, tuple[torch.Tensor, torch.Tensor]], objective, peers
+def infonce_with_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    """MoCo's InfoNCE: each query's positive is its own key, its negatives every key in the queue; mean over rows.
+
+    q: (b, d) L2-normalised queries (with gradient); k: (b, d) normalised keys and queue: (K, d), neither with
+    gradient. The (b, 1 + K) logits block is small next to the backbones (b=256, K=65536: 67 MB in fp32).
+    """
+    pos = (q * k).sum(dim=1, keepdim=True)
+    logits = torch.cat([pos, q @ queue.T], dim=1) / tau
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric MoCo v2: view 1's queries against view 2's keys and the other way round, averaged."""
+    return 0.5 * (infonce_with_queue(q1, k2, queue, tau) + infonce_with_queue(q2, k1, queue, tau))
+
+
+def simsiam_loss(z1, z2, p1, p2) -> torch.Tensor:
+    """SimSiam: negative cosine between each view's prediction and the other view's projection, which is
+    detached (the stop-gradient); averaged over both directions and the rows."""
+    cos = lambda p, z: F.cosine_similarity(p, z.detach(), dim=1).mean()
+    return -0.5 * (cos(p1, z2) + cos(p2, z1))
+
+
+def embedding_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """DisCo's distillation term for one view: squared L2 distance between the L2-normalised student and teacher
+    embeddings, summed over dimensions, averaged over rows. The teacher carries no gradient."""
+    return (normalize(student) - normalize(teacher).detach()).pow(2).sum(dim=1).mean()
+
+
+def kl_pair(ssl: str, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two embeddings whose cross-view similarity DoGo's KL aligns, as DoGo's code takes them: the projection
+    outputs of both views, or for a SimSiam peer its view-1 prediction against its view-2 projection."""
+    return (out[2], out[1]) if ssl == "simsiam" else (out[0], out[1])
+
+
+def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective, peers, targets=None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss to backpropagate and its named terms (detached), for every peer.
 
-    embeddings: peer name -> (z1, z2), raw head outputs of this rank's images, (b, d) each.
-    objective: ObjectiveConfig; peers: name -> PeerConfig (tau, kl_weight).
-    simclr: sum over peers of NT-Xent. dogo (2 peers): each peer adds kl_weight * KL(P_peer || P_self).
+    outputs: peer name -> (z1, z2) raw head outputs of this rank's images, (b, d) each; a SimSiam peer adds its
+    predictions (p1, p2). objective: ObjectiveConfig; peers: name -> PeerConfig (ssl, tau, kl_weight), resolved.
+    targets: what the parts without gradient computed for this step (`aux.Targets`): MoCo keys and queues, the
+    DisCo teacher's embeddings.
+
+    Each peer's own SSL loss: simclr NT-Xent, mocov2 InfoNCE against its queue, simsiam negative cosine.
+    dogo (2 peers): each adds kl_weight * KL(P_peer || P_self). disco: each student adds distill_weight times
+    the squared distance to the teacher's embedding, per view. NT-Xent and the KL go through the tiled kernel.
     """
-    names = list(embeddings)
-    zs = [normalize(z) for name in names for z in embeddings[name]]
-    taus = [peers[name].tau for name in names]
-    tau_kl = objective.tau_kl if objective.name == "dogo" else None
-    values = contrastive_terms(zs, taus, tau_kl, objective.tile)
+    names = list(outputs)
+    dogo = objective.name == "dogo"
+    ssl = {name: ssl_of(objective.name, peers[name]) for name in names}
+    tau = {name: peers[name].tau or DEFAULT_TAU.get(ssl[name]) for name in names}
     terms: dict[str, torch.Tensor] = {}
-    total = values[:len(names)].sum()
-    for k, name in enumerate(names):
-        terms[f"{name}/ntxent"] = values[k].detach()
-    if tau_kl is not None:
-        for k, name in enumerate(names):
-            terms[f"{name}/kl"] = values[len(names) + k].detach()
-            total = total + peers[name].kl_weight * values[len(names) + k]
+    total = torch.zeros((), device=outputs[names[0]][0].device)
+
+    # The kernel: every SimCLR peer's NT-Xent, and with DoGo both peers' KL terms, in one walk of the columns.
+    slots = [name for name in names if dogo or ssl[name] == "simclr"]
+    if slots:
+        zs = [normalize(z) for name in slots for z in
+              (kl_pair(ssl[name], outputs[name]) if dogo else outputs[name][:2])]
+        taus = [tau[name] if ssl[name] == "simclr" else None for name in slots]
+        values = contrastive_terms(zs, taus, objective.tau_kl if dogo else None, objective.tile)
+        ntx = [name for name, tau in zip(slots, taus) if tau is not None]
+        for k, name in enumerate(ntx):
+            terms[f"{name}/ntxent"] = values[k]
+        if dogo:
+            for k, name in enumerate(slots):
+                terms[f"{name}/kl"] = values[len(ntx) + k]
+                total = total + peers[name].kl_weight * values[len(ntx) + k]
+        total = total + values[:len(ntx)].sum()
+
+    for name in names:
+        out = outputs[name]
+        if ssl[name] == "mocov2":
+            k1, k2 = targets.keys[name]
+            terms[f"{name}/infonce"] = mocov2_loss(normalize(out[0]), normalize(out[1]), k1, k2,
+                                                   targets.queues[name], tau[name])
+            total = total + terms[f"{name}/infonce"]
+        elif ssl[name] == "simsiam":
+            terms[f"{name}/simsiam"] = simsiam_loss(*(at_least_fp32(x) for x in out))
+            total = total + terms[f"{name}/simsiam"]
+        if objective.name == "disco":
+            t1, t2 = targets.teacher[name]
+            terms[f"{name}/distill"] = embedding_distance(out[0], t1) + embedding_distance(out[1], t2)
+            total = total + objective.distill_weight * terms[f"{name}/distill"]
+
+    terms = {key: value.detach() for key, value in terms.items()}
     terms["loss"] = total.detach()
     return total, terms

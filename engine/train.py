@@ -16,6 +16,7 @@ from dogo.engine.evaluate import KnnMonitor
 from dogo.engine.logger import MetricsLogger
 from dogo.engine.losses import objective_loss
 from dogo.engine.optim import build_optimizer, lr_factor, set_lr
+from dogo.engine.targets import TargetMakers
 from dogo.models import build_peer
 from dogo.pipelines import build_loader
 
@@ -24,13 +25,14 @@ class PeerSet(nn.Module):
     """All peers in one module, so that one DDP wrapper and one backward cover them.
 
     forward(views) -> {peer: (z1, z2)}: peer k takes views pairs[k]; both views go through it as one batch
-    (one forward per peer, BN statistics over both views as in SimCLR's code).
+    (one forward per peer, BN statistics over both views as in SimCLR's code). A SimSiam peer also returns its
+    predictions: (z1, z2, p1, p2).
     """
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.peers = nn.ModuleDict({name: build_peer(p) for name, p in cfg.peers.items()})
-        shared = cfg.objective.name == "simclr" or cfg.objective.share_views
+        shared = cfg.objective.name != "dogo" or cfg.objective.share_views
         self.pairs = {name: (0, 1) if shared else (2 * k, 2 * k + 1) for k, name in enumerate(cfg.peers)}
 
     @property
@@ -42,7 +44,7 @@ class PeerSet(nn.Module):
         for name, peer in self.peers.items():
             i, j = self.pairs[name]
             z = peer(torch.cat([views[i], views[j]]))
-            out[name] = z.chunk(2)
+            out[name] = z.chunk(2) if peer.predictor is None else (*z.chunk(2), *peer.predictor(z).chunk(2))
         return out
 
 
@@ -92,10 +94,13 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 loss matmuls
         self.model = build_peers(cfg)
+        # key encoders copy the peers before SyncBN: MoCo's keys use each rank's own batch statistics
+        self.targets = TargetMakers(cfg, self.model.peers)
         if cfg.distributed.sync_bn and self.ctx.distributed:
             self.model = distributed.convert_sync_batchnorm(self.model, self.ctx.device)
         fmt = torch.channels_last if self.precision.channels_last else torch.contiguous_format
         self.model.to(self.ctx.device, memory_format=fmt)
+        self.targets.to(self.ctx.device, memory_format=fmt)
         self.loader = build_loader(cfg.data, cfg.augment, n_views=self.model.n_views, seed=cfg.seed,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
                                    dtype=self.precision.dtype, channels_last=self.precision.channels_last)
@@ -120,6 +125,7 @@ class Trainer:
             "peers": {name: p.state_dict() for name, p in self.model.peers.items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "targets": self.targets.checkpoint_state(),
             "position": vars(self.pos).copy(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -145,6 +151,8 @@ class Trainer:
         checkpoint.check_compatible(state["config"], config_mod.to_dict(self.cfg), path)
         for name, peer in self.model.peers.items():
             peer.load_state_dict(state["peers"][name])
+        if self.targets.active:
+            self.targets.load_checkpoint_state(state["targets"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(**state["position"])
@@ -160,8 +168,9 @@ class Trainer:
                                          self.cfg.schedule.final_lr_ratio))
         dt = self.precision.dtype
         with torch.autocast(self.ctx.device.type, dtype=dt, enabled=dt != torch.float32):
-            embeddings = self.forward(views)
-        loss, terms = objective_loss(embeddings, self.cfg.objective, self.cfg.peers)
+            outputs = self.forward(views)
+            targets = self.targets.make(views, self.model.pairs)
+        loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -169,6 +178,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.targets.after_step(self.model.peers, targets, self.pos.step + 1, self.total_steps)
         return terms
 
     def lrs(self) -> dict[str, float]:

@@ -61,35 +61,36 @@ def test_gloo_ranks_equal_the_global_batch(world, objective):
             torch.testing.assert_close(got.double() / world, ref[r * b:(r + 1) * b], rtol=1e-5, atol=1e-7)
 
 
-def _bn_worker(rank: int, world: int, port: int, out):
+def _bn_worker(rank: int, world: int, port: int, affine: bool, out):
     from dogo.engine.distributed import CPUSyncBatchNorm
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
     w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1))
     b = 8 // world
-    bn = CPUSyncBatchNorm(3)
+    bn = CPUSyncBatchNorm(3, affine=affine)
     xr = x[rank * b:(rank + 1) * b].clone().requires_grad_()
     y = bn(xr)
     (y * w[rank * b:(rank + 1) * b]).sum().backward()
-    out[rank] = (y.detach(), xr.grad, bn.weight.grad, bn.running_var.clone())
+    out[rank] = (y.detach(), xr.grad, bn.weight.grad if affine else None, bn.running_var.clone())
     dist.destroy_process_group()
 
 
-def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch():
+@pytest.mark.parametrize("affine", [True, False])  # False: SimSiam's projector output
+def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch(affine):
     x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
     w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1))
-    bn = torch.nn.BatchNorm2d(3)
+    bn = torch.nn.BatchNorm2d(3, affine=affine)
     xr = x.clone().requires_grad_()
     (bn(xr) * w).sum().backward()
     out = mp.Manager().dict()
-    mp.spawn(_bn_worker, args=(2, _free_port(), out), nprocs=2)
+    mp.spawn(_bn_worker, args=(2, _free_port(), affine, out), nprocs=2)
     y = torch.cat([out[r][0] for r in range(2)])
-    reference = torch.nn.functional.batch_norm(x, None, None, bn.weight.detach(), bn.bias.detach(), training=True)
+    reference = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, training=True).detach()
     torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([out[r][1] for r in range(2)]), xr.grad, rtol=1e-4, atol=1e-5)
-    # each rank's weight gradient is its share; DDP sums (averages x world) them
-    torch.testing.assert_close(out[0][2] + out[1][2], bn.weight.grad, rtol=1e-4, atol=1e-5)
+    if affine:  # each rank's weight gradient is its share; DDP sums (averages x world) them
+        torch.testing.assert_close(out[0][2] + out[1][2], bn.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[0][3], bn.running_var, rtol=1e-5, atol=1e-6)
 
 

@@ -43,11 +43,18 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
                 torch.testing.assert_close(p2[peer][name], t, rtol=1e-3, atol=5e-4, msg=f"{peer}.{name}")
 
 
-def test_kill_and_resume_is_bit_identical(shapes, tmp_path):
-    straight = write_config(tmp_path / "s.yaml", tiny_config(shapes, tmp_path / "straight"))
+# DoGo with a MoCo v2 peer and a SimSiam peer: the key encoder, the queue and the predictor resume too.
+MIXED_PEERS = {"peers": {"a": {"arch": "resnet18", "head_hidden": 32, "head_out": 16, "ssl": "mocov2", "queue_size": 40},
+                         "b": {"arch": "resnet18", "head_hidden": 32, "head_out": 16, "ssl": "simsiam", "pred_hidden": 8}}}
+
+
+@pytest.mark.parametrize("objective", ["dogo", "dogo_mocov2_simsiam"])
+def test_kill_and_resume_is_bit_identical(shapes, tmp_path, objective):
+    extra = MIXED_PEERS if objective == "dogo_mocov2_simsiam" else {}
+    straight = write_config(tmp_path / "s.yaml", tiny_config(shapes, tmp_path / "straight", **extra))
     run_cli("train", str(straight))
 
-    resumed_cfg = tiny_config(shapes, tmp_path / "resumed", checkpoint={"every_steps": 3})
+    resumed_cfg = tiny_config(shapes, tmp_path / "resumed", checkpoint={"every_steps": 3}, **extra)
     resumed = write_config(tmp_path / "r.yaml", resumed_cfg)
     ckpt3 = tmp_path / "resumed" / "t" / "checkpoints" / "step_000000003.pt"
     proc = subprocess.Popen([sys.executable, "-m", "dogo", "train", str(resumed)], cwd=REPO, env=cli_env(),
@@ -68,6 +75,10 @@ def test_kill_and_resume_is_bit_identical(shapes, tmp_path):
     assert sa["position"] == sb["position"] == {"step": 6, "epoch": 0, "step_in_epoch": 6}
     for k, state in sa["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"])
+    keys_a, keys_b = sa["targets"]["key_encoders"], sb["targets"]["key_encoders"]
+    assert keys_a.keys() == keys_b.keys() and (objective == "dogo") == (not keys_a)
+    for name, t in keys_a.items():
+        assert torch.equal(t, keys_b[name]) if isinstance(t, torch.Tensor) else t == keys_b[name], name
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shapes, tmp_path):

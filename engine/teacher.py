@@ -1,0 +1,127 @@
+"""DisCo's teacher: a frozen backbone and projection head, from a dogo checkpoint or from plain state_dict files.
+
+Frozen means: no parameter requires gradient, every BatchNorm stays in eval mode whatever `.train()` is called
+with, and the forward runs under inference mode (and the run's autocast). Its weights never change; a checkpoint
+records their SHA-256 so that a resumed run can tell if the teacher's file has changed underneath it.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dogo.engine import checkpoint
+from dogo.engine.config import ConfigError, TeacherConfig, from_dict
+from dogo.models import Peer, build_peer
+
+# Keys of a torchvision model that are not part of a dogo backbone (its classifier is an Identity).
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+
+
+class FrozenTeacher(nn.Module):
+    def __init__(self, peer: Peer, source: str):
+        super().__init__()
+        self.peer = peer.requires_grad_(False).eval()
+        self.source = source
+        self.embedding_dim = peer.head[3].out_features
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)  # BatchNorm keeps its running statistics: the teacher never changes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            z = self.peer(images)
+        return z.clone()  # a normal tensor again: autograd may use it (as a constant) in the loss
+
+    def fingerprint(self) -> str:
+        return state_fingerprint(self.peer.state_dict())
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_state(path: str, key: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key}: {p} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{key}: {p} is not a readable torch state_dict ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # the common {'state_dict': ...} wrapping
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{key}: {p} does not hold a state_dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+
+
+def _load_into(module: nn.Module, state: dict, what: str) -> None:
+    """load_state_dict(strict) with an error that lists what is missing, unexpected or of the wrong shape."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}" + (", ..." if len(keys) > 5 else ""))
+        raise ConfigError(f"{what} does not match the architecture: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)
+
+
+def _from_checkpoint(t: TeacherConfig) -> tuple[Peer, str]:
+    path = Path(t.checkpoint)
+    if path.is_dir():
+        found = checkpoint.latest(path)
+        if found is None:
+            raise ConfigError(f"teacher.checkpoint: run folder {path} has no checkpoints under "
+                              f"{checkpoint.folder(path)}; train it first or give a checkpoint file")
+        path = found
+    try:
+        state = checkpoint.load(path)
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(f"teacher.checkpoint: {exc}") from None
+    peers = list(state["peers"])
+    name = t.peer or (peers[0] if len(peers) == 1 else "")
+    if name not in state["peers"]:
+        raise ConfigError(f"teacher.peer: {path} holds peers {', '.join(peers)}; "
+                          + ("name one with teacher.peer=NAME" if not t.peer else f"there is no '{t.peer}'"))
+    peer_cfg = from_dict(state["config"]).peers[name]
+    peer = build_peer(peer_cfg)
+    _load_into(peer, state["peers"][name], f"teacher peer '{name}' of {path}")
+    return peer, f"peer '{name}' ({peer_cfg.arch}) of {path}"
+
+
+def _from_files(t: TeacherConfig) -> tuple[Peer, str]:
+    backbone = {k: v for k, v in _load_state(t.backbone, "teacher.backbone").items()
+                if not k.startswith(_CLASSIFIER_PREFIXES)}
+    head = _load_state(t.head, "teacher.head")
+    for key in ("0.weight", "3.weight"):
+        if key not in head:
+            raise ConfigError(f"teacher.head: {t.head} is not a Linear-BN-ReLU-Linear projection head "
+                              f"(no '{key}'; `dogo export --head` writes one)")
+    hidden, out = head["0.weight"].shape[0], head["3.weight"].shape[0]
+    out_bn = "4.running_mean" in head  # a SimSiam projector
+    try:
+        peer = Peer(t.arch, t.cifar_stem, hidden, out, out_bn=out_bn)
+    except ValueError as exc:
+        raise ConfigError(f"teacher.arch: {exc}") from None
+    _load_into(peer.backbone, backbone, f"teacher.backbone {t.backbone} (as {t.arch})")
+    _load_into(peer.head, head, f"teacher.head {t.head}")
+    return peer, f"{t.arch} from {t.backbone} and {t.head}"
+
+
+def load_teacher(t: TeacherConfig) -> FrozenTeacher:
+    peer, source = _from_checkpoint(t) if t.checkpoint else _from_files(t)
+    return FrozenTeacher(peer, source)

@@ -1,0 +1,227 @@
+"""MoCo v2, SimSiam, DisCo and DoGo with mixed objectives: losses and gradients against float64 references written
+row by row, the key encoder's momentum update and queue (also under a 2-process gloo group), and the teacher."""
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dogo.engine.config import ConfigError, ObjectiveConfig, PeerConfig, TeacherConfig
+from dogo.engine.contrastive import contrastive_terms
+from dogo.engine.losses import (embedding_distance, mocov2_loss, objective_loss, reference_terms,
+                                simsiam_loss)
+from dogo.engine.targets import KeyEncoder, Targets, momentum_at
+from dogo.models import Peer
+from tests.test_losses_distributed import _free_port
+
+
+def _rand(*shape, seed, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
+
+
+def _unit(*shape, seed):
+    return F.normalize(_rand(*shape, seed=seed, requires_grad=False), dim=1)
+
+
+def _cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_mocov2_loss_equals_a_row_by_row_reference():
+    b, d, k, tau = 5, 6, 9, 0.2
+    q1, q2 = F.normalize(_rand(b, d, seed=1), dim=1), F.normalize(_rand(b, d, seed=2), dim=1)
+    r1, r2 = q1.detach(), q2.detach()
+    k1, k2, queue = _unit(b, d, seed=3), _unit(b, d, seed=4), _unit(k, d, seed=5)
+    got = mocov2_loss(q1, q2, k1, k2, queue, tau)
+
+    def infonce_row(q, key):  # -log( exp(q.k+/t) / (exp(q.k+/t) + sum_n exp(q.n/t)) ) for one query
+        pos = math.exp(float(q @ key) / tau)
+        neg = sum(math.exp(float(q @ n) / tau) for n in queue)
+        return -math.log(pos / (pos + neg))
+
+    ref = 0.5 * (sum(infonce_row(r1[i], k2[i]) for i in range(b)) / b
+                 + sum(infonce_row(r2[i], k1[i]) for i in range(b)) / b)
+    assert got.item() == pytest.approx(ref, rel=1e-12)
+    # gradient: d/dq of InfoNCE = (softmax - onehot) @ [k+; queue] / tau, per row, scaled by 1/(2b)
+    g1, = torch.autograd.grad(got, q1, retain_graph=True)
+    keys = torch.cat([k2[:1], queue])
+    logits = torch.cat([(q1[0] * k2[0]).sum()[None], queue @ q1[0]]).detach() / tau
+    p = torch.softmax(logits, 0)
+    p[0] -= 1
+    torch.testing.assert_close(g1[0], p @ keys / tau / (2 * b), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda a, c: mocov2_loss(F.normalize(a, dim=1), F.normalize(c, dim=1), k1, k2,
+                                                             queue, tau), (_rand(b, d, seed=6), _rand(b, d, seed=7)))
+
+
+def test_simsiam_loss_equals_reference_and_stops_the_gradient():
+    b, d = 4, 5
+    z1, z2, p1, p2 = (_rand(b, d, seed=s) for s in range(10, 14))
+    got = simsiam_loss(z1, z2, p1, p2)
+    ref = -0.5 * (sum(_cos(p1[i].tolist(), z2[i].tolist()) for i in range(b)) / b
+                  + sum(_cos(p2[i].tolist(), z1[i].tolist()) for i in range(b)) / b)
+    assert got.item() == pytest.approx(ref, rel=1e-12)
+    gz1, gz2, gp1, gp2 = torch.autograd.grad(got, (z1, z2, p1, p2), allow_unused=True, materialize_grads=True)
+    assert not gz1.any() and not gz2.any(), "the projections must be behind a stop-gradient"
+    assert torch.autograd.gradcheck(lambda a, c: simsiam_loss(z1, z2, a, c), (p1, p2))
+
+
+def test_disco_distance_equals_reference_with_a_constant_teacher():
+    b, d = 6, 7
+    s, t = _rand(b, d, seed=20), _rand(b, d, seed=21)
+    got = embedding_distance(s, t)
+    ref = 0.0
+    for i in range(b):
+        ns, nt = math.sqrt(sum(x * x for x in s[i].tolist())), math.sqrt(sum(x * x for x in t[i].tolist()))
+        ref += sum((x / ns - y / nt) ** 2 for x, y in zip(s[i].tolist(), t[i].tolist()))
+    assert got.item() == pytest.approx(ref / b, rel=1e-12)
+    _, gt = torch.autograd.grad(got, (s, t), allow_unused=True, materialize_grads=True)
+    assert not gt.any(), "the teacher gets no gradient"
+    assert torch.autograd.gradcheck(lambda a: embedding_distance(a, t), (s,))
+
+
+@pytest.mark.parametrize("tile", [2, 3, 64])
+def test_kernel_with_a_kl_only_peer_equals_straightforward(tile):
+    """A SimSiam or MoCo peer of DoGo enters the kernel with tau None: KL terms only."""
+    zs = [F.normalize(_rand(7, 5, seed=30 + i, requires_grad=False), dim=1).requires_grad_() for i in range(4)]
+    for taus in [(0.3, None), (None, 0.5), (None, None)]:
+        w = torch.rand(2 + sum(t is not None for t in taus), generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64) + 0.5
+        got = contrastive_terms(zs, taus, 0.2, tile)
+        ref = reference_terms(zs, taus, 0.2)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+        g_got = torch.autograd.grad((got * w).sum(), zs)
+        g_ref = torch.autograd.grad((ref * w).sum(), zs)
+        for a, r in zip(g_got, g_ref):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_dogo_with_a_simclr_and_a_simsiam_peer_composes_the_terms():
+    """Peer a (SimCLR): NT-Xent + its KL on z1 x z2; peer b (SimSiam): negative cosine + its KL on p1 x z2."""
+    b, d = 6, 8
+    a1, a2, z1, z2, p1, p2 = (_rand(b, d, seed=40 + i) for i in range(6))
+    peers = {"a": PeerConfig(ssl="simclr", tau=0.3, kl_weight=0.7), "b": PeerConfig(ssl="simsiam", kl_weight=0.4)}
+    loss, terms = objective_loss({"a": (a1, a2), "b": (z1, z2, p1, p2)}, ObjectiveConfig(name="dogo", tau_kl=0.2),
+                                 peers)
+    n = lambda x: F.normalize(x, dim=1)
+    ref = reference_terms([n(a1), n(a2), n(p1), n(z2)], (0.3, None), 0.2)
+    siam = simsiam_loss(z1, z2, p1, p2)
+    want = ref[0] + 0.7 * ref[1] + siam + 0.4 * ref[2]
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    assert set(terms) == {"a/ntxent", "a/kl", "b/simsiam", "b/kl", "loss"}
+    leaves = (a1, a2, z1, z2, p1, p2)  # z1 is only SimSiam's stop-gradient target: no gradient
+    got = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    exp = torch.autograd.grad(want, leaves, allow_unused=True, materialize_grads=True)
+    assert not got[2].any() and got[3].any()
+    for x, y in zip(got, exp):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_objective_loss_for_mocov2_and_disco_uses_the_targets():
+    b, d = 5, 4
+    q1, q2 = _rand(b, d, seed=50), _rand(b, d, seed=51)
+    k1, k2, queue = _unit(b, d, seed=52), _unit(b, d, seed=53), _unit(11, d, seed=54)
+    t1, t2 = _rand(b, d, seed=55, requires_grad=False), _rand(b, d, seed=56, requires_grad=False)
+    targets = Targets(keys={"s": (k1, k2)}, queues={"s": queue}, teacher={"s": (t1, t2)})
+    peers = {"s": PeerConfig(ssl="mocov2", tau=0.2)}
+    loss, terms = objective_loss({"s": (q1, q2)}, ObjectiveConfig(name="disco", distill_weight=0.3), peers, targets)
+    n = lambda x: F.normalize(x, dim=1)
+    moco = mocov2_loss(n(q1), n(q2), k1, k2, queue, 0.2)
+    dist_ = embedding_distance(q1, t1) + embedding_distance(q2, t2)
+    torch.testing.assert_close(loss, moco + 0.3 * dist_, rtol=1e-12, atol=1e-14)
+    assert set(terms) == {"s/infonce", "s/distill", "loss"}
+
+
+def _tiny_peer(seed):
+    torch.manual_seed(seed)
+    return Peer("resnet18", True, 16, 8)
+
+
+def test_momentum_update_is_exact_and_follows_its_schedule():
+    query = _tiny_peer(0)
+    enc = KeyEncoder(query, queue_size=10)
+    for a, b in zip(enc.encoder.parameters(), query.parameters()):
+        assert torch.equal(a, b) and not a.requires_grad  # MoCo starts the key encoder as a copy
+    before = [p.detach().double().clone() for p in enc.encoder.parameters()]
+    with torch.no_grad():
+        for p in query.parameters():
+            p.add_(torch.randn_like(p))
+    enc.follow(query, 0.9)
+    for k, k0, q in zip(enc.encoder.parameters(), before, query.parameters()):
+        torch.testing.assert_close(k.double(), 0.9 * k0 + 0.1 * q.double(), rtol=1e-6, atol=1e-7)
+    assert momentum_at(0.99, "constant", 50, 100) == 0.99
+    assert momentum_at(0.99, "cosine", 0, 100) == pytest.approx(0.99)
+    assert momentum_at(0.99, "cosine", 50, 100) == pytest.approx(0.995)
+    assert momentum_at(0.99, "cosine", 100, 100) == pytest.approx(1.0)
+
+
+def test_queue_is_a_ring_of_the_newest_keys():
+    enc = KeyEncoder(_tiny_peer(0), queue_size=7)
+    written = []
+    for step in range(5):
+        keys = _unit(3, 8, seed=60 + step).float()
+        enc.enqueue(keys)
+        written += list(keys)
+        assert enc.filled == min(7, len(written))
+        negatives = enc.negatives()
+        assert negatives.shape == (enc.filled, 8)
+        # every stored key is one of the newest 7 written, at its ring position
+        for i, row in enumerate(written[-7:]):
+            pos = (len(written) - len(written[-7:]) + i) % 7
+            assert torch.equal(enc.queue[pos], row)
+    state = enc.state_dict()
+    again = KeyEncoder(_tiny_peer(1), queue_size=7)
+    again.load_state_dict(state)
+    assert (again.ptr, again.filled) == (enc.ptr, enc.filled) and torch.equal(again.queue, enc.queue)
+
+
+def _queue_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from dogo.engine.config import Config
+    from dogo.engine.targets import TargetMakers
+    cfg = Config()
+    cfg.objective.name = "mocov2"
+    cfg.peers = {"m": PeerConfig(arch="resnet18", cifar_stem=True, head_hidden=16, head_out=8, ssl="mocov2",
+                                 queue_size=20)}
+    torch.manual_seed(0)
+    peers = torch.nn.ModuleDict({"m": Peer("resnet18", True, 16, 8)})
+    makers = TargetMakers(cfg, peers)
+    for step in range(4):  # 4 steps x 2 views x 2 ranks x 3 images = 48 keys through a queue of 20
+        k1, k2 = _unit(3, 8, seed=100 * step + rank).float(), _unit(3, 8, seed=100 * step + 50 + rank).float()
+        makers.after_step(peers, Targets(keys={"m": (k1, k2)}), step + 1, 4)
+    enc = makers.key_encoders["m"]
+    out[rank] = (enc.queue.clone(), enc.ptr, enc.filled)
+    dist.destroy_process_group()
+
+
+def test_queue_under_two_gloo_ranks_holds_every_ranks_keys():
+    world = 2
+    out = mp.Manager().dict()
+    mp.spawn(_queue_worker, args=(world, _free_port(), out), nprocs=world)
+    expected = []
+    for step in range(4):  # the order enqueued: view 1 of rank 0, rank 1, then view 2 of rank 0, rank 1
+        expected += [_unit(3, 8, seed=100 * step + r).float() for r in range(world)]
+        expected += [_unit(3, 8, seed=100 * step + 50 + r).float() for r in range(world)]
+    keys = torch.cat(expected)  # 48 rows; the queue holds the newest 20 at their ring positions
+    ring = torch.empty(20, 8)
+    for i in range(len(keys)):
+        ring[i % 20] = keys[i]
+    for r in range(world):
+        queue, ptr, filled = out[r]
+        assert (ptr, filled) == (48 % 20, 20)
+        assert torch.equal(queue, ring), f"rank {r}'s queue differs from the keys enqueued"
+
+
+def test_teacher_config_errors():
+    from dogo.engine.config import Config, check
+    cfg = Config()
+    cfg.objective.name = "disco"
+    with pytest.raises(ConfigError, match="exactly one source"):
+        check(cfg)
+    cfg.teacher = TeacherConfig(backbone="b.pt", head="h.pt")
+    with pytest.raises(ConfigError, match="missing: teacher.arch"):
+        check(cfg)
