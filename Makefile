@@ -10,7 +10,8 @@ DEMO_DATA := data/shapes64
 NGPU ?= 1
 IMAGENET ?=
 
-.PHONY: setup demo test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 bench convert clean
+.PHONY: setup demo demo-disco test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
+	bench bench-pipeline photos convert clean
 
 setup: $(STAMP)
 
@@ -41,6 +42,15 @@ demo: $(STAMP) $(DEMO_DATA)
 	$(DOGO) train configs/demo.yaml checkpoint.resume=none
 	$(DOGO) eval knn runs/demo
 
+# DisCo on the demo dataset: the demo's ResNet-50 (make demo first, if runs/demo has no checkpoint) distilled into a
+# fresh ResNet-18, and the same ResNet-18 with SimCLR alone for the same steps; then both kNN tables.
+demo-disco: $(STAMP) $(DEMO_DATA)
+	@test -n "$$(ls runs/demo/checkpoints 2>/dev/null)" || $(MAKE) demo
+	$(DOGO) train configs/demo_disco.yaml checkpoint.resume=none
+	$(DOGO) train configs/demo_disco.yaml name=demo_simclr_r18 objective.name=simclr checkpoint.resume=none
+	$(DOGO) eval knn runs/demo_disco
+	$(DOGO) eval knn runs/demo_simclr_r18
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -62,9 +72,29 @@ imagenet-simclr-r50: $(STAMP)
 	$(require_imagenet)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_simclr_r50.yaml data.path=$(IMAGENET)
 
+# DisCo: a frozen ResNet-50 (default: the run of make imagenet-simclr-r50) distilled into a MoCo v2 ResNet-18.
+TEACHER ?= runs/imagenet_simclr_r50
+TEACHER_PEER ?= r50
+imagenet-disco-r18: $(STAMP)
+	$(require_imagenet)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/disco_r18_from_r50.yaml data.path=$(IMAGENET) teacher.checkpoint=$(TEACHER) teacher.peer=$(TEACHER_PEER)
+
 # Training-step throughput (images/s per device) of the DoGo engine on device-made synthetic batches.
 bench: $(STAMP)
 	$(DOGO) bench train configs/bench_r18_r50.yaml
+
+# Input pipelines: two-view images/s of the folder, FFCV and DALI backends against the decode-only ceiling and the
+# torchvision DataLoader, on 2,000 photo JPEGs of 500x375 (made once from scikit-image's sample photos).
+PHOTOS := data/photos500
+photos: $(PHOTOS)
+$(PHOTOS): | $(STAMP)
+	$(PY) -m dogo.benchmarks.photos $(PHOTOS) --images 2000
+
+bench-pipeline: $(STAMP) $(PHOTOS)
+	@test -f $(PHOTOS)/train.beton || $(DOGO) convert $(PHOTOS)/train $(PHOTOS)/train.beton --write-mode jpg --jpeg-quality 90
+	$(DOGO) bench pipeline --backend folder --data $(PHOTOS)/train
+	$(DOGO) bench pipeline --backend ffcv --data $(PHOTOS)/train --beton $(PHOTOS)/train.beton
+	$(DOGO) bench pipeline --backend dali --data $(PHOTOS)/train
 
 # An image-folder split to FFCV's .beton, e.g. make convert SRC=/imagenet/train DST=/data/train.beton ARGS="--max-resolution 512"
 SRC ?=

@@ -189,6 +189,26 @@ def cmd_bench_loss(args) -> int:
     return 0
 
 
+def cmd_bench_pipeline(args) -> int:
+    import os
+    from dogo.benchmarks.pipeline import bench_pipeline
+    from dogo.benchmarks.train_step import write
+    from dogo.engine.distributed import pick_device
+    if args.backend == "ffcv" and not args.beton:
+        raise ConfigError("--backend ffcv needs --beton: the --data split converted with `dogo convert`")
+    device = pick_device(args.device)
+    workers = args.workers or os.cpu_count()
+    result = bench_pipeline(args.backend, Path(args.data), args.beton, args.size, args.batch, args.batches,
+                            args.warmup, args.repeats, workers, device, log=lambda m: console.print(m, highlight=False))
+    out = Path(args.json or f"benchmarks/results/pipeline_{args.backend}_{_device_tag(result['environment'])}.json")
+    write(result, out)
+    console.print(f"{args.backend}: {result['backend_two_views']['images_per_s']:.1f} images/s (two views at "
+                  f"{args.size} px) = {result['ratio_to_torchvision']:.2f}x torchvision, "
+                  f"{result['ratio_to_decode_ceiling']:.2f}x the decode-only ceiling; goal met: {result['goal_met']}; "
+                  f"wrote {out}", highlight=False)
+    return 0
+
+
 def cmd_convert(args) -> int:
     try:
         import ffcv  # noqa: F401
@@ -274,6 +294,20 @@ def parser() -> argparse.ArgumentParser:
     bl.add_argument("--max-seconds", type=float, default=60.0, help="... unless they have taken this long already")
     bl.add_argument("--json", help="output file (default: benchmarks/results/loss_<objective>_<device>.json)")
     bl.set_defaults(func=cmd_bench_loss)
+    bp = bsub.add_parser("pipeline", help="two-view images/s of a backend vs the decode-only ceiling and torchvision")
+    bp.add_argument("--backend", choices=["folder", "ffcv", "dali"], required=True)
+    bp.add_argument("--data", default="data/photos500/train",
+                    help="image-folder split (make photos writes 500x375 photo JPEGs to data/photos500)")
+    bp.add_argument("--beton", default="", help="--backend ffcv: the same split as a .beton (dogo convert)")
+    bp.add_argument("--size", type=int, default=224, help="view side, px")
+    bp.add_argument("--batch", type=int, default=64)
+    bp.add_argument("--batches", type=int, default=8, help="timed batches per repeat")
+    bp.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    bp.add_argument("--repeats", type=int, default=3)
+    bp.add_argument("--workers", type=int, default=0, help="decoding processes or threads (0: one per core)")
+    bp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bp.add_argument("--json", help="output file (default: benchmarks/results/pipeline_<backend>_<device>.json)")
+    bp.set_defaults(func=cmd_bench_pipeline)
     return p
 
 

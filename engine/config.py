@@ -24,11 +24,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    backend: Literal["folder", "ffcv", "synthetic"] = "folder"  # where two-view batches come from
+    backend: Literal["folder", "ffcv", "dali", "synthetic"] = "folder"  # where two-view batches come from
     path: str = "data/shapes64"  # root holding one folder per split (ImageNet layout: train/, val/)
     beton: str = ""  # backend ffcv: the training split as a .beton (dogo convert); evaluation still reads `path`
     order: Literal["random", "quasi_random"] = "random"  # ffcv: quasi_random reads the file in shuffled blocks
     os_cache: bool = True  # ffcv: read through the OS page cache (False: FFCV's own process cache)
+    dali_hw_decoder_load: float = 0.65  # dali on a GPU: share of the JPEGs given to the hardware decoder
     train_split: str = "train"
     val_split: str = "val"  # labelled split the kNN monitor queries
     image_size: int = 64  # side of each training view, pixels

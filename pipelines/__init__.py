@@ -28,7 +28,14 @@ def build_loader(data, recipe, *, n_views: int, seed: int, rank: int, world_size
         except ImportError as exc:
             raise DataError(f"data.backend=ffcv needs FFCV ({exc}); install the ffcv extra (make setup)") from None
         return FFCVLoader(data.beton, workers=data.workers, order=data.order, os_cache=data.os_cache, **common)
+    if data.backend == "dali":
+        try:
+            from dogo.pipelines.dali_loader import DALILoader
+        except ImportError as exc:
+            raise DataError(f"data.backend=dali needs DALI ({exc}); install the dali extra (make setup)") from None
+        return DALILoader(Path(data.path) / data.train_split, workers=data.workers,
+                          hw_decoder_load=data.dali_hw_decoder_load, **common)
     if data.backend == "synthetic":
         from dogo.pipelines.synthetic import SyntheticLoader
         return SyntheticLoader(num_images=data.synthetic_images, **common)
-    raise DataError(f"data.backend={data.backend!r} is not available; choose folder, ffcv or synthetic")
+    raise DataError(f"data.backend={data.backend!r} is not available; choose folder, ffcv, dali or synthetic")

@@ -42,8 +42,8 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
 
 
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by `shift` (fraction of a turn, in [-0.5, 0.5]) through HSV, as torchvision does."""
+def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) in [0, 1] -> hue (fraction of a turn), saturation, value, each (N, H, W); as torchvision."""
     r, g, b = x.unbind(dim=1)
     maxc, _ = x.max(dim=1)
     minc, _ = x.min(dim=1)
@@ -57,21 +57,23 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
     hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
     h = ((hr + hg + hb) / 6.0 + 1.0) % 1.0
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    v = maxc
-    # hsv -> rgb
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    mask = i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)  # (N, 6, H, W)
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    a4 = torch.stack((a1, a2, a3), dim=1)  # (N, 3, 6, H, W)
-    return (a4 * mask.unsqueeze(1)).sum(dim=2)
+    return h, s, maxc
+
+
+def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Channel n in (R, G, B) = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6, n = 5, 3, 1: the same
+    piecewise-linear function of hue as torchvision's six-sector table, without building the table."""
+    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    k = (n + 6.0 * h.unsqueeze(1)) % 6.0
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    vs = (v * s).unsqueeze(1)
+    return (v.unsqueeze(1) - vs * ramp).clamp_(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by `shift` (fraction of a turn, in [-0.5, 0.5]) through HSV, as torchvision does."""
+    h, s, v = rgb_to_hsv(x)
+    return hsv_to_rgb((h + shift.view(-1, 1, 1)) % 1.0, s, v)
 
 
 def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -143,28 +145,49 @@ def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return torch.where(mask.view(-1, 1, 1, 1), a, b)
 
 
+def _apply_where(mask: torch.Tensor, fn, x: torch.Tensor, *per_image: torch.Tensor) -> torch.Tensor:
+    """fn(x[i], per_image[i]...) for the images where mask is true, x elsewhere.
+
+    On a GPU fn runs on the whole batch and the result is selected by mask: no data-dependent shapes, so no host
+    synchronisation. On a CPU only the chosen images are computed: there the work, not the synchronisation, is
+    what costs.
+    """
+    if x.device.type != "cpu":
+        return _select(mask, fn(x, *per_image), x)
+    idx = mask.nonzero().squeeze(1)
+    return x.index_copy(0, idx, fn(x.index_select(0, idx), *(v.index_select(0, idx) for v in per_image)))
+
+
+def _jitter_slot(x: torch.Tensor, p: ViewParams, op: torch.Tensor) -> torch.Tensor:
+    """One slot of the jitter: image i applies operation op[i] (0 brightness, 1 contrast, 2 saturation, 3 hue).
+
+    Brightness, contrast and saturation are all torchvision's blend clamp(f x + (1 - f) t) with t = 0, the image's
+    mean grey or its grey, so one blend with per-image f and t serves every image of the slot; hue goes through
+    _apply_where.
+    """
+    on = p.jitter
+    f = torch.where(op == 0, p.brightness, torch.where(op == 1, p.contrast, p.saturation))
+    f = torch.where(on & (op < 3), f, torch.ones_like(f)).view(-1, 1, 1, 1)
+    g = grayscale(x)
+    target = torch.where((op == 1).view(-1, 1, 1, 1), g.mean(dim=(1, 2, 3), keepdim=True),
+                         torch.where((op == 2).view(-1, 1, 1, 1), g, torch.zeros_like(g)))
+    out = (f * x + (1 - f) * target).clamp_(0, 1)  # f = 1, t = 0 leaves the hue images as they are
+    hue = on & (op == 3)
+    return _apply_where(hue, lambda im, shift: adjust_hue(im, shift), out, p.hue)
+
+
 def apply_params(x: torch.Tensor, p: ViewParams, recipe, blur_size: int) -> torch.Tensor:
     """Float images in [0, 1], (N, 3, H, W) -> augmented, still in [0, 1]. No host synchronisation."""
-    x = _select(p.flip, x.flip(-1), x)
+    x = _apply_where(p.flip, lambda im: im.flip(-1), x)
     if recipe.jitter_p > 0:
-        ops = (
-            (adjust_brightness, p.brightness),
-            (adjust_contrast, p.contrast),
-            (adjust_saturation, p.saturation),
-            (adjust_hue, p.hue),
-        )
-        # Each image applies its four operations in its own order: at slot j every image whose j-th operation is
-        # op k takes op k's result. Selecting by mask keeps the batch whole (no data-dependent shapes, no sync).
-        for slot in range(4):
-            for k, (op, value) in enumerate(ops):
-                chosen = p.jitter & (p.order[:, slot] == k)
-                x = _select(chosen, op(x, value), x)
+        for slot in range(4):  # each image applies its four operations in its own order
+            x = _jitter_slot(x, p, p.order[:, slot])
     if recipe.grayscale_p > 0:
-        x = _select(p.gray, grayscale(x).expand_as(x), x)
+        x = _apply_where(p.gray, lambda im: grayscale(im).expand_as(im), x)
     if recipe.blur_p > 0:
-        x = _select(p.blur, gaussian_blur(x, p.sigma, blur_size), x)
+        x = _apply_where(p.blur, lambda im, sigma: gaussian_blur(im, sigma, blur_size), x, p.sigma)
     if recipe.solarize_p > 0:
-        x = _select(p.solarize, torch.where(x >= 0.5, 1 - x, x), x)
+        x = _apply_where(p.solarize, lambda im: torch.where(im >= 0.5, 1 - im, im), x)
     return x
 
 

@@ -1,0 +1,159 @@
+"""Two-view input pipeline throughput: a backend against the decode-only ceiling and the torchvision DataLoader,
+all measured in one run on the same cores.
+
+- backend: dogo's loader (folder, ffcv or dali) making two views of the full recipe at `size` px, on the device,
+  in the training dtype: images/s, where every image yields two views.
+- decode_only_ceiling: every image decoded once at full size (PIL, which bundles libjpeg-turbo) by `workers`
+  processes and nothing else: no loader can make views faster than it decodes.
+- torchvision: a DataLoader with `workers` processes, each image decoded once and the full recipe applied twice
+  per image with torchvision.transforms.v2, as SimCLR-style code does.
+- with ffcv: also the one-view rate, which says what decoding each image once per view costs.
+
+Each figure is the median of `repeats` timed passes of `batches` batches after untimed warm-up batches; the files
+are read once before timing so that all three read from the page cache.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dogo.benchmarks.train_step import environment
+from dogo.engine.config import AugmentConfig, DataConfig
+from dogo.pipelines import build_loader
+from dogo.pipelines.folder import load_rgb, scan
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(make_iter, batch: int, batches: int, warmup: int, repeats: int, device: torch.device) -> dict:
+    rates = []
+    for _ in range(repeats):
+        it = make_iter()
+        for _ in range(warmup):
+            next(it)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        _sync(device)
+        rates.append(batch * batches / (time.perf_counter() - t0))
+        del it
+    return {"images_per_s": statistics.median(rates), "repeats": rates}
+
+
+def _decode(path: str) -> int:
+    return load_rgb(path).width
+
+
+def decode_ceiling(paths: list[str], workers: int, repeats: int) -> dict:
+    rates = []
+    with mp.get_context("fork").Pool(workers) as pool:
+        list(pool.imap_unordered(_decode, paths[:64], chunksize=8))  # start the workers
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in pool.imap_unordered(_decode, paths, chunksize=16):
+                pass
+            rates.append(len(paths) / (time.perf_counter() - t0))
+    return {"images_per_s": statistics.median(rates), "repeats": rates}
+
+
+class _TwoViewFolder(torch.utils.data.Dataset):
+    """ImageFolder-style: decode once, apply the torchvision recipe twice."""
+
+    def __init__(self, paths: list[str], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        img = load_rgb(self.paths[i])
+        return self.transform(img), self.transform(img)
+
+
+def torchvision_recipe(r: AugmentConfig, size: int):
+    from torchvision.transforms import v2
+    k = max(3, int(round(r.blur_kernel_fraction * size)))
+    k += 1 - k % 2
+    ops = [v2.RandomResizedCrop(size, scale=tuple(r.crop_scale), ratio=tuple(r.crop_ratio), antialias=True),
+           v2.RandomHorizontalFlip(r.flip_p),
+           v2.RandomApply([v2.ColorJitter(r.brightness, r.contrast, r.saturation, r.hue)], p=r.jitter_p),
+           v2.RandomGrayscale(r.grayscale_p)]
+    if r.blur_p > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=tuple(r.blur_sigma))], p=r.blur_p))
+    if r.solarize_p > 0:
+        ops.append(v2.RandomSolarize(128, p=r.solarize_p))
+    ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(r.mean), list(r.std))]
+    return v2.Compose(ops)
+
+
+def _torchvision_iter(paths, recipe, size, batch, workers, seed):
+    def make():
+        g = torch.Generator().manual_seed(seed)
+        loader = torch.utils.data.DataLoader(_TwoViewFolder(paths, torchvision_recipe(recipe, size)),
+                                             batch_size=batch, shuffle=True, generator=g, num_workers=workers,
+                                             drop_last=True, prefetch_factor=4, persistent_workers=False)
+        return iter(loader)
+    return make
+
+
+def _backend_iter(backend: str, root: Path, beton: str, recipe, size, batch, workers, n_views, device, dtype):
+    data = DataConfig(backend=backend, path=str(root.parent), train_split=root.name, beton=beton,
+                      image_size=size, batch_size=batch, workers=workers)
+
+    def make():
+        loader = build_loader(data, recipe, n_views=n_views, seed=0, rank=0, world_size=1, device=device,
+                              dtype=dtype, channels_last=device.type == "cuda")
+        epoch = 0
+        while True:  # as many epochs as the measurement needs
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+    return make
+
+
+def bench_pipeline(backend: str, root: Path, beton: str, size: int, batch: int, batches: int, warmup: int,
+                   repeats: int, workers: int, device: torch.device, log=print) -> dict:
+    recipe = AugmentConfig()  # the ImageNet recipe: blur p=0.5 at 224 px
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    paths = scan(root).paths
+    for p in paths:  # into the page cache
+        Path(p).read_bytes()
+    result = {"benchmark": "pipeline", "backend": backend, "data": str(root), "images": len(paths),
+              "what": "images per second, each yielding two views of the full recipe at size px",
+              "size": size, "batch": batch, "timed_batches": batches, "warmup_batches": warmup, "workers": workers,
+              "device": str(device), "dtype": str(dtype), "recipe": vars(recipe)}
+    if beton:
+        result["beton"] = beton
+    log("decode-only ceiling ...")
+    result["decode_only_ceiling"] = decode_ceiling(paths, workers, repeats)
+    log(f"  {result['decode_only_ceiling']['images_per_s']:.1f} images/s")
+    log("torchvision DataLoader, v2 transforms per image ...")
+    result["torchvision"] = _rate(_torchvision_iter(paths, recipe, size, batch, workers, 0), batch, batches,
+                                  warmup, repeats, torch.device("cpu"))
+    log(f"  {result['torchvision']['images_per_s']:.1f} images/s")
+    log(f"dogo {backend} backend ...")
+    result["backend_two_views"] = _rate(_backend_iter(backend, root, beton, recipe, size, batch, workers, 2, device,
+                                                      dtype), batch, batches, warmup, repeats, device)
+    log(f"  {result['backend_two_views']['images_per_s']:.1f} images/s")
+    if backend == "ffcv":
+        log("dogo ffcv backend, one view (what the second decode costs) ...")
+        result["backend_one_view"] = _rate(_backend_iter(backend, root, beton, recipe, size, batch, workers, 1,
+                                                         device, dtype), batch, batches, warmup, repeats, device)
+        log(f"  {result['backend_one_view']['images_per_s']:.1f} images/s")
+    rate = result["backend_two_views"]["images_per_s"]
+    result["ratio_to_torchvision"] = rate / result["torchvision"]["images_per_s"]
+    result["ratio_to_decode_ceiling"] = rate / result["decode_only_ceiling"]["images_per_s"]
+    result["goal"] = ">= 10x torchvision and >= 0.5 x the decode-only ceiling"
+    result["goal_met"] = result["ratio_to_torchvision"] >= 10 and result["ratio_to_decode_ceiling"] >= 0.5
+    result["environment"] = environment(device)
+    result["environment"]["cpu_count"] = os.cpu_count()
+    return result

@@ -1,0 +1,223 @@
+"""DALI backend: each JPEG is read and decoded once, and every view of the recipe is drawn from the decoded image.
+
+Decoding runs on the GPU (`device='mixed'`, the hardware JPEG decoder taking `data.dali_hw_decoder_load` of the
+images) or, without one, on the CPU (`device_id=None`: what our machines and CI run). Per view, in DALI:
+RandomResizedCrop, colour jitter with p (factors drawn per image; brightness, contrast around the image's mean grey
+as torchvision does, saturation, hue), grayscale with p, Gaussian blur with a per-image sigma with p, solarisation
+with p, then flip, normalisation and the NCHW layout in one crop_mirror_normalize. Probabilities use DALI's
+conditional execution (an op runs only for the images whose coin says so) or, for the jitter, identity factors.
+The numbers come from the same recipe object (AugmentConfig) as the other backends. Files that cannot be decoded
+are found before DALI sees them (DALI 2.4's CPU decoder can crash on them) and left out, with a report.
+
+Differences from the batched recipe of the other backends, by DALI's ops: the four jitter ops run in one fixed order
+(contrast, brightness, then saturation and hue) rather than a random order per image; pixels are clamped once at
+the end of each op rather than after every jitter step.
+
+Order, sharding and position are ours (base.Shard), as in the other backends: the reader is given this rank's files
+of the epoch, from the resume step, in order, so the epoch length, drop-last and resume behave the same. The
+random draws come from DALI's generator, seeded per (run seed, epoch, start step, rank).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from dogo.pipelines.base import DataError, Shard, TwoViewBatch, check_batch_fits
+from dogo.pipelines.folder import ImageFolderIndex, load_rgb, scan
+
+_READER = "reader"
+_PREFETCH = 2  # batches DALI prepares ahead
+
+
+def _jitter_factor(applied, strength: float):
+    """A factor drawn from [max(0, 1 - s), 1 + s] where `applied` is 1, and 1 (no change) where it is 0."""
+    if strength == 0:
+        return 1.0
+    u = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
+    return 1.0 + applied * (u - 1.0)
+
+
+def _view(images, size: int, r, out_dtype):
+    """One view of the recipe from the decoded images (HWC uint8)."""
+    x = fn.random_resized_crop(images, size=[size, size], random_area=list(r.crop_scale),
+                               random_aspect_ratio=list(r.crop_ratio), num_attempts=10)
+    jitter = fn.cast(fn.random.coin_flip(probability=r.jitter_p), dtype=types.FLOAT)
+    grey = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
+    x = fn.brightness_contrast(x, brightness=_jitter_factor(jitter, r.brightness),
+                               contrast=_jitter_factor(jitter, r.contrast),
+                               contrast_center=fn.reductions.mean(grey))
+    hue = jitter * fn.random.uniform(range=[-r.hue, r.hue]) * 360.0 if r.hue else 0.0  # torchvision's: in turns
+    x = fn.hsv(x, hue=hue, saturation=_jitter_factor(jitter, r.saturation))
+    if fn.random.coin_flip(probability=r.grayscale_p, dtype=types.BOOL):
+        x = fn.hsv(x, saturation=0.0)  # DALI's hsv works in YIQ: Y is ITU-R 601 luma, as torchvision's grayscale
+    if r.blur_p > 0:
+        if fn.random.coin_flip(probability=r.blur_p, dtype=types.BOOL):
+            x = fn.gaussian_blur(x, window_size=_blur_window(size, r.blur_kernel_fraction),
+                                 sigma=fn.random.uniform(range=list(r.blur_sigma)))
+    if r.solarize_p > 0:
+        if fn.random.coin_flip(probability=r.solarize_p, dtype=types.BOOL):
+            x = fn.cast(x, dtype=types.INT16)
+            x = fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
+    return fn.crop_mirror_normalize(x, dtype=out_dtype, output_layout="CHW",
+                                    mean=[255.0 * m for m in r.mean], std=[255.0 * s for s in r.std],
+                                    mirror=fn.random.coin_flip(probability=r.flip_p))
+
+
+def _blur_window(size: int, fraction: float) -> int:
+    k = max(3, int(round(fraction * size)))
+    return k if k % 2 else k + 1
+
+
+@pipeline_def(enable_conditionals=True)
+def _two_views(files: list[str], labels: list[int], n_views: int, size: int, recipe, decoder: str,
+               hw_decoder_load: float, out_dtype):
+    encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=_READER)
+    extra = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
+    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **extra)
+    return (*[_view(images, size, recipe, out_dtype) for _ in range(n_views)], label)
+
+
+def _looks_whole(path: str) -> bool:
+    """A cheap structural check (first and last bytes) that a JPEG or PNG is not empty, foreign or truncated."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64))
+            tail = f.read()
+    except OSError:
+        return False
+    if head.startswith(b"\xff\xd8\xff"):
+        return b"\xff\xd9" in tail  # the end-of-image marker (some writers pad after it)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" in tail
+    return False  # another format: decode it to be sure
+
+
+def _undecodable(paths: list[str], threads: int) -> list[str]:
+    """Files DALI must not see: DALI 2.4's CPU decoder can crash the process (SIGSEGV) on a truncated or foreign
+    file instead of raising. Files that fail the structural check are decoded with PIL; those PIL cannot decode
+    are returned with the reason."""
+    def verdict(path: str) -> str | None:
+        if _looks_whole(path):
+            return None
+        try:
+            load_rgb(path)
+            return None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return f"{path}: {exc}"
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return [v for v in pool.map(verdict, paths, chunksize=256) if v]
+
+
+class DALILoader:
+    """The TwoViewLoader protocol over an image folder, with DALI doing all the image work."""
+
+    def __init__(self, root: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, workers: int,
+                 hw_decoder_load: float, seed: int, rank: int, world_size: int, device: torch.device,
+                 dtype: torch.dtype, channels_last: bool):
+        index = scan(root)
+        # Undecodable files are left out (and reported), as the other backends skip them.
+        self.skipped = _undecodable(index.paths, 4 * max(1, workers))
+        if self.skipped:
+            bad = {entry.rsplit(": ", 1)[0] for entry in self.skipped}
+            keep = [i for i, p in enumerate(index.paths) if p not in bad]
+            index = ImageFolderIndex(index.root, index.classes, [index.paths[i] for i in keep], index.labels[keep])
+        self.index = index
+        self._report = list(self.skipped)  # put on the first batch, so that the run logs them
+        check_batch_fits(len(self.index), global_batch, str(root))
+        self.shard = Shard(len(self.index), global_batch, rank, world_size, seed)
+        self.steps_per_epoch = self.shard.steps_per_epoch
+        self.images_per_epoch = self.steps_per_epoch * global_batch
+        self.n_views, self.image_size, self.recipe, self.seed = n_views, image_size, recipe, seed
+        self.workers, self.hw_decoder_load = max(1, workers), hw_decoder_load
+        self.device, self.dtype = device, dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._epoch, self._start = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self._epoch, self._start = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self._start
+
+    def _pipeline(self):
+        rows = self.shard.epoch_indices(self._epoch, self._start)
+        gpu = self.device.type == "cuda"
+        seed = int(np.random.SeedSequence([self.seed, self._epoch, self._start, self.shard.rank])
+                   .generate_state(1)[0] & 0x7FFFFFFF)
+        pipe = _two_views(files=[self.index.paths[i] for i in rows], labels=[int(self.index.labels[i]) for i in rows],
+                          n_views=self.n_views, size=self.image_size, recipe=self.recipe,
+                          decoder="mixed" if gpu else "cpu", hw_decoder_load=self.hw_decoder_load,
+                          out_dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
+                          batch_size=self.shard.local_batch, num_threads=self.workers,
+                          device_id=(self.device.index or 0) if gpu else None, seed=seed,
+                          prefetch_queue_depth=_PREFETCH)
+        try:
+            pipe.build()
+        except RuntimeError as exc:
+            raise DataError(f"DALI could not build its pipeline: {_first_line(exc)}") from None
+        return pipe
+
+    def __iter__(self) -> Iterator[TwoViewBatch]:
+        if len(self) == 0:
+            return
+        names = [f"view{v}" for v in range(self.n_views)] + ["label"]
+        step = self._start
+        try:
+            # the iterator starts the pipeline (and its prefetching) as it is made
+            it = DALIGenericIterator(self._pipeline(), names, reader_name=_READER,
+                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            for batch, in it:
+                views = [batch[f"view{v}"].to(self.device, self.dtype, non_blocking=True)
+                         .contiguous(memory_format=self.memory_format) for v in range(self.n_views)]
+                yield TwoViewBatch(views, batch["label"].reshape(-1).to(self.device, torch.int64), self._report)
+                self._report = []
+                step += 1
+        except RuntimeError as exc:
+            raise self._explain(exc, step) from None
+
+    def _explain(self, exc: RuntimeError, step: int) -> DataError:
+        """A DataError naming the undecodable file(s) or the setting to change.
+
+        DALI's decoder error does not name the sample, and a failed pipeline cannot go on, so the files of the
+        batches it may have been working on (this one and the prefetched ones) are checked with PIL.
+        """
+        text = str(exc)
+        if "out of memory" in text.lower():
+            return DataError("DALI ran out of device memory: lower data.batch_size or data.dali_hw_decoder_load, "
+                             f"or data.workers. DALI said: {_first_line(exc)}")
+        if "decoders.image" not in text:
+            return DataError(f"DALI failed at step {step} of epoch {self._epoch}: {_first_line(exc)}")
+        bad = []
+        for s in range(step, min(step + _PREFETCH + 1, self.steps_per_epoch)):
+            for i in self.shard.indices(self._epoch, s):
+                path = self.index.paths[i]
+                try:
+                    load_rgb(path)
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                    bad.append(f"{path} ({err})")
+        if bad:
+            return DataError(f"DALI could not decode {len(bad)} file(s) of epoch {self._epoch} near step {step}: "
+                             f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Remove or replace them "
+                             f"(the folder and ffcv backends skip such files; `dogo convert` reports them all)")
+        return DataError(f"DALI could not decode an image of epoch {self._epoch} near step {step} that PIL reads; "
+                         f"DALI said: {' '.join(text.split())[:500]}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """DALI's own reason: the line after 'encountered:', else the first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for before, line in zip(lines, lines[1:]):
+        if before.startswith("encountered"):
+            return line
+    return lines[0] if lines else type(exc).__name__

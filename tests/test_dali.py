@@ -1,0 +1,161 @@
+"""The DALI backend in CPU mode (device_id=None): batches, order, sharding and resume as the other backends; the
+recipe's rates and ranges, measured on images whose every change can be seen; bad files; a DoGo run."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from dogo.engine.config import AugmentConfig  # noqa: E402
+from dogo.pipelines.base import Shard  # noqa: E402
+from dogo.pipelines.dali_loader import DALILoader  # noqa: E402
+from tests.conftest import run_cli, tiny_config, write_config  # noqa: E402
+
+CPU = torch.device("cpu")
+OFF = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, flip_p=0.0, crop_scale=(1.0, 1.0),
+           crop_ratio=(1.0, 1.0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # views are the image / 255
+
+
+def _loader(root, recipe, *, batch=50, n_views=1, size=16, rank=0, world=1, seed=0, dtype=torch.float32):
+    return DALILoader(root, image_size=size, global_batch=batch, n_views=n_views, recipe=recipe, workers=2,
+                      hw_decoder_load=0.65, seed=seed, rank=rank, world_size=world, device=CPU, dtype=dtype,
+                      channels_last=False)
+
+
+def _folder(tmp_path, name, pixels: np.ndarray, copies=100, classes=2):
+    """`copies` PNG files of one (H, W, 3) uint8 image, spread over class folders."""
+    root = tmp_path / name
+    for i in range(copies):
+        d = root / f"c{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(d / f"{i:04d}.png")
+    return root
+
+
+def _views(loader, epochs):
+    out = []
+    for e in range(epochs):
+        loader.set_epoch(e)
+        out += [b.views[0] for b in loader]
+    return torch.cat(out) * 255  # back to pixel values (mean 0, std 1 in OFF)
+
+
+def _rate_ok(hits: torch.Tensor, p: float):
+    n = hits.numel()
+    assert abs(hits.float().mean().item() - p) < 4.5 * (p * (1 - p) / n) ** 0.5 + 1e-9, (hits.float().mean(), p)
+
+
+def test_batches_follow_the_shard_and_resume(shapes):
+    root = shapes / "train"
+    recipe = AugmentConfig()
+    loader = _loader(root, recipe, batch=16, n_views=4, size=24)
+    shard = Shard(80, 16, 0, 1, 0)
+    assert len(loader) == loader.steps_per_epoch == 5
+    index = loader.index
+    lo = torch.tensor([(0 - m) / s for m, s in zip(recipe.mean, recipe.std)]).view(1, 3, 1, 1)
+    hi = torch.tensor([(1 - m) / s for m, s in zip(recipe.mean, recipe.std)]).view(1, 3, 1, 1)
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert len(batches) == 5
+    for step, b in enumerate(batches):
+        assert len(b.views) == 4
+        for v in b.views:
+            assert v.shape == (16, 3, 24, 24) and v.dtype == torch.float32 and v.device == CPU
+            assert (v >= lo - 1e-4).all() and (v <= hi + 1e-4).all()
+        assert torch.equal(b.labels, torch.from_numpy(index.labels[shard.indices(1, step)]))
+        assert not torch.equal(b.views[0], b.views[1])  # two different views of each image
+    loader.set_epoch(1, start_step=3)  # resume: the rest of the epoch only
+    rest = list(loader)
+    assert [b.labels.tolist() for b in rest] == [b.labels.tolist() for b in batches[3:]]
+    # two ranks split each global batch as the other backends do
+    for rank in range(2):
+        half = _loader(root, recipe, batch=16, size=24, rank=rank, world=2)
+        half.set_epoch(1)
+        for step, b in enumerate(half):
+            assert torch.equal(b.labels, torch.from_numpy(index.labels[Shard(80, 16, rank, 2, 0).indices(1, step)]))
+    bf16 = _loader(root, recipe, batch=16, size=24, dtype=torch.bfloat16)
+    assert next(iter(bf16)).views[0].dtype == torch.bfloat16
+
+
+def test_flip_and_grayscale_rates(tmp_path):
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[:, :8] = (200, 40, 40)  # red left half, blue right half
+    img[:, 8:] = (40, 40, 200)
+    root = _folder(tmp_path, "halves", img)
+    x = _views(_loader(root, AugmentConfig(**{**OFF, "flip_p": 0.5, "grayscale_p": 0.2})), epochs=10)
+    gray = (x[:, 0] - x[:, 2]).abs().amax(dim=(1, 2)) < 1.5
+    _rate_ok(gray, 0.2)
+    colour = x[~gray]
+    flipped = colour[:, 2, :, :4].mean(dim=(1, 2)) > colour[:, 0, :, :4].mean(dim=(1, 2))  # blue on the left
+    _rate_ok(flipped, 0.5)
+    # a grey output carries the ITU-R 601 luma of the colour, as torchvision's rgb_to_grayscale
+    red, blue = 0.299 * 200 + 0.587 * 40 + 0.114 * 40, 0.299 * 40 + 0.587 * 40 + 0.114 * 200
+    sides = torch.stack([x[gray][:, 0, :, :4].mean(dim=(1, 2)), x[gray][:, 0, :, 12:].mean(dim=(1, 2))], 1)
+    assert ((sides.sort(dim=1).values - torch.tensor([blue, red])).abs() < 2).all()
+
+
+def test_jitter_rate_and_brightness_range(tmp_path):
+    root = _folder(tmp_path, "grey", np.full((16, 16, 3), 100, np.uint8))
+    recipe = AugmentConfig(**{**OFF, "jitter_p": 0.8, "brightness": 0.4, "contrast": 0.0, "saturation": 0.0,
+                              "hue": 0.0})
+    x = _views(_loader(root, recipe), epochs=10)
+    factor = x.mean(dim=(1, 2, 3)) / 100  # uniform grey: brightness is the only visible change
+    changed = (factor - 1).abs() > 0.006
+    _rate_ok(changed, 0.8)
+    f = factor[changed]
+    assert f.min() >= 0.6 - 0.01 and f.max() <= 1.4 + 0.01
+    assert f.min() < 0.7 and f.max() > 1.3  # the whole range is drawn
+    assert abs(f.mean().item() - 1.0) < 0.04  # uniform around 1
+
+
+def test_blur_and_solarize_rates(tmp_path):
+    stripes = np.zeros((32, 32, 3), np.uint8)
+    stripes[:, ::4] = 230  # thin bright lines: any blur with sigma >= 1 dims them
+    root = _folder(tmp_path, "stripes", stripes)
+    recipe = AugmentConfig(**{**OFF, "blur_p": 0.5, "blur_sigma": (1.0, 2.0), "blur_kernel_fraction": 0.2})
+    x = _views(_loader(root, recipe, size=32), epochs=10)
+    peak = x.amax(dim=(1, 2, 3))
+    _rate_ok(peak < 200, 0.5)
+    root = _folder(tmp_path, "bright", np.full((16, 16, 3), 200, np.uint8))
+    x = _views(_loader(root, AugmentConfig(**{**OFF, "solarize_p": 0.3})), epochs=10)
+    value = x.mean(dim=(1, 2, 3))
+    assert set(value.round().unique().tolist()) <= {55.0, 200.0}  # 255 - 200 where solarised
+    _rate_ok(value.round() == 55, 0.3)
+
+
+def test_undecodable_files_are_left_out_and_reported(shapes, tmp_path):
+    """Truncated, foreign and empty files never reach DALI (its CPU decoder can crash on them)."""
+    import shutil
+    root = tmp_path / "train"
+    shutil.copytree(shapes / "train", root)
+    files = sorted((root / "circle").iterdir())
+    files[0].write_bytes(files[0].read_bytes()[:200])  # truncated JPEG
+    files[1].write_bytes(np.random.default_rng(0).bytes(3000))  # not an image
+    files[2].write_bytes(b"")
+    loader = _loader(root, AugmentConfig(), batch=19, size=16)
+    assert len(loader.index) == 77 and loader.steps_per_epoch == 4
+    assert sorted(s.split(": ")[0] for s in loader.skipped) == sorted(str(f) for f in files[:3])
+    batches = list(loader)
+    assert len(batches) == 4 and batches[0].skipped == loader.skipped and not batches[1].skipped
+    assert str(files[3]) in loader.index.paths  # whole files stay
+
+
+def test_dogo_trains_from_the_dali_backend(shapes, tmp_path):
+    cfg = tiny_config(shapes, tmp_path / "runs", data={"backend": "dali", "workers": 2},
+                      schedule={"max_steps": 3})
+    run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
+    lines = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
+    assert '"step": 3' in lines[-2] or '"step": 3' in lines[-1]
+
+
+def test_bench_pipeline_dali(shapes, tmp_path):
+    import json
+    out = tmp_path / "bench.json"
+    run_cli("bench", "pipeline", "--backend", "dali", "--data", str(shapes / "train"), "--size", "24", "--batch", "8",
+            "--batches", "2", "--warmup", "1", "--repeats", "1", "--workers", "1", "--device", "cpu",
+            "--json", str(out))
+    r = json.loads(out.read_text())
+    assert r["backend"] == "dali" and r["backend_two_views"]["images_per_s"] > 0
+    assert r["ratio_to_torchvision"] == pytest.approx(r["backend_two_views"]["images_per_s"]
+                                                      / r["torchvision"]["images_per_s"])
