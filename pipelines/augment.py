@@ -155,6 +155,8 @@ def _apply_where(mask: torch.Tensor, fn, x: torch.Tensor, *per_image: torch.Tens
     if x.device.type != "cpu":
         return _select(mask, fn(x, *per_image), x)
     idx = mask.nonzero().squeeze(1)
+    if idx.numel() == 0:  # some ops (reflect padding) refuse an empty batch
+        return x
     return x.index_copy(0, idx, fn(x.index_select(0, idx), *(v.index_select(0, idx) for v in per_image)))
 
 

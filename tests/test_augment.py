@@ -94,3 +94,18 @@ def test_uint8_output_within_one_grey_level():
         im = TF.horizontal_flip(images[i]) if params.flip[i] else images[i]
         ref = TF.adjust_brightness(im, float(params.brightness[i])).float()
         assert (back[i] - ref).abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("p", [1e-12, 1.0])
+def test_recipe_when_no_image_or_every_image_takes_each_op(p):
+    """On the CPU each op runs on the images that take it only: none (empty selections: the ops are on, but no
+    image draws them) and all must both work."""
+    recipe = AugmentConfig(flip_p=p, jitter_p=p, grayscale_p=p, blur_p=p, solarize_p=p)
+    images = (torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 255).to(torch.uint8)
+    out = A.BatchAugment(recipe, 16, torch.float32, channels_last=False)(images, 3, slice(0, 4), 4)
+    assert out.shape == (4, 3, 16, 16) and torch.isfinite(out).all()
+    if p < 1:  # nothing applied: only the normalisation
+        mean, std = torch.tensor(recipe.mean).view(1, 3, 1, 1), torch.tensor(recipe.std).view(1, 3, 1, 1)
+        torch.testing.assert_close(out, (images.float() / 255 - mean) / std)
+    else:  # grayscale then solarise on every image: three equal channels
+        torch.testing.assert_close(out[:, 0] * 0.229 + 0.485, out[:, 1] * 0.224 + 0.456)
