@@ -112,9 +112,9 @@ def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective, p
     """Total loss to backpropagate and its named terms (detached), for every peer.
 
     outputs: peer name -> (z1, z2) raw head outputs of this rank's images, (b, d) each; a SimSiam peer adds its
-    predictions (p1, p2). objective: ObjectiveConfig; peers: name -> PeerConfig (ssl, tau, kl_weight), resolved.
-    targets: what the parts without gradient computed for this step (`aux.Targets`): MoCo keys and queues, the
-    DisCo teacher's embeddings.
+    predictions (p1, p2). objective: ObjectiveConfig; peers: name -> PeerConfig (ssl, tau, kl_weight).
+    targets: what the parts without gradient computed for this step (dogo.engine.targets.Targets): MoCo keys and
+    queues, the DisCo teacher's embeddings.
 
     Each peer's own SSL loss: simclr NT-Xent, mocov2 InfoNCE against its queue, simsiam negative cosine.
     dogo (2 peers): each adds kl_weight * KL(P_peer || P_self). disco: each student adds distill_weight times

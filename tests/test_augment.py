@@ -109,3 +109,27 @@ def test_recipe_when_no_image_or_every_image_takes_each_op(p):
         torch.testing.assert_close(out, (images.float() / 255 - mean) / std)
     else:  # grayscale then solarise on every image: three equal channels
         torch.testing.assert_close(out[:, 0] * 0.229 + 0.485, out[:, 1] * 0.224 + 0.456)
+
+
+def test_drawn_parameters_follow_the_recipe_over_thousands_of_images():
+    """Rates and ranges of the per-image draws, within 4.5 standard errors over 4,000 images."""
+    recipe = AugmentConfig(solarize_p=0.1)
+    n = 4000
+    p = A.draw_params(recipe, n, torch.Generator().manual_seed(123), torch.device("cpu"))
+    for mask, rate in ((p.flip, recipe.flip_p), (p.jitter, recipe.jitter_p), (p.gray, recipe.grayscale_p),
+                       (p.blur, recipe.blur_p), (p.solarize, recipe.solarize_p)):
+        assert abs(mask.float().mean().item() - rate) < 4.5 * (rate * (1 - rate) / n) ** 0.5
+    for factor, strength in ((p.brightness, recipe.brightness), (p.contrast, recipe.contrast),
+                             (p.saturation, recipe.saturation)):
+        lo, hi = 1 - strength, 1 + strength
+        assert factor.min() >= lo and factor.max() <= hi
+        assert factor.min() < lo + 0.01 and factor.max() > hi - 0.01  # the whole range is drawn
+        assert abs(factor.mean().item() - 1) < 4.5 * (2 * strength) / (12 * n) ** 0.5  # uniform: sd = width/sqrt(12)
+    assert p.hue.min() >= -recipe.hue and p.hue.max() <= recipe.hue and p.hue.abs().max() > 0.99 * recipe.hue
+    lo, hi = recipe.blur_sigma
+    assert p.sigma.min() >= lo and p.sigma.max() <= hi
+    # every image's jitter order is a permutation, each op equally likely at each slot
+    assert (p.order.sort(dim=1).values == torch.arange(4)).all()
+    for slot in range(4):
+        share = torch.bincount(p.order[:, slot], minlength=4).float() / n
+        assert (share - 0.25).abs().max() < 4.5 * (0.25 * 0.75 / n) ** 0.5
