@@ -103,9 +103,14 @@ def test_bad_teacher_is_a_clear_error(teacher_run, exported, teacher, message):
 
 
 def test_embedding_size_mismatch_is_a_config_error(shapes, teacher_run, tmp_path):
+    from dogo.engine.config import ConfigError
+    from dogo.engine.targets import TargetMakers
+    from dogo.engine.train import build_peers
     cfg = _disco_config(shapes, tmp_path / "runs", checkpoint=str(teacher_run), peer="a")
-    proc = run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)), "peers.s.head_out=8", check=False)
-    assert proc.returncode == 2 and "peers.s.head_out=16" in " ".join(proc.stdout.split())
+    cfg["peers"]["s"] = {**STUDENT["s"], "head_out": 8}
+    cfg = config_mod.from_dict(cfg)
+    with pytest.raises(ConfigError, match=r"peers\.s\.head_out=8 but the teacher .* set peers\.s\.head_out=16"):
+        TargetMakers(cfg, build_peers(cfg).peers)
 
 
 def test_mixed_objective_dogo_under_two_gloo_ranks(shapes, tmp_path):
