@@ -103,18 +103,18 @@ def _looks_whole(path: str) -> bool:
     return False  # another format: decode it to be sure
 
 
-def _undecodable(paths: list[str], threads: int) -> list[str]:
+def _undecodable(paths: list[str], threads: int) -> list[tuple[str, str]]:
     """Files DALI must not see: DALI 2.4's CPU decoder can crash the process (SIGSEGV) on a truncated or foreign
     file instead of raising. Files that fail the structural check are decoded with PIL; those PIL cannot decode
     are returned with the reason."""
-    def verdict(path: str) -> str | None:
+    def verdict(path: str) -> tuple[str, str] | None:
         if _looks_whole(path):
             return None
         try:
             load_rgb(path)
             return None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return f"{path}: {exc}"
+            return path, str(exc)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         return [v for v in pool.map(verdict, paths, chunksize=256) if v]
 
@@ -127,9 +127,9 @@ class DALILoader:
                  dtype: torch.dtype, channels_last: bool):
         index = scan(root)
         # Undecodable files are left out (and reported), as the other backends skip them.
-        self.skipped = _undecodable(index.paths, 4 * max(1, workers))
-        if self.skipped:
-            bad = {entry.rsplit(": ", 1)[0] for entry in self.skipped}
+        bad = dict(_undecodable(index.paths, 4 * max(1, workers)))
+        self.skipped = [f"{path}: {reason}" for path, reason in bad.items()]
+        if bad:
             keep = [i for i, p in enumerate(index.paths) if p not in bad]
             index = ImageFolderIndex(index.root, index.classes, [index.paths[i] for i in keep], index.labels[keep])
         self.index = index
