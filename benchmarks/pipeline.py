@@ -22,15 +22,10 @@ from pathlib import Path
 
 import torch
 
-from dogo.benchmarks.train_step import environment
+from dogo.benchmarks.train_step import environment, sync
 from dogo.engine.config import AugmentConfig, DataConfig
 from dogo.pipelines import build_loader
 from dogo.pipelines.folder import load_rgb, scan
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rate(make_iter, batch: int, batches: int, warmup: int, repeats: int, device: torch.device) -> dict:
@@ -39,11 +34,11 @@ def _rate(make_iter, batch: int, batches: int, warmup: int, repeats: int, device
         it = make_iter()
         for _ in range(warmup):
             next(it)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(batches):
             next(it)
-        _sync(device)
+        sync(device)
         rates.append(batch * batches / (time.perf_counter() - t0))
         del it
     return {"images_per_s": statistics.median(rates), "repeats": rates}
@@ -105,19 +100,21 @@ def _torchvision_iter(paths, recipe, size, batch, workers, seed):
     return make
 
 
+def _epochs(loader, batches_of):
+    """batches_of(loader) over as many epochs as the measurement needs."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from batches_of(loader)
+        epoch += 1
+
+
 def _backend_iter(backend: str, root: Path, beton: str, recipe, size, batch, workers, n_views, device, dtype):
     data = DataConfig(backend=backend, path=str(root.parent), train_split=root.name, beton=beton,
                       image_size=size, batch_size=batch, workers=workers)
 
-    def make():
-        loader = build_loader(data, recipe, n_views=n_views, seed=0, rank=0, world_size=1, device=device,
-                              dtype=dtype, channels_last=device.type == "cuda")
-        epoch = 0
-        while True:  # as many epochs as the measurement needs
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-    return make
+    return lambda: _epochs(build_loader(data, recipe, n_views=n_views, seed=0, rank=0, world_size=1,
+                                        device=device, dtype=dtype, channels_last=device.type == "cuda"), iter)
 
 
 def _ffcv_crops_iter(root: Path, beton: str, recipe, size, batch, workers, n_views, device):
@@ -127,11 +124,7 @@ def _ffcv_crops_iter(root: Path, beton: str, recipe, size, batch, workers, n_vie
         loader = FFCVLoader(beton, image_size=size, global_batch=batch, n_views=n_views, recipe=recipe,
                             workers=workers, order="random", os_cache=True, seed=0, rank=0, world_size=1,
                             device=device, dtype=torch.float32, channels_last=False)
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader.uint8_batches()
-            epoch += 1
+        return _epochs(loader, lambda l: l.uint8_batches())
     return make
 
 

@@ -18,7 +18,7 @@ from dogo.engine.config import Config, to_dict
 from dogo.engine.io import atomic_write_text
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -37,11 +37,11 @@ def environment(device: torch.device) -> dict:
 def _timed(fn, steps: int, repeats: int, device: torch.device, images_per_step: int) -> dict:
     rates = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             fn()
-        _sync(device)
+        sync(device)
         rates.append(steps * images_per_step / (time.perf_counter() - t0))
     return {"images_per_s_median": statistics.median(rates), "images_per_s_min": min(rates),
             "images_per_s_max": max(rates), "repeats": rates}

@@ -314,6 +314,11 @@ def ssl_of(objective: str, peer: PeerConfig) -> str:
     return peer.ssl or (objective if objective in SSL_METHODS else "simclr")
 
 
+def tau_of(objective: str, peer: PeerConfig) -> float | None:
+    """A peer's temperature: its `tau` key, else its SSL loss's default (None for simsiam, which has none)."""
+    return peer.tau if peer.tau is not None else DEFAULT_TAU.get(ssl_of(objective, peer))
+
+
 def resolve(cfg: Config) -> None:
     """Fill the defaults that depend on other keys, so that the written config says what ran."""
     single = cfg.objective.name if cfg.objective.name in SSL_METHODS else None
@@ -322,8 +327,7 @@ def resolve(cfg: Config) -> None:
             raise ConfigError(f"peers.{name}.ssl={peer.ssl} conflicts with objective.name={single}; "
                               f"peers with their own SSL losses train together under objective.name=dogo")
         peer.ssl = ssl_of(cfg.objective.name, peer)
-        if peer.tau is None and peer.ssl in DEFAULT_TAU:
-            peer.tau = DEFAULT_TAU[peer.ssl]
+        peer.tau = tau_of(cfg.objective.name, peer)
 
 
 def check(cfg: Config) -> None:

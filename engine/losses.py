@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from dogo.engine.config import DEFAULT_TAU, ssl_of
+from dogo.engine.config import ssl_of, tau_of
 from dogo.engine.contrastive import contrastive_terms
 from dogo.engine.distributed import gather_no_grad, gather_with_grad, rank
 
@@ -123,7 +123,7 @@ def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective, p
     names = list(outputs)
     dogo = objective.name == "dogo"
     ssl = {name: ssl_of(objective.name, peers[name]) for name in names}
-    tau = {name: peers[name].tau or DEFAULT_TAU.get(ssl[name]) for name in names}
+    tau = {name: tau_of(objective.name, peers[name]) for name in names}
     terms: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=outputs[names[0]][0].device)
 

@@ -128,8 +128,8 @@ class TargetMakers(nn.Module):
     def after_step(self, peers: nn.ModuleDict, targets: Targets, step: int, total_steps: int) -> None:
         """Enqueue every rank's keys of both views, then move each key encoder towards its updated peer."""
         for name, enc in self.key_encoders.items():
-            k1, k2 = targets.keys[name]
-            enc.enqueue(torch.cat([gather_no_grad(k1), gather_no_grad(k2)]))
+            both = gather_no_grad(torch.cat(targets.keys[name], dim=1))  # one collective for both views
+            enc.enqueue(torch.cat(both.chunk(2, dim=1)))  # every rank's view-1 keys, then their view-2 keys
             p = self.cfg.peers[name]
             enc.follow(peers[name], momentum_at(p.momentum, p.momentum_schedule, step, total_steps))
 
@@ -137,10 +137,10 @@ class TargetMakers(nn.Module):
         """What a resume needs: key encoders and queues; the teacher only as a fingerprint (it is read from its
         source again)."""
         return {"key_encoders": self.key_encoders.state_dict(),
-                "teacher_sha256": self.teacher.fingerprint() if self.teacher is not None else None}
+                "teacher_sha256": self.teacher.sha256 if self.teacher is not None else None}
 
     def load_checkpoint_state(self, state: dict, path) -> None:
         self.key_encoders.load_state_dict(state["key_encoders"])
-        if self.teacher is not None and state["teacher_sha256"] != self.teacher.fingerprint():
+        if self.teacher is not None and state["teacher_sha256"] != self.teacher.sha256:
             raise CheckpointError(f"the teacher ({self.teacher.source}) is not the one {path} was trained with: its "
                              f"weights have changed; point teacher.* at the original, or start a new run")

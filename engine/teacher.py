@@ -26,6 +26,7 @@ class FrozenTeacher(nn.Module):
         self.peer = peer.requires_grad_(False).eval()
         self.source = source
         self.embedding_dim = peer.head[3].out_features
+        self.sha256 = state_fingerprint(peer.state_dict())  # once: the weights never change
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)  # BatchNorm keeps its running statistics: the teacher never changes
@@ -34,9 +35,6 @@ class FrozenTeacher(nn.Module):
         with torch.inference_mode():
             z = self.peer(images)
         return z.clone()  # a normal tensor again: autograd may use it (as a constant) in the loss
-
-    def fingerprint(self) -> str:
-        return state_fingerprint(self.peer.state_dict())
 
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:

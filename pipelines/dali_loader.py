@@ -26,12 +26,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from dogo.pipelines.base import DataError, Shard, TwoViewBatch, check_batch_fits
-from dogo.pipelines.folder import ImageFolderIndex, load_rgb, scan
+from dogo.pipelines.folder import DECODE_ERRORS, ImageFolderIndex, load_rgb, scan
 
 _READER = "reader"
 _PREFETCH = 2  # batches DALI prepares ahead
@@ -108,15 +107,19 @@ def _undecodable(paths: list[str], threads: int) -> list[tuple[str, str]]:
     file instead of raising. Files that fail the structural check are decoded with PIL; those PIL cannot decode
     are returned with the reason."""
     def verdict(path: str) -> tuple[str, str] | None:
-        if _looks_whole(path):
-            return None
-        try:
-            load_rgb(path)
-            return None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return path, str(exc)
+        reason = None if _looks_whole(path) else _decode_error(path)
+        return (path, reason) if reason else None
     with ThreadPoolExecutor(max(1, threads)) as pool:
         return [v for v in pool.map(verdict, paths, chunksize=256) if v]
+
+
+def _decode_error(path: str) -> str | None:
+    """Why PIL cannot decode the file, or None."""
+    try:
+        load_rgb(path)
+        return None
+    except DECODE_ERRORS as exc:
+        return str(exc)
 
 
 class DALILoader:
@@ -202,10 +205,9 @@ class DALILoader:
         for s in range(step, min(step + _PREFETCH + 1, self.steps_per_epoch)):
             for i in self.shard.indices(self._epoch, s):
                 path = self.index.paths[i]
-                try:
-                    load_rgb(path)
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                    bad.append(f"{path} ({err})")
+                reason = _decode_error(path)
+                if reason:
+                    bad.append(f"{path} ({reason})")
         if bad:
             return DataError(f"DALI could not decode {len(bad)} file(s) of epoch {self._epoch} near step {step}: "
                              f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Remove or replace them "

@@ -24,6 +24,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 EXPECTED_LAYOUT = """expected the image-folder layout (as torchvision's ImageFolder and ImageNet):
   ROOT/train/<class_name>/<image>.jpg
   ROOT/val/<class_name>/<image>.jpg"""
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
 _MAX_REPLACEMENTS = 16  # undecodable files in a row before the loader gives up on a batch row
 
 
@@ -118,7 +119,7 @@ class TwoViewCrops(torch.utils.data.Dataset):
             j = (i + attempt) % len(self.index)
             try:
                 img = load_rgb(self.index.paths[j])
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            except DECODE_ERRORS as exc:
                 skipped.append(f"{self.index.paths[j]}: {exc}")
                 continue
             rng = np.random.default_rng([self.seed, epoch, int(i)])
@@ -208,7 +209,7 @@ class EvalImages(torch.utils.data.Dataset):
         j = int(self.positions[k])
         try:
             img = load_rgb(self.index.paths[j])
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except DECODE_ERRORS:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1  # label -1: left out of the metric
         scale = self.resize / min(img.width, img.height)
         w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
