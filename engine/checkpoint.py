@@ -43,6 +43,23 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def set_aside(run_dir: Path, stamp: str) -> Path | None:
+    """Move a previous run's checkpoints into checkpoints/previous_STAMP/ before a fresh start in the same folder.
+
+    Left in place they would be taken for this run's: `latest` (resume, eval, export) would pick a higher-step
+    checkpoint of the earlier run, and `save` would prune this run's lower-step files in their favour."""
+    found = all_checkpoints(run_dir)
+    if not found:
+        return None
+    aside, n = folder(run_dir) / f"previous_{stamp}", 1
+    while aside.exists():  # two fresh starts within a second
+        aside, n = folder(run_dir) / f"previous_{stamp}_{n}", n + 1
+    aside.mkdir()
+    for path in found:
+        path.rename(aside / path.name)
+    return aside
+
+
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

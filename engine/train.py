@@ -218,12 +218,19 @@ class Trainer:
             log.close()
 
     def _open_run(self) -> MetricsLogger:
+        aside = None
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_mod.dump(self.cfg, self.run_dir / "config.yaml")
+            if self.cfg.checkpoint.resume == "none":
+                aside = checkpoint.set_aside(self.run_dir, time.strftime("%Y%m%d_%H%M%S"))
+        distributed.barrier()
         resumed = self.resume()
         log = MetricsLogger(self.run_dir, self.ctx.is_main, self.total_steps, self.pos.step,
                             self.cfg.data.batch_size, self.ctx.world_size, self.cfg.log.progress)
+        if aside:
+            log.event("checkpoints_set_aside", f"a fresh start: the earlier checkpoints in this run folder moved to "
+                      f"{aside}", path=str(aside))
         if resumed:
             log.event("resume", f"resumed from {resumed} at step {self.pos.step}", path=str(resumed),
                       step=self.pos.step)

@@ -156,3 +156,25 @@ def test_eval_commands_print_knn_table_and_linear_probe(shapes, tmp_path):
     events = [json.loads(l) for l in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
     knn_events = [e for e in events if e.get("event") == "knn"]
     assert knn_events and set(knn_events[-1]["top1"]) == {"a", "b"}
+
+
+def test_fresh_start_sets_earlier_checkpoints_aside(shapes, tmp_path):
+    # A longer earlier run in the same folder must not stand in for this run's checkpoints (eval, export and
+    # resume take the highest step) nor make `keep` prune this run's files.
+    from dogo.engine.config import from_dict
+    from dogo.engine.train import train
+    cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 4}, checkpoint={"every_steps": 1, "keep": 2})
+    train(from_dict(cfg))
+    run_dir = tmp_path / "runs" / "t"
+    earlier = {p.name: p.read_bytes() for p in checkpoint.all_checkpoints(run_dir)}
+    assert sorted(earlier) == ["step_000000003.pt", "step_000000004.pt"]
+    cfg["schedule"]["max_steps"] = 2
+    cfg["checkpoint"]["resume"] = "none"
+    train(from_dict(cfg))
+    assert [p.name for p in checkpoint.all_checkpoints(run_dir)] == ["step_000000001.pt", "step_000000002.pt"]
+    assert checkpoint.load(checkpoint.latest(run_dir))["position"]["step"] == 2
+    (aside,) = [p for p in checkpoint.folder(run_dir).iterdir() if p.is_dir()]
+    assert aside.name.startswith("previous_")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == earlier
+    events = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "checkpoints_set_aside" for e in events)
