@@ -29,6 +29,8 @@ class DataConfig:
     beton: str = ""  # backend ffcv: the training split as a .beton (dogo convert); evaluation still reads `path`
     order: Literal["random", "quasi_random"] = "random"  # ffcv: quasi_random reads the file in shuffled blocks
     os_cache: bool = True  # ffcv: read through the OS page cache (False: FFCV's own process cache)
+    ffcv_image_field: str = "image"  # ffcv: the .beton's RGB image field (stock FFCV scripts may write e.g. 'img')
+    ffcv_label_field: str = "label"  # ffcv: its integer label field (e.g. 'target')
     dali_hw_decoder_load: float = 0.65  # dali on a GPU: share of the JPEGs given to the hardware decoder
     train_split: str = "train"
     val_split: str = "val"  # labelled split the kNN monitor queries
@@ -76,7 +78,10 @@ class PeerConfig:
     pred_hidden: int = 512  # simsiam: hidden width of the predictor (SimSiam's bottleneck)
     momentum: float = 0.999  # mocov2: key encoder EMA momentum (at the start, with the cosine schedule)
     momentum_schedule: Literal["constant", "cosine"] = "constant"  # cosine: from `momentum` to 1 over the run
-    queue_size: int = 65536  # mocov2: negatives kept (all ranks' keys of both views are enqueued each step)
+    queue_size: int = 65536  # mocov2: negatives kept; starts as random unit keys (seeded), as MoCo's does
+    # mocov2: false is MoCo v2's own loss (view-1 queries against view-2 keys; every rank's view-2 keys enqueued).
+    # true averages both directions and enqueues both views' keys (the queue turns over twice as fast).
+    moco_symmetric: bool = False
     lr: Optional[float] = None  # per 256 images; None takes optim.lr
     weight_decay: Optional[float] = None  # None takes optim.weight_decay
 
@@ -87,7 +92,10 @@ class ObjectiveConfig:
     # SSL loss (peers.X.ssl) plus the KL to the other. disco: students distilled from a frozen `teacher`.
     name: Literal["simclr", "mocov2", "simsiam", "dogo", "disco"] = "dogo"
     tau_kl: float = 0.1  # temperature of the cross-view similarity softmax in the DoGo KL term
-    distill_weight: float = 1.0  # disco: weight of each view's squared distance to the teacher's embedding
+    # disco: weight of the squared distance to the teacher's embedding, summed over both views, the dimensions and
+    # this rank's images: DisCo's MSELoss(reduction='sum') per GPU, weight 1 (its 256 images on 8 GPUs: 32 per
+    # GPU). The pull therefore grows with the per-rank batch b: to keep DisCo's strength at b, use 32 / b.
+    distill_weight: float = 1.0
     share_views: bool = False  # dogo: both peers see the same two views (half the decoding and augmentation)
     tile: int = 1024  # images per tile of the contrastive kernel (rows and columns); memory grows as tile^2
 
@@ -101,6 +109,9 @@ class TeacherConfig:
     head: str = ""  # ... and its projection head's state_dict (sizes are read from it)
     arch: str = ""  # with backbone/head files: the backbone's registered name, e.g. resnet50
     cifar_stem: bool = False  # with backbone/head files
+    # eval: BatchNorm with the teacher's running statistics (our default). batch: each view's batch statistics, as
+    # DisCo's code (model.train() on the teacher too), without updating the running statistics.
+    bn: Literal["eval", "batch"] = "eval"
 
 
 @dataclass
@@ -350,9 +361,10 @@ def check(cfg: Config) -> None:
         if peer.ssl == "mocov2":
             if not 0 <= peer.momentum < 1:
                 raise ConfigError(f"peers.{name}.momentum must be in [0, 1), got {peer.momentum}")
-            if peer.queue_size < 2 * cfg.data.batch_size:
+            per_step = (2 if peer.moco_symmetric else 1) * cfg.data.batch_size
+            if peer.queue_size < per_step:
                 raise ConfigError(f"peers.{name}.queue_size={peer.queue_size} holds less than one step's keys "
-                                  f"(2 x data.batch_size = {2 * cfg.data.batch_size}); make it larger")
+                                  f"({per_step}); make it larger")
         if peer.zero_init_residual and not peer.arch.startswith("resnet"):
             raise ConfigError(f"peers.{name}.zero_init_residual applies to ResNets only, not {peer.arch}")
     lo, hi = cfg.augment.crop_scale

@@ -83,8 +83,12 @@ def infonce_with_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, ta
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
-def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, tau: float) -> torch.Tensor:
-    """Symmetric MoCo v2: view 1's queries against view 2's keys and the other way round, averaged."""
+def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, tau: float, symmetric: bool = False) -> torch.Tensor:
+    """MoCo v2: view 1's queries against view 2's keys and the queue, MoCo's own form (q2 and k1 are unused).
+
+    symmetric (our option): also view 2's queries against view 1's keys, the two directions averaged."""
+    if not symmetric:
+        return infonce_with_queue(q1, k2, queue, tau)
     return 0.5 * (infonce_with_queue(q1, k2, queue, tau) + infonce_with_queue(q2, k1, queue, tau))
 
 
@@ -97,14 +101,36 @@ def simsiam_loss(z1, z2, p1, p2) -> torch.Tensor:
 
 def embedding_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """DisCo's distillation term for one view: squared L2 distance between the L2-normalised student and teacher
-    embeddings, summed over dimensions, averaged over rows. The teacher carries no gradient."""
-    return (normalize(student) - normalize(teacher).detach()).pow(2).sum(dim=1).mean()
+    embeddings, summed over dimensions and over this rank's rows, as DisCo's MSELoss(reduction='sum') over each
+    GPU's batch. The teacher carries no gradient."""
+    return (normalize(student) - normalize(teacher).detach()).pow(2).sum()
 
 
-def kl_pair(ssl: str, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two embeddings whose cross-view similarity DoGo's KL aligns, as DoGo's code takes them: the projection
-    outputs of both views, or for a SimSiam peer its view-1 prediction against its view-2 projection."""
-    return (out[2], out[1]) if ssl == "simsiam" else (out[0], out[1])
+def kl_embeddings(ssl: str, partner_ssl: str, out: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple]:
+    """(own, as_target): the embeddings of both views from which DoGo's KL takes this peer's own distribution and
+    the distribution its partner is pulled towards, as DoGo's code picks them (util/train_util.py). A SimCLR or MoCo
+    peer: its projections for both. A SimSiam peer: its predictions for both, except when its partner is a SimSiam
+    peer too; then its own distribution comes from its predictions and its partner's target from its projections."""
+    if ssl != "simsiam":
+        return out[:2], out[:2]
+    predictions = (out[2], out[3])
+    return predictions, (out[:2] if partner_ssl == "simsiam" else predictions)
+
+
+def kernel_terms(pairs: list[tuple[tuple, tuple]], taus: list, tau_kl: float | None, tile: int) -> torch.Tensor:
+    """The tiled kernel's terms (layout of `contrastive_terms`) for peers given as (own, as_target) embeddings.
+
+    When every peer's own and target embeddings are the same tensors, one walk of the columns computes every term.
+    Otherwise (two SimSiam peers, neither with NT-Xent) each KL term takes a walk of its own, with the partner's
+    target embeddings in the partner's slot; the other term of that walk is left out, so it sends no gradient."""
+    if tau_kl is None or all(a is b for own, target in pairs for a, b in zip(own, target)):
+        return contrastive_terms([normalize(z) for own, _ in pairs for z in own], taus, tau_kl, tile)
+    assert all(tau is None for tau in taus), "distinct KL targets arise only for peers without NT-Xent"
+    kls = []
+    for k in range(2):
+        slots = [pairs[0][0], pairs[1][1]] if k == 0 else [pairs[0][1], pairs[1][0]]
+        kls.append(contrastive_terms([normalize(z) for pair in slots for z in pair], taus, tau_kl, tile)[k])
+    return torch.stack(kls)
 
 
 def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective, peers, targets=None
@@ -117,8 +143,9 @@ def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective, p
     queues, the DisCo teacher's embeddings.
 
     Each peer's own SSL loss: simclr NT-Xent, mocov2 InfoNCE against its queue, simsiam negative cosine.
-    dogo (2 peers): each adds kl_weight * KL(P_peer || P_self). disco: each student adds distill_weight times
-    the squared distance to the teacher's embedding, per view. NT-Xent and the KL go through the tiled kernel.
+    dogo (2 peers): each adds kl_weight * KL(P_peer || P_self) (embeddings as `kl_embeddings` picks them). disco:
+    each student adds distill_weight times the squared distance to the teacher's embedding, summed over both views
+    and this rank's rows. NT-Xent and the KL go through the tiled kernel.
     """
     names = list(outputs)
     dogo = objective.name == "dogo"
@@ -130,10 +157,11 @@ def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective, p
     # The kernel: every SimCLR peer's NT-Xent, and with DoGo both peers' KL terms, in one walk of the columns.
     slots = [name for name in names if dogo or ssl[name] == "simclr"]
     if slots:
-        zs = [normalize(z) for name in slots for z in
-              (kl_pair(ssl[name], outputs[name]) if dogo else outputs[name][:2])]
+        partner = {name: slots[1 - k] for k, name in enumerate(slots)} if dogo else {}
+        pairs = [kl_embeddings(ssl[name], ssl[partner[name]], outputs[name]) if dogo else (outputs[name][:2],) * 2
+                 for name in slots]
         taus = [tau[name] if ssl[name] == "simclr" else None for name in slots]
-        values = contrastive_terms(zs, taus, objective.tau_kl if dogo else None, objective.tile)
+        values = kernel_terms(pairs, taus, objective.tau_kl if dogo else None, objective.tile)
         ntx = [name for name, tau in zip(slots, taus) if tau is not None]
         for k, name in enumerate(ntx):
             terms[f"{name}/ntxent"] = values[k]
@@ -148,7 +176,7 @@ def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective, p
         if ssl[name] == "mocov2":
             k1, k2 = targets.keys[name]
             terms[f"{name}/infonce"] = mocov2_loss(normalize(out[0]), normalize(out[1]), k1, k2,
-                                                   targets.queues[name], tau[name])
+                                                   targets.queues[name], tau[name], peers[name].moco_symmetric)
             total = total + terms[f"{name}/infonce"]
         elif ssl[name] == "simsiam":
             terms[f"{name}/simsiam"] = simsiam_loss(*(at_least_fp32(x) for x in out))

@@ -29,29 +29,31 @@ def momentum_at(base: float, schedule: str, step: int, total_steps: int) -> floa
 
 
 class KeyEncoder(nn.Module):
-    """A peer's momentum copy (backbone and head) and a ring buffer of its L2-normalised keys.
+    """A peer's momentum copy (backbone and head) and a ring buffer of L2-normalised keys, the negatives.
 
+    The queue starts full of random unit keys, as MoCo's (a normalised Gaussian), drawn from `seed` alone so that
+    every rank starts with the same queue; the first step then has negatives like every other step.
     The key encoder runs in training mode, so its BatchNorm normalises with the batch's statistics as MoCo's does.
     (MoCo shuffles the batch across GPUs first so that BN cannot leak which key belongs to which query; here each
-    rank's BN sees its own images only, and both views of them.)
+    rank's BN sees its own images only.)
     """
 
-    def __init__(self, peer: nn.Module, queue_size: int):
+    def __init__(self, peer: nn.Module, queue_size: int, seed: int = 0):
         super().__init__()
         self.encoder = copy.deepcopy(peer).requires_grad_(False)
         dim = peer.head[3].out_features
-        self.register_buffer("queue", torch.zeros(queue_size, dim))
-        self.ptr = 0  # next row to write
-        self.filled = 0  # rows written so far, up to queue_size: negatives are queue[:filled]
+        start = torch.randn(queue_size, dim, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("queue", normalize(start))
+        self.ptr = 0  # next row to write: the oldest key
 
     def get_extra_state(self) -> dict:
-        return {"ptr": self.ptr, "filled": self.filled}
+        return {"ptr": self.ptr}
 
     def set_extra_state(self, state: dict) -> None:
-        self.ptr, self.filled = state["ptr"], state["filled"]
+        self.ptr = state["ptr"]
 
     def negatives(self) -> torch.Tensor:
-        return self.queue[:self.filled]
+        return self.queue
 
     @torch.no_grad()
     def keys(self, images: torch.Tensor) -> torch.Tensor:
@@ -75,12 +77,12 @@ class KeyEncoder(nn.Module):
         rows = (self.ptr + torch.arange(n, device=self.queue.device)) % size
         self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
         self.ptr = (self.ptr + n) % size
-        self.filled = min(size, self.filled + n)
 
 
 @dataclass
 class Targets:
-    """One step's targets. keys: peer -> (k1, k2), its key encoder's normalised embeddings of both views;
+    """One step's targets. keys: peer -> (k1, k2), its key encoder's normalised embeddings of the views (k1 is None
+    in MoCo's own one-direction form, which needs view 2's keys only);
     queues: peer -> the negatives; teacher: peer -> (t1, t2), the teacher's embeddings of that peer's views."""
     keys: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     queues: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -93,8 +95,9 @@ class TargetMakers(nn.Module):
     def __init__(self, cfg: Config, peers: nn.ModuleDict):
         super().__init__()
         self.cfg = cfg
-        self.key_encoders = nn.ModuleDict({name: KeyEncoder(peers[name], p.queue_size)
-                                           for name, p in cfg.peers.items() if p.ssl == "mocov2"})
+        # each peer's queue from its own seed, the same on every rank
+        self.key_encoders = nn.ModuleDict({name: KeyEncoder(peers[name], p.queue_size, seed=cfg.seed + k)
+                                           for k, (name, p) in enumerate(cfg.peers.items()) if p.ssl == "mocov2"})
         self.teacher: FrozenTeacher | None = None
         if cfg.objective.name == "disco":
             self.teacher = load_teacher(cfg.teacher)
@@ -114,22 +117,27 @@ class TargetMakers(nn.Module):
         out = Targets()
         for name, enc in self.key_encoders.items():
             i, j = pairs[name]
-            out.keys[name] = enc.keys(torch.cat([views[i], views[j]])).chunk(2)
+            if self.cfg.peers[name].moco_symmetric:
+                out.keys[name] = enc.keys(torch.cat([views[i], views[j]])).chunk(2)
+            else:
+                out.keys[name] = (None, enc.keys(views[j]))
             out.queues[name] = enc.negatives()
         if self.teacher is not None:
             seen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
             for name in self.cfg.peers:
                 pair = pairs[name]
                 if pair not in seen:  # students that share views share the teacher's forward
-                    seen[pair] = self.teacher(torch.cat([views[pair[0]], views[pair[1]]])).chunk(2)
+                    seen[pair] = self.teacher.embed_views(views[pair[0]], views[pair[1]])
                 out.teacher[name] = seen[pair]
         return out
 
     def after_step(self, peers: nn.ModuleDict, targets: Targets, step: int, total_steps: int) -> None:
-        """Enqueue every rank's keys of both views, then move each key encoder towards its updated peer."""
+        """Enqueue every rank's keys (view 2's; both views' in the symmetric form), then move each key encoder
+        towards its updated peer."""
         for name, enc in self.key_encoders.items():
-            both = gather_no_grad(torch.cat(targets.keys[name], dim=1))  # one collective for both views
-            enc.enqueue(torch.cat(both.chunk(2, dim=1)))  # every rank's view-1 keys, then their view-2 keys
+            keys = [k for k in targets.keys[name] if k is not None]
+            gathered = gather_no_grad(torch.cat(keys, dim=1))  # one collective for both views
+            enc.enqueue(torch.cat(gathered.chunk(len(keys), dim=1)))  # every rank's view-1 keys, then view-2's
             p = self.cfg.peers[name]
             enc.follow(peers[name], momentum_at(p.momentum, p.momentum_schedule, step, total_steps))
 

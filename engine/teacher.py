@@ -1,7 +1,8 @@
 """DisCo's teacher: a frozen backbone and projection head, from a dogo checkpoint or from plain state_dict files.
 
-Frozen means: no parameter requires gradient, every BatchNorm stays in eval mode whatever `.train()` is called
-with, and the forward runs under inference mode (and the run's autocast). Its weights never change; a checkpoint
+Frozen means: no parameter requires gradient, `.train()` changes nothing, and the forward runs under inference
+mode (and the run's autocast). BatchNorm (`teacher.bn`) uses the running statistics (eval, our default) or each
+view's batch statistics as DisCo's code does (batch); in both modes the running statistics are never updated. Its weights never change; a checkpoint
 records their SHA-256 so that a resumed run can tell if the teacher's file has changed underneath it.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from dogo.engine import checkpoint
 from dogo.engine.config import ConfigError, TeacherConfig, from_dict
@@ -21,20 +23,38 @@ _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 
 
 class FrozenTeacher(nn.Module):
-    def __init__(self, peer: Peer, source: str):
+    def __init__(self, peer: Peer, source: str, bn: str = "eval"):
         super().__init__()
-        self.peer = peer.requires_grad_(False).eval()
+        self.bn = bn
+        self.peer = peer.requires_grad_(False)
+        if bn == "batch":  # batch statistics without touching the buffers (torch's BN then passes them as None)
+            for m in self.peer.modules():
+                if isinstance(m, _BatchNorm):
+                    m.track_running_stats = False
+        self.train(False)
         self.source = source
         self.embedding_dim = peer.head[3].out_features
         self.sha256 = state_fingerprint(peer.state_dict())  # once: the weights never change
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
-        return super().train(False)  # BatchNorm keeps its running statistics: the teacher never changes
+        """Whatever the trainer asks: BN in eval mode, or with bn=batch in training mode on batch statistics."""
+        super().train(False)
+        for m in self.peer.modules():
+            if isinstance(m, _BatchNorm):
+                m.training = self.bn == "batch"
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             z = self.peer(images)
         return z.clone()  # a normal tensor again: autograd may use it (as a constant) in the loss
+
+    def embed_views(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views' embeddings: one forward in eval mode; one per view with batch statistics, as DisCo's code
+        forwards the query and the key images separately."""
+        if self.bn == "batch":
+            return self(v1), self(v2)
+        return self(torch.cat([v1, v2])).chunk(2)
 
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -122,4 +142,4 @@ def _from_files(t: TeacherConfig) -> tuple[Peer, str]:
 
 def load_teacher(t: TeacherConfig) -> FrozenTeacher:
     peer, source = _from_checkpoint(t) if t.checkpoint else _from_files(t)
-    return FrozenTeacher(peer, source)
+    return FrozenTeacher(peer, source, t.bn)

@@ -27,7 +27,8 @@ def build_loader(data, recipe, *, n_views: int, seed: int, rank: int, world_size
             from dogo.pipelines.ffcv_loader import FFCVLoader
         except ImportError as exc:
             raise DataError(f"data.backend=ffcv needs FFCV ({exc}); install the ffcv extra (make setup)") from None
-        return FFCVLoader(data.beton, workers=data.workers, order=data.order, os_cache=data.os_cache, **common)
+        return FFCVLoader(data.beton, workers=data.workers, order=data.order, os_cache=data.os_cache,
+                          image_field=data.ffcv_image_field, label_field=data.ffcv_label_field, **common)
     if data.backend == "dali":
         try:
             from dogo.pipelines.dali_loader import DALILoader

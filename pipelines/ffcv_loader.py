@@ -101,7 +101,21 @@ class _ShardOrder(TraversalOrder):
         return self.shard.epoch_indices(epoch, self.start_step).astype(np.uint64)
 
 
-def open_beton(path: str | Path) -> Reader:
+@dataclass(frozen=True)
+class BetonFields:
+    """Which of a .beton's fields hold the image and the label, by name and by position in the writer's order."""
+    image: str
+    label: str
+    names: tuple[str, ...]
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+
+def open_beton(path: str | Path, image_field: str = "image", label_field: str = "label"
+               ) -> tuple[Reader, BetonFields]:
+    """The reader of a .beton and its image and label fields (data.ffcv_image_field, data.ffcv_label_field)."""
+    from ffcv.fields import IntField, RGBImageField
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.beton={path} does not exist; write it with `dogo convert IMAGE_FOLDER {path}`")
@@ -109,10 +123,16 @@ def open_beton(path: str | Path) -> Reader:
         reader = Reader(str(path))
     except Exception as exc:  # FFCV asserts on a bad header
         raise DataError(f"{path} is not a readable .beton ({type(exc).__name__}: {exc}); convert it again") from None
-    names = reader.field_names
-    if len(names) < 2 or names[:2] != ["image", "label"]:
-        raise DataError(f"{path} has fields {names}; dogo expects ('image', 'label') as `dogo convert` writes them")
-    return reader
+    names = tuple(reader.field_names)
+    for key, name, kind in (("data.ffcv_image_field", image_field, RGBImageField),
+                            ("data.ffcv_label_field", label_field, IntField)):
+        if name not in names:
+            raise DataError(f"{path} has fields {list(names)} but no '{name}'; set {key} to the name of its "
+                            f"{kind.__name__} (`dogo convert` writes 'image' and 'label')")
+        if not isinstance(reader.handlers[name], kind):
+            raise DataError(f"{path}: field '{name}' ({key}) is a {type(reader.handlers[name]).__name__}, "
+                            f"not an {kind.__name__}")
+    return reader, BetonFields(image_field, label_field, names)
 
 
 class FFCVLoader:
@@ -120,12 +140,12 @@ class FFCVLoader:
 
     def __init__(self, beton: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, workers: int,
                  order: str, os_cache: bool, seed: int, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool):
-        reader = open_beton(beton)
+                 dtype: torch.dtype, channels_last: bool, image_field: str = "image", label_field: str = "label"):
+        reader, fields = open_beton(beton, image_field, label_field)
         n = int(reader.num_samples)
         check_batch_fits(n, global_batch, str(beton))
         if order == "quasi_random":
-            by_location = np.argsort(reader.metadata["f0"]["data_ptr"], kind="stable")
+            by_location = np.argsort(reader.metadata[f"f{fields.index(fields.image)}"]["data_ptr"], kind="stable")
             self.shard = BlockShard(n, global_batch, rank, world_size, seed, by_location, max(16 * global_batch, 4096))
         else:
             self.shard = Shard(n, global_batch, rank, world_size, seed)
@@ -137,8 +157,10 @@ class FFCVLoader:
         to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
         decoder = MultiCropDecoder((image_size, image_size), n_views, scale=tuple(recipe.crop_scale),
                                    ratio=tuple(recipe.crop_ratio))
-        pipelines = {"image": [decoder, ToTensor(), *to_device],
-                     "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]}
+        pipelines = {name: None for name in fields.names}  # other fields are not read
+        pipelines[fields.image] = [decoder, ToTensor(), *to_device]
+        pipelines[fields.label] = [IntDecoder(), ToTensor(), Squeeze(), *to_device]
+        self._image_first = fields.index(fields.image) < fields.index(fields.label)
         self._loader = Loader(str(beton), batch_size=self.shard.local_batch, num_workers=max(1, workers),
                               os_cache=os_cache, order=self._order, seed=seed, pipelines=pipelines, drop_last=True)
         self._epoch, self._start = 0, 0
@@ -153,8 +175,9 @@ class FFCVLoader:
         """(step, uint8 crops of every view, labels) as FFCV makes them, before the batched recipe."""
         # FFCV asks the order for `next_epoch`'s samples when iteration starts (and then counts it up itself)
         self._order.start_step, self._loader.next_epoch = self._start, self._epoch
-        # fields come in the writer's order (image, label); the crops are (b, views, S, S, 3)
-        for step, (crops, labels) in enumerate(self._loader, start=self._start):
+        # fields come in the writer's order; the crops are (b, views, S, S, 3)
+        for step, pair in enumerate(self._loader, start=self._start):
+            crops, labels = pair if self._image_first else pair[::-1]
             yield step, [crops[:, v].permute(0, 3, 1, 2) for v in range(self.n_views)], labels
 
     def __iter__(self) -> Iterator[TwoViewBatch]:

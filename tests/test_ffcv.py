@@ -112,3 +112,39 @@ def test_one_decode_gives_independent_crops_of_the_same_image(beton):
     same = (views[0].float().mean(dim=(2, 3)) - views[1].float().mean(dim=(2, 3))).abs().mean()
     other = (views[0].float().mean(dim=(2, 3)) - views[1].float().mean(dim=(2, 3)).roll(1, 0)).abs().mean()
     assert same < other
+
+
+def test_a_stock_ffcv_beton_with_other_field_names_and_order(beton, shapes, tmp_path):
+    """Stock FFCV scripts name the fields e.g. 'target' and 'img', in any order, with more fields beside them:
+    data.ffcv_image_field / data.ffcv_label_field pick them, and the batches equal those of our own .beton."""
+    from ffcv.fields import FloatField, IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from PIL import Image
+
+    from dogo.pipelines.ffcv_loader import open_beton
+
+    found = scan(shapes / "train")
+
+    class Samples(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(found.paths)
+
+        def __getitem__(self, i):
+            return 0.5, int(found.labels[i]), Image.open(found.paths[i]).convert("RGB")
+
+    stock = tmp_path / "stock.beton"
+    DatasetWriter(str(stock), {"weight": FloatField(), "target": IntField(), "img": RGBImageField(write_mode="jpg")},
+                  num_workers=1).from_indexed_dataset(Samples())
+    with pytest.raises(DataError, match="set data.ffcv_image_field"):
+        open_beton(stock)
+    with pytest.raises(DataError, match="field 'weight' .* is a FloatField"):
+        open_beton(stock, "img", "weight")
+    from dogo.pipelines.ffcv_loader import FFCVLoader
+    theirs = FFCVLoader(stock, image_size=16, global_batch=16, n_views=2, recipe=AugmentConfig(), workers=1,
+                        order="quasi_random", os_cache=True, seed=5, rank=0, world_size=1,
+                        device=torch.device("cpu"), dtype=torch.float32, channels_last=False, image_field="img",
+                        label_field="target")
+    ours = _loader(beton, order="quasi_random")
+    for a, b in zip(theirs, ours):
+        torch.testing.assert_close(a.labels, b.labels)
+        assert a.views[0].shape == b.views[0].shape == (16, 3, 16, 16)

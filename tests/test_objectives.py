@@ -36,7 +36,7 @@ def test_mocov2_loss_equals_a_row_by_row_reference():
     q1, q2 = F.normalize(_rand(b, d, seed=1), dim=1), F.normalize(_rand(b, d, seed=2), dim=1)
     r1, r2 = q1.detach(), q2.detach()
     k1, k2, queue = _unit(b, d, seed=3), _unit(b, d, seed=4), _unit(k, d, seed=5)
-    got = mocov2_loss(q1, q2, k1, k2, queue, tau)
+    got = mocov2_loss(q1, q2, k1, k2, queue, tau, symmetric=True)
 
     def infonce_row(q, key):  # -log( exp(q.k+/t) / (exp(q.k+/t) + sum_n exp(q.n/t)) ) for one query
         pos = math.exp(float(q @ key) / tau)
@@ -54,7 +54,10 @@ def test_mocov2_loss_equals_a_row_by_row_reference():
     p[0] -= 1
     torch.testing.assert_close(g1[0], p @ keys / tau / (2 * b), rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradcheck(lambda a, c: mocov2_loss(F.normalize(a, dim=1), F.normalize(c, dim=1), k1, k2,
-                                                             queue, tau), (_rand(b, d, seed=6), _rand(b, d, seed=7)))
+                                                             queue, tau, symmetric=True),
+                                    (_rand(b, d, seed=6), _rand(b, d, seed=7)))
+    one_way = mocov2_loss(q1, q2, None, k2, queue, tau)  # MoCo's own form: view-1 queries, view-2 keys
+    assert one_way.item() == pytest.approx(sum(infonce_row(r1[i], k2[i]) for i in range(b)) / b, rel=1e-12)
 
 
 def test_simsiam_loss_equals_reference_and_stops_the_gradient():
@@ -77,7 +80,7 @@ def test_disco_distance_equals_reference_with_a_constant_teacher():
     for i in range(b):
         ns, nt = math.sqrt(sum(x * x for x in s[i].tolist())), math.sqrt(sum(x * x for x in t[i].tolist()))
         ref += sum((x / ns - y / nt) ** 2 for x, y in zip(s[i].tolist(), t[i].tolist()))
-    assert got.item() == pytest.approx(ref / b, rel=1e-12)
+    assert got.item() == pytest.approx(ref, rel=1e-12)  # summed over the rows, as DisCo's MSELoss(reduction='sum')
     _, gt = torch.autograd.grad(got, (s, t), allow_unused=True, materialize_grads=True)
     assert not gt.any(), "the teacher gets no gradient"
     assert torch.autograd.gradcheck(lambda a: embedding_distance(a, t), (s,))
@@ -100,22 +103,22 @@ def test_kernel_with_a_kl_only_peer_equals_straightforward(tile):
 
 
 def test_dogo_with_a_simclr_and_a_simsiam_peer_composes_the_terms():
-    """Peer a (SimCLR): NT-Xent + its KL on z1 x z2; peer b (SimSiam): negative cosine + its KL on p1 x z2."""
+    """Peer a (SimCLR): NT-Xent + its KL on z1 x z2; peer b (SimSiam): negative cosine + its KL on p1 x p2."""
     b, d = 6, 8
     a1, a2, z1, z2, p1, p2 = (_rand(b, d, seed=40 + i) for i in range(6))
     peers = {"a": PeerConfig(ssl="simclr", tau=0.3, kl_weight=0.7), "b": PeerConfig(ssl="simsiam", kl_weight=0.4)}
     loss, terms = objective_loss({"a": (a1, a2), "b": (z1, z2, p1, p2)}, ObjectiveConfig(name="dogo", tau_kl=0.2),
                                  peers)
     n = lambda x: F.normalize(x, dim=1)
-    ref = reference_terms([n(a1), n(a2), n(p1), n(z2)], (0.3, None), 0.2)
+    ref = reference_terms([n(a1), n(a2), n(p1), n(p2)], (0.3, None), 0.2)
     siam = simsiam_loss(z1, z2, p1, p2)
     want = ref[0] + 0.7 * ref[1] + siam + 0.4 * ref[2]
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
     assert set(terms) == {"a/ntxent", "a/kl", "b/simsiam", "b/kl", "loss"}
-    leaves = (a1, a2, z1, z2, p1, p2)  # z1 is only SimSiam's stop-gradient target: no gradient
+    leaves = (a1, a2, z1, z2, p1, p2)  # z1, z2 are only SimSiam's stop-gradient targets: no gradient
     got = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
     exp = torch.autograd.grad(want, leaves, allow_unused=True, materialize_grads=True)
-    assert not got[2].any() and got[3].any()
+    assert not got[2].any() and not got[3].any() and got[4].any() and got[5].any()
     for x, y in zip(got, exp):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
@@ -125,11 +128,11 @@ def test_objective_loss_for_mocov2_and_disco_uses_the_targets():
     q1, q2 = _rand(b, d, seed=50), _rand(b, d, seed=51)
     k1, k2, queue = _unit(b, d, seed=52), _unit(b, d, seed=53), _unit(11, d, seed=54)
     t1, t2 = _rand(b, d, seed=55, requires_grad=False), _rand(b, d, seed=56, requires_grad=False)
-    targets = Targets(keys={"s": (k1, k2)}, queues={"s": queue}, teacher={"s": (t1, t2)})
+    targets = Targets(keys={"s": (None, k2)}, queues={"s": queue}, teacher={"s": (t1, t2)})
     peers = {"s": PeerConfig(ssl="mocov2", tau=0.2)}
     loss, terms = objective_loss({"s": (q1, q2)}, ObjectiveConfig(name="disco", distill_weight=0.3), peers, targets)
     n = lambda x: F.normalize(x, dim=1)
-    moco = mocov2_loss(n(q1), n(q2), k1, k2, queue, 0.2)
+    moco = mocov2_loss(n(q1), n(q2), None, k2, queue, 0.2)
     dist_ = embedding_distance(q1, t1) + embedding_distance(q2, t2)
     torch.testing.assert_close(loss, moco + 0.3 * dist_, rtol=1e-12, atol=1e-14)
     assert set(terms) == {"s/infonce", "s/distill", "loss"}
@@ -159,15 +162,16 @@ def test_momentum_update_is_exact_and_follows_its_schedule():
 
 
 def test_queue_is_a_ring_of_the_newest_keys():
-    enc = KeyEncoder(_tiny_peer(0), queue_size=7)
+    enc = KeyEncoder(_tiny_peer(0), queue_size=7, seed=3)
+    start = enc.queue.clone()
     written = []
     for step in range(5):
         keys = _unit(3, 8, seed=60 + step).float()
         enc.enqueue(keys)
         written += list(keys)
-        assert enc.filled == min(7, len(written))
-        negatives = enc.negatives()
-        assert negatives.shape == (enc.filled, 8)
+        assert enc.negatives().shape == (7, 8)  # always the whole queue: random start keys until overwritten
+        for pos in range(len(written), 7):
+            assert torch.equal(enc.queue[pos], start[pos])
         # every stored key is one of the newest 7 written, at its ring position
         for i, row in enumerate(written[-7:]):
             pos = (len(written) - len(written[-7:]) + i) % 7
@@ -175,10 +179,10 @@ def test_queue_is_a_ring_of_the_newest_keys():
     state = enc.state_dict()
     again = KeyEncoder(_tiny_peer(1), queue_size=7)
     again.load_state_dict(state)
-    assert (again.ptr, again.filled) == (enc.ptr, enc.filled) and torch.equal(again.queue, enc.queue)
+    assert again.ptr == enc.ptr and torch.equal(again.queue, enc.queue)
 
 
-def _queue_worker(rank, world, port, out):
+def _queue_worker(rank, world, port, symmetric, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from dogo.engine.config import Config
@@ -186,33 +190,37 @@ def _queue_worker(rank, world, port, out):
     cfg = Config()
     cfg.objective.name = "mocov2"
     cfg.peers = {"m": PeerConfig(arch="resnet18", cifar_stem=True, head_hidden=16, head_out=8, ssl="mocov2",
-                                 queue_size=20)}
-    torch.manual_seed(0)
+                                 queue_size=20, moco_symmetric=symmetric)}
+    torch.manual_seed(rank)  # the peers' weights differ by rank here; the queue's start must not
     peers = torch.nn.ModuleDict({"m": Peer("resnet18", True, 16, 8)})
     makers = TargetMakers(cfg, peers)
-    for step in range(4):  # 4 steps x 2 views x 2 ranks x 3 images = 48 keys through a queue of 20
+    start = makers.key_encoders["m"].queue.clone()
+    for step in range(4):  # 4 steps x 2 ranks x 3 images x (2 views, or view 2 only) through a queue of 20
         k1, k2 = _unit(3, 8, seed=100 * step + rank).float(), _unit(3, 8, seed=100 * step + 50 + rank).float()
-        makers.after_step(peers, Targets(keys={"m": (k1, k2)}), step + 1, 4)
+        makers.after_step(peers, Targets(keys={"m": (k1 if symmetric else None, k2)}), step + 1, 4)
     enc = makers.key_encoders["m"]
-    out[rank] = (enc.queue.clone(), enc.ptr, enc.filled)
+    out[rank] = (start, enc.queue.clone(), enc.ptr)
     dist.destroy_process_group()
 
 
-def test_queue_under_two_gloo_ranks_holds_every_ranks_keys():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_queue_under_two_gloo_ranks_holds_every_ranks_keys(symmetric):
     world = 2
     out = mp.Manager().dict()
-    mp.spawn(_queue_worker, args=(world, _free_port(), out), nprocs=world)
+    mp.spawn(_queue_worker, args=(world, _free_port(), symmetric, out), nprocs=world)
     expected = []
-    for step in range(4):  # the order enqueued: view 1 of rank 0, rank 1, then view 2 of rank 0, rank 1
-        expected += [_unit(3, 8, seed=100 * step + r).float() for r in range(world)]
+    for step in range(4):  # the order enqueued: view 1 of rank 0, rank 1 (symmetric only), then view 2's
+        if symmetric:
+            expected += [_unit(3, 8, seed=100 * step + r).float() for r in range(world)]
         expected += [_unit(3, 8, seed=100 * step + 50 + r).float() for r in range(world)]
-    keys = torch.cat(expected)  # 48 rows; the queue holds the newest 20 at their ring positions
-    ring = torch.empty(20, 8)
+    keys = torch.cat(expected)  # the queue holds the newest 20 at their ring positions, the start keys elsewhere
+    ring = out[0][0].clone()
     for i in range(len(keys)):
         ring[i % 20] = keys[i]
+    assert torch.equal(out[0][0], out[1][0]), "the ranks' queues must start equal"
     for r in range(world):
-        queue, ptr, filled = out[r]
-        assert (ptr, filled) == (48 % 20, 20)
+        start, queue, ptr = out[r]
+        assert ptr == len(keys) % 20
         assert torch.equal(queue, ring), f"rank {r}'s queue differs from the keys enqueued"
 
 
