@@ -10,7 +10,7 @@ DEMO_DATA := data/shapes64
 NGPU ?= 1
 IMAGENET ?=
 
-.PHONY: setup demo demo-disco test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
+.PHONY: setup demo demo-check demo-disco test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
 	bench bench-pipeline photos convert clean
 
 setup: $(STAMP)
@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@extras=dev,dali; \
+	@extras=dev,dali,viz; \
 	if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then extras=$$extras,ffcv; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing FFCV's system packages: $(FFCV_APT)"; \
@@ -36,20 +36,30 @@ $(STAMP): pyproject.toml
 $(DEMO_DATA): | $(STAMP)
 	$(PY) -m dogo.pipelines.shapes $(DEMO_DATA)
 
+# The same table on every CPU: float results depend on the kernels a CPU gets (AVX-512 or AVX2 convolutions and
+# GEMMs round differently) and on the thread count, and 350 steps of training turn a last-bit difference into
+# several kNN points. The demo pins both: AVX2 kernels (any x86-64 server since 2015) and 2 threads.
+DEMO_ENV := OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
+
 # DoGo with a ResNet-18 and a ResNet-50 peer on the procedural dataset, then each peer's kNN top-1 against its
-# random initialisation. resume=none: every `make demo` trains from scratch.
+# random initialisation, and the training curves. resume=none: every `make demo` trains from scratch.
 demo: $(STAMP) $(DEMO_DATA)
-	$(DOGO) train configs/demo.yaml checkpoint.resume=none
-	$(DOGO) eval knn runs/demo
+	$(DEMO_ENV) $(DOGO) train configs/demo.yaml checkpoint.resume=none
+	$(DEMO_ENV) $(DOGO) eval knn runs/demo
+	$(DOGO) plot runs/demo --out runs/demo/curves.png
+
+# make demo, then its table against the committed result file (on a CPU: equal to the printed 2 decimals).
+demo-check: demo
+	$(PY) -m dogo.benchmarks.demo_check runs/demo/knn.json benchmarks/results/demo_knn_cpu2.json
 
 # DisCo on the demo dataset: the demo's ResNet-50 (make demo first, if runs/demo has no checkpoint) distilled into a
 # fresh ResNet-18, and the same ResNet-18 with SimCLR alone for the same steps; then both kNN tables.
 demo-disco: $(STAMP) $(DEMO_DATA)
 	@test -n "$$(ls runs/demo/checkpoints 2>/dev/null)" || $(MAKE) demo
-	$(DOGO) train configs/demo_disco.yaml checkpoint.resume=none
-	$(DOGO) train configs/demo_disco.yaml name=demo_simclr_r18 objective.name=simclr checkpoint.resume=none
-	$(DOGO) eval knn runs/demo_disco
-	$(DOGO) eval knn runs/demo_simclr_r18
+	$(DEMO_ENV) $(DOGO) train configs/demo_disco.yaml checkpoint.resume=none
+	$(DEMO_ENV) $(DOGO) train configs/demo_disco.yaml name=demo_simclr_r18 objective.name=simclr checkpoint.resume=none
+	$(DEMO_ENV) $(DOGO) eval knn runs/demo_disco
+	$(DEMO_ENV) $(DOGO) eval knn runs/demo_simclr_r18
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""The `dogo` command: train, eval, export, bench."""
+"""The `dogo` command: train, eval, export, convert, bench, plot."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ from rich.table import Table
 from dogo.engine import checkpoint, config as config_mod
 from dogo.engine.checkpoint import CheckpointError
 from dogo.engine.config import ConfigError
+from dogo.engine.plots import PlotError
 from dogo.pipelines.base import DataError
 from dogo.pipelines.convert import WRITE_MODES, ConvertOptions
 
@@ -225,6 +226,19 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from dogo.engine.plots import plot_bench, plot_runs
+    if args.inputs[0] == "bench":
+        if len(args.inputs) == 1:
+            raise ConfigError("dogo plot bench needs result files, e.g. benchmarks/results/pipeline_*_cpu2.json")
+        out = plot_bench(args.inputs[1:], args.out or "bench.png")
+    else:
+        first = Path(args.inputs[0])
+        out = plot_runs(args.inputs, args.out or (first / "curves.png" if first.is_dir() else "curves.png"))
+    console.print(f"wrote {out}", highlight=False)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dogo", description="Self-supervised distillation trainer (DoGo, SimCLR).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -272,6 +286,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     c.set_defaults(func=cmd_convert)
 
+    pl = sub.add_parser("plot", help="training curves of runs, or charts of benchmark results, as a PNG",
+                        description="dogo plot RUN [RUN ...]: loss terms per peer, learning rates and kNN top-1 over "
+                                    "steps, the runs overlaid (a RUN is a run folder or its metrics.jsonl). "
+                                    "dogo plot bench RESULT.json ...: bar charts of dogo bench results.")
+    pl.add_argument("inputs", nargs="+", metavar="RUN | bench RESULT.json",
+                    help="run folders or metrics.jsonl files; or the word bench followed by result JSON files")
+    pl.add_argument("--out", help="PNG to write (default: the first run folder's curves.png, or bench.png)")
+    pl.set_defaults(func=cmd_plot)
+
     b = sub.add_parser("bench", help="throughput benchmarks that write JSON into benchmarks/results/")
     bsub = b.add_subparsers(dest="kind", required=True)
     bt = bsub.add_parser("train", help="training-step images/s per device on synthetic batches")
@@ -316,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("once", category=UserWarning)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, PlotError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
 

@@ -167,6 +167,7 @@ class EvalConfig:
 class LogConfig:
     every: int = 20  # steps between metric lines (the only host syncs in the hot loop)
     progress: Literal["auto", "on", "off"] = "auto"  # rich progress bar; auto: when stdout is a terminal
+    tensorboard: Literal["auto", "on", "off"] = "auto"  # event files in RUN/tb; auto: when tensorboard is installed
 
 
 @dataclass
@@ -390,10 +391,13 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def dump_text(cfg: Config) -> str:
+    """The resolved config as YAML (tuples as lists so that it loads back)."""
+    return yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False)
+
+
 def dump(cfg: Config, path: Path) -> None:
-    """Write the resolved config as YAML (tuples as lists so that it loads back)."""
-    text = yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False)
-    atomic_write_text(path, text)
+    atomic_write_text(path, dump_text(cfg))
 
 
 def _plain(obj: Any) -> Any:

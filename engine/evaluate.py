@@ -5,12 +5,15 @@ Under torchrun each rank extracts a strided share of the images and the shares a
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dogo.engine.distributed import DistContext, gather_no_grad
 from dogo.pipelines.folder import ImageFolderIndex, eval_batches, scan
@@ -28,11 +31,17 @@ def extract_features(backbone: nn.Module, index: ImageFolderIndex, positions: np
     backbone.eval()
     feats, labels = [], []
     autocast = torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    for images, y in eval_batches(index, mine, image_size, batch_size, workers, ctx.device, recipe,
-                                  torch.float32 if dtype == torch.float32 else dtype, channels_last):
-        with autocast:
-            feats.append(backbone(images).float())
-        labels.append(y)
+    # a bar while features are extracted (the main rank, on a terminal), gone when done
+    console = Console()
+    with Progress(TextColumn("features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=not (ctx.is_main and console.is_terminal)) as bar:
+        task = bar.add_task("features", total=math.ceil(len(mine) / batch_size))
+        for images, y in eval_batches(index, mine, image_size, batch_size, workers, ctx.device, recipe,
+                                      torch.float32 if dtype == torch.float32 else dtype, channels_last):
+            with autocast:
+                feats.append(backbone(images).float())
+            labels.append(y)
+            bar.advance(task)
     backbone.train(was_training)
     f, y = torch.cat(feats), torch.cat(labels)
     if w > 1:

@@ -1,4 +1,5 @@
-"""JSON-lines metrics in the run folder and a rich progress bar; loss terms stay on the device between log steps."""
+"""JSON-lines metrics in the run folder, TensorBoard event files beside them, and a rich progress bar; loss terms
+stay on the device between log steps."""
 from __future__ import annotations
 
 import json
@@ -10,14 +11,49 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from dogo.engine.config import ConfigError
 from dogo.engine.distributed import all_reduce_mean
+
+
+def tensorboard_wanted(setting: str) -> bool:
+    """log.tensorboard: on, off, or auto (on when the tensorboard package is installed)."""
+    if setting == "off":
+        return False
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard writes through it)
+    except ImportError:
+        if setting == "on":
+            raise ConfigError("log.tensorboard=on needs the tensorboard package: install the viz extra "
+                              "(make setup, or pip install -e '.[viz]'), or set log.tensorboard=off") from None
+        return False
+    return True
+
+
+class TensorBoardLog:
+    """Event files in RUN/tb: every logged scalar with the optimiser step as x. A resumed run purges what a stopped
+    run wrote after its checkpoint's step, so its curves continue without a fold."""
+
+    def __init__(self, run_dir: Path, start_step: int, config_text: str):
+        from torch.utils.tensorboard import SummaryWriter
+        # the first step this run logs is start_step + 1: readers drop anything a stopped run wrote from there on
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.writer.add_text("config", "```yaml\n" + config_text + "\n```", start_step + 1)
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(prefix + key, value, step)
+        self.writer.flush()  # at log steps only: a crash loses nothing already printed
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, images_per_step: int,
-                 world_size: int, progress: str = "auto"):
+                 world_size: int, progress: str = "auto", tensorboard: bool = False, config_text: str = ""):
         self.is_main = is_main
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = TensorBoardLog(run_dir, start_step, config_text) if is_main and tensorboard else None
         self.images_per_step, self.world_size = images_per_step, world_size
         self.console = Console(file=sys.stdout)
         show = progress == "on" or (progress == "auto" and self.console.is_terminal)
@@ -57,6 +93,8 @@ class MetricsLogger:
         self._sums, self._steps, self._t0 = {}, 0, time.perf_counter()
         if self.is_main:
             self._write(record)
+            if self.tb is not None:
+                self.tb.scalars({k: v for k, v in record.items() if k not in ("step", "epoch")}, step)
             terms = "  ".join([f"{k} {record[k]:.4f}" for k in keys] + [f"lr/{k} {v:.3g}" for k, v in lrs.items()])
             if self.progress is not None:
                 self.progress.update(self.task, epoch=epoch, speed=f"{speed:.1f}", terms=terms)
@@ -70,6 +108,13 @@ class MetricsLogger:
             self._write({"event": kind, **fields})
             self.console.print(message, highlight=False)
 
+    def knn(self, step: int, epoch: int, top1: dict[str, float]) -> None:
+        """The kNN monitor's top-1 of every peer: an event line, and a curve per peer in TensorBoard."""
+        self.event("knn", "kNN top-1: " + ", ".join(f"{n} {v:.2f}%" for n, v in top1.items()), step=step,
+                   epoch=epoch, top1=top1)
+        if self.tb is not None:
+            self.tb.scalars(top1, step, prefix="knn_top1/")
+
     def _write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -77,3 +122,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+        if self.tb is not None:
+            self.tb.close()

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dogo.engine import checkpoint, config as config_mod, distributed
 from dogo.engine.config import Config
 from dogo.engine.evaluate import KnnMonitor
-from dogo.engine.logger import MetricsLogger
+from dogo.engine.logger import MetricsLogger, tensorboard_wanted
 from dogo.engine.losses import objective_loss
 from dogo.engine.optim import build_optimizer, lr_factor, set_lr
 from dogo.engine.targets import TargetMakers
@@ -89,6 +89,7 @@ class Trainer:
         self.cfg = cfg
         self.ctx = distributed.init(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_min)
         self.run_dir = cfg.run_dir
+        self.tensorboard = tensorboard_wanted(cfg.log.tensorboard)  # before anything is written: a clear error
         self.precision = resolve_precision(cfg, self.ctx.device)
         if self.ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
@@ -190,8 +191,7 @@ class Trainer:
             return results
         for name, peer in self.model.peers.items():
             results[name] = self.knn.top1(peer.backbone)
-        log.event("knn", "kNN top-1: " + ", ".join(f"{n} {v:.2f}%" for n, v in results.items()),
-                  step=self.pos.step, epoch=self.pos.epoch, top1=results)
+        log.knn(self.pos.step, self.pos.epoch, results)
         return results
 
     def fit(self) -> dict:
@@ -227,7 +227,9 @@ class Trainer:
         distributed.barrier()
         resumed = self.resume()
         log = MetricsLogger(self.run_dir, self.ctx.is_main, self.total_steps, self.pos.step,
-                            self.cfg.data.batch_size, self.ctx.world_size, self.cfg.log.progress)
+                            self.cfg.data.batch_size, self.ctx.world_size, self.cfg.log.progress,
+                            tensorboard=self.tensorboard,
+                            config_text=config_mod.dump_text(self.cfg))
         if aside:
             log.event("checkpoints_set_aside", f"a fresh start: the earlier checkpoints in this run folder moved to "
                       f"{aside}", path=str(aside))

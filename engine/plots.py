@@ -1,0 +1,216 @@
+"""Pictures of runs and benchmarks (`dogo plot`): training curves from metrics.jsonl, bar charts of result JSON.
+
+matplotlib is imported when a picture is drawn (the Agg backend: no display needed), never at import time.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from dogo.engine.io import atomic_write
+
+
+class PlotError(ValueError):
+    """An input that cannot be drawn; the message names the file and what to do."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError("dogo plot needs matplotlib: install the viz extra (make setup, or pip install -e '.[viz]')") \
+            from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    """Write the figure as PNG under a temporary name, then rename: no half-written picture under `out`."""
+    out = Path(out)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    _pyplot().close(fig)
+    return out
+
+
+# ---- training curves ---------------------------------------------------------------------------------------------
+
+def read_metrics(spec: str | Path) -> tuple[str, list[dict], list[dict]]:
+    """(name, step records, kNN events) of a run folder or a metrics.jsonl file. A run started afresh in the same
+    folder appends to its file: only the records after the last start (step falling back) are kept."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise PlotError(f"{spec}: no metrics.jsonl there; give a run folder (out_dir/name) or its metrics.jsonl")
+    name = path.parent.name if path.name == "metrics.jsonl" else path.stem
+    steps, knn = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise PlotError(f"{path}:{n} is not a JSON line") from None
+        if "loss" in record and "step" in record:
+            if steps and record["step"] <= steps[-1]["step"]:
+                steps, knn = [], [k for k in knn if k["step"] < record["step"]]
+            steps.append(record)
+        elif record.get("event") == "knn":
+            knn.append(record)
+    if not steps:
+        raise PlotError(f"{path} holds no step records yet (they are written every log.every steps)")
+    return name, steps, knn
+
+
+def _panels(steps: list[dict]) -> dict[str, list[str]]:
+    """Panel title -> metric keys: one panel per loss term kind (ntxent, kl, ...) with every peer in it, the
+    total, then the learning rates."""
+    panels: dict[str, list[str]] = defaultdict(list)
+    for key in steps[-1]:
+        if key.startswith("lr/"):
+            panels["learning rate"].append(key)
+        elif "/" in key:
+            panels[key.split("/", 1)[1]].append(key)
+    return {"loss (total)": ["loss"], **dict(sorted((k, v) for k, v in panels.items() if k != "learning rate")),
+            **({"learning rate": panels["learning rate"]} if "learning rate" in panels else {})}
+
+
+def plot_runs(specs: list[str | Path], out: str | Path) -> Path:
+    """Every run's curves overlaid, one panel per term (peers as separate lines), and kNN top-1 over steps."""
+    plt = _pyplot()
+    runs = [read_metrics(s) for s in specs]
+    titles: dict[str, list[str]] = {}
+    for _, steps, _ in runs:
+        for title, keys in _panels(steps).items():
+            titles.setdefault(title, [])
+            titles[title] += [k for k in keys if k not in titles[title]]
+    if any(knn for *_, knn in runs):
+        titles["kNN top-1 (%)"] = []
+    cols = min(3, len(titles))
+    rows = math.ceil(len(titles) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False, layout="constrained")
+    for ax, (title, keys) in zip(axes.flat, titles.items()):
+        for name, steps, knn in runs:
+            if title.startswith("kNN"):
+                peers = sorted({p for e in knn for p in e["top1"]})
+                for peer in peers:
+                    pts = [(e["step"], e["top1"][peer]) for e in knn if peer in e["top1"]]
+                    ax.plot(*zip(*pts), marker="o", label=f"{name} {peer}")
+                continue
+            for key in keys:
+                pts = [(r["step"], r[key]) for r in steps if key in r]
+                if pts:  # keys are "loss", "PEER/term" or "lr/PEER"
+                    peer = "" if key == "loss" else key.split("/")[1 if key.startswith("lr/") else 0]
+                    ax.plot(*zip(*pts), label=f"{name} {peer}".strip())
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in list(axes.flat)[len(titles):]:
+        ax.axis("off")
+    fig.suptitle(" vs ".join(name for name, *_ in runs))
+    return _save(fig, Path(out))
+
+
+# ---- benchmark charts --------------------------------------------------------------------------------------------
+
+def _kind(result: dict, path: Path) -> str:
+    kind = result.get("benchmark")
+    if kind not in ("pipeline", "contrastive_loss", "train_step"):
+        raise PlotError(f"{path}: not a dogo benchmark result (its 'benchmark' is {kind!r}; expected one written by "
+                        f"dogo bench pipeline, loss or train)")
+    return kind
+
+
+def _pipeline_chart(ax, results: list[dict]) -> None:
+    """Images/s per backend with the same run's torchvision and decode-only bars beside it."""
+    labels, values, colours = [], [], []
+    backends = [r["backend"] for r in results]
+    for r in results:
+        tag = f"{r['backend']}" + (f" ({r['placement']})" if "placement" in r else "")
+        if backends.count(r["backend"]) > 1 and "placement" not in r:
+            tag = r["_file"]  # two results of one backend: tell them apart by file
+        for key, what, colour in (("backend_two_views", tag, "tab:blue"), ("torchvision", f"torchvision [{tag} run]",
+                                                                           "tab:orange"),
+                                  ("decode_only_ceiling", f"decode only [{tag} run]", "tab:gray")):
+            if key in r:
+                labels.append(what)
+                values.append(r[key]["images_per_s"])
+                colours.append(colour)
+    bars = ax.barh(labels, values, color=colours)
+    ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    first = results[0]
+    ax.set_title(f"two views at {first['size']} px, batch {first['batch']}: images/s "
+                 f"({first['environment'].get('cpu_count', '?')} cores, {first['device']})")
+
+
+def _loss_charts(axes, results: list[dict]) -> None:
+    """Time and peak memory against views, log axes, the kernel and the straightforward version."""
+    for r in results:
+        rows = r["results"]
+        for ax, field, unit, scale in ((axes[0], "seconds_median", "s", 1), (axes[1], "peak_bytes", "GB", 1e-9)):
+            for version, style in (("kernel", "-o"), ("straightforward", "--s")):
+                pts = [(row["views"], row[version][field] * scale) for row in rows
+                       if field in row.get(version, {})]
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{version} ({r['objective']}, {r['embedding_dtype']})")
+            if field == "peak_bytes":
+                pts = [(row["views"], row["straightforward_lower_bound_bytes"] * scale) for row in rows
+                       if row.get("straightforward", {}).get("would_not_fit")]
+                if pts:
+                    ax.plot(*zip(*pts), "x", color="tab:red", label="straightforward: would not fit (least needed)")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("views (2N)")
+            ax.set_ylabel(unit)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+    axes[0].set_title("forward + backward time")
+    axes[1].set_title("peak memory")
+
+
+def _train_chart(ax, results: list[dict]) -> None:
+    """Images/s per configuration: the step with its data and the engine alone, median with min-max."""
+    labels, med, err = [], [], []
+    for r in results:
+        for key in ("step_with_batch_and_augmentation", "engine_only", "end_to_end", "synthetic_ceiling"):
+            if key in r:
+                m = r[key]
+                labels.append(f"{r['config']} {r['image_size']}px bs{r['batch_per_device']}: {key}")
+                med.append(m["images_per_s_median"])
+                err.append((m["images_per_s_median"] - m["images_per_s_min"],
+                            m["images_per_s_max"] - m["images_per_s_median"]))
+    bars = ax.barh(labels, med, xerr=list(zip(*err)) if err else None, color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title("training step: images/s per device (median, min-max)")
+
+
+def plot_bench(paths: list[str | Path], out: str | Path) -> Path:
+    """One chart per kind of benchmark among the result files, stacked in one picture."""
+    plt = _pyplot()
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for p in map(Path, paths):
+        try:
+            result = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PlotError(f"{p}: cannot read a JSON result ({exc})") from None
+        by_kind[_kind(result, p)].append({**result, "_file": p.stem})
+    rows = len(by_kind)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False, layout="constrained")
+    for row, (kind, results) in enumerate(by_kind.items()):
+        if kind == "contrastive_loss":
+            _loss_charts(axes[row], results)
+            continue
+        gs = axes[row, 0].get_gridspec()
+        for ax in axes[row]:
+            ax.remove()
+        ax = fig.add_subplot(gs[row, :])
+        (_pipeline_chart if kind == "pipeline" else _train_chart)(ax, results)
+    return _save(fig, Path(out))

@@ -1,0 +1,117 @@
+"""TensorBoard event files of a run (tags, steps, a resume continuing the curves) and `dogo plot` pictures."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli, tiny_config, write_config
+
+pytest.importorskip("tensorboard", reason="the viz extra is not installed")
+pytest.importorskip("matplotlib", reason="the viz extra is not installed")
+
+
+def _events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
+
+
+def test_tensorboard_curves_of_a_run_and_its_resume(shapes, tmp_path):
+    cfg = tiny_config(shapes, tmp_path, schedule={"max_steps": 3}, eval={"knn_every_epochs": 1},
+                      log={"every": 1, "progress": "off", "tensorboard": "on"})
+    path = write_config(tmp_path / "c.yaml", cfg)
+    run_cli("train", str(path))
+    run_dir = tmp_path / "t"
+    scalars, acc = _events(run_dir)
+    for tag in ("loss", "a/ntxent", "b/ntxent", "a/kl", "b/kl", "lr/a", "lr/b", "images_per_s", "knn_top1/a",
+                "knn_top1/b"):
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    assert [s for s, _ in scalars["a/ntxent"]] == [1, 2, 3]
+    assert [s for s, _ in scalars["knn_top1/a"]] == [3]
+    assert "config" in "".join(acc.Tags()["tensors"])  # the resolved config as text
+    # the values are the ones metrics.jsonl holds
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    np.testing.assert_allclose([v for _, v in scalars["loss"]], [r["loss"] for r in steps], rtol=1e-6)
+
+    # a resumed run (3 more steps) continues the same curves: steps 1..6, each once
+    run_cli("train", str(path), "schedule.max_steps=6")
+    scalars, _ = _events(run_dir)
+    assert [s for s, _ in scalars["a/ntxent"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_tensorboard_on_without_the_package_is_a_config_error(monkeypatch):
+    import builtins
+
+    from dogo.engine.config import ConfigError
+    from dogo.engine.logger import tensorboard_wanted
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard":
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    assert tensorboard_wanted("auto") is False and tensorboard_wanted("off") is False
+    with pytest.raises(ConfigError, match="log.tensorboard=on needs the tensorboard package"):
+        tensorboard_wanted("on")
+
+
+def _non_trivial_png(path: Path, min_bytes: int = 20_000) -> None:
+    from PIL import Image
+    assert path.is_file() and path.stat().st_size > min_bytes, f"{path} is missing or tiny"
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 600
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 50, "a blank or near-blank picture"
+    assert (pixels != 255).any(axis=2).mean() > 0.02, "almost nothing drawn"
+
+
+def _fake_run(root: Path, name: str, seed: int) -> Path:
+    """A run folder's metrics.jsonl as MetricsLogger writes it (two peers, kNN events), without training."""
+    from dogo.engine.logger import MetricsLogger
+    run = root / name
+    run.mkdir(parents=True)
+    log = MetricsLogger(run, True, 40, 0, 8, 1, progress="off")
+    g = torch.Generator().manual_seed(seed)
+    for step in range(1, 41):
+        log.add({"loss": 8 - step / 10 + torch.rand((), generator=g), "r18/ntxent": 4 - step / 20 + torch.rand(()),
+                 "r18/kl": torch.rand(()), "r50/ntxent": 4 - step / 30 + torch.rand(()), "r50/kl": torch.rand(())})
+        if step % 5 == 0:
+            log.flush(step, step // 20, {"r18": 1e-3 * (1 - step / 40), "r50": 1e-3 * (1 - step / 40)})
+        if step % 20 == 0:
+            log.knn(step, step // 20, {"r18": 20 + step / 2 + seed, "r50": 25 + step / 3})
+    log.close()
+    return run
+
+
+def test_plot_two_runs_overlaid(tmp_path):
+    a, b = _fake_run(tmp_path, "dogo_r18", 0), _fake_run(tmp_path, "simclr_r18", 1)
+    out = tmp_path / "pics" / "curves.png"
+    run_cli("plot", str(a), str(b / "metrics.jsonl"), "--out", str(out))
+    _non_trivial_png(out)
+    assert not list(out.parent.glob("*.tmp")), "a temporary file was left beside the picture"
+
+
+def test_plot_bench_charts_of_the_committed_results(tmp_path):
+    results = REPO / "benchmarks" / "results"
+    files = sorted(str(p) for p in results.glob("*.json")
+                   if json.loads(p.read_text()).get("benchmark") in ("pipeline", "contrastive_loss", "train_step"))
+    assert any("pipeline" in f for f in files) and any("loss" in f for f in files)
+    out = tmp_path / "bench.png"
+    run_cli("plot", "bench", *files, "--out", str(out))
+    _non_trivial_png(out)
+
+
+def test_plot_errors_name_the_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("plot", str(tmp_path / "empty"), check=False)
+    said = lambda p: " ".join(p.stdout.split())  # rich wraps long lines
+    assert proc.returncode == 2 and "empty: no metrics.jsonl there" in said(proc)
+    (tmp_path / "x.json").write_text('{"benchmark": "other"}')
+    proc = run_cli("plot", "bench", str(tmp_path / "x.json"), check=False)
+    assert proc.returncode == 2 and "x.json: not a dogo benchmark result" in said(proc)
