@@ -120,10 +120,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch statistics over every rank for process groups that torch's SyncBatchNorm refuses (gloo, CPU tensors).
+class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch statistics over every rank, on any device and process group (NCCL or gloo).
 
-    The per-channel sums travel through an autograd-aware all-reduce, so the gradient is exact.
+    The per-channel sums travel through an autograd-aware all-reduce, so the gradient is exact. Every rank holds
+    the same number of rows (base.Shard), so the count is known on the host: unlike torch's SyncBatchNorm, which
+    gathers per-rank counts and indexes them with a boolean mask (a host synchronisation in every BN layer), nothing
+    here waits for the device.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -137,42 +140,33 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         channels = x.shape[1]
         shape = [1, channels] + [1] * (x.dim() - 2)
         xf = x.float()
-        count = torch.tensor([x.numel() / channels], dtype=torch.float32, device=x.device)
+        n = x.numel() / channels * world_size()  # values per channel over all ranks
         # Two passes (mean, then centred squares) rather than E[x^2] - mean^2, which cancels badly in fp32.
-        sums = dist_nn.all_reduce(torch.cat([xf.sum(dims), count]))
-        n = sums[-1]
-        mean = sums[:channels] / n
+        mean = dist_nn.all_reduce(xf.sum(dims)) / n
         centred = xf - mean.view(shape)
         var = dist_nn.all_reduce(centred.square().sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                # momentum None is torch's cumulative average
-                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                # momentum None is torch's cumulative average, 1 / batches seen (a tensor: no host sync)
+                m = self.momentum if self.momentum is not None else self.num_batches_tracked.reciprocal().float()
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
-                unbiased = var.detach() * n / (n - 1)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+                self.running_var.lerp_((var.detach() * (n / (n - 1))).to(self.running_var.dtype), m)
         out = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:  # SimSiam's projector ends in a BN without affine parameters
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out.to(x.dtype)
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """torch's SyncBatchNorm on CUDA; CPUSyncBatchNorm for gloo on CPUs."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _convert_cpu(module)
-
-
-def _convert_cpu(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm of `module` as an AllReduceBatchNorm with the same state, on CUDA and on CPUs."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, AllReduceBatchNorm):
+        new = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats)
         new.load_state_dict(module.state_dict())
         return new
     for name, child in module.named_children():
-        module.add_module(name, _convert_cpu(child))
+        module.add_module(name, convert_sync_batchnorm(child))
     return module
 
 

@@ -23,7 +23,11 @@ class LARS(torch.optim.Optimizer):
 
     Groups with `lars=False` (biases and norms) get neither weight decay nor adaptation. The trust ratio is
     computed on the device (no host synchronisation): eta * ||w|| / ||g + wd * w||, or 1 where a norm is 0.
+    Under a GradScaler (fp16) it unscales the gradients itself and skips a step with inf/NaN gradients on the device
+    (`grad_scale`, `found_inf`: GradScaler's contract for optimisers that handle scaling), so the scaler never reads
+    found_inf on the host.
     """
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001):
@@ -32,11 +36,15 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step around this call
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
+            if grad_scale is not None:
+                grads = torch._foreach_div(grads, grad_scale)
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             if group["lars"]:
@@ -51,9 +59,17 @@ class LARS(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            if found_inf is None:
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                torch._foreach_add_(params, bufs, alpha=-group["lr"])
+                continue
+            # a step with inf/NaN gradients leaves buffers and weights as they were, decided on the device
+            skip = found_inf > 0
+            new_bufs = torch._foreach_add(torch._foreach_mul(bufs, group["momentum"]), grads)
+            new_params = torch._foreach_add(params, new_bufs, alpha=-group["lr"])
+            for old, new in zip(bufs + params, new_bufs + new_params):
+                old.copy_(torch.where(skip, old, new))
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

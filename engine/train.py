@@ -98,7 +98,7 @@ class Trainer:
         # key encoders copy the peers before SyncBN: MoCo's keys use each rank's own batch statistics
         self.targets = TargetMakers(cfg, self.model.peers)
         if cfg.distributed.sync_bn and self.ctx.distributed:
-            self.model = distributed.convert_sync_batchnorm(self.model, self.ctx.device)
+            self.model = distributed.convert_sync_batchnorm(self.model)
         fmt = torch.channels_last if self.precision.channels_last else torch.contiguous_format
         self.model.to(self.ctx.device, memory_format=fmt)
         self.targets.to(self.ctx.device, memory_format=fmt)

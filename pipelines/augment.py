@@ -9,18 +9,26 @@ The colour operations follow torchvision.transforms.v2.functional on float image
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+_HSV_OFFSETS = (5.0, 3.0, 1.0)  # hsv_to_rgb's n for R, G, B
+
+
+@functools.lru_cache(maxsize=None)
+def channel_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, C, 1, 1) constant on `device`, copied there once: a host-to-device copy in every step would make the
+    host wait for the device."""
+    return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) -> (N, 1, H, W) luma."""
-    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    return (x * channel_constant(_GRAY, x.device, x.dtype)).sum(dim=1, keepdim=True)
 
 
 def _per_image(f: torch.Tensor) -> torch.Tensor:
@@ -63,7 +71,7 @@ def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Channel n in (R, G, B) = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6, n = 5, 3, 1: the same
     piecewise-linear function of hue as torchvision's six-sector table, without building the table."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    n = channel_constant(_HSV_OFFSETS, h.device, h.dtype)
     k = (n + 6.0 * h.unsqueeze(1)) % 6.0
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     vs = (v * s).unsqueeze(1)
@@ -141,6 +149,12 @@ def draw_params(recipe, n: int, generator: torch.Generator, device: torch.device
     )
 
 
+def computes_subsets(device: torch.device) -> bool:
+    """Whether ops run on the images that draw them only (data-dependent shapes: fine on a CPU, a host sync on a
+    GPU). The tests turn it off to run the GPU's branch on the CPU."""
+    return device.type == "cpu"
+
+
 def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), a, b)
 
@@ -152,7 +166,7 @@ def _apply_where(mask: torch.Tensor, fn, x: torch.Tensor, *per_image: torch.Tens
     synchronisation. On a CPU only the chosen images are computed: there the work, not the synchronisation, is
     what costs.
     """
-    if x.device.type != "cpu":
+    if not computes_subsets(x.device):
         return _select(mask, fn(x, *per_image), x)
     idx = mask.nonzero().squeeze(1)
     if idx.numel() == 0:  # some ops (reflect padding) refuse an empty batch
@@ -201,8 +215,7 @@ class BatchAugment:
         self.blur_size = blur_kernel_size(image_size, recipe.blur_kernel_fraction)
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(recipe.std).view(1, 3, 1, 1)
+        self.mean, self.std = tuple(recipe.mean), tuple(recipe.std)
 
     def __call__(self, images: torch.Tensor, seed: int, rows: slice, global_rows: int) -> torch.Tensor:
         """`rows` of a global batch of `global_rows` images: parameters are drawn for all, then sliced."""
@@ -213,7 +226,5 @@ class BatchAugment:
         params = ViewParams(**{k: v[rows] for k, v in vars(params).items()})
         x = images.float().div_(255)
         x = apply_params(x, params, self.recipe, self.blur_size)
-        if self._mean.device != device:  # moved once, not at every step
-            self._mean, self._std = self._mean.to(device), self._std.to(device)
-        x = (x - self._mean) / self._std
+        x = (x - channel_constant(self.mean, device, x.dtype)) / channel_constant(self.std, device, x.dtype)
         return x.to(dtype=self.dtype, memory_format=self.memory_format)

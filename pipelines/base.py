@@ -66,15 +66,23 @@ class Shard:
     def permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
 
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        """permutation(epoch), computed once per epoch (13-18 ms at 1.28 M images: too much for every step)."""
+        cached = self.__dict__.get("_cached_permutation")  # a frozen dataclass still has its own __dict__
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, self.permutation(epoch))
+            self.__dict__["_cached_permutation"] = cached
+        return cached[1]
+
     def indices(self, epoch: int, step: int) -> np.ndarray:
-        perm = self.permutation(epoch)
+        perm = self.epoch_permutation(epoch)
         start = step * self.global_batch + self.rank * self.local_batch
         return perm[start:start + self.local_batch]
 
     def epoch_indices(self, epoch: int, start_step: int = 0) -> np.ndarray:
         """This rank's rows of every global batch from start_step to the epoch's end, in order."""
         steps = self.steps_per_epoch
-        batches = self.permutation(epoch)[:steps * self.global_batch].reshape(steps, self.global_batch)
+        batches = self.epoch_permutation(epoch)[:steps * self.global_batch].reshape(steps, self.global_batch)
         return batches[start_step:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch].reshape(-1)
 
 

@@ -44,15 +44,26 @@ def _jitter_factor(applied, strength: float):
     return 1.0 + applied * (u - 1.0)
 
 
+def _contrast_brightness(x, contrast, brightness):
+    """brightness * (m + contrast * (x - m)), m the image's mean grey, rounded and clamped to uint8 (HWC).
+
+    Written as arithmetic on the images rather than fn.brightness_contrast(contrast_center=m): a named argument must
+    live on the CPU, and with the mixed decoder m is a GPU tensor (DALI refuses the graph). Arithmetic keeps it on
+    the device, with no per-view copy to the host."""
+    if isinstance(contrast, float) and isinstance(brightness, float):
+        return x  # both strengths 0: identity
+    grey = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
+    m = fn.reductions.mean(grey, dtype=types.FLOAT)  # one value per image
+    y = brightness * (m + contrast * (fn.cast(x, dtype=types.FLOAT) - m))
+    return fn.cast(y, dtype=types.UINT8)  # DALI's cast rounds to nearest and saturates to [0, 255]
+
+
 def _view(images, size: int, r, out_dtype):
     """One view of the recipe from the decoded images (HWC uint8)."""
     x = fn.random_resized_crop(images, size=[size, size], random_area=list(r.crop_scale),
                                random_aspect_ratio=list(r.crop_ratio), num_attempts=10)
     jitter = fn.cast(fn.random.coin_flip(probability=r.jitter_p), dtype=types.FLOAT)
-    grey = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
-    x = fn.brightness_contrast(x, brightness=_jitter_factor(jitter, r.brightness),
-                               contrast=_jitter_factor(jitter, r.contrast),
-                               contrast_center=fn.reductions.mean(grey))
+    x = _contrast_brightness(x, _jitter_factor(jitter, r.contrast), _jitter_factor(jitter, r.brightness))
     hue = jitter * fn.random.uniform(range=[-r.hue, r.hue]) * 360.0 if r.hue else 0.0  # torchvision's: in turns
     x = fn.hsv(x, hue=hue, saturation=_jitter_factor(jitter, r.saturation))
     if fn.random.coin_flip(probability=r.grayscale_p, dtype=types.BOOL):
@@ -183,7 +194,11 @@ class DALILoader:
             for batch, in it:
                 views = [batch[f"view{v}"].to(self.device, self.dtype, non_blocking=True)
                          .contiguous(memory_format=self.memory_format) for v in range(self.n_views)]
-                yield TwoViewBatch(views, batch["label"].reshape(-1).to(self.device, torch.int64), self._report)
+                # DALI hands labels over on the CPU: pinned, so that the copy does not block the host
+                labels = batch["label"].reshape(-1)
+                if self.device.type == "cuda":
+                    labels = labels.pin_memory().to(self.device, non_blocking=True)
+                yield TwoViewBatch(views, labels.long(), self._report)
                 self._report = []
                 step += 1
         except RuntimeError as exc:

@@ -41,7 +41,9 @@ class SyntheticLoader:
             # Drawn for the global batch so that every world size sees the same images.
             images = torch.randint(0, 256, (self.shard.global_batch, 3, self.size, self.size), generator=gen,
                                    device=self.device, dtype=torch.uint8)[rows]
-            labels = torch.as_tensor(self.shard.indices(self._epoch, step) % NUM_CLASSES, device=self.device)
+            # drawn on the device too: no host data is copied in the step
+            labels = torch.randint(0, NUM_CLASSES, (self.shard.global_batch,), generator=gen,
+                                   device=self.device)[rows]
             views = [self.augment(images, view_seed(self.seed, self._epoch, step, v), rows, self.shard.global_batch)
                      for v in range(self.n_views)]
             yield TwoViewBatch(views, labels)

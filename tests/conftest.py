@@ -59,3 +59,68 @@ def run_cli(*args, check=True, timeout=600, torchrun_procs: int = 0):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+class HostSyncError(AssertionError):
+    """Something in the guarded code would make the host wait for a GPU."""
+
+
+def host_sync_guard():
+    """A context that fails on what would synchronise a GPU with the host, on any device (the tests run on the
+    CPU): reading a value (.item(), bool/float/int of a tensor, .tolist(), .numpy(), .cpu()), data-dependent shapes
+    (nonzero, boolean-mask indexing, masked_select), and tensors made from host data (torch.tensor, as_tensor,
+    from_numpy, new_tensor), which on a GPU are host-to-device copies."""
+    import contextlib
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
+             "tensor", "as_tensor", "from_numpy", "new_tensor", "masked_select"}
+    aten = {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "lift_fresh_copy"}
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in reads:
+                raise HostSyncError(f"host synchronisation: {name}")
+            return func(*args, **(kwargs or {}))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name in aten:
+                raise HostSyncError(f"host synchronisation: aten::{name}")
+            if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                       for i in (args[1] if len(args) > 1 else []) if i is not None):
+                raise HostSyncError("host synchronisation: boolean-mask indexing")
+            return func(*args, **(kwargs or {}))
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(Functions())
+    stack.enter_context(Ops())
+    return stack
+
+
+class OpCounter:
+    """Counts the aten ops dispatched inside the context (what a GPU would launch, give or take fusion)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counter = self
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops.append(func._schema.name)
+                return func(*args, **(kwargs or {}))
+
+        self.ops: list[str] = []
+        self._mode = Count()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

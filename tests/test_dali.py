@@ -159,3 +159,53 @@ def test_bench_pipeline_dali(shapes, tmp_path):
     assert r["backend"] == "dali" and r["backend_two_views"]["images_per_s"] > 0
     assert r["ratio_to_torchvision"] == pytest.approx(r["backend_two_views"]["images_per_s"]
                                                       / r["torchvision"]["images_per_s"])
+
+
+# Every option of the recipe that changes the graph: probabilities at 0 leave ops out, strengths at 0 make the
+# jitter an identity, and fp16 output changes crop_mirror_normalize.
+GPU_GRAPH_RECIPES = [
+    {},
+    dict(blur_p=0.5, solarize_p=0.2, grayscale_p=0.2),
+    dict(blur_p=0.0, solarize_p=0.0, grayscale_p=0.0, jitter_p=0.0),
+    dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0),
+    dict(brightness=0.4, contrast=0.0, hue=0.0),
+]
+
+
+@pytest.mark.parametrize("recipe", GPU_GRAPH_RECIPES)
+@pytest.mark.parametrize("out_dtype", ["FLOAT", "FLOAT16"])
+def test_the_gpu_graph_is_defined_for_every_recipe_option(recipe, out_dtype):
+    """DALI checks where each argument lives when the graph is defined, before anything runs: the mixed (GPU)
+    decoder's graph can be defined on this CPU machine. Named arguments must be CPU tensors; a GPU one (such as the
+    image mean as contrast_center) is refused here, as it would be on a GPU."""
+    from nvidia.dali import types
+
+    from dogo.pipelines.dali_loader import _two_views
+    pipe = _two_views(files=["unused.jpg"], labels=[0], n_views=2, size=32, recipe=AugmentConfig(**recipe),
+                      decoder="mixed", hw_decoder_load=0.65, out_dtype=getattr(types, out_dtype), batch_size=2,
+                      num_threads=1, device_id=0, seed=1, prefetch_queue_depth=2)
+    devices = [o.device for o in pipe._graph_out]  # the defined graph's outputs (DALI 2.4 keeps them here)
+    assert devices == ["gpu", "gpu", "cpu"], devices  # both views made on the GPU; the labels from the reader
+
+
+def test_contrast_and_brightness_as_arithmetic_match_torchvision(tmp_path):
+    """The arithmetic form of brightness and contrast around the mean grey: brightness b, contrast c with
+    b * (m + c (x - m)) equals torchvision's adjust_contrast then adjust_brightness (no clamp in between here)."""
+    from torchvision.transforms.v2 import functional as TF
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(60, 190, (16, 16, 3), dtype=np.uint8)
+    root = _folder(tmp_path, "c", pixels, copies=40)
+    recipe = AugmentConfig(**{**OFF, "jitter_p": 1.0, "brightness": 0.2, "contrast": 0.2, "saturation": 0.0,
+                              "hue": 0.0})
+    got = _views(_loader(root, recipe, batch=40), 1)
+    x = torch.from_numpy(pixels).permute(2, 0, 1)
+    mean_grey = TF.rgb_to_grayscale(x.float() / 255).mean()
+    # each view's b and c are unknown, but every pixel satisfies y = k0 + k1 x with k1 = b c, k0 = b m (1 - c):
+    for view in got[:8]:
+        xs, ys = x.float().flatten(), view.flatten()
+        k1, k0 = np.polyfit(xs.numpy(), ys.numpy(), 1)
+        b = k1 + k0 / (255 * mean_grey.item())  # b c + b (1 - c) = b
+        c = k1 / b
+        assert 0.8 - 0.02 <= b <= 1.2 + 0.02 and 0.8 - 0.02 <= c <= 1.2 + 0.02, (b, c)
+        want = TF.adjust_brightness(TF.adjust_contrast(x.float() / 255, c), b) * 255
+        assert (want.clamp(0, 255).round() - view).abs().max() <= 1.01

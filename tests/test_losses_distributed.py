@@ -62,13 +62,13 @@ def test_gloo_ranks_equal_the_global_batch(world, objective):
 
 
 def _bn_worker(rank: int, world: int, port: int, affine: bool, out):
-    from dogo.engine.distributed import CPUSyncBatchNorm
+    from dogo.engine.distributed import AllReduceBatchNorm
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
     w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1))
     b = 8 // world
-    bn = CPUSyncBatchNorm(3, affine=affine)
+    bn = AllReduceBatchNorm(3, affine=affine)
     xr = x[rank * b:(rank + 1) * b].clone().requires_grad_()
     y = bn(xr)
     (y * w[rank * b:(rank + 1) * b]).sum().backward()

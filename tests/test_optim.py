@@ -63,3 +63,30 @@ def test_each_optimiser_steps(name):
     peer(torch.randn(4, 3, 8, 8)).square().sum().backward()
     opt.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, peer.parameters()))
+
+
+def test_lars_under_a_grad_scaler_unscales_and_skips_inf_steps_on_the_device():
+    """fp16's GradScaler hands LARS grad_scale and found_inf: the update equals the unscaled one, and a step whose
+    gradients hold an inf changes neither weights nor momentum buffers (without the scaler reading found_inf)."""
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 4)
+    def make():
+        w = torch.nn.Parameter(w0.clone())
+        return w, LARS([{"params": [w], "lars": True, "weight_decay": 0.1}], lr=0.5, trust_coefficient=0.01)
+    x = torch.randn(3, 5)
+    plain_w, plain = make()
+    (x @ plain_w).square().sum().backward()
+    plain.step()
+    w, opt = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale((x @ w).square().sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    torch.testing.assert_close(w.detach(), plain_w.detach(), rtol=1e-5, atol=1e-6)
+    before_w, before_buf = w.detach().clone(), opt.state[w]["momentum_buffer"].clone()
+    opt.zero_grad()
+    scaler.scale((x @ w).square().sum() * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(w.detach(), before_w) and torch.equal(opt.state[w]["momentum_buffer"], before_buf)
+    assert scaler.get_scale() == 512.0  # the skipped step halved the scale, as for any optimiser

@@ -1,0 +1,160 @@
+"""The training step never makes the host wait for the device, and its op count does not grow with the batch.
+
+On this CPU machine the step runs the branches a GPU takes (ops on whole batches selected by masks: see
+augment.computes_subsets) under a guard that fails on every host synchronisation a GPU would suffer
+(conftest.host_sync_guard). The log step, which reads the averaged terms once every log.every steps, is the one
+allowed exception and is tested as such.
+"""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dogo.engine import config as config_mod
+from dogo.models import Peer
+from tests.conftest import HostSyncError, OpCounter, host_sync_guard
+from tests.test_losses_distributed import _free_port
+
+HEAD = {"head_hidden": 32, "head_out": 16}
+PEERS = {
+    "simclr": {"s": {"arch": "resnet18", **HEAD, "tau": 0.5}},
+    "mocov2": {"m": {"arch": "resnet18", **HEAD, "queue_size": 64}},
+    "simsiam": {"p": {"arch": "resnet18", **HEAD, "pred_hidden": 8}},
+    "dogo": {"a": {"arch": "resnet18", **HEAD, "tau": 0.5},
+             "b": {"arch": "resnet18", **HEAD, "ssl": "mocov2", "queue_size": 64, "kl_weight": 0.5}},
+    "disco": {"s": {"arch": "resnet18", **HEAD, "ssl": "simclr", "tau": 0.5}},
+}
+
+
+@pytest.fixture(autouse=True)
+def gpu_branches(monkeypatch):
+    """The recipe's GPU branch (whole-batch ops and masks) instead of the CPU's subsets of images."""
+    monkeypatch.setattr("dogo.pipelines.augment.computes_subsets", lambda device: False)
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(5)
+    t = Peer("resnet18", False, 32, 16)
+    torch.save(t.backbone.state_dict(), d / "bb.pt")
+    torch.save(t.head.state_dict(), d / "head.pt")
+    return d
+
+
+def _config(objective: str, tmp_path, teacher=None, batch=8, tile=4, **extra):
+    raw = {"name": "t", "out_dir": str(tmp_path), "seed": 1, "device": "cpu",
+           "data": {"backend": "synthetic", "synthetic_images": 64, "image_size": 16, "batch_size": batch},
+           "augment": {"blur_p": 0.5, "solarize_p": 0.2}, "peers": PEERS[objective],
+           "objective": {"name": objective, "tile": tile}, "optim": {"name": "lars", "lr": 0.1},
+           "schedule": {"max_steps": 4, "warmup_epochs": 0}, "eval": {"knn_every_epochs": 0},
+           "log": {"progress": "off", "tensorboard": "off"}, **extra}
+    if teacher is not None:
+        raw["teacher"] = {"backbone": str(teacher / "bb.pt"), "head": str(teacher / "head.pt"), "arch": "resnet18"}
+    return config_mod.from_dict(raw)
+
+
+def _steps(trainer, n: int, guarded: bool):
+    """n steps from the loader: the recipe on the device, then the training step, as the loop runs them."""
+    batches = iter(trainer.loader)
+    for _ in range(n):
+        if guarded:
+            with host_sync_guard():
+                trainer.step(next(batches).views)
+        else:
+            trainer.step(next(batches).views)
+
+
+@pytest.mark.parametrize("objective", list(PEERS))
+def test_training_steps_have_no_host_sync(objective, tmp_path, teacher_files):
+    from dogo.engine.train import Trainer
+    trainer = Trainer(_config(objective, tmp_path, teacher_files if objective == "disco" else None))
+    _steps(trainer, 1, guarded=False)  # the first step creates the optimiser state and the cached constants
+    _steps(trainer, 2, guarded=True)
+
+
+def test_the_guard_catches_an_item_in_the_step_and_the_log_step(monkeypatch, tmp_path):
+    """What the guard is for: an .item() added to the step fails it; the log step's one read is caught too (it is
+    the allowed exception: the loop reads there every log.every steps, nowhere else)."""
+    from dogo.engine import train as train_mod
+    from dogo.engine.logger import MetricsLogger
+    trainer = train_mod.Trainer(_config("simclr", tmp_path))
+    _steps(trainer, 1, guarded=False)
+    real = train_mod.objective_loss
+
+    def with_item(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        if loss.item() > 1e9:  # the kind of line that slips into a training loop
+            pass
+        return loss, terms
+
+    monkeypatch.setattr(train_mod, "objective_loss", with_item)
+    with pytest.raises(HostSyncError, match="item"):
+        _steps(trainer, 1, guarded=True)
+    monkeypatch.setattr(train_mod, "objective_loss", real)
+    log = MetricsLogger(tmp_path, True, 4, 0, 8, 1, progress="off")
+    batch = next(iter(trainer.loader))
+    with host_sync_guard():
+        log.add(trainer.step(batch.views))  # accumulating the terms reads nothing
+        with pytest.raises(HostSyncError, match="tolist"):
+            log.flush(1, 0, trainer.lrs())
+
+
+def _op_count(objective: str, tmp_path, batch: int, teacher) -> int:
+    from dogo.engine.train import Trainer
+    trainer = Trainer(_config(objective, tmp_path / str(batch), teacher, batch=batch, tile=64))
+    _steps(trainer, 1, guarded=False)
+    batches = iter(trainer.loader)
+    with OpCounter() as counter:
+        trainer.step(next(batches).views)
+    return len(counter.ops)
+
+
+@pytest.mark.parametrize("objective", ["dogo", "disco"])
+def test_op_count_of_a_step_does_not_grow_with_the_batch(objective, tmp_path, teacher_files):
+    """No Python loop over images in the recipe or the step: 8 and 16 images dispatch the same ops (the kernel's
+    tile of 64 holds both batches in one tile)."""
+    teacher = teacher_files if objective == "disco" else None
+    assert _op_count(objective, tmp_path, 8, teacher) == _op_count(objective, tmp_path, 16, teacher)
+
+
+def test_op_count_of_the_loss_kernel_grows_only_with_its_tiles():
+    from dogo.engine.contrastive import contrastive_terms
+
+    def count(b: int, tile: int) -> int:
+        zs = [torch.nn.functional.normalize(torch.randn(b, 8), dim=1).requires_grad_() for _ in range(4)]
+        with OpCounter() as c:
+            terms = contrastive_terms(zs, [0.5, 0.5], 0.2, tile)
+            terms.sum().backward()
+        return len(c.ops)
+
+    assert count(8, 8) == count(32, 32)  # one tile either way
+    assert count(16, 8) == count(32, 16)  # 2 x 2 tiles either way
+    assert count(16, 8) > count(16, 16)
+
+
+def _ranks_worker(rank: int, world: int, port: int, root: str, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import dogo.pipelines.augment as augment
+    from dogo.engine.train import Trainer
+    augment.computes_subsets = lambda device: False
+    try:
+        from pathlib import Path
+        trainer = Trainer(_config("dogo", Path(root), distributed={"sync_bn": True}))
+        _steps(trainer, 1, guarded=False)
+        _steps(trainer, 2, guarded=True)
+        out[rank] = "ok"
+    except Exception as exc:  # reported to the test, which fails with it
+        out[rank] = f"{type(exc).__name__}: {exc}"
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_dogo_steps_under_two_gloo_ranks_with_sync_bn_have_no_host_sync(tmp_path):
+    out = mp.Manager().dict()
+    mp.spawn(_ranks_worker, args=(2, _free_port(), str(tmp_path), out), nprocs=2)
+    assert dict(out) == {0: "ok", 1: "ok"}
