@@ -150,14 +150,17 @@ def cmd_bench_train(args) -> int:
     from dogo.benchmarks.train_step import bench_train, write
     from dogo.engine import distributed
     cfg = config_mod.load(args.config, args.overrides)
-    result = bench_train(cfg, args.warmup, args.steps, args.repeats)
+    result = bench_train(cfg, args.warmup, args.steps, args.repeats, args.peak_tflops)
     if distributed.rank() == 0:
         env = result["environment"]
         out = Path(args.json or f"benchmarks/results/train_{cfg.name}_{result['image_size']}px_{_device_tag(env)}.json")
         write(result, out)
         w, e = result["step_with_batch_and_augmentation"], result["engine_only"]
+        mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak: --peak-tflops)"
         console.print(f"{cfg.name} on {env['gpu'] or 'CPU'}: {w['images_per_s_median']:.1f} images/s per device "
-                      f"(whole step; {e['images_per_s_median']:.1f} engine only); wrote {out}", highlight=False)
+                      f"(whole step; {e['images_per_s_median']:.1f} engine only); "
+                      f"{result['flops_per_image'] / 1e9:.2f} GFLOP per image, {result['tflops']:.3f} TFLOP/s, "
+                      f"MFU {mfu}, {result['ops_per_step']} ops per step; wrote {out}", highlight=False)
     distributed.shutdown()
     return 0
 
@@ -303,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN autotuning)")
     bt.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     bt.add_argument("--repeats", type=int, default=3, help="timed repeats; the JSON keeps each and the median")
+    bt.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense peak (TFLOP/s) for the MFU; default: bf16 dense peak of known GPUs by "
+                         "name (H100 989, A100 312, ...); none on CPUs")
     bt.add_argument("--json", help="output file (default: benchmarks/results/train_<name>_<size>px_<device>.json)")
     bt.set_defaults(func=cmd_bench_train)
     bl = bsub.add_parser("loss", help="time and peak memory of the contrastive kernel vs the straightforward loss")

@@ -101,26 +101,3 @@ def host_sync_guard():
     stack.enter_context(Functions())
     stack.enter_context(Ops())
     return stack
-
-
-class OpCounter:
-    """Counts the aten ops dispatched inside the context (what a GPU would launch, give or take fusion)."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        counter = self
-
-        class Count(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                counter.ops.append(func._schema.name)
-                return func(*args, **(kwargs or {}))
-
-        self.ops: list[str] = []
-        self._mode = Count()
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)

@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 
 from dogo.engine import config as config_mod
 from dogo.models import Peer
-from tests.conftest import HostSyncError, OpCounter, host_sync_guard
+from dogo.benchmarks.train_step import OpCounter
+from tests.conftest import HostSyncError, host_sync_guard
 from tests.test_losses_distributed import _free_port
 
 HEAD = {"head_hidden": 32, "head_out": 16}

@@ -1,0 +1,40 @@
+"""`dogo bench train`: images/s with FLOPs per image, TFLOP/s, MFU and ops per step in its JSON."""
+import json
+
+import pytest
+import torch
+
+from dogo.benchmarks.train_step import count_flops, peak_tflops
+from dogo.engine import config as config_mod
+from tests.conftest import REPO, run_cli
+
+
+def test_bench_train_writes_flops_mfu_and_ops(tmp_path):
+    out = tmp_path / "train.json"
+    run_cli("bench", "train", "configs/bench_r18_r50.yaml", "data.image_size=32", "data.batch_size=4",
+            "data.synthetic_images=16", "device=cpu", "--warmup", "1", "--steps", "1", "--repeats", "1",
+            "--peak-tflops", "2.0", "--json", str(out))
+    r = json.loads(out.read_text())
+    assert r["flops_per_image"] > 1e9 and r["ops_per_step"] > 1000
+    assert r["tflops"] == pytest.approx(r["flops_per_image"] * r["step_with_batch_and_augmentation"]
+                                        ["images_per_s_median"] / 1e12)
+    assert r["peak_tflops"] == 2.0 and r["mfu"] == pytest.approx(r["tflops"] / 2.0)
+    assert r["sync_warnings"] is None  # CUDA's sync debug mode only; the CPU's check is test_host_sync.py
+
+
+def test_peak_table_knows_the_common_gpus():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0 and peak_tflops(None) is None
+    assert peak_tflops("NVIDIA L40S") == 362.0 and peak_tflops("NVIDIA L4") == 121.0
+
+
+def test_flops_per_image_of_the_imagenet_dogo_step():
+    """R18 + R50 at 224 px, two views each, forward and backward: ~3 x 2 x (1.82 + 4.09) GMAC x 2 FLOP/MAC = 70.9
+    GFLOP by the models' published multiply-accumulates; torch's counter gives 69.97 (it skips BN and pooling)."""
+    from dogo.engine.train import Trainer
+    cfg = config_mod.load(REPO / "configs" / "bench_r18_r50.yaml",
+                          ["device=cpu", "data.batch_size=2", "data.synthetic_images=2"])
+    trainer = Trainer(cfg)
+    views = next(iter(trainer.loader)).views
+    per_image = count_flops(lambda: trainer.step(views)) / 2
+    assert per_image == pytest.approx(69.97e9, rel=0.01)

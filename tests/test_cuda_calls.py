@@ -1,0 +1,99 @@
+"""Every CUDA-only branch, checked on this CPU machine so that a renamed argument fails here and not on a user's GPU:
+the same function run with the device as a parameter where the library allows it, else the call checked against
+the installed library's signature or schema. The README's GPU section lists each branch with its test here. (The
+DALI mixed decoder's graph is defined for every recipe option in test_dali.py.)
+"""
+import inspect
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+def test_contrastive_dot_on_cuda_uses_mm_with_an_fp32_output():
+    """engine/contrastive.py _dot: torch.mm(bf16, bf16, out_dtype=float32) on CUDA (tensor cores, fp32 out)."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA")
+    a = torch.empty(8, 16, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(16, 4, dtype=torch.bfloat16, device="meta")
+    out = torch.mm(a, b, out_dtype=torch.float32)  # the meta kernel checks the same schema as the CUDA one
+    assert out.shape == (8, 4) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimisers_take_the_same_steps_as_foreach(name):
+    """engine/optim.py build_optimizer: fused=True on CUDA; torch's fused kernels also run on CPUs, so the same
+    flags are run here against the foreach ones."""
+    from dogo.engine.config import Config
+    from dogo.engine.optim import build_optimizer
+    cfg = Config()
+    cfg.optim.name = name
+    torch.manual_seed(0)
+    peers = {"r18": nn.Linear(5, 3)}
+    twin = {"r18": nn.Linear(5, 3)}
+    twin["r18"].load_state_dict(peers["r18"].state_dict())
+    fused = build_optimizer(peers, cfg, 256, torch.device("cuda"))  # the CUDA branch's flags
+    plain = build_optimizer(twin, cfg, 256, torch.device("cpu"))
+    assert all(g.get("fused") for g in fused.param_groups) or fused.defaults.get("fused")
+    for _ in range(3):
+        x = torch.randn(4, 5)
+        for opt, model in ((fused, peers), (plain, twin)):
+            opt.zero_grad()
+            model["r18"](x).square().sum().backward()
+            opt.step()
+    for a, b in zip(peers["r18"].parameters(), twin["r18"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nccl_init_and_ddp_arguments_exist():
+    """engine/distributed.py init: init_process_group(device_id=); engine/train.py: DDP(device_ids=[index])."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    assert "device_id" in inspect.signature(dist.init_process_group).parameters
+    assert "device_ids" in inspect.signature(DistributedDataParallel).parameters
+    assert dist.is_nccl_available() or not torch.cuda.is_available()
+
+
+def test_cuda_runtime_calls_exist():
+    """engine/train.py (set_device, cudnn.benchmark, TF32, RNG state in checkpoints), benchmarks (synchronize,
+    memory statistics, device name), the README's sync debug mode."""
+    for name in ("set_device", "synchronize", "mem_get_info", "max_memory_allocated", "reset_peak_memory_stats",
+                 "memory_allocated", "get_device_name", "get_rng_state_all", "set_rng_state_all",
+                 "set_sync_debug_mode"):
+        assert callable(getattr(torch.cuda, name)), name
+    assert hasattr(torch.backends.cudnn, "benchmark")
+    torch.set_float32_matmul_precision("high")  # the call the trainer makes on CUDA; harmless here
+    torch.set_float32_matmul_precision("highest")
+
+
+def test_grad_scaler_and_autocast_on_cuda_take_our_arguments():
+    """engine/train.py: torch.amp.GradScaler(device_type, enabled=) and torch.autocast('cuda', dtype=bf16/fp16)."""
+    params = inspect.signature(torch.amp.GradScaler.__init__).parameters
+    assert "enabled" in params and "device" in params
+    assert "dtype" in inspect.signature(torch.autocast.__init__).parameters
+    # the fp16 path under LARS: test_optim.py runs GradScaler with LARS's device-side inf handling on the CPU
+
+
+def test_generators_and_pinned_copies_take_a_device():
+    """pipelines/augment.py: torch.Generator(device=...) per step; the loaders: pinned host memory and
+    non-blocking copies (DataLoader(pin_memory=), Tensor.pin_memory, .to(non_blocking=))."""
+    assert torch.Generator(device=torch.device("cpu")).device.type == "cpu"  # the keyword the recipe passes
+    assert "pin_memory" in inspect.signature(torch.utils.data.DataLoader.__init__).parameters
+    assert callable(torch.Tensor.pin_memory)
+    x = torch.arange(4)
+    assert torch.equal(x.to("cpu", non_blocking=True), x)
+
+
+def test_ffcv_to_device_takes_non_blocking():
+    """pipelines/ffcv_loader.py: ToDevice(device, non_blocking=True) at the end of both FFCV pipelines on CUDA."""
+    pytest.importorskip("ffcv")
+    from ffcv.transforms import ToDevice
+    params = inspect.signature(ToDevice.__init__).parameters
+    assert list(params)[:2] == ["self", "device"] and params["non_blocking"].default is True
+
+
+def test_dali_mixed_decoder_takes_the_hardware_load():
+    """pipelines/dali_loader.py: fn.decoders.image(device='mixed', hw_decoder_load=): the argument is in the
+    operator's schema (test_dali.py also defines the whole GPU graph)."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import backend
+    assert backend.GetSchema("decoders__Image").HasArgument("hw_decoder_load")
