@@ -64,7 +64,8 @@ demo-disco: $(STAMP) $(DEMO_DATA)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# A missing or malformed dataset stops here with the expected layout, before torchrun starts the ranks.
+# A missing or malformed dataset, or a step that cannot fit in memory, stops here with what to change, before
+# torchrun starts the ranks.
 define require_imagenet
 	@if [ -z "$(IMAGENET)" ]; then echo "error: set IMAGENET=/path/to/imagenet (holding train/ and val/ class folders)"; exit 2; fi
 	@$(PY) -m dogo.pipelines.folder "$(IMAGENET)"
@@ -72,14 +73,17 @@ endef
 
 imagenet-r18-r50: $(STAMP)
 	$(require_imagenet)
+	$(DOGO) train configs/imagenet_r18_r50.yaml data.path=$(IMAGENET) --dry-run --world-size $(NGPU)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_r18_r50.yaml data.path=$(IMAGENET)
 
 imagenet-simclr-r18: $(STAMP)
 	$(require_imagenet)
+	$(DOGO) train configs/imagenet_simclr_r18.yaml data.path=$(IMAGENET) --dry-run --world-size $(NGPU)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_simclr_r18.yaml data.path=$(IMAGENET)
 
 imagenet-simclr-r50: $(STAMP)
 	$(require_imagenet)
+	$(DOGO) train configs/imagenet_simclr_r50.yaml data.path=$(IMAGENET) --dry-run --world-size $(NGPU)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_simclr_r50.yaml data.path=$(IMAGENET)
 
 # DisCo: a frozen ResNet-50 (default: the run of make imagenet-simclr-r50) distilled into a MoCo v2 ResNet-18.
@@ -87,6 +91,7 @@ TEACHER ?= runs/imagenet_simclr_r50
 TEACHER_PEER ?= r50
 imagenet-disco-r18: $(STAMP)
 	$(require_imagenet)
+	$(DOGO) train configs/disco_r18_from_r50.yaml data.path=$(IMAGENET) teacher.checkpoint=$(TEACHER) teacher.peer=$(TEACHER_PEER) --dry-run --world-size $(NGPU)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/disco_r18_from_r50.yaml data.path=$(IMAGENET) teacher.checkpoint=$(TEACHER) teacher.peer=$(TEACHER_PEER)
 
 # Training-step throughput (images/s per device) of the DoGo engine on device-made synthetic batches.

@@ -45,7 +45,32 @@ def _load_run(spec: str, overrides: list[str]):
 def cmd_train(args) -> int:
     from dogo.engine.train import train
     cfg = config_mod.load(args.config, args.overrides)
+    if args.dry_run:
+        return _dry_run(cfg, args.world_size, args.json)
     train(cfg)  # a run stopped by SIGTERM/SIGINT has saved its checkpoint: that is a clean exit too
+    return 0
+
+
+def _dry_run(cfg, world_size: int, json_out: str | None = None) -> int:
+    """The config checked and the step's memory estimated for `world_size` ranks, without training."""
+    from dogo.engine.distributed import pick_device
+    from dogo.engine.memory import check_fits
+    from dogo.engine.train import resolve_precision
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg, device)
+    est, limit, warning = check_fits(cfg, world_size, device, precision.dtype, precision.channels_last)
+    console.print(warning or f"{cfg.name}: the config is valid; a training step needs about "
+                  f"{est.total / 2 ** 30:.1f} GiB per rank ({est.describe()}) of {limit / 2 ** 30:.1f} GiB available "
+                  f"on this {'GPU' if device.type == 'cuda' else 'CPU'} at {cfg.data.batch_size // world_size} "
+                  f"images per rank", highlight=False, soft_wrap=True)
+    if json_out:
+        from dogo.engine.io import atomic_write_text
+        atomic_write_text(json_out, json.dumps({
+            "estimate": "memory of one training step per rank (dogo.engine.memory), before anything runs",
+            "config": cfg.name, "world_size": world_size, "batch_per_rank": cfg.data.batch_size // world_size,
+            "image_size": cfg.data.image_size, "precision": str(precision.dtype),
+            "channels_last": precision.channels_last, "total_gib": est.total / 2 ** 30,
+            "parts_gib": {k: v / 2 ** 30 for k, v in est.parts.items()}}, indent=1) + "\n")
     return 0
 
 
@@ -249,6 +274,11 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
     t.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
     t.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.lr=0.6 peers.r18.tau=0.2")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the config and estimate the step's memory per rank, then exit: 0 when it fits, "
+                        "2 with the batch size that would (make's ImageNet targets run it before torchrun)")
+    t.add_argument("--world-size", type=int, default=1, help="with --dry-run: the ranks the batch is split over")
+    t.add_argument("--json", help="with --dry-run: also write the estimate here")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint's backbones")
@@ -346,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, PlotError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, however long
         return 2
 
 

@@ -1,16 +1,19 @@
 """The training loop: one step forwards every peer, backpropagates the summed loss once, updates all peers."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
-from dogo.engine import checkpoint, config as config_mod, distributed
+from dogo.engine import checkpoint, config as config_mod, distributed, memory
 from dogo.engine.config import Config
 from dogo.engine.evaluate import KnnMonitor
 from dogo.engine.logger import MetricsLogger, tensorboard_wanted
@@ -76,6 +79,17 @@ def resolve_precision(cfg: Config, device: torch.device) -> Precision:
     return Precision(dtype, device.type == "cuda" if cl == "auto" else cl == "on")
 
 
+def usable_workers(requested: int) -> tuple[int, str | None]:
+    """data.workers, at most the cores each rank on this node can have; with a line saying so when clamped."""
+    cores = len(os.sched_getaffinity(0))
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_rank = max(1, cores // ranks_here)
+    if requested <= per_rank:
+        return requested, None
+    return per_rank, (f"data.workers={requested} is more than the {per_rank} core(s) each of the {ranks_here} rank(s) "
+                      f"on this node can use ({cores} cores): using {per_rank}")
+
+
 @dataclass
 class Position:
     """Where the run is: `step` counts optimiser steps; (epoch, step_in_epoch) is the next batch's place."""
@@ -102,7 +116,14 @@ class Trainer:
         fmt = torch.channels_last if self.precision.channels_last else torch.contiguous_format
         self.model.to(self.ctx.device, memory_format=fmt)
         self.targets.to(self.ctx.device, memory_format=fmt)
-        self.loader = build_loader(cfg.data, cfg.augment, n_views=self.model.n_views, seed=cfg.seed,
+        # before any data is read: a step that cannot fit stops here, with the settings that would
+        self.memory_estimate, self.memory_limit, warning = memory.check_fits(
+            cfg, self.ctx.world_size, self.ctx.device, self.precision.dtype, self.precision.channels_last)
+        workers, note = usable_workers(cfg.data.workers)
+        for line in (warning, note):
+            if line and self.ctx.is_main:
+                Console().print(line, highlight=False)
+        self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), cfg.augment, n_views=self.model.n_views, seed=cfg.seed,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
                                    dtype=self.precision.dtype, channels_last=self.precision.channels_last)
         self.forward = self.model
@@ -182,6 +203,20 @@ class Trainer:
         self.targets.after_step(self.model.peers, targets, self.pos.step + 1, self.total_steps)
         return terms
 
+    def guarded_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """step(), with running out of device memory turned into a one-line error naming the step and what to
+        lower. Nothing is saved on the way out: the last good checkpoint stays the newest."""
+        try:
+            return self.step(views)
+        except torch.OutOfMemoryError:
+            fits = memory.memory_model(self.cfg, self.ctx.world_size, self.precision.dtype,
+                                       self.precision.channels_last).largest_batch(self.memory_limit)
+            raise config_mod.ConfigError(
+                f"out of {self.ctx.device.type.upper()} memory at step {self.pos.step + 1}: the estimate was "
+                f"{self.memory_estimate.total / 2 ** 30:.1f} GiB per rank of {self.memory_limit / 2 ** 30:.1f} GiB available; "
+                f"lower data.batch_size (now {self.cfg.data.batch_size}; the estimate says {fits} fits), "
+                f"objective.tile (now {self.cfg.objective.tile}), or set precision.dtype=bf16") from None
+
     def lrs(self) -> dict[str, float]:
         return {g["peer"]: g["lr"] for g in self.optimizer.param_groups}
 
@@ -204,7 +239,7 @@ class Trainer:
             while self.pos.step < self.total_steps and not result["stopped"]:
                 self.loader.set_epoch(self.pos.epoch, self.pos.step_in_epoch)
                 for batch in self.loader:
-                    log.add(self.step(batch.views))
+                    log.add(self.guarded_step(batch.views))
                     if self._after_step(batch, log, stop, result):
                         break
             if not result["stopped"]:

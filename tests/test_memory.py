@@ -1,0 +1,97 @@
+"""The memory estimate before the first step: against the measured peak, too-large runs refused with the batch
+that fits (make's ImageNet target included), running out of memory mid-run, and data.workers beyond the cores."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dogo.engine import config as config_mod, memory
+from dogo.engine.config import ConfigError
+from tests.conftest import REPO, cli_env, tiny_config
+
+MEASURE = r"""
+import json, resource, sys, torch
+from dogo.engine import config as config_mod
+from dogo.engine.memory import estimate
+from dogo.engine.train import Trainer
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+cfg = config_mod.load(sys.argv[1], sys.argv[2:])
+est = estimate(cfg, 1, torch.float32, cfg.precision.channels_last == "on").total
+base = rss()
+trainer = Trainer(cfg)
+batches = iter(trainer.loader)
+for _ in range(3):
+    trainer.step(next(batches).views)
+print(json.dumps({"estimate": est, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+"""
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("bench_r18_r50.yaml", ["data.image_size=64", "data.batch_size=16"]),  # R18 + R50, LARS, 4 views
+    ("demo.yaml", ["data.backend=synthetic", "data.batch_size=48"]),  # shared views, AdamW, channels_last
+])
+def test_estimate_is_within_25_percent_of_the_measured_peak_on_cpu(config, overrides):
+    """The resident-memory peak of 3 steps in a fresh process, above what the process held before the trainer."""
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(REPO / "configs" / config), "device=cpu",
+                           "data.synthetic_images=256", *overrides], env=cli_env(), capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.75 < r["estimate"] / r["peak"] < 1.25, r
+
+
+def test_a_step_that_cannot_fit_is_refused_before_data_is_read(shapes, tmp_path, monkeypatch):
+    cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, data={"batch_size": 64, "image_size": 32}))
+    model = memory.memory_model(cfg, 1, torch.float32, False)
+    limit = model.at(24).total + 1  # room for 24 images, not 25 or 64
+    monkeypatch.setattr(memory, "available_bytes", lambda device: limit)
+    assert model.largest_batch(limit) == 24
+    from dogo.engine.train import Trainer
+    monkeypatch.setattr("dogo.engine.train.build_loader", lambda *a, **k: pytest.fail("data was read"))
+    with pytest.raises(ConfigError, match=r"needs about .* GiB per rank .* lower data.batch_size to at most 24 "
+                                          r"\(now 64"):
+        Trainer(cfg)
+
+
+def test_make_imagenet_stops_within_seconds_with_the_estimate(shapes):
+    """On this 2-core, 24 GiB machine the ImageNet DoGo config (512 images x 4 views at 224 px on one rank) cannot
+    fit: make says so in one line, with the batch that would, before torchrun starts."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["make", "-s", "imagenet-r18-r50", f"IMAGENET={shapes}"], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and time.perf_counter() - t0 < 120
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lower data.batch_size to at most" in errors[0], out
+    assert "torchrun" not in out and "ChildFailedError" not in out and "Traceback" not in out
+
+
+def test_out_of_memory_mid_run_is_one_line_and_saves_nothing_new(shapes, tmp_path, monkeypatch):
+    from dogo.engine import checkpoint
+    from dogo.engine.train import Trainer
+    cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, checkpoint={"every_steps": 2}))
+    real = Trainer.step
+
+    def step(self, views):
+        if self.pos.step == 2:  # the third step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, views)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    trainer = Trainer(cfg)
+    with pytest.raises(ConfigError, match=r"out of CPU memory at step 3: .* lower data.batch_size \(now 8"):
+        trainer.fit()
+    assert [p.name for p in checkpoint.all_checkpoints(cfg.run_dir)] == ["step_000000002.pt"]
+
+
+def test_workers_beyond_the_cores_are_clamped_with_a_line(monkeypatch):
+    from dogo.engine.train import usable_workers
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert usable_workers(2) == (2, None)
+    n, note = usable_workers(10)
+    assert n == 2 and "data.workers=10 is more than the 2 core(s) each of the 2 rank(s)" in note
