@@ -112,6 +112,16 @@ def sync_warnings(fn, device: torch.device) -> list[str] | None:
     return sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
 
 
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def _endless(loader):
     """Batches epoch after epoch: a benchmark may need more steps than one epoch holds."""
     epoch = 0
@@ -124,6 +134,7 @@ def _endless(loader):
 def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float | None = None) -> dict:
     """peak: the device's dense peak in TFLOP/s for the MFU (None: looked up by the GPU's name)."""
     from dogo.engine.train import Trainer
+    rss_before = _rss()
     trainer = Trainer(cfg)
     device, b = trainer.ctx.device, cfg.data.batch_size // trainer.ctx.world_size
     batches = _endless(trainer.loader)
@@ -138,6 +149,10 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     syncs = sync_warnings(lambda: trainer.step(next(batches).views), device)
     env = environment(device)
     peak = peak if peak is not None else peak_tflops(env["gpu"])
+    if device.type == "cuda":  # what the caching allocator handed out, at most
+        measured, how = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    else:
+        measured, how = _peak_rss() - rss_before, "resident-set high-water mark above the process before the trainer"
     tflops = flops_per_image * whole["images_per_s_median"] / 1e12
     return {
         "benchmark": "train_step",
@@ -150,6 +165,8 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
         "step_with_batch_and_augmentation": whole, "engine_only": engine,
         "flops_per_image": flops_per_image, "tflops": tflops, "peak_tflops": peak,
         "mfu": tflops / peak if peak else None, "ops_per_step": len(ops.ops), "sync_warnings": syncs,
+        "memory": {"estimate_bytes": trainer.memory_estimate.total, "measured_peak_bytes": measured,
+                   "measured_as": how, "estimate_parts": trainer.memory_estimate.parts},
         "environment": env, "resolved_config": to_dict(cfg),
     }
 

@@ -185,7 +185,9 @@ def cmd_bench_train(args) -> int:
         console.print(f"{cfg.name} on {env['gpu'] or 'CPU'}: {w['images_per_s_median']:.1f} images/s per device "
                       f"(whole step; {e['images_per_s_median']:.1f} engine only); "
                       f"{result['flops_per_image'] / 1e9:.2f} GFLOP per image, {result['tflops']:.3f} TFLOP/s, "
-                      f"MFU {mfu}, {result['ops_per_step']} ops per step; wrote {out}", highlight=False)
+                      f"MFU {mfu}, {result['ops_per_step']} ops per step; memory estimate "
+                      f"{result['memory']['estimate_bytes'] / 2 ** 30:.2f} GiB, measured "
+                      f"{result['memory']['measured_peak_bytes'] / 2 ** 30:.2f} GiB; wrote {out}", highlight=False)
     distributed.shutdown()
     return 0
 

@@ -20,6 +20,8 @@ def test_bench_train_writes_flops_mfu_and_ops(tmp_path):
                                         ["images_per_s_median"] / 1e12)
     assert r["peak_tflops"] == 2.0 and r["mfu"] == pytest.approx(r["tflops"] / 2.0)
     assert r["sync_warnings"] is None  # CUDA's sync debug mode only; the CPU's check is test_host_sync.py
+    m = r["memory"]
+    assert m["estimate_bytes"] == sum(m["estimate_parts"].values()) and m["measured_peak_bytes"] > 0
 
 
 def test_peak_table_knows_the_common_gpus():
