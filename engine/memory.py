@@ -46,17 +46,21 @@ def _buffer_bytes(module: torch.nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def _saved_bytes(cfg: Config, local_batch: int, dtype: torch.dtype, channels_last: bool) -> tuple[int, int]:
-    """(bytes autograd saves in the peers' forward for `local_batch` images, the largest single saved tensor),
-    counted on the meta device. Low precision is modelled by running the meta peers in that dtype (autocast keeps
-    activations in it) plus the low-precision weight copies autocast saves."""
+def _meta_peers(cfg: Config, dtype: torch.dtype, channels_last: bool):
+    """The run's peers on the meta device (no memory), in the dtype autocast keeps activations in."""
     from dogo.engine.train import PeerSet
     with torch.device("meta"):
         model = PeerSet(cfg)
     if dtype != torch.float32:
         model.to(dtype)
+    return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
+
+
+def _saved_bytes(model, image_size: int, local_batch: int, dtype: torch.dtype, channels_last: bool
+                 ) -> tuple[int, int]:
+    """(bytes autograd saves in the meta peers' forward for `local_batch` images, the largest single saved tensor).
+    Low precision adds the low-precision weight copies autocast saves."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=fmt)
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -66,11 +70,10 @@ def _saved_bytes(cfg: Config, local_batch: int, dtype: torch.dtype, channels_las
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
         return t
 
-    s = cfg.data.image_size
-    views = [torch.empty(local_batch, 3, s, s, device="meta", dtype=dtype).contiguous(memory_format=fmt)
-             for _ in range(model.n_views)]
+    views = [torch.empty(local_batch, 3, image_size, image_size, device="meta", dtype=dtype)
+             .contiguous(memory_format=fmt) for _ in range(model.n_views)]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.train()(views)
+        model(views)
     extra = _param_bytes(model) if dtype != torch.float32 else 0  # autocast's bf16/fp16 weight copies
     return sum(seen.values()) + extra, max(seen.values(), default=0)
 
@@ -123,22 +126,22 @@ class MemoryModel:
 
 
 def memory_model(cfg: Config, world_size: int, dtype: torch.dtype, channels_last: bool) -> MemoryModel:
-    from dogo.engine.train import PeerSet
-    with torch.device("meta"):
-        model = PeerSet(cfg)
-    params = _param_bytes(model)
+    model = _meta_peers(cfg, dtype, channels_last)
+    params = sum(p.numel() for p in model.parameters()) * 4  # fp32 master weights whatever the autocast dtype
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point()) * 4
     # the per-image part from two batch sizes (the heads' BatchNorm1d needs at least 2 rows)
-    saved_2, _ = _saved_bytes(cfg, 2, dtype, channels_last)
-    saved_4, largest_4 = _saved_bytes(cfg, 4, dtype, channels_last)
+    s = cfg.data.image_size
+    saved_2, _ = _saved_bytes(model, s, 2, dtype, channels_last)
+    saved_4, largest_4 = _saved_bytes(model, s, 4, dtype, channels_last)
     elem = torch.finfo(dtype).bits // 8
     fixed = {
-        "parameters": params + _buffer_bytes(model),
+        "parameters": params + buffers,
         "gradients": params * (2 if world_size > 1 else 1),  # DDP keeps its own gradient buckets
         "optimizer": params * _optimizer_state_factor(cfg),
         "targets": _target_bytes(cfg),
     }
     return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4,
-                       model.n_views * 3 * cfg.data.image_size ** 2 * elem)
+                       model.n_views * 3 * s ** 2 * elem)
 
 
 def estimate(cfg: Config, world_size: int, dtype: torch.dtype, channels_last: bool) -> MemoryEstimate:
