@@ -36,7 +36,8 @@ class TensorBoardLog:
     def __init__(self, run_dir: Path, start_step: int, config_text: str):
         from torch.utils.tensorboard import SummaryWriter
         # the first step this run logs is start_step + 1: readers drop anything a stopped run wrote from there on
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"),
+                                    purge_step=start_step + 1 if start_step else None)
         self.writer.add_text("config", "```yaml\n" + config_text + "\n```", start_step + 1)
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:

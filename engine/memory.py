@@ -168,9 +168,14 @@ def _target_bytes(cfg: Config) -> int:
 
 
 def available_bytes(device: torch.device) -> int:
-    """What the device can still give: free CUDA memory, or the kernel's MemAvailable on a CPU."""
+    """What the device can still give this rank: its GPU's free memory, or on a CPU the kernel's MemAvailable
+    shared by the ranks on this node."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    return _host_available() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def _host_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

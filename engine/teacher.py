@@ -2,8 +2,9 @@
 
 Frozen means: no parameter requires gradient, `.train()` changes nothing, and the forward runs under inference
 mode (and the run's autocast). BatchNorm (`teacher.bn`) uses the running statistics (eval, our default) or each
-view's batch statistics as DisCo's code does (batch); in both modes the running statistics are never updated. Its weights never change; a checkpoint
-records their SHA-256 so that a resumed run can tell if the teacher's file has changed underneath it.
+view's batch statistics as DisCo's code does (batch); in both modes the running statistics are never updated. Its
+weights never change; a checkpoint records their SHA-256 so that a resumed run can tell if the teacher's file has
+changed underneath it.
 """
 from __future__ import annotations
 

@@ -123,7 +123,8 @@ class Trainer:
         for line in (warning, note):
             if line and self.ctx.is_main:
                 Console().print(line, highlight=False)
-        self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), cfg.augment, n_views=self.model.n_views, seed=cfg.seed,
+        self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), cfg.augment,
+                                   n_views=self.model.n_views, seed=cfg.seed,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
                                    dtype=self.precision.dtype, channels_last=self.precision.channels_last)
         self.forward = self.model
@@ -213,7 +214,8 @@ class Trainer:
                                        self.precision.channels_last).largest_batch(self.memory_limit)
             raise config_mod.ConfigError(
                 f"out of {self.ctx.device.type.upper()} memory at step {self.pos.step + 1}: the estimate was "
-                f"{self.memory_estimate.total / 2 ** 30:.1f} GiB per rank of {self.memory_limit / 2 ** 30:.1f} GiB available; "
+                f"{self.memory_estimate.total / 2 ** 30:.1f} GiB per rank of "
+                f"{self.memory_limit / 2 ** 30:.1f} GiB available; "
                 f"lower data.batch_size (now {self.cfg.data.batch_size}; the estimate says {fits} fits), "
                 f"objective.tile (now {self.cfg.objective.tile}), or set precision.dtype=bf16") from None
 
