@@ -43,6 +43,16 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files (.step_*.tmp) a run killed while writing a checkpoint left behind; they never
+    stand under a checkpoint's name, so nothing reads them."""
+    d = folder(run_dir)
+    stale = sorted(d.glob(".step_*.tmp")) if d.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def set_aside(run_dir: Path, stamp: str) -> Path | None:
     """Move a previous run's checkpoints into checkpoints/previous_STAMP/ before a fresh start in the same folder.
 

@@ -244,6 +244,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string: a number was meant
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -353,9 +358,27 @@ def check(cfg: Config) -> None:
                 "schedule.epochs": cfg.schedule.epochs, "log.every": cfg.log.every, "checkpoint.keep": cfg.checkpoint.keep,
                 "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size,
                 "objective.tile": cfg.objective.tile}
+    for name, peer in cfg.peers.items():
+        positive.update({f"peers.{name}.head_hidden": peer.head_hidden, f"peers.{name}.head_out": peer.head_out,
+                         f"peers.{name}.pred_hidden": peer.pred_hidden})
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    at_least_zero = {"data.workers": cfg.data.workers, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                     "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
+                     "schedule.max_steps": cfg.schedule.max_steps, "eval.knn_every_epochs": cfg.eval.knn_every_epochs,
+                     **{f"peers.{n}.{k}": getattr(p, k) for n, p in cfg.peers.items()
+                        for k in ("lr", "weight_decay", "kl_weight") if getattr(p, k) is not None}}
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {value}")
+    a = cfg.augment
+    for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        if not 0 <= getattr(a, key) <= 1:
+            raise ConfigError(f"augment.{key} is a probability: it must be in [0, 1], got {getattr(a, key)}")
+    if cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name:
+        raise ConfigError(f"name={cfg.name!r} must be a plain folder name: the run folder is out_dir/name and may "
+                          f"not lie outside out_dir (set out_dir to choose where runs go)")
     for name, peer in cfg.peers.items():
         if peer.tau is not None and peer.tau <= 0:
             raise ConfigError(f"peers.{name}.tau must be positive, got {peer.tau}")

@@ -255,18 +255,23 @@ class Trainer:
             log.close()
 
     def _open_run(self) -> MetricsLogger:
-        aside = None
+        aside, stale = None, []
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_mod.dump(self.cfg, self.run_dir / "config.yaml")
+            stale = checkpoint.remove_stale_temporaries(self.run_dir)
             if self.cfg.checkpoint.resume == "none":
                 aside = checkpoint.set_aside(self.run_dir, time.strftime("%Y%m%d_%H%M%S"))
         distributed.barrier()
         resumed = self.resume()
+        if self.ctx.is_main:  # only once the checkpoint check has passed: a refused resume leaves the old one
+            config_mod.dump(self.cfg, self.run_dir / "config.yaml")
         log = MetricsLogger(self.run_dir, self.ctx.is_main, self.total_steps, self.pos.step,
                             self.cfg.data.batch_size, self.ctx.world_size, self.cfg.log.progress,
                             tensorboard=self.tensorboard,
                             config_text=config_mod.dump_text(self.cfg))
+        if stale:
+            log.event("stale_temporaries", f"removed {len(stale)} half-written checkpoint file(s) left by a killed "
+                      f"run: {', '.join(p.name for p in stale)}", files=[str(p) for p in stale])
         if aside:
             log.event("checkpoints_set_aside", f"a fresh start: the earlier checkpoints in this run folder moved to "
                       f"{aside}", path=str(aside))
