@@ -112,14 +112,18 @@ def sync_warnings(fn, device: torch.device) -> list[str] | None:
     return sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
 
 
-def _rss() -> int:
+def _proc_status(key: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def _rss() -> int:
+    return _proc_status("VmRSS")
 
 
 def _peak_rss() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """This process's resident high-water mark (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    return _proc_status("VmHWM")
 
 
 def _endless(loader):

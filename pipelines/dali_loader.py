@@ -212,8 +212,9 @@ class DALILoader:
         """
         text = str(exc)
         if "out of memory" in text.lower():
-            return DataError("DALI ran out of device memory: lower data.batch_size or data.dali_hw_decoder_load, "
-                             f"or data.workers. DALI said: {_first_line(exc)}")
+            return DataError(f"DALI ran out of device memory at step {step} of epoch {self._epoch}: lower "
+                             f"data.batch_size or data.dali_hw_decoder_load, or data.workers. DALI said: "
+                             f"{_first_line(exc)}")
         if "decoders.image" not in text:
             return DataError(f"DALI failed at step {step} of epoch {self._epoch}: {_first_line(exc)}")
         bad = []

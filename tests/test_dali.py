@@ -209,3 +209,9 @@ def test_contrast_and_brightness_as_arithmetic_match_torchvision(tmp_path):
         assert 0.8 - 0.02 <= b <= 1.2 + 0.02 and 0.8 - 0.02 <= c <= 1.2 + 0.02, (b, c)
         want = TF.adjust_brightness(TF.adjust_contrast(x.float() / 255, c), b) * 255
         assert (want.clamp(0, 255).round() - view).abs().max() <= 1.01
+
+
+def test_dali_out_of_memory_names_the_step_and_the_settings(shapes):
+    loader = _loader(shapes / "train", AugmentConfig(), batch=8)
+    err = loader._explain(RuntimeError("Critical error in pipeline:\nCUDA allocation failed: out of memory"), 5)
+    assert "ran out of device memory at step 5 of epoch 0" in str(err) and "data.batch_size" in str(err)

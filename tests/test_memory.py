@@ -13,12 +13,14 @@ from dogo.engine.config import ConfigError
 from tests.conftest import REPO, cli_env, tiny_config
 
 MEASURE = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from dogo.engine import config as config_mod
 from dogo.engine.memory import estimate
 from dogo.engine.train import Trainer
+def status(key):  # VmHWM is this process's own high-water mark (ru_maxrss can keep the parent's across exec)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 def rss():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+    return status("VmRSS")
 cfg = config_mod.load(sys.argv[1], sys.argv[2:])
 est = estimate(cfg, 1, torch.float32, cfg.precision.channels_last == "on").total
 base = rss()
@@ -26,7 +28,7 @@ trainer = Trainer(cfg)
 batches = iter(trainer.loader)
 for _ in range(3):
     trainer.step(next(batches).views)
-print(json.dumps({"estimate": est, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+print(json.dumps({"estimate": est, "peak": status("VmHWM") - base}))
 """
 
 
