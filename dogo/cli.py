@@ -36,6 +36,7 @@ def _checkpoint_path(spec: str) -> Path:
 def _load_run(spec: str, overrides: list[str]):
     path = _checkpoint_path(spec)
     state = checkpoint.load(path)
+    checkpoint.check_finite(state, path)
     cfg = config_mod.from_dict(state["config"])
     for o in overrides:
         config_mod.apply_override(cfg, o)

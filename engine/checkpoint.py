@@ -75,9 +75,24 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
         raise CheckpointError(f"{path} is not a readable dogo checkpoint ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in ("config", "peers", "position") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a dogo checkpoint (it has no {', '.join(missing)}): give a run folder "
+                              f"or a file from its checkpoints/ (an exported backbone is a plain state_dict; a DisCo "
+                              f"teacher takes it as teacher.backbone)")
+    return state
+
+
+def check_finite(state: dict, path: Path) -> None:
+    """Refuse weights with NaN or inf: a run that diverged must not be evaluated, exported or distilled from."""
+    for peer, tensors in state["peers"].items():
+        for name, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CheckpointError(f"{path}: peer '{peer}' holds non-finite values ({name}); its training "
+                                      f"diverged. Use an earlier checkpoint")
 
 
 def _get(cfg: dict, dotted: str):
@@ -85,6 +100,21 @@ def _get(cfg: dict, dotted: str):
     for part in dotted.split("."):
         node = node[part]
     return node
+
+
+def changed_settings(saved_cfg: dict, cfg: dict) -> list[str]:
+    """The keys (dotted) whose values differ between a checkpoint's config and this run's, other than where the
+    run resumes from: what a resume applies anew (lr, weight decay, schedule, logging...)."""
+    out = []
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b and prefix != "checkpoint.resume":
+            out.append(f"{prefix}: {a!r} -> {b!r}")
+    walk(saved_cfg, cfg, "")
+    return out
 
 
 def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:

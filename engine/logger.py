@@ -3,6 +3,7 @@ stay on the device between log steps."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -117,8 +118,12 @@ class MetricsLogger:
             self.tb.scalars(top1, step, prefix="knn_top1/")
 
     def _write(self, record: dict) -> None:
+        # NaN and inf are not JSON: written as null, and named, so that every line stays readable
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def close(self) -> None:
         if self.progress is not None:

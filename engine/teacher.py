@@ -109,6 +109,7 @@ def _from_checkpoint(t: TeacherConfig) -> tuple[Peer, str]:
         path = found
     try:
         state = checkpoint.load(path)
+        checkpoint.check_finite(state, path)
     except checkpoint.CheckpointError as exc:
         raise ConfigError(f"teacher.checkpoint: {exc}") from None
     peers = list(state["peers"])

@@ -138,6 +138,9 @@ class Trainer:
         self.total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else cfg.schedule.epochs * spe
         self.warmup_steps = round(cfg.schedule.warmup_epochs * spe)
         self.pos = Position()
+        self._nonfinite: torch.Tensor | None = None  # any step's loss NaN or inf since the start
+        self._finite_until = 0  # the last step verified finite
+        self.resume_changes: list[str] = []  # config keys a resume changed (lr, weight decay, schedule...)
         self.knn = None
         if cfg.eval.knn_every_epochs > 0 and cfg.data.backend == "folder":
             self.knn = KnnMonitor(cfg, self.ctx, self.precision.dtype, self.precision.channels_last)
@@ -176,7 +179,13 @@ class Trainer:
             peer.load_state_dict(state["peers"][name])
         if self.targets.active:
             self.targets.load_checkpoint_state(state["targets"], path)
+        # the optimiser's state (momenta) comes from the checkpoint; its settings (lr, weight decay, momentum...)
+        # from this run's config, which may have changed them: load_state_dict alone would bring back the old ones
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+        self.resume_changes = checkpoint.changed_settings(state["config"], config_mod.to_dict(self.cfg))
         self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(**state["position"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -194,6 +203,9 @@ class Trainer:
             outputs = self.forward(views)
             targets = self.targets.make(views, self.model.pairs)
         loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
+        # a flag on the device, read only at log and checkpoint steps: no host sync here
+        bad = ~torch.isfinite(loss)
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -219,6 +231,21 @@ class Trainer:
                 f"lower data.batch_size (now {self.cfg.data.batch_size}; the estimate says {fits} fits), "
                 f"objective.tile (now {self.cfg.objective.tile}), or set precision.dtype=bf16") from None
 
+    def _require_finite(self, record: dict | None = None) -> None:
+        """Stop the run if any step's loss was NaN or inf since the last check (one read of a device flag, agreed
+        over the ranks), naming the steps and the terms; the newest checkpoint stays the last finite one."""
+        if self._nonfinite is None:
+            return
+        if distributed.all_reduce_mean(self._nonfinite.float()).item() == 0:  # read at log/checkpoint steps only
+            self._finite_until = self.pos.step
+            return
+        terms = ", ".join(k for k, v in (record or {}).items() if isinstance(v, float) and not math.isfinite(v))
+        raise config_mod.ConfigError(
+            f"the loss became NaN or inf between steps {self._finite_until + 1} and {self.pos.step}"
+            + (f" (non-finite: {terms})" if terms else "") + "; the run stopped without saving, so the newest "
+            f"checkpoint is from step {self._finite_until} or before. Lower optim.lr (now {self.cfg.optim.lr}) "
+            f"or set optim.clip_grad_norm, then resume or start afresh")
+
     def lrs(self) -> dict[str, float]:
         return {g["peer"]: g["lr"] for g in self.optimizer.param_groups}
 
@@ -237,6 +264,7 @@ class Trainer:
         stop = distributed.StopRequest(self.ctx)
         result = {"stopped": False, "knn_top1": {}}
         start = time.perf_counter()
+        self._finite_until = self.pos.step
         try:
             while self.pos.step < self.total_steps and not result["stopped"]:
                 self.loader.set_epoch(self.pos.epoch, self.pos.step_in_epoch)
@@ -278,6 +306,9 @@ class Trainer:
         if resumed:
             log.event("resume", f"resumed from {resumed} at step {self.pos.step}", path=str(resumed),
                       step=self.pos.step)
+            if self.resume_changes:
+                log.event("resume_settings", "settings changed since the checkpoint, applied from now on: "
+                          + "; ".join(self.resume_changes), changes=self.resume_changes)
         return log
 
     def _after_step(self, batch, log: MetricsLogger, stop: distributed.StopRequest, result: dict) -> bool:
@@ -294,8 +325,9 @@ class Trainer:
             log.event("skipped", f"skipped {len(batch.skipped)} undecodable file(s): {batch.skipped[0]}",
                       files=batch.skipped)
         if self.pos.step % cfg.log.every == 0 or last:
-            log.flush(self.pos.step, self.pos.epoch, self.lrs())
+            self._require_finite(log.flush(self.pos.step, self.pos.epoch, self.lrs()))
         if stop.should_stop():
+            self._require_finite()
             path = self.save()
             log.event("stopped", f"stopped by signal at step {self.pos.step}; checkpoint {path}; "
                                  f"run the same command again to resume", step=self.pos.step)
@@ -303,6 +335,7 @@ class Trainer:
             return True
         every = cfg.checkpoint.every_steps
         if epoch_end or last or (every and self.pos.step % every == 0):
+            self._require_finite()  # never a checkpoint of diverged weights, so none pruned for one
             self.save()
         knn_due = epoch_end and cfg.eval.knn_every_epochs and self.pos.epoch % cfg.eval.knn_every_epochs == 0
         if knn_due or (last and self.knn):

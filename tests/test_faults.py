@@ -58,3 +58,60 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed_at_start(shapes, t
     train(cfg)
     assert not stale.exists()
     assert "stale_temporaries" in (cfg.run_dir / "metrics.jsonl").read_text()
+
+
+def test_a_diverging_run_stops_saves_nothing_non_finite_and_eval_refuses(shapes, tmp_path):
+    """optim.lr=1e36 with SGD diverges within a few steps: the run stops with the steps and the terms, writes no
+    checkpoint of non-finite weights (so none of the finite ones is pruned for one), metrics.jsonl stays valid JSON
+    (null for NaN), and a checkpoint with NaN weights is refused by eval and export."""
+    import json
+
+    import torch
+
+    from dogo.engine.train import train
+    from tests.conftest import run_cli
+    cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, optim={"name": "sgd", "lr": 1e36},
+                                           checkpoint={"every_steps": 1, "keep": 2},
+                                           schedule={"max_steps": 6, "warmup_epochs": 0}))
+    with pytest.raises(ConfigError, match=r"the loss became NaN or inf between steps \d and \d .*non-finite: "):
+        train(cfg)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("nonfinite") for r in rows)
+    kept = checkpoint.all_checkpoints(cfg.run_dir)
+    assert kept, "the finite checkpoints before the divergence stay"
+    for path in kept:
+        checkpoint.check_finite(checkpoint.load(path), path)
+    # a checkpoint whose weights are NaN (from before this check existed, or edited) is refused
+    state = checkpoint.load(kept[-1])
+    name = next(iter(state["peers"]["a"]))
+    state["peers"]["a"][name] = torch.full_like(state["peers"]["a"][name], float("nan"))
+    bad = tmp_path / "nan.pt"
+    torch.save(state, bad)
+    proc = run_cli("eval", "knn", str(bad), check=False)
+    assert proc.returncode == 2 and "non-finite" in proc.stdout
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    import torch
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "backbone.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="backbone.pt is not a dogo checkpoint .*no config"):
+        checkpoint.load(tmp_path / "backbone.pt")
+
+
+def test_a_resume_applies_a_changed_lr_and_weight_decay_and_says_so(shapes, tmp_path):
+    """The optimiser's momenta come from the checkpoint, its settings from the config now: what config.yaml and the
+    checkpoint record is what runs, and the log names each change."""
+    from dogo.engine.train import Trainer, train
+    train(config_mod.from_dict(tiny_config(shapes, tmp_path, schedule={"max_steps": 2})))
+    cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, schedule={"max_steps": 4},
+                                           optim={"name": "lars", "lr": 0.05, "weight_decay": 0.01}))
+    trainer = Trainer(cfg)
+    trainer._open_run().close()
+    assert trainer.pos.step == 2
+    decayed = [g for g in trainer.optimizer.param_groups if g["lars"]]
+    assert all(g["base_lr"] == pytest.approx(0.05 * 8 / 256) and g["weight_decay"] == 0.01 for g in decayed)
+    assert any(c.startswith("optim.lr: 0.5 -> 0.05") for c in trainer.resume_changes)
+    assert any(c.startswith("optim.weight_decay:") for c in trainer.resume_changes)
+    assert "\"event\": \"resume_settings\"" in (cfg.run_dir / "metrics.jsonl").read_text()
+    state = trainer.optimizer.state_dict()
+    assert any(len(s) for s in state["state"].values()), "the momentum buffers came from the checkpoint"
