@@ -43,6 +43,35 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+class RunLock:
+    """An exclusive lock on a run folder (flock on RUN/.lock) for the run's lifetime: a second run into the same
+    folder is refused instead of overwriting checkpoints and interleaving metrics. The kernel drops the lock when its
+    process dies, so a lock file left by a killed run is simply taken over (its pid is named)."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import os
+        self.path = Path(run_dir) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        previous = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise CheckpointError(f"run folder {run_dir} is in use by another dogo run (process {previous or '?'}); "
+                                  f"wait for it to finish, or give this run another name=...") from None
+        self.taken_over = previous if previous and previous != str(os.getpid()) else None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        import os
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Delete the temporary files (.step_*.tmp) a run killed while writing a checkpoint left behind; they never
     stand under a checkpoint's name, so nothing reads them."""

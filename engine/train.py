@@ -141,6 +141,7 @@ class Trainer:
         self._nonfinite: torch.Tensor | None = None  # any step's loss NaN or inf since the start
         self._finite_until = 0  # the last step verified finite
         self.resume_changes: list[str] = []  # config keys a resume changed (lr, weight decay, schedule...)
+        self.lock: checkpoint.RunLock | None = None  # the run folder's, held by the main rank while it trains
         self.knn = None
         if cfg.eval.knn_every_epochs > 0 and cfg.data.backend == "folder":
             self.knn = KnnMonitor(cfg, self.ctx, self.precision.dtype, self.precision.channels_last)
@@ -260,7 +261,12 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to `total_steps` (or until SIGTERM/SIGINT), resuming first when the config says so."""
-        log = self._open_run()
+        try:
+            log = self._open_run()
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         stop = distributed.StopRequest(self.ctx)
         result = {"stopped": False, "knn_top1": {}}
         start = time.perf_counter()
@@ -281,11 +287,13 @@ class Trainer:
         finally:
             stop.close()
             log.close()
+            if self.lock is not None:
+                self.lock.release()
 
     def _open_run(self) -> MetricsLogger:
         aside, stale = None, []
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = checkpoint.RunLock(self.run_dir)  # before anything in the folder is touched
             stale = checkpoint.remove_stale_temporaries(self.run_dir)
             if self.cfg.checkpoint.resume == "none":
                 aside = checkpoint.set_aside(self.run_dir, time.strftime("%Y%m%d_%H%M%S"))
@@ -297,6 +305,9 @@ class Trainer:
                             self.cfg.data.batch_size, self.ctx.world_size, self.cfg.log.progress,
                             tensorboard=self.tensorboard,
                             config_text=config_mod.dump_text(self.cfg))
+        if self.lock is not None and self.lock.taken_over:
+            log.event("lock_taken_over", f"took over the run folder's lock from process {self.lock.taken_over}, "
+                      f"which is no longer running", pid=self.lock.taken_over)
         if stale:
             log.event("stale_temporaries", f"removed {len(stale)} half-written checkpoint file(s) left by a killed "
                       f"run: {', '.join(p.name for p in stale)}", files=[str(p) for p in stale])

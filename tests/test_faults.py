@@ -115,3 +115,32 @@ def test_a_resume_applies_a_changed_lr_and_weight_decay_and_says_so(shapes, tmp_
     assert "\"event\": \"resume_settings\"" in (cfg.run_dir / "metrics.jsonl").read_text()
     state = trainer.optimizer.state_dict()
     assert any(len(s) for s in state["state"].values()), "the momentum buffers came from the checkpoint"
+
+
+def test_a_second_run_into_a_busy_run_folder_is_refused(shapes, tmp_path):
+    """Two runs into one folder: the second is refused while the first holds the folder's lock; once the first
+    process is gone (killed: the kernel drops its lock), the next run takes the lock over and says so."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, run_cli
+    path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 1}))
+    run_dir = tmp_path / "t"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from dogo.engine.checkpoint import RunLock; RunLock(sys.argv[1]); print('held', "
+        "flush=True); time.sleep(60)"), str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run_cli("train", str(path), check=False, timeout=120)
+        said = " ".join(proc.stdout.split())
+        assert proc.returncode == 2 and f"is in use by another dogo run (process {holder.pid})" in said, said
+        assert not (run_dir / "metrics.jsonl").exists(), "the refused run wrote nothing"
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.2)
+    run_cli("train", str(path))
+    import json
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "lock_taken_over", "pid": str(holder.pid)} in events
