@@ -118,7 +118,7 @@ def cmd_eval_knn(args) -> int:
 
 def cmd_eval_linear(args) -> int:
     from dogo.engine.evaluate import extract_features, linear_probe
-    from dogo.pipelines.folder import scan
+    from dogo.pipelines import open_eval_split
     path, state, cfg = _load_run(args.checkpoint, args.overrides)
     if args.peer not in state["peers"]:
         raise ConfigError(f"--peer {args.peer!r}: the checkpoint has peers {', '.join(state['peers'])}")
@@ -126,20 +126,78 @@ def cmd_eval_linear(args) -> int:
     model = build_peers(cfg).to(ctx.device)
     model.peers[args.peer].load_state_dict(state["peers"][args.peer])
     backbone = model.peers[args.peer].backbone
-    root = Path(cfg.data.path)
-    feats = {}
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        index = scan(root / split)
-        feats[split] = extract_features(backbone, index, np.arange(len(index)), image_size=cfg.data.image_size,
-                                        batch_size=cfg.eval.batch_size, workers=cfg.data.workers,
-                                        recipe=cfg.augment, ctx=ctx, dtype=precision.dtype,
-                                        channels_last=precision.channels_last)
-    num_classes = len(scan(root / cfg.data.train_split).classes)
+    feats, num_classes = {}, 0
+    for name in (cfg.data.train_split, cfg.data.val_split):
+        split = open_eval_split(cfg.data, name, cfg.data.workers)
+        num_classes = max(num_classes, len(split.classes))
+        feats[name] = extract_features(backbone, split, np.arange(len(split)), batch_size=cfg.eval.batch_size,
+                                       recipe=cfg.augment, ctx=ctx, dtype=precision.dtype,
+                                       channels_last=precision.channels_last)
     result = linear_probe(*feats[cfg.data.train_split], *feats[cfg.data.val_split], num_classes,
                           epochs=args.epochs, lr=args.lr, seed=cfg.seed)
     if ctx.is_main:
         console.print(f"linear probe on frozen {cfg.peers[args.peer].arch} features of peer '{args.peer}' "
                       f"({path}): " + ", ".join(f"{k} {v:.2f}%" for k, v in result.items()))
+    return 0
+
+
+def cmd_eval_table(args) -> int:
+    """kNN and linear-probe top-1 of every peer of every run, of the same networks at their random
+    initialisation, and of raw pixels, on the first run's evaluation splits; one JSON file."""
+    from dogo.benchmarks.train_step import environment
+    from dogo.engine.evaluate import extract_features, knn_and_linear, pixel_features
+    from dogo.engine.io import atomic_write_text
+    from dogo.pipelines import open_eval_split
+    runs = [_load_run(spec, args.overrides) for spec in args.runs]
+    first = runs[0][2]
+    ctx, precision, build_peers = _eval_setup(first)
+    splits = {name: open_eval_split(first.data, name, first.data.workers)
+              for name in (first.data.train_split, first.data.val_split)}
+    positions = {name: np.arange(len(split)) for name, split in splits.items()}
+    num_classes = len(splits[first.data.train_split].classes)
+    ev = first.eval
+
+    def metrics(features_of) -> dict[str, float]:
+        train, val = (features_of(splits[n], positions[n]) for n in (first.data.train_split, first.data.val_split))
+        return knn_and_linear(train, val, num_classes, k=ev.knn_k, temperature=ev.knn_temperature,
+                              probe_epochs=args.epochs, seed=first.seed)
+
+    def of_backbone(backbone):
+        return lambda split, pos: extract_features(backbone, split, pos, batch_size=ev.batch_size, recipe=first.augment,
+                                                   ctx=ctx, dtype=precision.dtype,
+                                                   channels_last=precision.channels_last)
+
+    rows = [{"model": "raw pixels", **metrics(lambda split, pos: pixel_features(
+        split, pos, batch_size=ev.batch_size, recipe=first.augment, device=ctx.device))}]
+    seen_init = set()
+    for path, state, cfg in runs:
+        trained, random_init = build_peers(cfg).to(ctx.device), build_peers(cfg).to(ctx.device)
+        for name, peer in trained.peers.items():
+            peer.load_state_dict(state["peers"][name])
+            p = cfg.peers[name]
+            init_key = (p.arch, p.cifar_stem, cfg.seed)
+            if init_key not in seen_init:
+                seen_init.add(init_key)
+                rows.append({"model": f"{p.arch} random init (seed {cfg.seed})", "arch": p.arch,
+                             **metrics(of_backbone(random_init.peers[name].backbone))})
+            rows.append({"model": f"{cfg.name}/{name}", "arch": p.arch, "objective": cfg.objective.name,
+                         "checkpoint": str(path), "step": state["position"]["step"],
+                         **metrics(of_backbone(peer.backbone))})
+    if ctx.is_main:
+        table = Table(title=f"top-1 on {first.data.val_split} ({len(splits[first.data.val_split])} images), "
+                            f"kNN k={ev.knn_k} T={ev.knn_temperature}, linear probe {args.epochs} epochs")
+        for col in ("model", "kNN %", "linear %"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for r in rows:
+            table.add_row(r["model"], f"{r['knn_top1']:.2f}", f"{r['linear_top1']:.2f}")
+        console.print(table)
+        if args.json:
+            atomic_write_text(args.json, json.dumps({
+                "evaluation": "knn_and_linear_probe_top1", "data": first.data.path,
+                "train_split": first.data.train_split, "val_split": first.data.val_split, "k": ev.knn_k,
+                "temperature": ev.knn_temperature, "probe_epochs": args.epochs, "rows": rows,
+                "environment": environment(ctx.device)}, indent=1) + "\n")
+            console.print(f"wrote {args.json}", highlight=False)
     return 0
 
 
@@ -298,6 +356,14 @@ def parser() -> argparse.ArgumentParser:
     lin.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the linear layer")
     lin.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=/imagenet")
     lin.set_defaults(func=cmd_eval_linear)
+
+    tb = esub.add_parser("table", help="kNN and linear probe of runs' peers, their random init and raw pixels")
+    tb.add_argument("runs", nargs="+", help="checkpoint files or run folders (their newest checkpoints)")
+    tb.add_argument("--epochs", type=int, default=100, help="linear probe: passes over the cached features")
+    tb.add_argument("--json", help="write the table here as JSON")
+    tb.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="a config override for every run, e.g. --set data.path=/cifar (repeatable)")
+    tb.set_defaults(func=cmd_eval_table)
 
     x = sub.add_parser("export", help="write one peer's backbone as a plain torchvision state_dict")
     x.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")

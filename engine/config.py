@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    backend: Literal["folder", "ffcv", "dali", "synthetic"] = "folder"  # where two-view batches come from
-    path: str = "data/shapes64"  # root holding one folder per split (ImageNet layout: train/, val/)
+    backend: Literal["folder", "cifar", "ffcv", "dali", "synthetic"] = "folder"  # where two-view batches come from
+    path: str = "data/shapes64"  # root holding one folder per split (ImageNet layout: train/, val/); cifar: the
+    # cifar-10-batches-py or cifar-100-python folder (splits train and test)
     beton: str = ""  # backend ffcv: the training split as a .beton (dogo convert); evaluation still reads `path`
     order: Literal["random", "quasi_random"] = "random"  # ffcv: quasi_random reads the file in shuffled blocks
     os_cache: bool = True  # ffcv: read through the OS page cache (False: FFCV's own process cache)

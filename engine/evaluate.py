@@ -1,4 +1,5 @@
-"""Evaluation of backbone features: the weighted kNN monitor and a linear probe, on a labelled image folder.
+"""Evaluation of backbone features: the weighted kNN monitor and a linear probe, on a labelled split of any backend
+that has one (pipelines.open_eval_split).
 
 Features are the backbone's pooled penultimate layer in eval mode (BN running statistics), L2-normalised for kNN.
 Under torchrun each rank extracts a strided share of the images and the shares are all-gathered.
@@ -6,7 +7,6 @@ Under torchrun each rank extracts a strided share of the images and the shares a
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,14 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dogo.engine.distributed import DistContext, gather_no_grad
-from dogo.pipelines.folder import ImageFolderIndex, eval_batches, scan
+from dogo.pipelines import EvalSplit, open_eval_split
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, index: ImageFolderIndex, positions: np.ndarray, *, image_size: int,
-                     batch_size: int, workers: int, recipe, ctx: DistContext, dtype: torch.dtype,
-                     channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (n, D) float32, labels (n,)) for index[positions], on every rank; undecodable images dropped."""
+def extract_features(backbone: nn.Module, split: EvalSplit, positions: np.ndarray, *, batch_size: int, recipe,
+                     ctx: DistContext, dtype: torch.dtype, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (n, D) float32, labels (n,)) for split[positions], on every rank; unreadable images dropped."""
     w = ctx.world_size
     padded = np.concatenate([positions, np.repeat(positions[-1:], (-len(positions)) % w)])
     mine = padded[ctx.rank::w]
@@ -36,8 +35,7 @@ def extract_features(backbone: nn.Module, index: ImageFolderIndex, positions: np
     with Progress(TextColumn("features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not (ctx.is_main and console.is_terminal)) as bar:
         task = bar.add_task("features", total=math.ceil(len(mine) / batch_size))
-        for images, y in eval_batches(index, mine, image_size, batch_size, workers, ctx.device, recipe,
-                                      torch.float32 if dtype == torch.float32 else dtype, channels_last):
+        for images, y in split.batches(mine, batch_size, ctx.device, recipe, dtype, channels_last):
             with autocast:
                 feats.append(backbone(images).float())
             labels.append(y)
@@ -85,25 +83,24 @@ def bank_positions(n: int, limit: int, seed: int) -> np.ndarray:
 
 
 class KnnMonitor:
-    """kNN top-1 of backbones on (data.path/train_split as bank, data.path/val_split as queries)."""
+    """kNN top-1 of backbones on (data.train_split as bank, data.val_split as queries)."""
 
-    def __init__(self, cfg, ctx: DistContext, dtype: torch.dtype, channels_last: bool):
-        root = Path(cfg.data.path)
-        self.train_index = scan(root / cfg.data.train_split)
-        self.val_index = scan(root / cfg.data.val_split)
-        self.bank = bank_positions(len(self.train_index), cfg.eval.knn_bank_images, cfg.seed)
+    def __init__(self, cfg, ctx: DistContext, dtype: torch.dtype, channels_last: bool, workers: int | None = None):
+        workers = cfg.data.workers if workers is None else workers
+        self.train_split = open_eval_split(cfg.data, cfg.data.train_split, workers)
+        self.val_split = open_eval_split(cfg.data, cfg.data.val_split, workers)
+        self.bank = bank_positions(len(self.train_split), cfg.eval.knn_bank_images, cfg.seed)
         self.cfg, self.ctx, self.dtype, self.channels_last = cfg, ctx, dtype, channels_last
 
-    def _features(self, backbone, index, positions):
-        c = self.cfg
-        return extract_features(backbone, index, positions, image_size=c.data.image_size,
-                                batch_size=c.eval.batch_size, workers=c.data.workers, recipe=c.augment,
-                                ctx=self.ctx, dtype=self.dtype, channels_last=self.channels_last)
+    def _features(self, backbone, split, positions):
+        return extract_features(backbone, split, positions, batch_size=self.cfg.eval.batch_size,
+                                recipe=self.cfg.augment, ctx=self.ctx, dtype=self.dtype,
+                                channels_last=self.channels_last)
 
     def top1(self, backbone: nn.Module) -> float:
-        bank, bank_y = self._features(backbone, self.train_index, self.bank)
-        queries, y = self._features(backbone, self.val_index, np.arange(len(self.val_index)))
-        scores = knn_predict(bank, bank_y, queries, len(self.train_index.classes), self.cfg.eval.knn_k,
+        bank, bank_y = self._features(backbone, self.train_split, self.bank)
+        queries, y = self._features(backbone, self.val_split, np.arange(len(self.val_split)))
+        scores = knn_predict(bank, bank_y, queries, len(self.train_split.classes), self.cfg.eval.knn_k,
                              self.cfg.eval.knn_temperature)
         return topk_accuracy(scores, y, ks=(1,))["top1"]
 
@@ -130,3 +127,25 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
             sched.step()
     with torch.no_grad():
         return topk_accuracy(clf(val_f), val_y)
+
+
+@torch.no_grad()
+def pixel_features(split: EvalSplit, positions: np.ndarray, *, batch_size: int, recipe, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw-pixels baseline: each normalised evaluation image flattened into one feature vector."""
+    feats, labels = [], []
+    for images, y in split.batches(positions, batch_size, device, recipe, torch.float32, False):
+        feats.append(images.flatten(1))
+        labels.append(y)
+    f, y = torch.cat(feats), torch.cat(labels)
+    keep = y >= 0
+    return f[keep], y[keep]
+
+
+def knn_and_linear(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                   num_classes: int, *, k: int, temperature: float, probe_epochs: int, seed: int
+                   ) -> dict[str, float]:
+    """Both evaluations of one set of features: weighted kNN top-1 and a linear probe's top-1, in %."""
+    scores = knn_predict(train[0], train[1], val[0], num_classes, k, temperature)
+    return {"knn_top1": topk_accuracy(scores, val[1], ks=(1,))["top1"],
+            "linear_top1": linear_probe(*train, *val, num_classes, epochs=probe_epochs, seed=seed)["top1"]}

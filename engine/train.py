@@ -143,8 +143,8 @@ class Trainer:
         self.resume_changes: list[str] = []  # config keys a resume changed (lr, weight decay, schedule...)
         self.lock: checkpoint.RunLock | None = None  # the run folder's, held by the main rank while it trains
         self.knn = None
-        if cfg.eval.knn_every_epochs > 0 and cfg.data.backend == "folder":
-            self.knn = KnnMonitor(cfg, self.ctx, self.precision.dtype, self.precision.channels_last)
+        if cfg.eval.knn_every_epochs > 0 and cfg.data.backend != "synthetic":  # synthetic images have no classes
+            self.knn = KnnMonitor(cfg, self.ctx, self.precision.dtype, self.precision.channels_last, workers)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from dogo.pipelines.base import DataError, TwoViewBatch, TwoViewLoader
+from dogo.pipelines.base import DataError, EvalSplit, TwoViewBatch, TwoViewLoader
 
-__all__ = ["DataError", "TwoViewBatch", "TwoViewLoader", "build_loader"]
+__all__ = ["DataError", "EvalSplit", "TwoViewBatch", "TwoViewLoader", "build_loader", "open_eval_split"]
 
 
 def build_loader(data, recipe, *, n_views: int, seed: int, rank: int, world_size: int, device: torch.device,
@@ -36,7 +36,24 @@ def build_loader(data, recipe, *, n_views: int, seed: int, rank: int, world_size
             raise DataError(f"data.backend=dali needs DALI ({exc}); install the dali extra (make setup)") from None
         return DALILoader(Path(data.path) / data.train_split, workers=data.workers,
                           hw_decoder_load=data.dali_hw_decoder_load, **common)
+    if data.backend == "cifar":
+        from dogo.pipelines.cifar import CifarLoader
+        return CifarLoader(data.path, data.train_split, **common)
     if data.backend == "synthetic":
         from dogo.pipelines.synthetic import SyntheticLoader
         return SyntheticLoader(num_images=data.synthetic_images, **common)
-    raise DataError(f"data.backend={data.backend!r} is not available; choose folder, ffcv, dali or synthetic")
+    raise DataError(f"data.backend={data.backend!r} is not available; choose folder, cifar, ffcv, dali or synthetic")
+
+
+def open_eval_split(data, split: str, workers: int) -> EvalSplit:
+    """A labelled split for kNN and the linear probe: the CIFAR files for backend cifar, else the image folder
+    data.path/split (FFCV and DALI train from their own format but evaluate on the folder). The synthetic backend
+    has no labelled images."""
+    if data.backend == "cifar":
+        from dogo.pipelines.cifar import CifarEvalSplit
+        return CifarEvalSplit(data.path, split, data.image_size)
+    if data.backend == "synthetic":
+        raise DataError("data.backend=synthetic has no labelled images to evaluate on; set eval.knn_every_epochs=0 "
+                        "or train on a folder, cifar, ffcv or dali dataset")
+    from dogo.pipelines.folder import FolderEvalSplit
+    return FolderEvalSplit(Path(data.path) / split, data.image_size, workers)

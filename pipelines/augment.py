@@ -10,6 +10,7 @@ The colour operations follow torchvision.transforms.v2.functional on float image
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -207,6 +208,69 @@ def apply_params(x: torch.Tensor, p: ViewParams, recipe, blur_size: int) -> torc
     return x
 
 
+def draw_crop_boxes(n: int, height: int, width: int, scale, ratio, generator: torch.Generator,
+                    device: torch.device) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for n images of one size at once: (n, 4) float (left, top, w, h),
+    whole pixels. Ten tries per image, the first that fits is kept, else the central crop at the nearest allowed
+    ratio; every try is drawn for every image, so there is no data-dependent loop (and no host sync)."""
+    tries = 10
+    u = torch.rand(n, tries, 4, generator=generator, device=device, dtype=torch.float64)
+    target = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
+
+    def chosen(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(1, first).squeeze(1)
+
+    w, h = chosen(w), chosen(h)
+    top = torch.floor(chosen(u[..., 2]) * (height - h + 1))
+    left = torch.floor(chosen(u[..., 3]) * (width - w + 1))
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    ok = fits.any(dim=1)
+    box = torch.stack([torch.where(ok, left, (width - fw) // 2), torch.where(ok, top, (height - fh) // 2),
+                       torch.where(ok, w, fw), torch.where(ok, h, fh)], dim=1)
+    return box.float()
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop box i of image i and resize it to size x size, bilinear, in one grid_sample for the batch.
+
+    uint8 or float (N, C, H, W) -> float32 in [0, 1]. The sampling points are torchvision's resized_crop without
+    antialiasing (F.interpolate, align_corners=False): output pixel j reads crop coordinate (j + 0.5) w / size - 0.5,
+    clamped to the crop, so no pixel outside the box leaks in.
+    """
+    x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+    n, _, height, width = x.shape
+    centres = (torch.arange(size, device=x.device, dtype=torch.float32) + 0.5) / size  # (size,)
+    left, top, w, h = boxes.unbind(dim=1)
+
+    def axis(start: torch.Tensor, extent: torch.Tensor, full: int) -> torch.Tensor:
+        at = start.view(-1, 1) + centres.view(1, -1) * extent.view(-1, 1) - 0.5
+        at = torch.minimum(torch.maximum(at, start.view(-1, 1)), (start + extent - 1).view(-1, 1))
+        return (2 * at + 1) / full - 1  # grid_sample's coordinates (align_corners=False)
+
+    gx, gy = axis(left, w, width), axis(top, h, height)
+    grid = torch.stack([gx.view(n, 1, size).expand(n, size, size), gy.view(n, size, 1).expand(n, size, size)],
+                       dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def normalise(x: torch.Tensor, recipe, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """Float images in [0, 1] -> (x - mean) / std in the training dtype and memory format."""
+    x = (x - channel_constant(tuple(recipe.mean), x.device, x.dtype)) / \
+        channel_constant(tuple(recipe.std), x.device, x.dtype)
+    return x.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 class BatchAugment:
     """Callable: uint8 (b, 3, S, S) on the device -> normalised views in the training dtype and memory format."""
 
@@ -214,17 +278,18 @@ class BatchAugment:
         self.recipe = recipe
         self.blur_size = blur_kernel_size(image_size, recipe.blur_kernel_fraction)
         self.dtype = dtype
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.mean, self.std = tuple(recipe.mean), tuple(recipe.std)
+        self.channels_last = channels_last
 
     def __call__(self, images: torch.Tensor, seed: int, rows: slice, global_rows: int) -> torch.Tensor:
         """`rows` of a global batch of `global_rows` images: parameters are drawn for all, then sliced."""
-        device = images.device
+        return self.from_float(images.float().div_(255), seed, rows, global_rows)
+
+    def from_float(self, x: torch.Tensor, seed: int, rows: slice, global_rows: int) -> torch.Tensor:
+        """As __call__, for float images in [0, 1] (a batched crop's output); x may be modified in place."""
+        device = x.device
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         params = draw_params(self.recipe, global_rows, gen, device)
         params = ViewParams(**{k: v[rows] for k, v in vars(params).items()})
-        x = images.float().div_(255)
         x = apply_params(x, params, self.recipe, self.blur_size)
-        x = (x - channel_constant(self.mean, device, x.dtype)) / channel_constant(self.std, device, x.dtype)
-        return x.to(dtype=self.dtype, memory_format=self.memory_format)
+        return normalise(x, self.recipe, self.dtype, self.channels_last)

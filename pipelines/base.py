@@ -36,6 +36,18 @@ class TwoViewLoader(Protocol):
         """Steps the next iteration yields."""
 
 
+class EvalSplit(Protocol):
+    """A labelled split for kNN and the linear probe: deterministic images (no augmentation), in order."""
+    classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    def batches(self, positions: np.ndarray, batch_size: int, device: torch.device, recipe, dtype: torch.dtype,
+                channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised images on device, labels on device) for `positions`, in order; label -1 marks an image
+        that could not be read (left out of every metric)."""
+
+
 @dataclass(frozen=True)
 class Shard:
     """Which rows of each global batch belong to this rank.

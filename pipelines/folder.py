@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dogo.pipelines.augment import BatchAugment
+from dogo.pipelines.augment import BatchAugment, normalise
 from dogo.pipelines.base import DataError, Shard, TwoViewBatch, check_batch_fits, view_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -100,6 +100,13 @@ def _to_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def _private_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed from its generator each time it is iterated, from the global
+    torch RNG if it has none: that draw would shift the RNG that dropout and stochastic depth use, and a run
+    resumed mid-epoch would no longer equal the run straight through. Our workers draw from their own seeds."""
+    return torch.Generator().manual_seed(0)
+
+
 class TwoViewCrops(torch.utils.data.Dataset):
     """Item (epoch, index) -> (uint8 views (V, 3, S, S), label, skipped paths).
 
@@ -173,7 +180,7 @@ class FolderLoader:
             TwoViewCrops(self.index, image_size, n_views, recipe, seed),
             batch_sampler=self._batches, num_workers=workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, generator=_private_generator())
         self._epoch, self._start = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -219,17 +226,24 @@ class EvalImages(torch.utils.data.Dataset):
         return _to_chw(img), int(self.index.labels[j])
 
 
-def eval_batches(index: ImageFolderIndex, positions: np.ndarray, image_size: int, batch_size: int, workers: int,
-                 device: torch.device, recipe, dtype: torch.dtype, channels_last: bool):
-    """Yield (normalised images on device, labels) for `positions` of the index, in order."""
-    mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    loader = torch.utils.data.DataLoader(EvalImages(index, image_size, positions), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
-    for images, labels in loader:
-        x = images.to(device, non_blocking=True).float().div_(255)
-        yield ((x - mean) / std).to(dtype=dtype, memory_format=fmt), labels.to(device, non_blocking=True)
+class FolderEvalSplit:
+    """One split of an image folder for evaluation (the EvalSplit protocol); decoded by `workers` processes."""
+
+    def __init__(self, root: str | Path, image_size: int, workers: int):
+        self.index = scan(root)
+        self.classes, self.size, self.workers = self.index.classes, image_size, workers
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batches(self, positions: np.ndarray, batch_size: int, device: torch.device, recipe, dtype: torch.dtype,
+                channels_last: bool):
+        loader = torch.utils.data.DataLoader(EvalImages(self.index, self.size, positions), batch_size=batch_size,
+                                             num_workers=self.workers, pin_memory=device.type == "cuda",
+                                             generator=_private_generator())
+        for images, labels in loader:
+            x = images.to(device, non_blocking=True).float().div_(255)
+            yield normalise(x, recipe, dtype, channels_last), labels.to(device, non_blocking=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,3 +144,53 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(shapes, tmp_path):
     import json
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "lock_taken_over", "pid": str(holder.pid)} in events
+
+
+# One backbone of each registered family: the ResNets share one code path (no random layers); EfficientNet draws
+# stochastic depth and MobileNet dropout from the torch RNG. (All six pass; the deeper ResNets add 40 s.)
+RESUME_ARCHS = ["resnet18", "efficientnet_b0", "mobilenet_v3_large"]
+
+
+def test_every_registered_backbone_family_is_in_the_resume_test():
+    from dogo.models import BACKBONES
+    families = {arch.rstrip("0123456789").split("_")[0] for arch in RESUME_ARCHS}
+    assert all(name.rstrip("0123456789").split("_")[0] in families for name in BACKBONES)
+
+
+@pytest.mark.parametrize("arch", RESUME_ARCHS)
+def test_mid_epoch_resume_is_bit_exact_for_every_backbone(arch, shapes, tmp_path):
+    """2 steps, a checkpoint, a fresh trainer resuming it mid-epoch and 2 more steps equal 4 steps straight, in every
+    tensor and in the torch RNG state (EfficientNet's stochastic depth and MobileNet's dropout draw from it)."""
+    import torch
+
+    from dogo.engine.train import Trainer, train
+
+    def one_peer(folder, **sections):
+        raw = tiny_config(shapes, tmp_path / folder, schedule={"max_steps": 4}, data={"workers": 1}, **sections)
+        raw["peers"] = {"a": {"arch": arch, "head_hidden": 16, "head_out": 8, "tau": 0.5}}
+        raw["objective"] = {"name": "simclr"}
+        return config_mod.from_dict(raw)
+
+    straight = one_peer("straight")
+    train(straight)
+    first = one_peer("resumed", checkpoint={"every_steps": 2})
+    stop_at = 2
+    trainer = Trainer(first)
+    real = trainer._after_step
+
+    def stop_after_two(batch, log, stop, result):
+        done = real(batch, log, stop, result)
+        if trainer.pos.step == stop_at:
+            raise KeyboardInterrupt  # a kill right after the step-2 checkpoint
+        return done
+
+    trainer._after_step = stop_after_two
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    train(one_peer("resumed"))
+    a = checkpoint.load(checkpoint.latest(straight.run_dir))
+    b = checkpoint.load(checkpoint.latest(first.run_dir))
+    assert a["position"] == b["position"] and a["position"]["step_in_epoch"] == 4
+    for name, t in a["peers"]["a"].items():
+        assert torch.equal(t, b["peers"]["a"][name]), f"{arch}: {name} differs after the resume"
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]), f"{arch}: the torch RNG state differs"

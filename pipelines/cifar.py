@@ -1,0 +1,190 @@
+"""CIFAR-10 / CIFAR-100 backend: the whole split lives on the training device as one uint8 tensor.
+
+Reads the python format as users download it (`cifar-10-batches-py/` or `cifar-100-python/`). Every view is made on
+the device: per-image random resized crop boxes, one resampling op for the batch, then the shared batched recipe
+(dogo.pipelines.augment). No worker processes and no host copies per step: one copy of the epoch's order per epoch.
+Order, sharding and seeding follow base.Shard and base.view_seed, as every backend.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dogo.pipelines.augment import BatchAugment, draw_crop_boxes, resized_crops
+from dogo.pipelines.base import DataError, Shard, TwoViewBatch, check_batch_fits, view_seed
+
+SIDE = 32
+_CROP_STREAM = 1 << 21  # view_seed key of view v's crop boxes: _CROP_STREAM + v (the recipe uses v)
+
+
+@dataclass(frozen=True)
+class CifarFormat:
+    folder: str  # the folder name as downloaded
+    splits: dict  # split name -> glob of its batch files
+    label_key: str
+    meta_file: str
+    names_key: str
+
+
+FORMATS = (
+    CifarFormat("cifar-10-batches-py", {"train": "data_batch_*", "test": "test_batch"}, "labels", "batches.meta",
+                "label_names"),
+    CifarFormat("cifar-100-python", {"train": "train", "test": "test"}, "fine_labels", "meta", "fine_label_names"),
+)
+EXPECTED = ("data.path must be a CIFAR python-format folder as downloaded: cifar-10-batches-py/ (data_batch_1..5, "
+            "test_batch, batches.meta) or cifar-100-python/ (train, test, meta), or a folder holding one")
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's batches are pickles of dicts of numpy arrays: refuse anything else a pickle could construct."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # encode: bytes in protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _ArraysOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise DataError(f"{path} is not a readable CIFAR python batch ({type(exc).__name__}: {exc}); "
+                        f"the file is truncated or not CIFAR's: download it again") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} holds a {type(obj).__name__}, not CIFAR's dict of arrays; download it again")
+    return {_text(k): v for k, v in obj.items()}  # keys are str from Python 2's pickles, bytes from Python 3's
+
+
+def _text(value) -> str:
+    return value.decode("latin1") if isinstance(value, bytes) else str(value)
+
+
+def find_format(path: str | Path) -> tuple[Path, CifarFormat]:
+    """The CIFAR folder at `path` or directly inside it, and its format."""
+    path = Path(path)
+    for fmt in FORMATS:
+        for folder in (path, path / fmt.folder):
+            if (folder / fmt.meta_file).is_file():
+                return folder, fmt
+    raise DataError(f"{path}: no CIFAR meta file found; {EXPECTED}")
+
+
+@dataclass
+class CifarSplit:
+    images: np.ndarray  # uint8 (N, 3, 32, 32)
+    labels: np.ndarray  # int64 (N,)
+    classes: list[str]
+    source: Path
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_split(path: str | Path, split: str) -> CifarSplit:
+    """One split ('train' or 'test') of the CIFAR folder at `path`; a malformed file is named in the error."""
+    folder, fmt = find_format(path)
+    if split not in fmt.splits:
+        raise DataError(f"CIFAR has the splits {' and '.join(fmt.splits)}, not {split!r}: set data.train_split=train "
+                        f"and data.val_split=test")
+    files = sorted(folder.glob(fmt.splits[split]))
+    if not files:
+        raise DataError(f"{folder}: no {fmt.splits[split]} file for the {split} split; {EXPECTED}")
+    meta = _load_pickle(folder / fmt.meta_file)
+    classes = meta.get(fmt.names_key)
+    if not isinstance(classes, list) or not classes:
+        raise DataError(f"{folder / fmt.meta_file} has no '{fmt.names_key}' list; download it again")
+    images, labels = [], []
+    for file in files:
+        batch = _load_pickle(file)
+        data, y = batch.get("data"), batch.get(fmt.label_key)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or \
+                data.shape[1] != 3 * SIDE * SIDE:
+            raise DataError(f"{file}: 'data' is not a uint8 array of N x {3 * SIDE * SIDE} pixels; download it again")
+        y = np.asarray(y if y is not None else [], dtype=np.int64)
+        if len(y) != len(data):
+            raise DataError(f"{file}: {len(data)} images but {len(y)} '{fmt.label_key}'; download it again")
+        if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+            raise DataError(f"{file}: labels outside 0..{len(classes) - 1}; download it again")
+        images.append(data.reshape(-1, 3, SIDE, SIDE))
+        labels.append(y)
+    return CifarSplit(np.concatenate(images), np.concatenate(labels), [_text(c) for c in classes], folder)
+
+
+class CifarLoader:
+    """Two-view batches of a CIFAR training split held on `device` (the TwoViewLoader protocol)."""
+
+    def __init__(self, path: str | Path, split: str, *, image_size: int, global_batch: int, n_views: int, recipe,
+                 seed: int, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
+                 channels_last: bool):
+        data = read_split(path, split)
+        check_batch_fits(len(data), global_batch, str(data.source))
+        self.shard = Shard(len(data), global_batch, rank, world_size, seed)
+        self.steps_per_epoch = self.shard.steps_per_epoch
+        self.images_per_epoch = self.steps_per_epoch * global_batch
+        self.images = torch.from_numpy(data.images).to(device)  # 150 MB for CIFAR's 50,000 training images
+        self.labels = torch.from_numpy(data.labels).to(device)
+        self.size, self.n_views, self.seed, self.device, self.recipe = image_size, n_views, seed, device, recipe
+        self.augment = BatchAugment(recipe, image_size, dtype, channels_last)
+        self.skipped: list[str] = []  # nothing is decoded, nothing is skipped
+        self._epoch, self._start = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self._epoch, self._start = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self._start
+
+    def __iter__(self) -> Iterator[TwoViewBatch]:
+        b, global_b = self.shard.local_batch, self.shard.global_batch
+        rows = slice(self.shard.rank * b, (self.shard.rank + 1) * b)
+        # this rank's rows of every remaining step, copied to the device once per epoch
+        order = torch.from_numpy(self.shard.epoch_indices(self._epoch, self._start)).to(self.device)
+        for k, step in enumerate(range(self._start, self.steps_per_epoch)):
+            idx = order[k * b:(k + 1) * b]
+            images = self.images.index_select(0, idx)
+            views = []
+            for v in range(self.n_views):
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(view_seed(self.seed, self._epoch, step, _CROP_STREAM + v))
+                boxes = draw_crop_boxes(global_b, SIDE, SIDE, self.recipe.crop_scale, self.recipe.crop_ratio, gen,
+                                        self.device)[rows]
+                crops = resized_crops(images, boxes, self.size)
+                views.append(self.augment.from_float(crops, view_seed(self.seed, self._epoch, step, v), rows,
+                                                     global_b))
+            yield TwoViewBatch(views, self.labels.index_select(0, idx))
+
+
+class CifarEvalSplit:
+    """A CIFAR split for kNN and the linear probe: whole frames, resized to the training view size if it differs
+    (CIFAR is evaluated on the uncropped 32 px image)."""
+
+    def __init__(self, path: str | Path, split: str, image_size: int):
+        data = read_split(path, split)
+        self.classes, self.source, self.size = data.classes, data.source, image_size
+        self._images, self._labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def batches(self, positions: np.ndarray, batch_size: int, device: torch.device, recipe, dtype: torch.dtype,
+                channels_last: bool):
+        from dogo.pipelines.augment import normalise
+        images = self._images.to(device)
+        labels = self._labels.to(device)
+        pos = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(device)
+        for idx in pos.split(batch_size):
+            x = images.index_select(0, idx).float().div_(255)
+            if self.size != SIDE:
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                  antialias=self.size < SIDE)
+            yield normalise(x, recipe, dtype, channels_last), labels.index_select(0, idx)

@@ -1,0 +1,217 @@
+"""The CIFAR backend: reading the python format (and refusing what is not it), the batched crop against
+torchvision, sharding and resume, and kNN on its test split."""
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from dogo.engine import config as config_mod
+from dogo.engine.config import AugmentConfig
+from dogo.pipelines import DataError, augment as A
+from dogo.pipelines.cifar import CifarEvalSplit, CifarLoader, read_split
+
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-dev"
+
+
+def write_cifar10(root: Path, per_batch=(40, 40), test=30, bytes_keys=True, seed=0) -> Path:
+    """A small CIFAR-10 folder in the downloaded layout; keys as bytes (Python 3 pickles) or str (Python 2's)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+
+    def dump(name, n):
+        batch = {key("data"): rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 key("labels"): rng.integers(0, 10, n).tolist(), key("batch_label"): key(name)}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+    for i, n in enumerate(per_batch, start=1):
+        dump(f"data_batch_{i}", n)
+    dump("test_batch", test)
+    names = [key(c) for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                              "truck")]
+    (folder / "batches.meta").write_bytes(pickle.dumps({key("label_names"): names}, protocol=2))
+    return folder
+
+
+@pytest.fixture
+def cifar(tmp_path):
+    return write_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("bytes_keys", [True, False])
+def test_reads_both_pickle_key_forms_from_the_folder_or_its_parent(tmp_path, bytes_keys):
+    folder = write_cifar10(tmp_path, bytes_keys=bytes_keys)
+    for path in (folder, tmp_path):
+        train, test = read_split(path, "train"), read_split(path, "test")
+        assert (len(train), len(test)) == (80, 30) and train.images.shape == (80, 3, 32, 32)
+        assert train.classes[0] == "airplane" and train.labels.dtype == np.int64
+    raw = pickle.loads((folder / "data_batch_2").read_bytes(), encoding="bytes")
+    row = raw[b"data" if bytes_keys else "data"][3]
+    # CIFAR stores each image as 1024 red, then 1024 green, then 1024 blue bytes, rows top to bottom
+    assert np.array_equal(train.images[43], row.reshape(3, 32, 32))
+
+
+def test_cifar100_layout(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 20), ("test", 10)):
+        (folder / name).write_bytes(pickle.dumps({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                                  b"fine_labels": rng.integers(0, 100, n).tolist(),
+                                                  b"coarse_labels": rng.integers(0, 20, n).tolist()}))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}))
+    split = read_split(tmp_path, "train")
+    assert len(split) == 20 and len(split.classes) == 100
+
+
+def test_truncated_and_foreign_files_are_named(cifar):
+    whole = (cifar / "data_batch_1").read_bytes()
+    (cifar / "data_batch_1").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match="data_batch_1 is not a readable CIFAR python batch.*download it again"):
+        read_split(cifar, "train")
+
+
+def test_a_pickle_that_would_run_code_is_refused_not_run(cifar, tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (cifar / "test_batch").write_bytes(pickle.dumps({"data": Payload()}))
+    with pytest.raises(DataError, match="test_batch is not a readable CIFAR python batch.*refusing to load"):
+        read_split(cifar, "test")
+    assert not marker.exists()
+
+
+def test_wrong_shapes_labels_and_splits_are_errors(cifar, tmp_path):
+    with pytest.raises(DataError, match="splits train and test, not 'val'.*data.val_split=test"):
+        read_split(cifar, "val")
+    with pytest.raises(DataError, match="no CIFAR meta file"):
+        read_split(tmp_path / "nothing", "train")
+    bad = {b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}
+    (cifar / "test_batch").write_bytes(pickle.dumps(bad))
+    with pytest.raises(DataError, match="test_batch: 'data' is not a uint8 array of N x 3072"):
+        read_split(cifar, "test")
+    bad = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}
+    (cifar / "test_batch").write_bytes(pickle.dumps(bad))
+    with pytest.raises(DataError, match=r"test_batch: labels outside 0..9"):
+        read_split(cifar, "test")
+
+
+def _reference_crop_box(width, height, scale, ratio, u):
+    """torchvision's RandomResizedCrop.get_params, written as it is, reading its uniforms from u (10, 4)."""
+    import math
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for t in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[t, 0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[t, 1])
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[t, 3] * (width - w + 1)), int(u[t, 2] * (height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@pytest.mark.parametrize("scale,ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (0.2, 5.0))])
+def test_batched_crop_boxes_equal_torchvisions_rule(scale, ratio):
+    """The same uniforms through torchvision's loop and through our batched draw give the same boxes; the second
+    recipe makes many images use the fallback."""
+    n, seed = 3000, 11
+    boxes = A.draw_crop_boxes(n, 32, 32, scale, ratio, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    u = torch.rand(n, 10, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+    expected = np.array([_reference_crop_box(32, 32, scale, ratio, u[i]) for i in range(n)])
+    assert np.array_equal(boxes.numpy().astype(int), expected)
+    area = expected[:, 2] * expected[:, 3] / 1024
+    assert area.min() >= scale[0] - 0.05 and area.max() <= 1.0
+
+
+def test_batched_resized_crop_equals_torchvision_per_image():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(64, 3, 32, 32, generator=gen)
+    boxes = A.draw_crop_boxes(64, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), gen, torch.device("cpu"))
+    for size in (32, 48, 20):
+        ours = A.resized_crops(x, boxes, size)
+        theirs = torch.stack([TF.resized_crop(img, int(t), int(left), int(h), int(w), [size, size],
+                                              antialias=False) for img, (left, t, w, h) in zip(x, boxes)])
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # float32 rounding of the coordinates
+
+
+def _loader(path, rank=0, world_size=1, batch=16, seed=5):
+    return CifarLoader(path, "train", image_size=32, global_batch=batch, n_views=2,
+                       recipe=AugmentConfig(blur_p=0.5), seed=seed, rank=rank, world_size=world_size,
+                       device=torch.device("cpu"), dtype=torch.float32, channels_last=False)
+
+
+def test_two_ranks_make_exactly_the_views_of_one_and_resume_skips_steps(cifar):
+    whole = list(_loader(cifar))
+    halves = [list(_loader(cifar, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(whole) == 5
+    for step, batch in enumerate(whole):
+        for v in range(2):
+            torch.testing.assert_close(torch.cat([halves[0][step].views[v], halves[1][step].views[v]]),
+                                       batch.views[v], atol=0, rtol=0)
+        assert torch.equal(torch.cat([halves[0][step].labels, halves[1][step].labels]), batch.labels)
+    resumed = _loader(cifar)
+    resumed.set_epoch(0, start_step=3)
+    assert len(resumed) == 2
+    for a, b in zip(resumed, whole[3:]):
+        assert torch.equal(a.views[1], b.views[1]) and torch.equal(a.labels, b.labels)
+    other_epoch = _loader(cifar)
+    other_epoch.set_epoch(1)
+    assert not torch.equal(next(iter(other_epoch)).labels, whole[0].labels)
+
+
+def test_views_are_the_stored_images_cropped_and_labels_are_theirs(cifar):
+    """With every random op off and the crop the whole frame, a view is the stored image, normalised."""
+    recipe = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0, jitter_p=0, grayscale_p=0,
+                           blur_p=0, mean=(0, 0, 0), std=(1, 1, 1))
+    loader = CifarLoader(cifar, "train", image_size=32, global_batch=16, n_views=2, recipe=recipe, seed=1, rank=0,
+                         world_size=1, device=torch.device("cpu"), dtype=torch.float32, channels_last=False)
+    data = read_split(cifar, "train")
+    idx = loader.shard.indices(0, 0)
+    batch = next(iter(loader))
+    torch.testing.assert_close(batch.views[0], torch.from_numpy(data.images[idx]).float() / 255, atol=1e-6, rtol=0)
+    assert batch.labels.tolist() == data.labels[idx].tolist()
+
+
+def test_eval_split_is_the_whole_frame_normalised(cifar):
+    split = CifarEvalSplit(cifar, "test", 32)
+    recipe = AugmentConfig(mean=(0, 0, 0), std=(1, 1, 1))
+    (x, y), = split.batches(np.arange(len(split)), 64, torch.device("cpu"), recipe, torch.float32, False)
+    data = read_split(cifar, "test")
+    torch.testing.assert_close(x, torch.from_numpy(data.images).float() / 255)
+    assert y.tolist() == data.labels.tolist()
+
+
+def test_training_with_the_knn_monitor_on_cifar(cifar, tmp_path):
+    from dogo.engine.train import train
+    from tests.conftest import tiny_config
+    raw = tiny_config(cifar, tmp_path, data={"backend": "cifar", "train_split": "train", "val_split": "test",
+                                             "image_size": 32, "batch_size": 16},
+                      eval={"knn_every_epochs": 1, "knn_k": 5, "batch_size": 32}, schedule={"max_steps": 0})
+    raw["peers"] = {"a": {"arch": "resnet18", "head_hidden": 16, "head_out": 8, "tau": 0.5}}
+    raw["objective"] = {"name": "simclr"}
+    train(config_mod.from_dict(raw))
+    import json
+    events = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    knn = [e for e in events if e.get("event") == "knn"]
+    assert len(knn) == 1 and 0 <= knn[0]["top1"]["a"] <= 100
+
+
+@pytest.mark.skipif(not DEV.is_dir(), reason="the shared CIFAR-10 dev set is not on this machine")
+def test_the_dev_set_reads_as_its_readme_says():
+    train, test = read_split(DEV, "train"), read_split(DEV, "test")
+    assert (len(train), len(test)) == (1522, 761) and len(train.classes) == 10
+    assert set(np.unique(test.labels)) == set(range(10))
