@@ -11,7 +11,7 @@ NGPU ?= 1
 IMAGENET ?=
 
 .PHONY: setup demo demo-check demo-disco test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
-	bench bench-pipeline photos convert clean
+	cifar10-r18-r50 cifar10-simclr-r18 bench bench-pipeline photos convert clean
 
 setup: $(STAMP)
 
@@ -93,6 +93,24 @@ imagenet-disco-r18: $(STAMP)
 	$(require_imagenet)
 	$(DOGO) train configs/disco_r18_from_r50.yaml data.path=$(IMAGENET) teacher.checkpoint=$(TEACHER) teacher.peer=$(TEACHER_PEER) --dry-run --world-size $(NGPU)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/disco_r18_from_r50.yaml data.path=$(IMAGENET) teacher.checkpoint=$(TEACHER) teacher.peer=$(TEACHER_PEER)
+
+# CIFAR-10 (or CIFAR-100) in its python format, held on the device: DoGo ResNet-18 + ResNet-50, or SimCLR ResNet-18
+# alone, with DoGo's own CIFAR settings. CIFAR=/path/to/cifar-10-batches-py (as downloaded and unpacked).
+CIFAR ?=
+define require_cifar
+	@if [ -z "$(CIFAR)" ]; then echo "error: set CIFAR=/path/to/cifar-10-batches-py (the python version, unpacked)"; exit 2; fi
+	@$(PY) -m dogo.pipelines.cifar "$(CIFAR)"
+endef
+
+cifar10-r18-r50: $(STAMP)
+	$(require_cifar)
+	$(DOGO) train configs/cifar10_r18_r50.yaml data.path=$(CIFAR) --dry-run --world-size $(NGPU)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/cifar10_r18_r50.yaml data.path=$(CIFAR)
+
+cifar10-simclr-r18: $(STAMP)
+	$(require_cifar)
+	$(DOGO) train configs/cifar10_simclr_r18.yaml data.path=$(CIFAR) --dry-run --world-size $(NGPU)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/cifar10_simclr_r18.yaml data.path=$(CIFAR)
 
 # Training-step throughput (images/s per device) of the DoGo engine on device-made synthetic batches.
 bench: $(STAMP)

@@ -9,6 +9,10 @@ all measured in one run on the same cores.
   per image with torchvision.transforms.v2, as SimCLR-style code does.
 - with ffcv: also FFCV's decode + crop alone for one and for two views: what decoding once per view costs.
 
+For CIFAR (bench_cifar): the cifar backend (the split on the device, views made there) against the folder backend
+on the same images stored as PNG files, and against torchvision's DataLoader on the in-memory arrays (what
+torchvision.datasets.CIFAR10 with v2 transforms does), all with the CIFAR recipe at 32 px.
+
 Each figure is the median of `repeats` timed passes of `batches` batches after untimed warm-up batches; the files
 are read once before timing so that all three read from the page cache.
 """
@@ -169,6 +173,77 @@ def bench_pipeline(backend: str, root: Path, beton: str, size: int, batch: int, 
     result["ratio_to_decode_ceiling"] = rate / result["decode_only_ceiling"]["images_per_s"]
     result["goal"] = ">= 10x torchvision and >= 0.5 x the decode-only ceiling"
     result["goal_met"] = result["ratio_to_torchvision"] >= 10 and result["ratio_to_decode_ceiling"] >= 0.5
+    result["environment"] = environment(device)
+    result["environment"]["cpu_count"] = os.cpu_count()
+    return result
+
+
+class _TwoViewArrays(torch.utils.data.Dataset):
+    """torchvision.datasets.CIFAR10-style: images in memory, the torchvision recipe applied twice per image."""
+
+    def __init__(self, images, transform):
+        from PIL import Image
+        self.images = [Image.fromarray(img.transpose(1, 2, 0)) for img in images]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.transform(self.images[i])
+
+
+def cifar_recipe() -> AugmentConfig:
+    """The recipe of configs/cifar10_*.yaml: colour distortion 1, no blur."""
+    return AugmentConfig(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0,
+                         mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+
+
+def _as_png_folder(images, labels, classes, root: Path) -> Path:
+    from PIL import Image
+    for i, (img, y) in enumerate(zip(images, labels)):
+        folder = root / "train" / classes[y]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.transpose(1, 2, 0)).save(folder / f"{i:06d}.png")
+    return root / "train"
+
+
+def bench_cifar(path: Path, size: int, batch: int, batches: int, warmup: int, repeats: int, workers: int,
+                device: torch.device, log=print) -> dict:
+    import tempfile
+    from dogo.pipelines.cifar import read_split
+    recipe = cifar_recipe()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    data = read_split(path, "train")
+    result = {"benchmark": "pipeline", "backend": "cifar", "data": str(data.source), "images": len(data),
+              "what": "images per second, each yielding two views of the CIFAR recipe at size px",
+              "size": size, "batch": batch, "timed_batches": batches, "warmup_batches": warmup, "workers": workers,
+              "device": str(device), "dtype": str(dtype), "recipe": vars(recipe)}
+    log("dogo cifar backend (the split on the device) ...")
+    config = DataConfig(backend="cifar", path=str(data.source), image_size=size, batch_size=batch, workers=0)
+    result["backend_two_views"] = _rate(
+        lambda: _epochs(build_loader(config, recipe, n_views=2, seed=0, rank=0, world_size=1, device=device,
+                                     dtype=dtype, channels_last=device.type == "cuda"), iter),
+        batch, batches, warmup, repeats, device)
+    log(f"  {result['backend_two_views']['images_per_s']:.1f} images/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _as_png_folder(data.images, data.labels, data.classes, Path(tmp))
+        log(f"dogo folder backend on the same images as PNG files, {workers} workers ...")
+        result["folder_two_views"] = _rate(_backend_iter("folder", root, "", recipe, size, batch, workers, 2,
+                                                         device, dtype), batch, batches, warmup, repeats, device)
+        log(f"  {result['folder_two_views']['images_per_s']:.1f} images/s")
+    log(f"torchvision DataLoader on the arrays, v2 transforms per image, {workers} workers ...")
+
+    def torchvision_iter():
+        g = torch.Generator().manual_seed(0)
+        return iter(torch.utils.data.DataLoader(_TwoViewArrays(data.images, torchvision_recipe(recipe, size)),
+                                                batch_size=batch, shuffle=True, generator=g, num_workers=workers,
+                                                drop_last=True, prefetch_factor=4, persistent_workers=False))
+    result["torchvision"] = _rate(torchvision_iter, batch, batches, warmup, repeats, torch.device("cpu"))
+    log(f"  {result['torchvision']['images_per_s']:.1f} images/s")
+    rate = result["backend_two_views"]["images_per_s"]
+    result["ratio_to_folder"] = rate / result["folder_two_views"]["images_per_s"]
+    result["ratio_to_torchvision"] = rate / result["torchvision"]["images_per_s"]
     result["environment"] = environment(device)
     result["environment"]["cpu_count"] = os.cpu_count()
     return result

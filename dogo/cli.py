@@ -288,12 +288,23 @@ def cmd_bench_pipeline(args) -> int:
         raise ConfigError("--backend ffcv needs --beton: the --data split converted with `dogo convert`")
     device = pick_device(args.device)
     workers = args.workers or os.cpu_count()
-    result = bench_pipeline(args.backend, Path(args.data), args.beton, args.size, args.batch, args.batches,
+    if args.backend == "cifar":
+        from dogo.benchmarks.pipeline import bench_cifar
+        size = args.size or 32
+        result = bench_cifar(Path(args.data), size, args.batch, args.batches, args.warmup, args.repeats, workers,
+                             device, log=lambda m: console.print(m, highlight=False))
+        out = Path(args.json or f"benchmarks/results/pipeline_cifar_{_device_tag(result['environment'])}.json")
+        write(result, out)
+        console.print(f"cifar: {result['backend_two_views']['images_per_s']:.1f} images/s (two views at {size} px) "
+                      f"= {result['ratio_to_folder']:.1f}x the folder backend, {result['ratio_to_torchvision']:.1f}x "
+                      f"torchvision; wrote {out}", highlight=False)
+        return 0
+    result = bench_pipeline(args.backend, Path(args.data), args.beton, args.size or 224, args.batch, args.batches,
                             args.warmup, args.repeats, workers, device, log=lambda m: console.print(m, highlight=False))
     out = Path(args.json or f"benchmarks/results/pipeline_{args.backend}_{_device_tag(result['environment'])}.json")
     write(result, out)
     console.print(f"{args.backend}: {result['backend_two_views']['images_per_s']:.1f} images/s (two views at "
-                  f"{args.size} px) = {result['ratio_to_torchvision']:.2f}x torchvision, "
+                  f"{args.size or 224} px) = {result['ratio_to_torchvision']:.2f}x torchvision, "
                   f"{result['ratio_to_decode_ceiling']:.2f}x the decode-only ceiling; goal met: {result['goal_met']}; "
                   f"wrote {out}", highlight=False)
     return 0
@@ -423,11 +434,12 @@ def parser() -> argparse.ArgumentParser:
     bl.add_argument("--json", help="output file (default: benchmarks/results/loss_<objective>_<device>.json)")
     bl.set_defaults(func=cmd_bench_loss)
     bp = bsub.add_parser("pipeline", help="two-view images/s of a backend vs the decode-only ceiling and torchvision")
-    bp.add_argument("--backend", choices=["folder", "ffcv", "dali"], required=True)
+    bp.add_argument("--backend", choices=["folder", "ffcv", "dali", "cifar"], required=True,
+                    help="cifar: --data is a CIFAR python folder; the views are 32 px unless --size says otherwise")
     bp.add_argument("--data", default="data/photos500/train",
                     help="image-folder split (make photos writes 500x375 photo JPEGs to data/photos500)")
     bp.add_argument("--beton", default="", help="--backend ffcv: the same split as a .beton (dogo convert)")
-    bp.add_argument("--size", type=int, default=224, help="view side, px")
+    bp.add_argument("--size", type=int, help="view side, px (default 224; 32 with --backend cifar)")
     bp.add_argument("--batch", type=int, default=64)
     bp.add_argument("--batches", type=int, default=8, help="timed batches per repeat")
     bp.add_argument("--warmup", type=int, default=2, help="untimed batches first")

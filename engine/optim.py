@@ -18,6 +18,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, final_ratio: float
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _trust_ratios(params: list[torch.Tensor], grads: list[torch.Tensor], eta: float) -> list[torch.Tensor]:
+    """eta ||w|| / ||g|| per tensor, or 1 where either norm is 0: computed on one stacked vector, so a group of
+    any size costs about ten dispatches instead of seven per tensor."""
+    w, g = torch.stack(torch._foreach_norm([*params, *grads])).chunk(2)
+    return list(torch.where((w > 0) & (g > 0), eta * w / g, 1.0).unbind())
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al.), as SimCLR uses it.
 
@@ -48,11 +55,7 @@ class LARS(torch.optim.Optimizer):
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             if group["lars"]:
-                w_norms = torch._foreach_norm(params)
-                g_norms = torch._foreach_norm(grads)
-                trust = [torch.where((w > 0) & (g > 0), group["trust_coefficient"] * w / g, torch.ones_like(w))
-                         for w, g in zip(w_norms, g_norms)]
-                grads = torch._foreach_mul(grads, trust)
+                grads = torch._foreach_mul(grads, _trust_ratios(params, grads, group["trust_coefficient"]))
             bufs = []
             for p in params:
                 state = self.state[p]

@@ -188,3 +188,23 @@ class CifarEvalSplit:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                                   antialias=self.size < SIDE)
             yield normalise(x, recipe, dtype, channels_last), labels.index_select(0, idx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dogo.pipelines.cifar PATH`: read both splits before a long run starts; exit 2 with the reason."""
+    import argparse
+    p = argparse.ArgumentParser(description="Check a CIFAR-10/100 python-format folder and count it.")
+    p.add_argument("path")
+    a = p.parse_args(argv)
+    try:
+        for split in ("train", "test"):
+            data = read_split(a.path, split)
+            print(f"{data.source} {split}: {len(data):,} images in {len(data.classes)} classes")
+    except DataError as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -90,3 +90,43 @@ def test_lars_under_a_grad_scaler_unscales_and_skips_inf_steps_on_the_device():
     scaler.update()
     assert torch.equal(w.detach(), before_w) and torch.equal(opt.state[w]["momentum_buffer"], before_buf)
     assert scaler.get_scale() == 512.0  # the skipped step halved the scale, as for any optimiser
+
+
+def test_lars_over_many_tensors_with_zero_norms_matches_the_reference():
+    """Trust ratios from one stacked vector equal the per-tensor rule, 1 where a weight or gradient norm is 0."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 3), (7,), (2, 2, 3), (5, 5), (3, 1)]
+    ws = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    ws[1].zero_()  # a zero weight: trust 1
+    params = [torch.nn.Parameter(w.clone()) for w in ws]
+    opt = LARS([{"params": params, "lars": True, "weight_decay": 0.0}], lr=0.1, momentum=0.9,
+               trust_coefficient=0.02)
+    bufs = [torch.zeros_like(w) for w in ws]
+    for _ in range(2):
+        grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in ws]
+        grads[3].zero_()  # a zero gradient: trust 1
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (w, g) in enumerate(zip(ws, grads)):
+            wn, gn = w.norm(), g.norm()
+            trust = 0.02 * wn / gn if wn > 0 and gn > 0 else 1.0
+            bufs[i] = 0.9 * bufs[i] + trust * g
+            w -= 0.1 * bufs[i]
+        for p, w in zip(params, ws):
+            torch.testing.assert_close(p.detach(), w)
+
+
+def test_lars_step_of_the_imagenet_dogo_config_dispatches_at_most_40_ops():
+    """229 weight tensors in 4 groups: the step's dispatches do not grow with the tensor count."""
+    from dogo.benchmarks.train_step import OpCounter
+    cfg = load("configs/imagenet_r18_r50.yaml", [])
+    peers = {n: Peer(p.arch, p.cifar_stem, p.head_hidden, p.head_out) for n, p in cfg.peers.items()}
+    opt = build_optimizer(peers, cfg, cfg.data.batch_size, torch.device("cpu"))
+    for peer in peers.values():
+        for p in peer.parameters():
+            p.grad = torch.randn_like(p)
+    opt.step()  # creates the momentum buffers
+    with OpCounter() as counter:
+        opt.step()
+    assert cfg.optim.name == "lars" and len(counter.ops) <= 40, counter.ops
