@@ -68,7 +68,7 @@ test: $(STAMP)
 # torchrun starts the ranks.
 define require_imagenet
 	@if [ -z "$(IMAGENET)" ]; then echo "error: set IMAGENET=/path/to/imagenet (holding train/ and val/ class folders)"; exit 2; fi
-	@$(PY) -m dogo.pipelines.folder "$(IMAGENET)"
+	@$(PY) -m dogo.pipelines.imagefolder "$(IMAGENET)"
 endef
 
 imagenet-r18-r50: $(STAMP)

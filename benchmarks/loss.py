@@ -106,7 +106,7 @@ def _in_fresh_process(*args) -> dict:
 
 def bench_loss(views: list[int], dim: int, tile: int, objective: str, dtype: str, device: str, repeats: int,
                max_seconds: float, goal_views: int = 65536, log=print) -> dict:
-    from dogo.benchmarks.train_step import environment
+    from dogo.engine.environment import environment
     dev = torch.device(device)
     rows = []
     for n in views:

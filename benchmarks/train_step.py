@@ -8,32 +8,18 @@ FLOPs per image (torch.utils.flop_counter on one real step), the achieved TFLOP/
 """
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from dogo.engine.config import Config, to_dict
-from dogo.engine.io import atomic_write_text
+from dogo.engine.environment import environment
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def environment(device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": str(device), "machine": platform.machine()}
-    if device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version())
-    else:
-        env.update(gpu=None, cpu=platform.processor() or platform.machine())
-    return env
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a substring of
@@ -135,22 +121,52 @@ def _endless(loader):
         epoch += 1
 
 
-def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float | None = None) -> dict:
-    """peak: the device's dense peak in TFLOP/s for the MFU (None: looked up by the GPU's name)."""
+def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int) -> tuple[dict, object]:
+    """The whole step as training runs it (the loader's batch included) and the engine alone (one batch reused)."""
     from dogo.engine.train import Trainer
-    rss_before = _rss()
     trainer = Trainer(cfg)
     device, b = trainer.ctx.device, cfg.data.batch_size // trainer.ctx.world_size
     batches = _endless(trainer.loader)
     for _ in range(warmup):
-        trainer.step(next(batches).views)
-    whole = _timed(lambda: trainer.step(next(batches).views), steps, repeats, device, b)
-    fixed = next(batches).views
-    engine = _timed(lambda: trainer.step(fixed), steps, repeats, device, b)
+        trainer.step(next(batches))
+    timing = {"step_with_batch_and_augmentation": _timed(lambda: trainer.step(next(batches)), steps, repeats,
+                                                         device, b)}
+    trainer.fixed_batch = next(batches)
+    timing["engine_only"] = _timed(lambda: trainer.step(trainer.fixed_batch), steps, repeats, device, b)
+    return timing, trainer
+
+
+# H100 SXM: dense bf16 peak and HBM3 bandwidth (data sheet); ResNet training at MLPerf-grade efficiency reaches
+# about 17% of the peak (the figure the README's FLOP model uses)
+H100 = {"name": "H100 SXM", "peak_tflops": 989.0, "bandwidth_tb_per_s": 3.35, "model_efficiency": 0.17}
+
+
+def gpu_estimate(flops_per_image: float, recipe_bytes_per_image_per_view: float, views: int, gpu=H100) -> dict:
+    """The step on a GPU from the measured inputs: the model's FLOPs at MLPerf-grade efficiency, plus the device
+    recipe's memory traffic at the GPU's bandwidth (unfused eager ops: each pass goes through memory)."""
+    model_s = flops_per_image / (gpu["peak_tflops"] * 1e12 * gpu["model_efficiency"])
+    recipe_s = recipe_bytes_per_image_per_view * views / (gpu["bandwidth_tb_per_s"] * 1e12)
+    return {"gpu": gpu, "model_ms_per_1000_images": 1e6 * model_s, "recipe_ms_per_1000_images": 1e6 * recipe_s,
+            "images_per_s": 1 / (model_s + recipe_s), "recipe_share": recipe_s / (model_s + recipe_s)}
+
+
+def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float | None = None) -> dict:
+    """peak: the device's dense peak in TFLOP/s for the MFU (None: looked up by the GPU's name). With a backend
+    other than synthetic, the same step on synthetic batches is measured too: the ceiling the input pipeline is
+    held against."""
+    import dataclasses
+
+    from dogo.benchmarks.traffic import recipe_traffic
+    rss_before = _rss()
+    timing, trainer = _bench_step(cfg, warmup, steps, repeats)
+    device, b = trainer.ctx.device, cfg.data.batch_size // trainer.ctx.world_size
+    whole = timing["step_with_batch_and_augmentation"]
+    fixed = trainer.fixed_batch
     flops_per_image = count_flops(lambda: trainer.step(fixed)) / b
+    batches = _endless(trainer.loader)
     with OpCounter() as ops:
-        trainer.step(next(batches).views)
-    syncs = sync_warnings(lambda: trainer.step(next(batches).views), device)
+        trainer.step(next(batches))
+    syncs = sync_warnings(lambda: trainer.step(next(batches)), device)
     env = environment(device)
     peak = peak if peak is not None else peak_tflops(env["gpu"])
     if device.type == "cuda":  # what the caching allocator handed out, at most
@@ -158,23 +174,30 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     else:
         measured, how = _peak_rss() - rss_before, "resident-set high-water mark above the process before the trainer"
     tflops = flops_per_image * whole["images_per_s_median"] / 1e12
-    return {
+    views = trainer.model.n_views
+    traffic = recipe_traffic(cfg.augment, cfg.data.image_size, min(b, 64), torch.float16, torch.bfloat16)
+    result = {
         "benchmark": "train_step",
         "what": "images (each with 2 views per peer) per second per device",
-        "config": cfg.name, "peers": {n: p.arch for n, p in cfg.peers.items()},
+        "config": cfg.name, "backend": cfg.data.backend, "peers": {n: p.arch for n, p in cfg.peers.items()},
         "objective": cfg.objective.name, "image_size": cfg.data.image_size, "batch_per_device": b,
         "world_size": trainer.ctx.world_size, "precision": str(trainer.precision.dtype),
         "channels_last": trainer.precision.channels_last,
-        "warmup_steps": warmup, "timed_steps": steps,
-        "step_with_batch_and_augmentation": whole, "engine_only": engine,
+        "warmup_steps": warmup, "timed_steps": steps, **timing,
         "flops_per_image": flops_per_image, "tflops": tflops, "peak_tflops": peak,
         "mfu": tflops / peak if peak else None, "ops_per_step": len(ops.ops), "sync_warnings": syncs,
+        "device_recipe_bytes_per_image_per_view": traffic["bytes_per_image_per_view"],
+        "gpu_estimate": gpu_estimate(flops_per_image, traffic["bytes_per_image_per_view"], views),
         "memory": {"estimate_bytes": trainer.memory_estimate.total, "measured_peak_bytes": measured,
                    "measured_as": how, "estimate_parts": trainer.memory_estimate.parts},
         "environment": env, "resolved_config": to_dict(cfg),
     }
-
-
-def write(result: dict, out: Path) -> Path:
-    import json
-    return atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    if cfg.data.backend != "synthetic":
+        del trainer, batches
+        synthetic = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend="synthetic"),
+                                        eval=dataclasses.replace(cfg.eval, knn_every_epochs=0))
+        ceiling, _ = _bench_step(synthetic, warmup, steps, repeats)
+        result["synthetic_ceiling"] = ceiling["step_with_batch_and_augmentation"]
+        result["ratio_to_synthetic_ceiling"] = (whole["images_per_s_median"]
+                                                / ceiling["step_with_batch_and_augmentation"]["images_per_s_median"])
+    return result

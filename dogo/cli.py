@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +14,8 @@ from rich.table import Table
 from dogo.engine import checkpoint, config as config_mod
 from dogo.engine.checkpoint import CheckpointError
 from dogo.engine.config import ConfigError
+from dogo.engine.environment import device_tag
+from dogo.engine.io import write_json
 from dogo.engine.plots import PlotError
 from dogo.pipelines.base import DataError
 from dogo.pipelines.convert import WRITE_MODES, ConvertOptions
@@ -22,19 +23,8 @@ from dogo.pipelines.convert import WRITE_MODES, ConvertOptions
 console = Console()
 
 
-def _checkpoint_path(spec: str) -> Path:
-    """A checkpoint file, or a run folder (its newest checkpoint)."""
-    path = Path(spec)
-    if path.is_dir():
-        found = checkpoint.latest(path)
-        if found is None:
-            raise CheckpointError(f"run folder {path} has no checkpoints under {checkpoint.folder(path)}")
-        return found
-    return path
-
-
 def _load_run(spec: str, overrides: list[str]):
-    path = _checkpoint_path(spec)
+    path = checkpoint.resolve(spec)
     state = checkpoint.load(path)
     checkpoint.check_finite(state, path)
     cfg = config_mod.from_dict(state["config"])
@@ -54,32 +44,32 @@ def cmd_train(args) -> int:
 
 def _dry_run(cfg, world_size: int, json_out: str | None = None) -> int:
     """The config checked and the step's memory estimated for `world_size` ranks, without training."""
+    from dogo.engine import precision as precision_mod
     from dogo.engine.distributed import pick_device
     from dogo.engine.memory import check_fits
-    from dogo.engine.train import resolve_precision
     device = pick_device(cfg.device)
-    precision = resolve_precision(cfg, device)
+    precision = precision_mod.of_config(cfg, device)
     est, limit, warning = check_fits(cfg, world_size, device, precision.dtype, precision.channels_last)
     console.print(warning or f"{cfg.name}: the config is valid; a training step needs about "
                   f"{est.total / 2 ** 30:.1f} GiB per rank ({est.describe()}) of {limit / 2 ** 30:.1f} GiB available "
                   f"on this {'GPU' if device.type == 'cuda' else 'CPU'} at {cfg.data.batch_size // world_size} "
                   f"images per rank", highlight=False, soft_wrap=True)
     if json_out:
-        from dogo.engine.io import atomic_write_text
-        atomic_write_text(json_out, json.dumps({
+        from dogo.engine.io import write_json
+        write_json(json_out, {
             "estimate": "memory of one training step per rank (dogo.engine.memory), before anything runs",
             "config": cfg.name, "world_size": world_size, "batch_per_rank": cfg.data.batch_size // world_size,
             "image_size": cfg.data.image_size, "precision": str(precision.dtype),
             "channels_last": precision.channels_last, "total_gib": est.total / 2 ** 30,
-            "parts_gib": {k: v / 2 ** 30 for k, v in est.parts.items()}}, indent=1) + "\n")
+            "parts_gib": {k: v / 2 ** 30 for k, v in est.parts.items()}})
     return 0
 
 
 def _eval_setup(cfg):
-    from dogo.engine import distributed
-    from dogo.engine.train import build_peers, resolve_precision
+    from dogo.engine import distributed, precision as precision_mod
+    from dogo.engine.train import build_peers
     ctx = distributed.init(cfg.device)
-    precision = resolve_precision(cfg, ctx.device)
+    precision = precision_mod.of_config(cfg, ctx.device)
     return ctx, precision, build_peers
 
 
@@ -104,14 +94,14 @@ def cmd_eval_knn(args) -> int:
         table.add_row(name, cfg.peers[name].arch, f"{t:.2f}", f"{r:.2f}", f"{t - r:+.2f}")
     if ctx.is_main:
         console.print(table)
-        from dogo.benchmarks.train_step import environment
-        from dogo.engine.io import atomic_write_text
+        from dogo.engine.environment import environment
+        from dogo.engine.io import write_json
         out = Path(args.json) if args.json else path.parent.parent / "knn.json"
-        atomic_write_text(out, json.dumps({
+        write_json(out, {
             "evaluation": "knn_top1_vs_random_init", "checkpoint": str(path), "step": state["position"]["step"],
             "config": cfg.name, "data": str(Path(cfg.data.path) / cfg.data.val_split), "k": cfg.eval.knn_k,
             "temperature": cfg.eval.knn_temperature, "peers": {n: {"arch": cfg.peers[n].arch, **r} for n, r in rows.items()},
-            "environment": environment(ctx.device)}, indent=1) + "\n")
+            "environment": environment(ctx.device)})
         console.print(f"wrote {out}", highlight=False)
     return 0
 
@@ -144,9 +134,9 @@ def cmd_eval_linear(args) -> int:
 def cmd_eval_table(args) -> int:
     """kNN and linear-probe top-1 of every peer of every run, of the same networks at their random
     initialisation, and of raw pixels, on the first run's evaluation splits; one JSON file."""
-    from dogo.benchmarks.train_step import environment
+    from dogo.engine.environment import environment
     from dogo.engine.evaluate import extract_features, knn_and_linear, pixel_features
-    from dogo.engine.io import atomic_write_text
+    from dogo.engine.io import write_json
     from dogo.pipelines import open_eval_split
     runs = [_load_run(spec, args.overrides) for spec in args.runs]
     first = runs[0][2]
@@ -192,11 +182,11 @@ def cmd_eval_table(args) -> int:
             table.add_row(r["model"], f"{r['knn_top1']:.2f}", f"{r['linear_top1']:.2f}")
         console.print(table)
         if args.json:
-            atomic_write_text(args.json, json.dumps({
+            write_json(args.json, {
                 "evaluation": "knn_and_linear_probe_top1", "data": first.data.path,
                 "train_split": first.data.train_split, "val_split": first.data.val_split, "k": ev.knn_k,
                 "temperature": ev.knn_temperature, "probe_epochs": args.epochs, "rows": rows,
-                "environment": environment(ctx.device)}, indent=1) + "\n")
+                "environment": environment(ctx.device)})
             console.print(f"wrote {args.json}", highlight=False)
     return 0
 
@@ -225,20 +215,15 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _device_tag(env: dict) -> str:
-    """Result-file suffix naming the machine: the GPU's name, or cpu<cores>."""
-    return (env["gpu"] or f"cpu{env['cpu_count']}").replace(" ", "_")
-
-
 def cmd_bench_train(args) -> int:
-    from dogo.benchmarks.train_step import bench_train, write
+    from dogo.benchmarks.train_step import bench_train
     from dogo.engine import distributed
     cfg = config_mod.load(args.config, args.overrides)
     result = bench_train(cfg, args.warmup, args.steps, args.repeats, args.peak_tflops)
     if distributed.rank() == 0:
         env = result["environment"]
-        out = Path(args.json or f"benchmarks/results/train_{cfg.name}_{result['image_size']}px_{_device_tag(env)}.json")
-        write(result, out)
+        out = Path(args.json or f"benchmarks/results/train_{cfg.name}_{result['image_size']}px_{device_tag(env)}.json")
+        write_json(out, result)
         w, e = result["step_with_batch_and_augmentation"], result["engine_only"]
         mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak: --peak-tflops)"
         console.print(f"{cfg.name} on {env['gpu'] or 'CPU'}: {w['images_per_s_median']:.1f} images/s per device "
@@ -246,21 +231,23 @@ def cmd_bench_train(args) -> int:
                       f"{result['flops_per_image'] / 1e9:.2f} GFLOP per image, {result['tflops']:.3f} TFLOP/s, "
                       f"MFU {mfu}, {result['ops_per_step']} ops per step; memory estimate "
                       f"{result['memory']['estimate_bytes'] / 2 ** 30:.2f} GiB, measured "
-                      f"{result['memory']['measured_peak_bytes'] / 2 ** 30:.2f} GiB; wrote {out}", highlight=False)
+                      f"{result['memory']['measured_peak_bytes'] / 2 ** 30:.2f} GiB"
+                  + (f"; {result['ratio_to_synthetic_ceiling']:.2f}x the synthetic-data ceiling of "
+                     f"{result['synthetic_ceiling']['images_per_s_median']:.1f} images/s"
+                     if "synthetic_ceiling" in result else "") + f"; wrote {out}", highlight=False)
     distributed.shutdown()
     return 0
 
 
 def cmd_bench_loss(args) -> int:
     from dogo.benchmarks.loss import bench_loss
-    from dogo.benchmarks.train_step import write
     from dogo.engine.distributed import pick_device
     device = str(pick_device(args.device))
     result = bench_loss(args.views, args.dim, args.tile, args.objective, args.dtype, device, args.repeats,
                         args.max_seconds, log=lambda msg: console.print(msg, highlight=False))
     env = result["environment"]
-    out = Path(args.json or f"benchmarks/results/loss_{args.objective}_{_device_tag(env)}.json")
-    write(result, out)
+    out = Path(args.json or f"benchmarks/results/loss_{args.objective}_{device_tag(env)}.json")
+    write_json(out, result)
     table = Table(title=f"contrastive loss ({args.objective}, d={args.dim}, tile {args.tile}) on {env['gpu'] or 'CPU'}")
     for col in ("views", "kernel s", "kernel peak", "straightforward s", "straightforward peak", "memory", "time"):
         table.add_column(col, justify="right")
@@ -282,7 +269,6 @@ def cmd_bench_loss(args) -> int:
 def cmd_bench_pipeline(args) -> int:
     import os
     from dogo.benchmarks.pipeline import bench_pipeline
-    from dogo.benchmarks.train_step import write
     from dogo.engine.distributed import pick_device
     if args.backend == "ffcv" and not args.beton:
         raise ConfigError("--backend ffcv needs --beton: the --data split converted with `dogo convert`")
@@ -293,20 +279,34 @@ def cmd_bench_pipeline(args) -> int:
         size = args.size or 32
         result = bench_cifar(Path(args.data), size, args.batch, args.batches, args.warmup, args.repeats, workers,
                              device, log=lambda m: console.print(m, highlight=False))
-        out = Path(args.json or f"benchmarks/results/pipeline_cifar_{_device_tag(result['environment'])}.json")
-        write(result, out)
+        out = Path(args.json or f"benchmarks/results/pipeline_cifar_{device_tag(result['environment'])}.json")
+        write_json(out, result)
         console.print(f"cifar: {result['backend_two_views']['images_per_s']:.1f} images/s (two views at {size} px) "
                       f"= {result['ratio_to_folder']:.1f}x the folder backend, {result['ratio_to_torchvision']:.1f}x "
                       f"torchvision; wrote {out}", highlight=False)
         return 0
     result = bench_pipeline(args.backend, Path(args.data), args.beton, args.size or 224, args.batch, args.batches,
-                            args.warmup, args.repeats, workers, device, log=lambda m: console.print(m, highlight=False))
-    out = Path(args.json or f"benchmarks/results/pipeline_{args.backend}_{_device_tag(result['environment'])}.json")
-    write(result, out)
-    console.print(f"{args.backend}: {result['backend_two_views']['images_per_s']:.1f} images/s (two views at "
+                            args.warmup, args.repeats, workers, device, args.placement,
+                            log=lambda m: console.print(m, highlight=False))
+    tag = f"{args.backend}_{result['placement']}" if args.backend in ("folder", "ffcv") else args.backend
+    out = Path(args.json or f"benchmarks/results/pipeline_{tag}_{device_tag(result['environment'])}.json")
+    write_json(out, result)
+    console.print(f"{args.backend} ({result['placement']}): {result['backend_two_views']['images_per_s']:.1f} "
+                  f"images/s (two views at "
                   f"{args.size or 224} px) = {result['ratio_to_torchvision']:.2f}x torchvision, "
                   f"{result['ratio_to_decode_ceiling']:.2f}x the decode-only ceiling; goal met: {result['goal_met']}; "
                   f"wrote {out}", highlight=False)
+    return 0
+
+
+def cmd_bench_recipe(args) -> int:
+    from dogo.benchmarks.recipe import bench_recipe
+    from dogo.engine.distributed import pick_device
+    result = bench_recipe(args.size, args.batch, args.repeats, args.compile, args.reference, args.reference_optim,
+                          pick_device(args.device), log=lambda m: console.print(m, highlight=False))
+    out = Path(args.json or f"benchmarks/results/recipe_{args.size}px_{device_tag(result['environment'])}.json")
+    write_json(out, result)
+    console.print(f"wrote {out}", highlight=False)
     return 0
 
 
@@ -433,6 +433,16 @@ def parser() -> argparse.ArgumentParser:
     bl.add_argument("--max-seconds", type=float, default=60.0, help="... unless they have taken this long already")
     bl.add_argument("--json", help="output file (default: benchmarks/results/loss_<objective>_<device>.json)")
     bl.set_defaults(func=cmd_bench_loss)
+    br = bsub.add_parser("recipe", help="the recipe (bytes moved, time; device and CPU-worker) and the LARS step alone")
+    br.add_argument("--size", type=int, default=224, help="view side, px")
+    br.add_argument("--batch", type=int, default=64, help="images per view batch")
+    br.add_argument("--repeats", type=int, default=5)
+    br.add_argument("--compile", action="store_true", help="also time precision.compile=on (compiles first)")
+    br.add_argument("--reference", help="an earlier pipelines/augment.py (with BatchAugment) to measure beside")
+    br.add_argument("--reference-optim", help="an earlier engine/optim.py to time its LARS step beside")
+    br.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    br.add_argument("--json", help="output file (default: benchmarks/results/recipe_<size>px_<device>.json)")
+    br.set_defaults(func=cmd_bench_recipe)
     bp = bsub.add_parser("pipeline", help="two-view images/s of a backend vs the decode-only ceiling and torchvision")
     bp.add_argument("--backend", choices=["folder", "ffcv", "dali", "cifar"], required=True,
                     help="cifar: --data is a CIFAR python folder; the views are 32 px unless --size says otherwise")
@@ -446,7 +456,11 @@ def parser() -> argparse.ArgumentParser:
     bp.add_argument("--repeats", type=int, default=3)
     bp.add_argument("--workers", type=int, default=0, help="decoding processes or threads (0: one per core)")
     bp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    bp.add_argument("--json", help="output file (default: benchmarks/results/pipeline_<backend>_<device>.json)")
+    bp.add_argument("--placement", choices=["auto", "device", "workers"], default="auto",
+                    help="folder and ffcv: where the recipe after the crop runs (augment.place); auto: device on a "
+                         "GPU, workers on a CPU")
+    bp.add_argument("--json", help="output file (default: benchmarks/results/pipeline_<backend>[_<placement>]_"
+                                   "<device>.json)")
     bp.set_defaults(func=cmd_bench_pipeline)
     return p
 

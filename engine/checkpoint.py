@@ -43,6 +43,18 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve(spec: str | Path) -> Path:
+    """A checkpoint file, or a run folder standing for its newest checkpoint."""
+    path = Path(spec)
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"run folder {path} has no checkpoints under {folder(path)}; train it first or "
+                                  f"give a checkpoint file")
+        return found
+    return path
+
+
 class RunLock:
     """An exclusive lock on a run folder (flock on RUN/.lock) for the run's lifetime: a second run into the same
     folder is refused instead of overwriting checkpoints and interleaving metrics. The kernel drops the lock when its

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    backend: Literal["folder", "cifar", "ffcv", "dali", "synthetic"] = "folder"  # where two-view batches come from
+    backend: str = "folder"  # where two-view batches come from: a registered backend (dogo.pipelines.BACKENDS)
     path: str = "data/shapes64"  # root holding one folder per split (ImageNet layout: train/, val/); cifar: the
     # cifar-10-batches-py or cifar-100-python folder (splits train and test)
     beton: str = ""  # backend ffcv: the training split as a .beton (dogo convert); evaluation still reads `path`
@@ -43,7 +43,10 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """The SimCLR recipe (../shared/ALGORITHMS.md); every random parameter is drawn per image."""
+    """The SimCLR recipe (docs/algorithms.md); every random parameter is drawn per image."""
+    # where the recipe after the crop runs: device (batched, on the training device), workers (per image in uint8 in
+    # the loader's worker processes or threads; folder and ffcv backends), auto: device on CUDA, workers on CPUs
+    place: Literal["auto", "device", "workers"] = "auto"
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio
     flip_p: float = 0.5
@@ -61,10 +64,6 @@ class AugmentConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-SSL_METHODS = ("simclr", "mocov2", "simsiam")
-DEFAULT_TAU = {"simclr": 0.1, "mocov2": 0.2}  # SimCLR's ImageNet temperature; MoCo v2's
-
-
 @dataclass
 class PeerConfig:
     arch: str = "resnet18"  # a registered backbone name (dogo.models.BACKBONES)
@@ -72,9 +71,10 @@ class PeerConfig:
     zero_init_residual: bool = False  # ResNets: each block's last BN starts at zero scale (SimCLR's init)
     head_hidden: int = 2048  # DisCo widens the student's head to 2048 against the distilling bottleneck
     head_out: int = 128
-    # The peer's own SSL loss. None: the objective's name for simclr/mocov2/simsiam, else simclr.
-    ssl: Optional[Literal["simclr", "mocov2", "simsiam"]] = None
-    tau: Optional[float] = None  # NT-Xent / InfoNCE temperature; None: 0.1 for simclr, 0.2 for mocov2
+    # The peer's own SSL method (dogo.engine.methods.METHODS). None: the objective's method when it names one
+    # (objective.name=simclr, mocov2, ...), else simclr.
+    ssl: Optional[str] = None
+    tau: Optional[float] = None  # NT-Xent / InfoNCE temperature; None: the method's default (simclr 0.1, mocov2 0.2)
     kl_weight: float = 1.0  # DoGo lambda_k on KL(P_peer || P_k), per-row mean ('batchmean')
     pred_hidden: int = 512  # simsiam: hidden width of the predictor (SimSiam's bottleneck)
     momentum: float = 0.999  # mocov2: key encoder EMA momentum (at the start, with the cosine schedule)
@@ -89,9 +89,9 @@ class PeerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    # simclr | mocov2 | simsiam: every peer learns alone with that loss. dogo: two peers, each with its own
-    # SSL loss (peers.X.ssl) plus the KL to the other. disco: students distilled from a frozen `teacher`.
-    name: Literal["simclr", "mocov2", "simsiam", "dogo", "disco"] = "dogo"
+    # a method's name (simclr, mocov2, simsiam): every peer learns alone with it. dogo: two peers, each with its own
+    # method (peers.X.ssl) plus the KL to the other. disco: students distilled from a frozen `teacher`.
+    name: str = "dogo"
     tau_kl: float = 0.1  # temperature of the cross-view similarity softmax in the DoGo KL term
     # disco: weight of the squared distance to the teacher's embedding, summed over both views, the dimensions and
     # this rank's images: DisCo's MSELoss(reduction='sum') per GPU, weight 1 (its 256 images on 8 GPUs: 32 per
@@ -139,6 +139,9 @@ class ScheduleConfig:
 class PrecisionConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
+    # the device recipe's operations fused by torch.compile (Triton on CUDA, C++ on CPUs): fewer passes over memory
+    # for a compilation per operation at the start (about a minute on CPUs)
+    compile: Literal["on", "off"] = "off"
 
 
 @dataclass
@@ -327,34 +330,29 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def ssl_of(objective: str, peer: PeerConfig) -> str:
-    """A peer's own SSL loss: its `ssl` key, else the objective's name when that names one, else simclr."""
-    return peer.ssl or (objective if objective in SSL_METHODS else "simclr")
-
-
-def tau_of(objective: str, peer: PeerConfig) -> float | None:
-    """A peer's temperature: its `tau` key, else its SSL loss's default (None for simsiam, which has none)."""
-    return peer.tau if peer.tau is not None else DEFAULT_TAU.get(ssl_of(objective, peer))
-
-
 def resolve(cfg: Config) -> None:
-    """Fill the defaults that depend on other keys, so that the written config says what ran."""
-    single = cfg.objective.name if cfg.objective.name in SSL_METHODS else None
+    """Fill the defaults that depend on other keys, once, so that the written config says what ran and the step
+    reads resolved values: each peer's method and temperature."""
+    from dogo.engine.methods import method_named
+    from dogo.engine.objectives import objective_named
+    objective = objective_named(cfg.objective.name)
     for name, peer in cfg.peers.items():
-        if single and peer.ssl not in (None, single):
-            raise ConfigError(f"peers.{name}.ssl={peer.ssl} conflicts with objective.name={single}; "
-                              f"peers with their own SSL losses train together under objective.name=dogo")
-        peer.ssl = ssl_of(cfg.objective.name, peer)
-        peer.tau = tau_of(cfg.objective.name, peer)
+        if objective.method and peer.ssl not in (None, objective.method):
+            raise ConfigError(f"peers.{name}.ssl={peer.ssl} conflicts with objective.name={objective.method}; "
+                              f"peers with their own SSL methods train together under objective.name=dogo")
+        peer.ssl = peer.ssl or objective.method or "simclr"
+        method = method_named(peer.ssl, f"peers.{name}.ssl")
+        if peer.tau is None:
+            peer.tau = method.default_tau
 
 
 def check(cfg: Config) -> None:
     """Cross-field checks that single types cannot express."""
-    n = len(cfg.peers)
-    if cfg.objective.name == "dogo" and n != 2:
-        raise ConfigError(f"objective.name=dogo needs exactly 2 peers, the config has {n}: {', '.join(cfg.peers)}")
-    if cfg.objective.name == "disco":
-        _check_teacher(cfg.teacher)
+    from dogo.engine.methods import method_named
+    from dogo.engine.objectives import objective_named
+    from dogo.pipelines import backend_named
+    backend_named(cfg.data.backend)
+    objective_named(cfg.objective.name).check(cfg)
     positive = {"data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size,
                 "schedule.epochs": cfg.schedule.epochs, "log.every": cfg.log.every, "checkpoint.keep": cfg.checkpoint.keep,
                 "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size,
@@ -383,13 +381,7 @@ def check(cfg: Config) -> None:
     for name, peer in cfg.peers.items():
         if peer.tau is not None and peer.tau <= 0:
             raise ConfigError(f"peers.{name}.tau must be positive, got {peer.tau}")
-        if peer.ssl == "mocov2":
-            if not 0 <= peer.momentum < 1:
-                raise ConfigError(f"peers.{name}.momentum must be in [0, 1), got {peer.momentum}")
-            per_step = (2 if peer.moco_symmetric else 1) * cfg.data.batch_size
-            if peer.queue_size < per_step:
-                raise ConfigError(f"peers.{name}.queue_size={peer.queue_size} holds less than one step's keys "
-                                  f"({per_step}); make it larger")
+        method_named(peer.ssl, f"peers.{name}.ssl").check(f"peers.{name}", peer, cfg)
         if peer.zero_init_residual and not peer.arch.startswith("resnet"):
             raise ConfigError(f"peers.{name}.zero_init_residual applies to ResNets only, not {peer.arch}")
     lo, hi = cfg.augment.crop_scale
@@ -397,18 +389,6 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.augment.crop_scale}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device: {cfg.device!r} is not one of 'auto', 'cpu', 'cuda'")
-
-
-def _check_teacher(t: TeacherConfig) -> None:
-    files = bool(t.backbone or t.head)
-    if bool(t.checkpoint) == files:
-        raise ConfigError("objective.name=disco needs its teacher from exactly one source: teacher.checkpoint=RUN "
-                          "(a dogo run folder or checkpoint; teacher.peer picks the peer), or teacher.backbone=FILE "
-                          "with teacher.head=FILE and teacher.arch=NAME")
-    if files and not (t.backbone and t.head and t.arch):
-        missing = [k for k in ("backbone", "head", "arch") if not getattr(t, k)]
-        raise ConfigError(f"a teacher from state_dict files needs teacher.backbone, teacher.head and teacher.arch; "
-                          f"missing: {', '.join('teacher.' + k for k in missing)}")
 
 
 def to_dict(cfg: Config) -> dict:

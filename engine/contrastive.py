@@ -18,15 +18,13 @@ losses.py computes them; DDP's gradient averaging then makes the update that of 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from dogo.engine.distributed import rank, world_size
+from dogo.engine.distributed import all_gather_rows, rank, reduce_scatter_rows
 
 
 @dataclass(frozen=True)
@@ -49,23 +47,6 @@ def _dot(rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Te
     if rows.is_cuda:
         return torch.mm(rows, cols.T, out_dtype=dtype)
     return rows.to(dtype) @ cols.to(dtype).T
-
-
-def _gather(local: torch.Tensor) -> torch.Tensor:
-    if world_size() == 1:
-        return local
-    out = torch.empty((world_size() * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(out, local.contiguous())
-    return out
-
-
-def _reduce_scatter(full: torch.Tensor) -> torch.Tensor:
-    """Sum every rank's gradient of the gathered columns and hand each rank the rows it owns."""
-    if world_size() == 1:
-        return full
-    out = torch.empty((full.shape[0] // world_size(), full.shape[1]), dtype=full.dtype, device=full.device)
-    dist.reduce_scatter_tensor(out, full.contiguous())
-    return out
 
 
 def _mask_self(logits: torch.Tensor, r: int, t: int, row0: int, col0: int) -> None:
@@ -118,7 +99,7 @@ class _TiledContrastive(torch.autograd.Function):
         cdt = _compute_dtype(zs[0].dtype)
         dev = zs[0].device
         row_offset = rank() * b
-        cols = _gather(torch.cat(zs, dim=1))  # (B, 2Pd): one collective for every peer and view
+        cols = all_gather_rows(torch.cat(zs, dim=1))  # (B, 2Pd): one collective for every peer and view
         big_b = cols.shape[0]
         kl = spec.tau_kl is not None
         ntx_peers = [k for k in range(n_peers) if spec.taus[k] is not None]
@@ -226,7 +207,7 @@ class _TiledContrastive(torch.autograd.Function):
                         gc = gs.T @ rows_c[k]  # (2t, d): gradient of this tile's columns, both views
                         grad_cols[j0:j1, (2 * k) * d:(2 * k + 1) * d].add_(gc[:t])
                         grad_cols[j0:j1, (2 * k + 1) * d:(2 * k + 2) * d].add_(gc[t:])
-            own = _reduce_scatter(grad_cols)  # (b, 2Pd): every rank's gradient of this rank's embeddings
+            own = reduce_scatter_rows(grad_cols)  # (b, 2Pd): every rank's gradient of this rank's embeddings
             grads = []
             for k in range(n_peers):
                 z1, z2 = zs[2 * k].to(cdt), zs[2 * k + 1].to(cdt)

@@ -1,4 +1,5 @@
-"""torch.distributed under torchrun (NCCL on GPUs, gloo on CPUs), and a single process without it.
+"""torch.distributed under torchrun (NCCL on GPUs, gloo on CPUs), and a single process without it: joining the
+process group and the collectives the engine uses.
 
 Everything here also works at world size 1 without a process group, so losses and the loop never branch on it.
 """
@@ -6,13 +7,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
-import torch.nn as nn
 
 
 @dataclass
@@ -70,26 +68,37 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0; backward sums every rank's gradient of the gathered tensor and keeps this rank's rows.
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of x, in rank order (one collective, no autograd); x itself at world size 1."""
+    if world_size() == 1:
+        return x
+    out = torch.empty((world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
 
-    With DDP averaging parameter gradients over ranks, this makes the update equal to the one a single process
-    computes on the global batch with the mean of the ranks' losses.
-    """
+
+def reduce_scatter_rows(full: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `full` (every rank's gradient of gathered rows), of which each rank keeps the rows it
+    owns: the backward of all_gather_rows."""
+    if world_size() == 1:
+        return full
+    out = torch.empty((full.shape[0] // world_size(), *full.shape[1:]), dtype=full.dtype, device=full.device)
+    dist.reduce_scatter_tensor(out, full.contiguous())
+    return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather_rows with a gradient: backward sums every rank's gradient of the gathered tensor and keeps this
+    rank's rows. With DDP averaging parameter gradients over ranks, the update equals the one a single process
+    computes on the global batch with the mean of the ranks' losses."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.rows = x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+        return all_gather_rows(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        start = dist.get_rank() * ctx.rows
-        return grad[start:start + ctx.rows]
+        return reduce_scatter_rows(grad)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -97,14 +106,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
-
-
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    if world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -118,92 +119,3 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch statistics over every rank, on any device and process group (NCCL or gloo).
-
-    The per-channel sums travel through an autograd-aware all-reduce, so the gradient is exact. Every rank holds
-    the same number of rows (base.Shard), so the count is known on the host: unlike torch's SyncBatchNorm, which
-    gathers per-rank counts and indexes them with a boolean mask (a host synchronisation in every BN layer), nothing
-    here waits for the device.
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and world_size() > 1):
-            return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
-        channels = x.shape[1]
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        xf = x.float()
-        n = x.numel() / channels * world_size()  # values per channel over all ranks
-        # Two passes (mean, then centred squares) rather than E[x^2] - mean^2, which cancels badly in fp32.
-        mean = dist_nn.all_reduce(xf.sum(dims)) / n
-        centred = xf - mean.view(shape)
-        var = dist_nn.all_reduce(centred.square().sum(dims)) / n
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                # momentum None is torch's cumulative average, 1 / batches seen (a tensor: no host sync)
-                m = self.momentum if self.momentum is not None else self.num_batches_tracked.reciprocal().float()
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
-                self.running_var.lerp_((var.detach() * (n / (n - 1))).to(self.running_var.dtype), m)
-        out = centred * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:  # SimSiam's projector ends in a BN without affine parameters
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out.to(x.dtype)
-
-
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Every BatchNorm of `module` as an AllReduceBatchNorm with the same state, on CUDA and on CPUs."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, AllReduceBatchNorm):
-        new = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats)
-        new.load_state_dict(module.state_dict())
-        return new
-    for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child))
-    return module
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; all ranks agree on it without stalling the device.
-
-    Ranks may receive a signal one step apart, so the flag is max-reduced over a gloo group on the host, started
-    asynchronously at one step and read at the next: the agreement costs no device synchronisation.
-    """
-
-    def __init__(self, ctx: DistContext):
-        self.local = False
-        self._group = dist.new_group(backend="gloo") if ctx.distributed else None
-        self._flag = torch.zeros(1)
-        self._work = None
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.local = True
-
-    def should_stop(self) -> bool:
-        """Call once per step, identically on every rank."""
-        if self._group is None:
-            return self.local
-        agreed = False
-        if self._work is not None:
-            self._work.wait()
-            agreed = bool(self._flag.item())
-        self._flag = torch.tensor([float(self.local)])
-        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
-        return agreed
-
-    def close(self) -> None:
-        if self._work is not None:
-            self._work.wait()
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-

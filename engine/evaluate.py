@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dogo.engine.distributed import DistContext, gather_no_grad
+from dogo.engine.distributed import DistContext, all_gather_rows
 from dogo.pipelines import EvalSplit, open_eval_split
 
 
@@ -44,8 +44,8 @@ def extract_features(backbone: nn.Module, split: EvalSplit, positions: np.ndarra
     f, y = torch.cat(feats), torch.cat(labels)
     if w > 1:
         # rank r holds padded[r::w]; interleave back to the original order, then drop the padding
-        f = gather_no_grad(f).view(w, -1, f.shape[1]).transpose(0, 1).reshape(-1, f.shape[1])
-        y = gather_no_grad(y).view(w, -1).T.reshape(-1)
+        f = all_gather_rows(f).view(w, -1, f.shape[1]).transpose(0, 1).reshape(-1, f.shape[1])
+        y = all_gather_rows(y).view(w, -1).T.reshape(-1)
         f, y = f[:len(positions)], y[:len(positions)]
     keep = y >= 0
     return f[keep], y[keep]

@@ -1,6 +1,7 @@
 """Atomic file writes: a half-written file never stands under its final name."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +43,8 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """A result file: indented JSON, written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=1) + "\n")

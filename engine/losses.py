@@ -1,23 +1,20 @@
-"""The objectives' losses as functions of the embeddings: every training step goes through `objective_loss`.
+"""The losses as functions of the embeddings; the methods (methods.py) and objectives (objectives.py) combine them.
 
 Shapes: each rank holds b = B/W images; z1, z2 are (b, d) embeddings of the two views. Columns span the global
 batch, rows are this rank's own. At world size 1 no process group is needed.
 
-`objective_loss` computes NT-Xent and DoGo's KL with the tiled kernel (contrastive.py). The straightforward
+NT-Xent and DoGo's KL run through the tiled kernel (contrastive.py, via `kernel_terms`). The straightforward
 functions below (gather with gradient, full logits block) are its reference, in the tests and in `dogo bench loss`.
 MoCo v2's InfoNCE, SimSiam's negative cosine and DisCo's embedding distance have no (B x B) block and are computed
 directly.
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 import torch.nn.functional as F
 
-from dogo.engine.config import ssl_of, tau_of
 from dogo.engine.contrastive import contrastive_terms
-from dogo.engine.distributed import gather_no_grad, gather_with_grad, rank
+from dogo.engine.distributed import all_gather_rows, gather_with_grad, rank
 
 
 def at_least_fp32(z: torch.Tensor) -> torch.Tensor:
@@ -53,7 +50,7 @@ def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
 
 def cross_view_log_softmax(z1: torch.Tensor, z2: torch.Tensor, tau_kl: float, grad: bool = True) -> torch.Tensor:
     """log P: row-wise log-softmax of this rank's view-1 rows against every view-2 column, (b, B)."""
-    cols = gather_with_grad(z2) if grad else gather_no_grad(z2)
+    cols = gather_with_grad(z2) if grad else all_gather_rows(z2)
     return torch.log_softmax(z1 @ cols.T / tau_kl, dim=1)
 
 
@@ -106,17 +103,6 @@ def embedding_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     return (normalize(student) - normalize(teacher).detach()).pow(2).sum()
 
 
-def kl_embeddings(ssl: str, partner_ssl: str, out: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple]:
-    """(own, as_target): the embeddings of both views from which DoGo's KL takes this peer's own distribution and
-    the distribution its partner is pulled towards, as DoGo's code picks them (util/train_util.py). A SimCLR or MoCo
-    peer: its projections for both. A SimSiam peer: its predictions for both, except when its partner is a SimSiam
-    peer too; then its own distribution comes from its predictions and its partner's target from its projections."""
-    if ssl != "simsiam":
-        return out[:2], out[:2]
-    predictions = (out[2], out[3])
-    return predictions, (out[:2] if partner_ssl == "simsiam" else predictions)
-
-
 def kernel_terms(pairs: list[tuple[tuple, tuple]], taus: list, tau_kl: float | None, tile: int) -> torch.Tensor:
     """The tiled kernel's terms (layout of `contrastive_terms`) for peers given as (own, as_target) embeddings.
 
@@ -131,61 +117,3 @@ def kernel_terms(pairs: list[tuple[tuple, tuple]], taus: list, tau_kl: float | N
         slots = [pairs[0][0], pairs[1][1]] if k == 0 else [pairs[0][1], pairs[1][0]]
         kls.append(contrastive_terms([normalize(z) for pair in slots for z in pair], taus, tau_kl, tile)[k])
     return torch.stack(kls)
-
-
-def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective, peers, targets=None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss to backpropagate and its named terms (detached), for every peer.
-
-    outputs: peer name -> (z1, z2) raw head outputs of this rank's images, (b, d) each; a SimSiam peer adds its
-    predictions (p1, p2). objective: ObjectiveConfig; peers: name -> PeerConfig (ssl, tau, kl_weight).
-    targets: what the parts without gradient computed for this step (dogo.engine.targets.Targets): MoCo keys and
-    queues, the DisCo teacher's embeddings.
-
-    Each peer's own SSL loss: simclr NT-Xent, mocov2 InfoNCE against its queue, simsiam negative cosine.
-    dogo (2 peers): each adds kl_weight * KL(P_peer || P_self) (embeddings as `kl_embeddings` picks them). disco:
-    each student adds distill_weight times the squared distance to the teacher's embedding, summed over both views
-    and this rank's rows. NT-Xent and the KL go through the tiled kernel.
-    """
-    names = list(outputs)
-    dogo = objective.name == "dogo"
-    ssl = {name: ssl_of(objective.name, peers[name]) for name in names}
-    tau = {name: tau_of(objective.name, peers[name]) for name in names}
-    terms: dict[str, torch.Tensor] = {}
-    total = torch.zeros((), device=outputs[names[0]][0].device)
-
-    # The kernel: every SimCLR peer's NT-Xent, and with DoGo both peers' KL terms, in one walk of the columns.
-    slots = [name for name in names if dogo or ssl[name] == "simclr"]
-    if slots:
-        partner = {name: slots[1 - k] for k, name in enumerate(slots)} if dogo else {}
-        pairs = [kl_embeddings(ssl[name], ssl[partner[name]], outputs[name]) if dogo else (outputs[name][:2],) * 2
-                 for name in slots]
-        taus = [tau[name] if ssl[name] == "simclr" else None for name in slots]
-        values = kernel_terms(pairs, taus, objective.tau_kl if dogo else None, objective.tile)
-        ntx = [name for name, tau in zip(slots, taus) if tau is not None]
-        for k, name in enumerate(ntx):
-            terms[f"{name}/ntxent"] = values[k]
-        if dogo:
-            for k, name in enumerate(slots):
-                terms[f"{name}/kl"] = values[len(ntx) + k]
-                total = total + peers[name].kl_weight * values[len(ntx) + k]
-        total = total + values[:len(ntx)].sum()
-
-    for name in names:
-        out = outputs[name]
-        if ssl[name] == "mocov2":
-            k1, k2 = targets.keys[name]
-            terms[f"{name}/infonce"] = mocov2_loss(normalize(out[0]), normalize(out[1]), k1, k2,
-                                                   targets.queues[name], tau[name], peers[name].moco_symmetric)
-            total = total + terms[f"{name}/infonce"]
-        elif ssl[name] == "simsiam":
-            terms[f"{name}/simsiam"] = simsiam_loss(*(at_least_fp32(x) for x in out))
-            total = total + terms[f"{name}/simsiam"]
-        if objective.name == "disco":
-            t1, t2 = targets.teacher[name]
-            terms[f"{name}/distill"] = embedding_distance(out[0], t1) + embedding_distance(out[1], t2)
-            total = total + objective.distill_weight * terms[f"{name}/distill"]
-
-    terms = {key: value.detach() for key, value in terms.items()}
-    terms["loss"] = total.detach()
-    return total, terms

@@ -150,16 +150,18 @@ def estimate(cfg: Config, world_size: int, dtype: torch.dtype, channels_last: bo
 
 
 def _target_bytes(cfg: Config) -> int:
-    """MoCo key encoders (a copy of the peer) with their queues; the DisCo teacher (a peer of the teacher's size,
-    approximated by the largest student when its config is not at hand)."""
-    from dogo.models import build_peer
+    """Momentum key encoders (a copy of the peer) with their queues; the DisCo teacher (its backbone, when its
+    architecture is named)."""
+    from dogo.engine.methods import METHODS, build_peer
+    from dogo.engine.objectives import objective_named
     total = 0
     for p in cfg.peers.values():
-        if p.ssl == "mocov2":
+        method = METHODS[p.ssl]
+        if method.momentum_encoder:
             with torch.device("meta"):
                 peer = build_peer(p)
-            total += _param_bytes(peer) + _buffer_bytes(peer) + p.queue_size * p.head_out * 4
-    if cfg.objective.name == "disco" and cfg.teacher.arch:
+            total += _param_bytes(peer) + _buffer_bytes(peer) + (p.queue_size * p.head_out * 4 if method.queue else 0)
+    if objective_named(cfg.objective.name).uses_teacher and cfg.teacher.arch:
         from dogo.models import build_backbone
         with torch.device("meta"):
             backbone, _ = build_backbone(cfg.teacher.arch, cfg.teacher.cifar_stem)

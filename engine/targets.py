@@ -1,5 +1,5 @@
-"""The parts of a run that make per-step targets without gradient: MoCo v2's momentum key encoders with their
-queues of negatives, and DisCo's frozen teacher.
+"""The parts of a run that make per-step targets without gradient: the momentum key encoders of the methods that
+have one (MoCo v2's, with its queue of negatives), and DisCo's frozen teacher.
 
 They sit outside the DDP-wrapped peers (DDP would broadcast a 32 MB queue every step as a buffer), so every rank
 keeps its own copy; the copies stay equal because the key encoders follow equal peers and the queues receive the
@@ -16,9 +16,12 @@ import torch.nn as nn
 
 from dogo.engine.checkpoint import CheckpointError
 from dogo.engine.config import Config, ConfigError
-from dogo.engine.distributed import gather_no_grad
+from dogo.engine.distributed import all_gather_rows
 from dogo.engine.losses import normalize
+from dogo.engine.methods import METHODS
+from dogo.engine.objectives import objective_named
 from dogo.engine.teacher import FrozenTeacher, load_teacher
+from dogo.pipelines import in_batch_order
 
 
 def momentum_at(base: float, schedule: str, step: int, total_steps: int) -> float:
@@ -29,7 +32,8 @@ def momentum_at(base: float, schedule: str, step: int, total_steps: int) -> floa
 
 
 class KeyEncoder(nn.Module):
-    """A peer's momentum copy (backbone and head) and a ring buffer of L2-normalised keys, the negatives.
+    """A peer's momentum copy (backbone and head) and, for a method with a queue, a ring buffer of L2-normalised
+    keys, the negatives (queue_size 0: none).
 
     The queue starts full of random unit keys, as MoCo's (a normalised Gaussian), drawn from `seed` alone so that
     every rank starts with the same queue; the first step then has negatives like every other step.
@@ -43,7 +47,7 @@ class KeyEncoder(nn.Module):
         self.encoder = copy.deepcopy(peer).requires_grad_(False)
         dim = peer.head[3].out_features
         start = torch.randn(queue_size, dim, generator=torch.Generator().manual_seed(seed))
-        self.register_buffer("queue", normalize(start))
+        self.register_buffer("queue", normalize(start) if queue_size else start)
         self.ptr = 0  # next row to write: the oldest key
 
     def get_extra_state(self) -> dict:
@@ -90,16 +94,19 @@ class Targets:
 
 
 class TargetMakers(nn.Module):
-    """Key encoders for the mocov2 peers and, for disco, the teacher. Built from the peers at their initial weights."""
+    """Key encoders for the peers whose method has one and, for an objective with a teacher, the teacher. Built from
+    the peers at their initial weights."""
 
     def __init__(self, cfg: Config, peers: nn.ModuleDict):
         super().__init__()
         self.cfg = cfg
+        self.methods = {name: METHODS[p.ssl] for name, p in cfg.peers.items()}
         # each peer's queue from its own seed, the same on every rank
-        self.key_encoders = nn.ModuleDict({name: KeyEncoder(peers[name], p.queue_size, seed=cfg.seed + k)
-                                           for k, (name, p) in enumerate(cfg.peers.items()) if p.ssl == "mocov2"})
+        self.key_encoders = nn.ModuleDict({
+            name: KeyEncoder(peers[name], p.queue_size if self.methods[name].queue else 0, seed=cfg.seed + k)
+            for k, (name, p) in enumerate(cfg.peers.items()) if self.methods[name].momentum_encoder})
         self.teacher: FrozenTeacher | None = None
-        if cfg.objective.name == "disco":
+        if objective_named(cfg.objective.name).uses_teacher:
             self.teacher = load_teacher(cfg.teacher)
             for name, p in cfg.peers.items():
                 if p.head_out != self.teacher.embedding_dim:
@@ -112,32 +119,36 @@ class TargetMakers(nn.Module):
     def active(self) -> bool:
         return bool(self.key_encoders) or self.teacher is not None
 
-    def make(self, views: list[torch.Tensor], pairs: dict[str, tuple[int, int]]) -> Targets:
-        """Keys and teacher embeddings of this step's views (call under the run's autocast)."""
+    def make(self, views: list[torch.Tensor], pairs: dict[str, tuple[int, int]],
+             restore: list[torch.Tensor | None] | None = None) -> Targets:
+        """Keys and teacher embeddings of this step's views, in the batch's image order (call under the run's
+        autocast). restore: per view, where each image's row is (pipelines.TwoViewBatch), or None."""
+        order = (lambda v: restore[v]) if restore else (lambda v: None)
         out = Targets()
         for name, enc in self.key_encoders.items():
-            i, j = pairs[name]
-            if self.cfg.peers[name].moco_symmetric:
-                out.keys[name] = enc.keys(torch.cat([views[i], views[j]])).chunk(2)
-            else:
-                out.keys[name] = (None, enc.keys(views[j]))
+            want = [v for v, needed in zip(pairs[name], self.methods[name].key_views(self.cfg.peers[name])) if needed]
+            keys = enc.keys(torch.cat([views[v] for v in want])).chunk(len(want))  # one forward for all its views
+            made = {v: in_batch_order(k, order(v)) for v, k in zip(want, keys)}
+            out.keys[name] = tuple(made.get(v) for v in pairs[name])
             out.queues[name] = enc.negatives()
         if self.teacher is not None:
             seen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
             for name in self.cfg.peers:
                 pair = pairs[name]
                 if pair not in seen:  # students that share views share the teacher's forward
-                    seen[pair] = self.teacher.embed_views(views[pair[0]], views[pair[1]])
+                    t1, t2 = self.teacher.embed_views(views[pair[0]], views[pair[1]])
+                    seen[pair] = (in_batch_order(t1, order(pair[0])), in_batch_order(t2, order(pair[1])))
                 out.teacher[name] = seen[pair]
         return out
 
     def after_step(self, peers: nn.ModuleDict, targets: Targets, step: int, total_steps: int) -> None:
-        """Enqueue every rank's keys (view 2's; both views' in the symmetric form), then move each key encoder
-        towards its updated peer."""
+        """Enqueue every rank's keys of a method with a queue (MoCo: view 2's; both views' in the symmetric form), then
+        move each key encoder towards its updated peer."""
         for name, enc in self.key_encoders.items():
-            keys = [k for k in targets.keys[name] if k is not None]
-            gathered = gather_no_grad(torch.cat(keys, dim=1))  # one collective for both views
-            enc.enqueue(torch.cat(gathered.chunk(len(keys), dim=1)))  # every rank's view-1 keys, then view-2's
+            if self.methods[name].queue:
+                keys = [k for k in targets.keys[name] if k is not None]
+                gathered = all_gather_rows(torch.cat(keys, dim=1))  # one collective for both views
+                enc.enqueue(torch.cat(gathered.chunk(len(keys), dim=1)))  # every rank's view-1 keys, then view-2's
             p = self.cfg.peers[name]
             enc.follow(peers[name], momentum_at(p.momentum, p.momentum_schedule, step, total_steps))
 

@@ -17,7 +17,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dogo.engine import checkpoint
 from dogo.engine.config import ConfigError, TeacherConfig, from_dict
-from dogo.models import Peer, build_peer
+from dogo.engine.methods import build_peer
+from dogo.models import Peer
 
 # Keys of a torchvision model that are not part of a dogo backbone (its classifier is an Identity).
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
@@ -100,14 +101,8 @@ def _load_into(module: nn.Module, state: dict, what: str) -> None:
 
 
 def _from_checkpoint(t: TeacherConfig) -> tuple[Peer, str]:
-    path = Path(t.checkpoint)
-    if path.is_dir():
-        found = checkpoint.latest(path)
-        if found is None:
-            raise ConfigError(f"teacher.checkpoint: run folder {path} has no checkpoints under "
-                              f"{checkpoint.folder(path)}; train it first or give a checkpoint file")
-        path = found
     try:
+        path = checkpoint.resolve(t.checkpoint)
         state = checkpoint.load(path)
         checkpoint.check_finite(state, path)
     except checkpoint.CheckpointError as exc:

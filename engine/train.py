@@ -13,41 +13,47 @@ import torch.nn as nn
 from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
-from dogo.engine import checkpoint, config as config_mod, distributed, memory
+from dogo.engine import checkpoint, config as config_mod, distributed, memory, precision as precision_mod
 from dogo.engine.config import Config
 from dogo.engine.evaluate import KnnMonitor
 from dogo.engine.logger import MetricsLogger, tensorboard_wanted
-from dogo.engine.losses import objective_loss
+from dogo.engine.objectives import objective_loss, objective_named
 from dogo.engine.optim import build_optimizer, lr_factor, set_lr
+from dogo.engine.signals import StopRequest
+from dogo.engine.syncbn import convert_sync_batchnorm
 from dogo.engine.targets import TargetMakers
-from dogo.models import build_peer
-from dogo.pipelines import build_loader
+from dogo.engine.methods import build_peer
+from dogo.pipelines import TwoViewBatch, backend_named, build_loader, in_batch_order
 
 
 class PeerSet(nn.Module):
     """All peers in one module, so that one DDP wrapper and one backward cover them.
 
-    forward(views) -> {peer: (z1, z2)}: peer k takes views pairs[k]; both views go through it as one batch
-    (one forward per peer, BN statistics over both views as in SimCLR's code). A SimSiam peer also returns its
-    predictions: (z1, z2, p1, p2).
+    forward(views, restore) -> {peer: (z1, z2)}: peer k takes views pairs[k]; both views go through it as one batch
+    (one forward per peer, BN statistics over both views as in SimCLR's code). A peer with a predictor also returns
+    its predictions: (z1, z2, p1, p2). A view whose rows come in an order of their own (restore, see
+    pipelines.TwoViewBatch) has its outputs put back in the batch's order: the rows of the embeddings, not of the
+    images, and BatchNorm's statistics do not depend on the order.
     """
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.peers = nn.ModuleDict({name: build_peer(p) for name, p in cfg.peers.items()})
-        shared = cfg.objective.name != "dogo" or cfg.objective.share_views
-        self.pairs = {name: (0, 1) if shared else (2 * k, 2 * k + 1) for k, name in enumerate(cfg.peers)}
+        self.pairs = objective_named(cfg.objective.name).view_pairs(list(cfg.peers), cfg.objective.share_views)
 
     @property
     def n_views(self) -> int:
         return 2 * len({pair for pair in self.pairs.values()})
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], restore: list[torch.Tensor | None] | None = None
+                ) -> dict[str, tuple[torch.Tensor, ...]]:
         out = {}
         for name, peer in self.peers.items():
             i, j = self.pairs[name]
             z = peer(torch.cat([views[i], views[j]]))
-            out[name] = z.chunk(2) if peer.predictor is None else (*z.chunk(2), *peer.predictor(z).chunk(2))
+            parts = z.chunk(2) if peer.predictor is None else (*z.chunk(2), *peer.predictor(z).chunk(2))
+            orders = [restore[i], restore[j]] * (len(parts) // 2) if restore else [None] * len(parts)
+            out[name] = tuple(in_batch_order(part, order) for part, order in zip(parts, orders))
         return out
 
 
@@ -57,26 +63,16 @@ def build_peers(cfg: Config) -> PeerSet:
     return PeerSet(cfg)
 
 
-@dataclass
-class Precision:
-    dtype: torch.dtype  # autocast dtype; float32 means no autocast
-    channels_last: bool
+def ddp_options(model: torch.nn.Module, sync_bn: bool) -> dict:
+    """DDP settings that leave the result unchanged and save work: gradients written straight into the all-reduce
+    buckets (no copy, no second gradient buffer), and no broadcast of rank 0's buffers before each forward where
+    every rank's buffers are equal anyway: with SyncBN (running statistics from the all-reduced batch statistics) or
+    with no buffers at all (they are still synchronised once, at the start).
 
-    @property
-    def scaler_enabled(self) -> bool:
-        return self.dtype == torch.float16
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> Precision:
-    """auto: bf16 autocast and channels_last on CUDA; fp32 on CPUs (bf16 is about 2x slower on CPUs without AMX)."""
-    name = cfg.precision.dtype
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise config_mod.ConfigError("precision.dtype=fp16 needs CUDA; use fp32 or bf16 on CPUs")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    cl = cfg.precision.channels_last
-    return Precision(dtype, device.type == "cuda" if cl == "auto" else cl == "on")
+    Not static_graph, although every step's graph is the same: with it, torch 2.14's reducer reads a value on the
+    host in every backward (aten::_local_scalar_dense; tests/test_host_sync.py, two gloo ranks, found it)."""
+    has_buffers = any(True for _ in model.buffers())
+    return dict(gradient_as_bucket_view=True, forward_sync_buffers=has_buffers and not sync_bn)
 
 
 def usable_workers(requested: int) -> tuple[int, str | None]:
@@ -104,7 +100,7 @@ class Trainer:
         self.ctx = distributed.init(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_min)
         self.run_dir = cfg.run_dir
         self.tensorboard = tensorboard_wanted(cfg.log.tensorboard)  # before anything is written: a clear error
-        self.precision = resolve_precision(cfg, self.ctx.device)
+        self.precision = precision_mod.of_config(cfg, self.ctx.device)
         if self.ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 loss matmuls
@@ -112,7 +108,7 @@ class Trainer:
         # key encoders copy the peers before SyncBN: MoCo's keys use each rank's own batch statistics
         self.targets = TargetMakers(cfg, self.model.peers)
         if cfg.distributed.sync_bn and self.ctx.distributed:
-            self.model = distributed.convert_sync_batchnorm(self.model)
+            self.model = convert_sync_batchnorm(self.model)
         fmt = torch.channels_last if self.precision.channels_last else torch.contiguous_format
         self.model.to(self.ctx.device, memory_format=fmt)
         self.targets.to(self.ctx.device, memory_format=fmt)
@@ -126,11 +122,13 @@ class Trainer:
         self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), cfg.augment,
                                    n_views=self.model.n_views, seed=cfg.seed,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
-                                   dtype=self.precision.dtype, channels_last=self.precision.channels_last)
+                                   dtype=self.precision.dtype, channels_last=self.precision.channels_last,
+                                   compile_recipe=cfg.precision.compile == "on")
         self.forward = self.model
         if self.ctx.distributed:
             self.forward = DistributedDataParallel(
-                self.model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None)
+                self.model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
+                **ddp_options(self.model, cfg.distributed.sync_bn))
         self.optimizer = build_optimizer(dict(self.model.peers.items()), cfg, cfg.data.batch_size,
                                          self.ctx.device)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision.scaler_enabled)
@@ -143,7 +141,7 @@ class Trainer:
         self.resume_changes: list[str] = []  # config keys a resume changed (lr, weight decay, schedule...)
         self.lock: checkpoint.RunLock | None = None  # the run folder's, held by the main rank while it trains
         self.knn = None
-        if cfg.eval.knn_every_epochs > 0 and cfg.data.backend != "synthetic":  # synthetic images have no classes
+        if cfg.eval.knn_every_epochs > 0 and backend_named(cfg.data.backend).labelled:
             self.knn = KnnMonitor(cfg, self.ctx, self.precision.dtype, self.precision.channels_last, workers)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
@@ -195,14 +193,14 @@ class Trainer:
         return path
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    def step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One optimiser step over every peer. No host synchronisation."""
+    def step(self, batch: TwoViewBatch) -> dict[str, torch.Tensor]:
+        """One optimiser step over every peer on one batch. No host synchronisation."""
         set_lr(self.optimizer, lr_factor(self.pos.step, self.total_steps, self.warmup_steps,
                                          self.cfg.schedule.final_lr_ratio))
         dt = self.precision.dtype
         with torch.autocast(self.ctx.device.type, dtype=dt, enabled=dt != torch.float32):
-            outputs = self.forward(views)
-            targets = self.targets.make(views, self.model.pairs)
+            outputs = self.forward(batch.views, batch.restore)
+            targets = self.targets.make(batch.views, self.model.pairs, batch.restore)
         loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
         # a flag on the device, read only at log and checkpoint steps: no host sync here
         bad = ~torch.isfinite(loss)
@@ -217,11 +215,11 @@ class Trainer:
         self.targets.after_step(self.model.peers, targets, self.pos.step + 1, self.total_steps)
         return terms
 
-    def guarded_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def guarded_step(self, batch) -> dict[str, torch.Tensor]:
         """step(), with running out of device memory turned into a one-line error naming the step and what to
         lower. Nothing is saved on the way out: the last good checkpoint stays the newest."""
         try:
-            return self.step(views)
+            return self.step(batch)
         except torch.OutOfMemoryError:
             fits = memory.memory_model(self.cfg, self.ctx.world_size, self.precision.dtype,
                                        self.precision.channels_last).largest_batch(self.memory_limit)
@@ -267,7 +265,7 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
             raise
-        stop = distributed.StopRequest(self.ctx)
+        stop = StopRequest(self.ctx)
         result = {"stopped": False, "knn_top1": {}}
         start = time.perf_counter()
         self._finite_until = self.pos.step
@@ -275,11 +273,11 @@ class Trainer:
             while self.pos.step < self.total_steps and not result["stopped"]:
                 self.loader.set_epoch(self.pos.epoch, self.pos.step_in_epoch)
                 for batch in self.loader:
-                    log.add(self.guarded_step(batch.views))
+                    log.add(self.guarded_step(batch))
                     if self._after_step(batch, log, stop, result):
                         break
             if not result["stopped"]:
-                skipped = len(getattr(self.loader, "skipped", []))
+                skipped = len(self.loader.skipped)
                 log.event("done", f"finished {self.pos.step} steps in {time.perf_counter() - start:.0f} s"
                           + (f"; {skipped} undecodable file(s) were skipped" if skipped else ""),
                           step=self.pos.step, skipped=skipped)
@@ -322,7 +320,7 @@ class Trainer:
                           + "; ".join(self.resume_changes), changes=self.resume_changes)
         return log
 
-    def _after_step(self, batch, log: MetricsLogger, stop: distributed.StopRequest, result: dict) -> bool:
+    def _after_step(self, batch, log: MetricsLogger, stop: StopRequest, result: dict) -> bool:
         """Advance the position, then log, checkpoint, evaluate and heed signals. True ends the epoch's loop."""
         cfg = self.cfg
         self.pos.step += 1

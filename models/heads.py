@@ -23,8 +23,8 @@ def projection_head(in_dim: int, hidden: int, out: int, out_bn: bool = False) ->
 class Peer(nn.Module):
     """A backbone and its projection head; forward returns the (unnormalised) embeddings.
 
-    A SimSiam peer also has a predictor (Linear-BN-ReLU-Linear through a pred_hidden bottleneck), applied by the
-    trainer to the embeddings; `forward` stays the embedding, which is what a teacher or the kNN monitor uses.
+    A peer whose method has a predictor (SimSiam) also has one (Linear-BN-ReLU-Linear through a pred_hidden
+    bottleneck), applied by the trainer to the embeddings; `forward` stays the embedding, which is what a teacher or the kNN monitor uses.
     """
 
     def __init__(self, arch: str, cifar_stem: bool, head_hidden: int, head_out: int,
@@ -37,9 +37,3 @@ class Peer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
-
-
-def build_peer(peer_cfg) -> Peer:
-    simsiam = peer_cfg.ssl == "simsiam"
-    return Peer(peer_cfg.arch, peer_cfg.cifar_stem, peer_cfg.head_hidden, peer_cfg.head_out,
-                peer_cfg.zero_init_residual, pred_hidden=peer_cfg.pred_hidden if simsiam else 0, out_bn=simsiam)

@@ -1,295 +1,369 @@
-"""The SimCLR recipe after the crop, applied to a whole uint8 batch on its device.
+"""The SimCLR recipe after the crop and flip, on the training device: uint8 crops and their host-drawn parameters
+(params.py) in, normalised views in the training dtype and memory format out.
 
-flip -> colour jitter (p, random order per image, as torchvision's ColorJitter) -> grayscale (p) -> Gaussian blur
-(per-image sigma, p) -> solarise (p) -> normalise -> training dtype, channels_last. Every random parameter is drawn
-per image from a generator seeded per (step, view), for the *global* batch, of which each rank keeps its own rows:
-the result does not depend on the world size, and resume needs no generator state.
+colour jitter (p; brightness, contrast, saturation and hue in each image's own random order, as torchvision's
+ColorJitter) -> grayscale (p) -> Gaussian blur (per-image sigma, p) -> solarise (p) -> normalise. The operations
+follow torchvision.transforms.v2.functional on float images, written here on the 0..255 scale (so that the uint8
+input needs no division). The crop and the flip happen where the crop is made (the folder backend's workers, the
+FFCV decoder, the CIFAR backend's batched resampling): flipping commutes with every operation here.
 
-The colour operations follow torchvision.transforms.v2.functional on float images in [0, 1].
+What keeps it cheap on a GPU, where it moves bytes rather than computes (tests/test_recipe.py holds the budget):
+- which images take which operation is known on the host, so each operation runs on those images only, with no
+  device-to-host synchronisation and no masked whole-batch work;
+- the batch is sorted once by jitter order, so that at each of the four jitter slots the images that take one
+  operation lie in contiguous runs: the operations work in place on slices, with no gathers;
+- the image is held in float16 on CUDA (11 significant bits: within a hundredth of a grey level of float32 on the
+  0..255 scale), float32 elsewhere (CPUs without fast float16); the hue's scalar fields, which need more precision,
+  in float32;
+- hue through HSV costs one pass to find each pixel's hue, and one lookup of a 13-knot table (grid_sample) for the
+  rotated colour, exact up to float rounding.
 """
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-_HSV_OFFSETS = (5.0, 3.0, 1.0)  # hsv_to_rgb's n for R, G, B
+from dogo.pipelines import params as P
+
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
+_EPS = 1e-3  # chroma floor on the 0..255 scale: divides grey pixels safely; changes an output by at most 1e-3
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+
+
+def work_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA (half the bytes, within 0.01 grey levels); float32 on CPUs, where float16 is emulated."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def blur_kernel_size(image_size: int, fraction: float) -> int:
+    """About `fraction` of the view's side, odd, at least 3: the recipe's blur kernel in every backend."""
+    k = max(3, int(round(image_size * fraction)))
+    return k if k % 2 else k + 1
 
 
 @functools.lru_cache(maxsize=None)
-def channel_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(1, C, 1, 1) constant on `device`, copied there once: a host-to-device copy in every step would make the
-    host wait for the device."""
-    return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
+def constant(values: tuple, shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A constant on `device`, copied there once: a host-to-device copy in every step would make the host wait."""
+    return torch.tensor(values, dtype=torch.float64).view(shape).to(device=device, dtype=dtype)
 
 
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 1, H, W) luma."""
-    return (x * channel_constant(_GRAY, x.device, x.dtype)).sum(dim=1, keepdim=True)
+@functools.lru_cache(maxsize=None)
+def _hue_table(device: torch.device) -> torch.Tensor:
+    """(1, 3, 13, 13) float32: ramp((n + h) mod 6) for the channels n = 5, 3, 1 (R, G, B) at h = -3 .. 9, the
+    piecewise-linear function of hue in torchvision's hsv_to_rgb; rows equal (sampled along x only)."""
+    h = torch.arange(-3, 10, dtype=torch.float64)
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64).view(3, 1) + h) % 6
+    ramp = torch.minimum(k, 4 - k).clamp(0, 1)
+    return ramp.view(1, 3, 1, 13).expand(1, 3, 13, 13).to(device=device, dtype=torch.float32).contiguous()
 
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on the device without making the host wait: pinned, then copied asynchronously."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Operations on float images (k, 3, H, W) on the 0..255 scale, in place; factors are (k,) tensors.
 
 def _per_image(f: torch.Tensor) -> torch.Tensor:
     return f.view(-1, 1, 1, 1)
 
 
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * _per_image(factor)).clamp_(0, 1)
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """(k, 3, H, W) -> (k, 1, H, W) luma, one 1x1 convolution."""
+    return F.conv2d(x, constant(GREY, (1, 3, 1, 1), x.device, x.dtype))
 
 
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = _per_image(factor)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+_AB = (1.0, -0.5, -0.5, 0.0, 1.0, -1.0)  # (alpha, beta) = (r - (g + b) / 2, g - b) as a 1x1 convolution
 
 
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = _per_image(factor)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+def hue_(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None, ab_weights=None,
+         table=None) -> torch.Tensor:
+    """torchvision's adjust_hue (through HSV): rotate each pixel's hue by `shift` turns, keep its max and min.
+
+    With M, m the pixel's max and min channel and C = M - m, torchvision's hsv_to_rgb gives channel n as
+    M - C ramp((n + 6h) mod 6). The hue h follows from a = alpha / C and the sign of beta, where alpha = r - (g + b)/2
+    and beta = g - b: for g >= b (the upper half of the hexagon) 6h = 1.5 - 2a + clamp(a, -1/2, 1/2), and
+    6 - that for g < b. The rotated ramp is read from a 13-knot table with linear interpolation (grid_sample), which
+    is exact because the ramp is linear between integer knots.
+    """
+    k = x.shape[0]
+    ab_weights = constant(_AB, (2, 3, 1, 1), x.device, x.dtype) if ab_weights is None else ab_weights
+    table = _hue_table(x.device) if table is None else table
+    m, big = torch.aminmax(x, dim=1)
+    chroma = torch.sub(big, m).clamp_min_(_EPS)
+    ab = F.conv2d(x, ab_weights)
+    # a + 3/2 in float32 (a dimensioned float32 operand makes the result float32): float16 would cost a grey level
+    a = torch.addcdiv(torch.full((1, 1, 1), 1.5, device=x.device), ab[:, 0], chroma)
+    u = a.clamp(1, 2).add_(a, alpha=-2).copysign_(ab[:, 1])  # 3 - 6h
+    # the table's x coordinate in [-1, 1] for the rotated hue 6h + 6 shift, which lies in [-3, 9]
+    gx = torch.add(shift.to(torch.float32).view(-1, 1, 1), u, alpha=-1 / 6)
+    grid = gx.unsqueeze(-1).expand(k, *gx.shape[1:], 2)  # y = x: the table's rows are equal
+    ramp = F.grid_sample(table.expand(k, -1, -1, -1), grid, mode="bilinear",
+                         padding_mode="border", align_corners=True)
+    return torch.addcmul(big.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1, out=x if out is None else out)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, 3, H, W) in [0, 1] -> hue (fraction of a turn), saturation, value, each (N, H, W); as torchvision."""
-    r, g, b = x.unbind(dim=1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = ((hr + hg + hb) / 6.0 + 1.0) % 1.0
-    return h, s, maxc
+def affine_(src: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst = clamp(maps_i src_i + bias_i, 0, 255) per image: brightness, contrast and saturation, each a colour
+    matrix (3 x 3) and an offset per image, in one batched matrix product over the pixels."""
+    n, c, h, w = src.shape
+    return torch.baddbmm(bias, maps, src.view(n, c, h * w), out=dst.view(n, c, h * w)).clamp_(0, 255)
 
 
-def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Channel n in (R, G, B) = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6, n = 5, 3, 1: the same
-    piecewise-linear function of hue as torchvision's six-sector table, without building the table."""
-    n = channel_constant(_HSV_OFFSETS, h.device, h.dtype)
-    k = (n + 6.0 * h.unsqueeze(1)) % 6.0
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    vs = (v * s).unsqueeze(1)
-    return (v.unsqueeze(1) - vs * ramp).clamp_(0.0, 1.0)
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by `shift` (fraction of a turn, in [-0.5, 0.5]) through HSV, as torchvision does."""
-    h, s, v = rgb_to_hsv(x)
-    return hsv_to_rgb((h + shift.view(-1, 1, 1)) % 1.0, s, v)
+def contrast_bias_(src: torch.Tensor, f: torch.Tensor, luma: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """bias = (1 - f) m for contrast's blend f x + (1 - f) m, m the image's mean luma (the luma of its mean)."""
+    mean = src.mean(dim=(2, 3)) @ luma
+    return bias.copy_(((1 - f.to(src.dtype)) * mean).view(-1, 1, 1).expand_as(bias))
 
 
 def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """(N,) sigmas -> (N, size) normalised 1-D kernels, as torchvision's _get_gaussian_kernel1d."""
+    """(k,) sigmas -> (k, size) normalised 1-D kernels, as torchvision's _get_gaussian_kernel1d."""
     half = (size - 1) * 0.5
     xs = torch.linspace(-half, half, size, device=sigma.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (xs.view(1, -1) / sigma.view(-1, 1)).square())
-    return k / k.sum(dim=1, keepdim=True)
+    kernel = torch.exp(-0.5 * (xs.view(1, -1) / sigma.view(-1, 1).float()).square())
+    return kernel / kernel.sum(dim=1, keepdim=True)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """Separable blur with one sigma per image, reflect padding (torchvision's choice)."""
+    """Separable blur with one sigma per image and reflect padding (torchvision's): two grouped convolutions."""
     n, c, h, w = x.shape
-    k = gaussian_kernels(sigma, size).to(x.dtype).repeat_interleave(c, dim=0)  # (N*C, size)
+    if n == 0:  # reflect padding refuses an empty batch
+        return x
+    kernel = gaussian_kernels(sigma, size).to(x.dtype).repeat_interleave(c, dim=0)  # (n * c, size)
     pad = size // 2
     y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
-    y = F.conv2d(y, k.view(n * c, 1, 1, size), groups=n * c)
-    y = F.conv2d(y, k.view(n * c, 1, size, 1), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, size), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, size, 1), groups=n * c)
     return y.view(n, c, h, w)
 
 
-def blur_kernel_size(image_size: int, fraction: float) -> int:
-    """About `fraction` of the side, odd, at least 3."""
-    k = max(3, int(round(image_size * fraction)))
-    return k if k % 2 else k + 1
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's solarize at threshold 0.5 of the range: 255 - x where x >= 127.5."""
+    return torch.where(x >= 127.5, 255 - x, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The batch, sorted: by blur (so that the blurred images are one slice), then by jitter order (so that at each of
+# the four jitter slots the images taking one kind of operation form a few contiguous runs).
+
+NO_JITTER = len(P.ORDERS)  # the order key of images without colour jitter: after every order
+GROUPS = 2 * (NO_JITTER + 1)  # (blur, order) groups: 0..24 without blur, 25..49 with
+
+
+def _group_runs() -> list[dict[str, list[tuple[int, int]]]]:
+    """Per jitter slot, as (first group, last group + 1) runs over the sorted groups: 'affine' for brightness,
+    contrast and saturation (one per-image 3x3 colour map each), 'hue', and 'contrast' (whose mean luma the affine
+    map needs first). Adjacent groups of one kind merge into one run; the runs depend on the group structure only,
+    so they are worked out once."""
+    def kind(group: int, slot: int) -> str | None:
+        order = group % (NO_JITTER + 1)
+        if order == NO_JITTER:
+            return None
+        return "hue" if P.ORDERS[order][slot] == HUE else "affine"
+
+    slots = []
+    for slot in range(4):
+        runs: dict[str, list[tuple[int, int]]] = {"affine": [], "hue": [], "contrast": []}
+        for name, test in (("affine", lambda g: kind(g, slot) == "affine"), ("hue", lambda g: kind(g, slot) == "hue"),
+                           ("contrast", lambda g: kind(g, slot) == "affine"
+                            and P.ORDERS[g % (NO_JITTER + 1)][slot] == CONTRAST)):
+            start = None
+            for g in range(GROUPS + 1):
+                inside = g < GROUPS and test(g)
+                if inside and start is None:
+                    start = g
+                elif not inside and start is not None:
+                    runs[name].append((start, g))
+                    start = None
+        slots.append(runs)
+    return slots
+
+
+SLOT_RUNS = _group_runs()
+
+
+def colour_maps(p: P.ViewParams, slot: int) -> np.ndarray:
+    """(n, 3, 3) float32: each image's jitter operation at `slot` as a colour matrix, when it is one of the three
+    blends (f I for brightness and contrast, f I + (1 - f) 1 w^T for saturation; the identity for hue, unused)."""
+    n = len(p)
+    op = p.order[np.arange(n), slot]
+    f = p.factors[np.arange(n), np.minimum(op, SATURATION)]
+    maps = np.zeros((n, 3, 3))
+    maps[:, [0, 1, 2], [0, 1, 2]] = np.where(op == HUE, 1.0, f)[:, None]
+    sat = op == SATURATION
+    maps[sat] += (1 - f[sat])[:, None, None] * np.asarray(GREY)[None, None, :]
+    return maps.astype(np.float32)
 
 
 @dataclass
-class ViewParams:
-    """Per-image random parameters of one view, each (N,) on the device."""
-    flip: torch.Tensor  # bool
-    jitter: torch.Tensor  # bool: apply colour jitter at all
-    brightness: torch.Tensor
-    contrast: torch.Tensor
-    saturation: torch.Tensor
-    hue: torch.Tensor
-    order: torch.Tensor  # (N, 4) int64: a permutation of (brightness, contrast, saturation, hue) per image
-    gray: torch.Tensor  # bool
-    blur: torch.Tensor  # bool
-    sigma: torch.Tensor
-    solarize: torch.Tensor  # bool
+class Plan:
+    """What the host knows of one view before the device starts: the sorted order of the batch and, in that order,
+    where each operation's images are, with the numbers the device needs in two small arrays."""
+    perm: np.ndarray  # sorted row k is the batch's image perm[k]
+    offsets: np.ndarray  # (GROUPS + 1,) where each (blur, order) group starts
+    gray: np.ndarray  # sorted positions of the images turned grey
+    solarize: np.ndarray  # sorted positions of the solarised images
+    maps: np.ndarray  # (4, n, 3, 3) float32: the colour matrix of each slot
+    numbers: np.ndarray  # (n, 3) float32: contrast factor, hue shift, blur sigma, in sorted order
+
+    @property
+    def blurred(self) -> tuple[int, int]:
+        return int(self.offsets[NO_JITTER + 1]), int(self.offsets[-1])
+
+    def rows(self, runs: tuple[int, int]) -> tuple[int, int]:
+        return int(self.offsets[runs[0]]), int(self.offsets[runs[1]])
+
+    @property
+    def restore(self) -> np.ndarray:
+        """The inverse of perm: the batch's image i is sorted row restore[i]."""
+        inverse = np.empty_like(self.perm)
+        inverse[self.perm] = np.arange(len(self.perm))
+        return inverse
 
 
-def draw_params(recipe, n: int, generator: torch.Generator, device: torch.device) -> ViewParams:
-    """Draw the recipe's random parameters for n images (uniform factors as torchvision's ColorJitter)."""
-    u = torch.rand(n, 10, generator=generator, device=device)
-
-    def factor(col: int, strength: float) -> torch.Tensor:
-        return 1 - strength + 2 * strength * u[:, col]
-
-    lo, hi = recipe.blur_sigma
-    order = torch.rand(n, 4, generator=generator, device=device).argsort(dim=1)
-    return ViewParams(
-        flip=u[:, 0] < recipe.flip_p,
-        jitter=u[:, 1] < recipe.jitter_p,
-        brightness=factor(2, recipe.brightness),
-        contrast=factor(3, recipe.contrast),
-        saturation=factor(4, recipe.saturation),
-        hue=(2 * u[:, 5] - 1) * recipe.hue,
-        order=order,
-        gray=u[:, 6] < recipe.grayscale_p,
-        blur=u[:, 7] < recipe.blur_p,
-        sigma=lo + (hi - lo) * u[:, 8],
-        solarize=u[:, 9] < recipe.solarize_p,
-    )
+def plan(p: P.ViewParams) -> Plan:
+    key = np.where(p.blur, NO_JITTER + 1, 0) + np.where(p.jitter, p.order_ids(), NO_JITTER)
+    perm = np.argsort(key, kind="stable")
+    q = p.rows(perm)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=GROUPS))])
+    numbers = np.stack([q.factors[:, CONTRAST], q.factors[:, HUE], q.sigma], axis=1).astype(np.float32)
+    return Plan(perm, offsets, np.flatnonzero(q.gray), np.flatnonzero(q.solarize),
+                np.stack([colour_maps(q, slot) for slot in range(4)]), numbers)
 
 
-def computes_subsets(device: torch.device) -> bool:
-    """Whether ops run on the images that draw them only (data-dependent shapes: fine on a CPU, a host sync on a
-    GPU). The tests turn it off to run the GPU's branch on the CPU."""
-    return device.type == "cpu"
+class DeviceRecipe:
+    """The recipe on the device for one view of a batch.
 
+    recipe.plan(params) -> Plan, on the host; recipe.apply(sorted uint8 crops, plan) -> (normalised views in the
+    plan's sorted order, restore): row restore[i] of the views is the batch's image i, so the engine puts the
+    embeddings, not the images, back in order (a few kB instead of a pass over every image). A caller that cannot
+    sort on the host calls recipe(crops, params), which sorts on the device.
 
-def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.view(-1, 1, 1, 1), a, b)
-
-
-def _apply_where(mask: torch.Tensor, fn, x: torch.Tensor, *per_image: torch.Tensor) -> torch.Tensor:
-    """fn(x[i], per_image[i]...) for the images where mask is true, x elsewhere.
-
-    On a GPU fn runs on the whole batch and the result is selected by mask: no data-dependent shapes, so no host
-    synchronisation. On a CPU only the chosen images are computed: there the work, not the synchronisation, is
-    what costs.
+    No host synchronisation and no loop over images: Python loops over the runs of the jitter (a fixed number for
+    any batch size), and every run's bounds are host numbers.
     """
-    if not computes_subsets(x.device):
-        return _select(mask, fn(x, *per_image), x)
-    idx = mask.nonzero().squeeze(1)
-    if idx.numel() == 0:  # some ops (reflect padding) refuse an empty batch
-        return x
-    return x.index_copy(0, idx, fn(x.index_select(0, idx), *(v.index_select(0, idx) for v in per_image)))
+
+    def __init__(self, recipe, image_size: int, device: torch.device, dtype: torch.dtype, channels_last: bool,
+                 work: torch.dtype | None = None, compile: bool = False):
+        self.recipe, self.device, self.dtype = recipe, device, dtype
+        self.work = work or work_dtype(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.blur_size = blur_kernel_size(image_size, recipe.blur_kernel_fraction)
+        std = np.asarray(recipe.std, dtype=np.float64)
+        # (x / 255 - mean) / std as x * scale + shift
+        self.scale = constant(tuple(1 / (255 * std)), (1, 3, 1, 1), device, self.work)
+        self.shift = constant(tuple(-np.asarray(recipe.mean) / std), (1, 3, 1, 1), device, self.work)
+        self.luma = constant(GREY, (3,), device, self.work)
+        self.ab_weights, self.hue_table = constant(_AB, (2, 3, 1, 1), device, self.work), _hue_table(device)
+        # precision.compile: each operation's elementwise chain fused by torch.compile (sizes vary from run to run:
+        # dynamic shapes, one compilation each)
+        fuse = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
+        self._affine, self._contrast_bias, self._hue = fuse(affine_), fuse(contrast_bias_), fuse(hue_)
+        self._blur, self._normalise = fuse(gaussian_blur), fuse(torch.addcmul)
+
+    plan = staticmethod(plan)
+
+    def __call__(self, images: torch.Tensor, p: P.ViewParams) -> tuple[torch.Tensor, torch.Tensor]:
+        the_plan = plan(p)
+        return self.apply(images.index_select(0, to_device(the_plan.perm, self.device)), the_plan)
+
+    def apply(self, images: torch.Tensor, the_plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: (n, 3, S, S) uint8 (or 0..255 float) in the plan's sorted order."""
+        n = images.shape[0]
+        # one copy of the indices and one of the numbers for the whole view
+        b0, b1 = the_plan.blurred
+        # solarised rows, per part (not blurred, blurred), counted from each part's start
+        sol = [the_plan.solarize[the_plan.solarize < b0], the_plan.solarize[the_plan.solarize >= b0] - b0]
+        index = to_device(np.concatenate([the_plan.restore, the_plan.gray, *sol]).astype(np.int64), self.device)
+        restore, gray_t, *sol_t = index.split([n, len(the_plan.gray), *map(len, sol)])
+        numbers = to_device(np.concatenate([the_plan.numbers.reshape(-1), the_plan.maps.reshape(-1)]), self.device)
+        values, maps = numbers.split([3 * n, 4 * n * 9])
+        values = values.view(n, 3)
+        maps = maps.view(4, n, 3, 3).to(self.work)
+        x = images.to(self.work).contiguous()
+        if self.recipe.jitter_p > 0:
+            x = self._jitter(x, the_plan, values, maps)
+        if self.recipe.grayscale_p > 0:
+            x.index_copy_(0, gray_t, grey(x.index_select(0, gray_t)).expand(-1, 3, -1, -1))
+        parts = [x[:b0]]
+        if self.recipe.blur_p > 0:
+            parts.append(self._blur(x[b0:b1], values[b0:b1, 2], self.blur_size))
+        else:
+            parts.append(x[b0:b1])
+        if self.recipe.solarize_p > 0:
+            parts = [part.index_copy(0, rows, solarize(part.index_select(0, rows))) for part, rows in zip(parts, sol_t)]
+        out = torch.empty(x.shape, dtype=self.dtype, device=self.device).contiguous(memory_format=self.memory_format)
+        for part, (a, b) in zip(parts, ((0, b0), (b0, b1))):
+            self._normalise(self.shift, part, self.scale, out=out[a:b])
+        return out, restore
+
+    def _jitter(self, x: torch.Tensor, the_plan: Plan, values: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """The four slots, each from one buffer into the other: every jittered image takes one operation per slot,
+        so after four slots they are all back in the first buffer, beside the images without jitter (untouched)."""
+        n, c, h, w = x.shape
+        buffers = (x, torch.empty_like(x))
+        bias = torch.zeros(n, 3, 1, dtype=self.work, device=self.device)
+        for slot, runs in enumerate(SLOT_RUNS):
+            src, dst = buffers[slot % 2], buffers[(slot + 1) % 2]
+            for run in runs["contrast"]:  # the mean luma of the image as it is now
+                a, b = the_plan.rows(run)
+                self._contrast_bias(src[a:b], values[a:b, 0], self.luma, bias[a:b])
+            for run in runs["affine"]:
+                a, b = the_plan.rows(run)
+                self._affine(src[a:b], maps[slot, a:b], bias[a:b], dst[a:b])
+            for run in runs["hue"]:
+                a, b = the_plan.rows(run)
+                self._hue(src[a:b], values[a:b, 1], dst[a:b], self.ab_weights, self.hue_table)
+            for run in runs["contrast"]:  # the next slot's brightness and saturation add nothing
+                a, b = the_plan.rows(run)
+                bias[a:b].zero_()
+        return buffers[0]
 
 
-def _jitter_slot(x: torch.Tensor, p: ViewParams, op: torch.Tensor) -> torch.Tensor:
-    """One slot of the jitter: image i applies operation op[i] (0 brightness, 1 contrast, 2 saturation, 3 hue).
+def normalise(x: torch.Tensor, recipe, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """uint8 or 0..255 float images -> (x / 255 - mean) / std in the training dtype and memory format (evaluation
+    images, and the views that the workers made)."""
+    std = np.asarray(recipe.std, dtype=np.float64)
+    work = torch.float32 if x.dtype == torch.uint8 else x.dtype
+    scale = constant(tuple(1 / (255 * std)), (1, 3, 1, 1), x.device, work)
+    shift = constant(tuple(-np.asarray(recipe.mean) / std), (1, 3, 1, 1), x.device, work)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=dtype, device=x.device).contiguous(memory_format=fmt)
+    return torch.addcmul(shift, x, scale, out=out)
 
-    Brightness, contrast and saturation are all torchvision's blend clamp(f x + (1 - f) t) with t = 0, the image's
-    mean grey or its grey, so one blend with per-image f and t serves every image of the slot; hue goes through
-    _apply_where.
+
+# ---------------------------------------------------------------------------------------------------------------
+# The batched crop (CIFAR): boxes from the streams, one resampling for the batch.
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop box i of image i, resize it to size x size (bilinear) and mirror it where flip[i]: one grid_sample.
+
+    uint8 or float (N, C, H, W) -> float32 on the 0..255 scale. The sampling points are torchvision's resized_crop
+    without antialiasing (F.interpolate, align_corners=False): output pixel j reads crop coordinate
+    (j + 0.5) w / size - 0.5, clamped to the crop, so no pixel outside the box leaks in. Mirroring reverses the
+    output's columns, i.e. reads them right to left.
     """
-    on = p.jitter
-    f = torch.where(op == 0, p.brightness, torch.where(op == 1, p.contrast, p.saturation))
-    f = torch.where(on & (op < 3), f, torch.ones_like(f)).view(-1, 1, 1, 1)
-    g = grayscale(x)
-    target = torch.where((op == 1).view(-1, 1, 1, 1), g.mean(dim=(1, 2, 3), keepdim=True),
-                         torch.where((op == 2).view(-1, 1, 1, 1), g, torch.zeros_like(g)))
-    out = (f * x + (1 - f) * target).clamp_(0, 1)  # f = 1, t = 0 leaves the hue images as they are
-    hue = on & (op == 3)
-    return _apply_where(hue, lambda im, shift: adjust_hue(im, shift), out, p.hue)
-
-
-def apply_params(x: torch.Tensor, p: ViewParams, recipe, blur_size: int) -> torch.Tensor:
-    """Float images in [0, 1], (N, 3, H, W) -> augmented, still in [0, 1]. No host synchronisation."""
-    x = _apply_where(p.flip, lambda im: im.flip(-1), x)
-    if recipe.jitter_p > 0:
-        for slot in range(4):  # each image applies its four operations in its own order
-            x = _jitter_slot(x, p, p.order[:, slot])
-    if recipe.grayscale_p > 0:
-        x = _apply_where(p.gray, lambda im: grayscale(im).expand_as(im), x)
-    if recipe.blur_p > 0:
-        x = _apply_where(p.blur, lambda im, sigma: gaussian_blur(im, sigma, blur_size), x, p.sigma)
-    if recipe.solarize_p > 0:
-        x = _apply_where(p.solarize, lambda im: torch.where(im >= 0.5, 1 - im, im), x)
-    return x
-
-
-def draw_crop_boxes(n: int, height: int, width: int, scale, ratio, generator: torch.Generator,
-                    device: torch.device) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params for n images of one size at once: (n, 4) float (left, top, w, h),
-    whole pixels. Ten tries per image, the first that fits is kept, else the central crop at the nearest allowed
-    ratio; every try is drawn for every image, so there is no data-dependent loop (and no host sync)."""
-    tries = 10
-    u = torch.rand(n, tries, 4, generator=generator, device=device, dtype=torch.float64)
-    target = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
-
-    def chosen(t: torch.Tensor) -> torch.Tensor:
-        return t.gather(1, first).squeeze(1)
-
-    w, h = chosen(w), chosen(h)
-    top = torch.floor(chosen(u[..., 2]) * (height - h + 1))
-    left = torch.floor(chosen(u[..., 3]) * (width - w + 1))
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
-    ok = fits.any(dim=1)
-    box = torch.stack([torch.where(ok, left, (width - fw) // 2), torch.where(ok, top, (height - fh) // 2),
-                       torch.where(ok, w, fw), torch.where(ok, h, fh)], dim=1)
-    return box.float()
-
-
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop box i of image i and resize it to size x size, bilinear, in one grid_sample for the batch.
-
-    uint8 or float (N, C, H, W) -> float32 in [0, 1]. The sampling points are torchvision's resized_crop without
-    antialiasing (F.interpolate, align_corners=False): output pixel j reads crop coordinate (j + 0.5) w / size - 0.5,
-    clamped to the crop, so no pixel outside the box leaks in.
-    """
-    x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+    x = images.float()
     n, _, height, width = x.shape
     centres = (torch.arange(size, device=x.device, dtype=torch.float32) + 0.5) / size  # (size,)
-    left, top, w, h = boxes.unbind(dim=1)
+    left, top, w, h = boxes.float().unbind(dim=1)
 
-    def axis(start: torch.Tensor, extent: torch.Tensor, full: int) -> torch.Tensor:
-        at = start.view(-1, 1) + centres.view(1, -1) * extent.view(-1, 1) - 0.5
+    def axis(start: torch.Tensor, extent: torch.Tensor, full: int, at_: torch.Tensor) -> torch.Tensor:
+        at = start.view(-1, 1) + at_ * extent.view(-1, 1) - 0.5
         at = torch.minimum(torch.maximum(at, start.view(-1, 1)), (start + extent - 1).view(-1, 1))
         return (2 * at + 1) / full - 1  # grid_sample's coordinates (align_corners=False)
 
-    gx, gy = axis(left, w, width), axis(top, h, height)
+    across = torch.where(flip.view(-1, 1), centres.flip(0).view(1, -1), centres.view(1, -1))
+    gx, gy = axis(left, w, width, across), axis(top, h, height, centres.view(1, -1))
     grid = torch.stack([gx.view(n, 1, size).expand(n, size, size), gy.view(n, size, 1).expand(n, size, size)],
                        dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-
-def normalise(x: torch.Tensor, recipe, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """Float images in [0, 1] -> (x - mean) / std in the training dtype and memory format."""
-    x = (x - channel_constant(tuple(recipe.mean), x.device, x.dtype)) / \
-        channel_constant(tuple(recipe.std), x.device, x.dtype)
-    return x.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-class BatchAugment:
-    """Callable: uint8 (b, 3, S, S) on the device -> normalised views in the training dtype and memory format."""
-
-    def __init__(self, recipe, image_size: int, dtype: torch.dtype, channels_last: bool):
-        self.recipe = recipe
-        self.blur_size = blur_kernel_size(image_size, recipe.blur_kernel_fraction)
-        self.dtype = dtype
-        self.channels_last = channels_last
-
-    def __call__(self, images: torch.Tensor, seed: int, rows: slice, global_rows: int) -> torch.Tensor:
-        """`rows` of a global batch of `global_rows` images: parameters are drawn for all, then sliced."""
-        return self.from_float(images.float().div_(255), seed, rows, global_rows)
-
-    def from_float(self, x: torch.Tensor, seed: int, rows: slice, global_rows: int) -> torch.Tensor:
-        """As __call__, for float images in [0, 1] (a batched crop's output); x may be modified in place."""
-        device = x.device
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        params = draw_params(self.recipe, global_rows, gen, device)
-        params = ViewParams(**{k: v[rows] for k, v in vars(params).items()})
-        x = apply_params(x, params, self.recipe, self.blur_size)
-        return normalise(x, self.recipe, self.dtype, self.channels_last)

@@ -1,4 +1,4 @@
-"""The protocol every pipeline backend satisfies, and the sharding every backend shares.
+"""The protocol every pipeline backend satisfies, and the scaffolding they share: sharding, epoch position, reports.
 
 A loader yields `TwoViewBatch`es whose views are already on the training device, augmented, normalised, in the
 training dtype and memory format. The engine sees only this protocol: it never imports a data library.
@@ -18,14 +18,27 @@ class DataError(ValueError):
 
 @dataclass
 class TwoViewBatch:
-    views: list[torch.Tensor]  # n_views tensors (b, 3, S, S): views 2k and 2k+1 are one pair of the same images
+    """views 2k and 2k+1 show the same images. A view's rows may be in an order of its own (the device recipe sorts
+    them so that each operation works on contiguous rows): restore[v][i] is the row of view v that shows image i
+    of the batch (labels[i]); None means row i. The engine puts the embeddings back in order, not the images."""
+    views: list[torch.Tensor]  # n_views tensors (b, 3, S, S)
     labels: torch.Tensor  # (b,) int64 on the device; -1 where the source has no labels
-    skipped: list[str] = field(default_factory=list)  # files that could not be decoded (replaced by others)
+    restore: list[torch.Tensor | None] = field(default_factory=list)  # per view, or empty: every view in order
+    skipped: list[str] = field(default_factory=list)  # files that could not be decoded (replaced or left out)
+
+    def restore_of(self, view: int) -> torch.Tensor | None:
+        return self.restore[view] if self.restore else None
+
+
+def in_batch_order(x: torch.Tensor, restore: torch.Tensor | None) -> torch.Tensor:
+    """Rows of a view's output (embeddings, keys) in the batch's image order."""
+    return x if restore is None else x.index_select(0, restore)
 
 
 class TwoViewLoader(Protocol):
     steps_per_epoch: int  # full global batches in one epoch (the last partial batch is dropped)
     images_per_epoch: int
+    skipped: list[str]  # every undecodable file met so far (reported when the run ends)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Position the next iteration at `start_step` of `epoch` (resume restores both)."""
@@ -54,7 +67,7 @@ class Shard:
 
     Every epoch has one seeded permutation of the dataset, the same on every rank; global batch s is
     perm[s*B:(s+1)*B] and rank r owns its r-th contiguous slice. A run on W ranks therefore sees exactly the images
-    (and, with per-image seeds, the augmentations) that one process with the global batch sees.
+    (and, with per-image parameter streams, the augmentations) that one process with the global batch sees.
     """
     num_images: int
     global_batch: int
@@ -98,12 +111,32 @@ class Shard:
         return batches[start_step:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch].reshape(-1)
 
 
-def check_batch_fits(num_images: int, global_batch: int, where: str) -> None:
-    if num_images < global_batch:
-        raise DataError(f"data.batch_size={global_batch} is larger than the {num_images} images in {where}; "
-                        f"lower data.batch_size (the last partial batch of each epoch is dropped)")
+class ShardedLoader:
+    """What every backend's loader shares: this rank's shard of each global batch, the epoch position that
+    set_epoch moves (resume), the undecodable files met so far, and the length of the next iteration.
 
+    A backend implements `batches(epoch, start_step)`, yielding the TwoViewBatches of one epoch from a step."""
 
-def view_seed(seed: int, epoch: int, step: int, view: int) -> int:
-    """One 63-bit seed per (run seed, epoch, step, view) for the batched augmentation's generator."""
-    return int(np.random.SeedSequence([seed, epoch, step, view]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    def __init__(self, num_images: int, *, global_batch: int, rank: int, world_size: int, seed: int, where: str,
+                 shard: Shard | None = None):
+        if num_images < global_batch:
+            raise DataError(f"data.batch_size={global_batch} is larger than the {num_images} images in {where}; "
+                            f"lower data.batch_size (the last partial batch of each epoch is dropped)")
+        self.shard = shard or Shard(num_images, global_batch, rank, world_size, seed)
+        self.seed = seed
+        self.steps_per_epoch = self.shard.steps_per_epoch
+        self.images_per_epoch = self.steps_per_epoch * global_batch
+        self.skipped: list[str] = []
+        self._epoch, self._start = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self._epoch, self._start = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self._start
+
+    def __iter__(self) -> Iterator[TwoViewBatch]:
+        return self.batches(self._epoch, self._start)
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+        raise NotImplementedError

@@ -2,8 +2,8 @@
 
 Reads the python format as users download it (`cifar-10-batches-py/` or `cifar-100-python/`). Every view is made on
 the device: per-image random resized crop boxes, one resampling op for the batch, then the shared batched recipe
-(dogo.pipelines.augment). No worker processes and no host copies per step: one copy of the epoch's order per epoch.
-Order, sharding and seeding follow base.Shard and base.view_seed, as every backend.
+(dogo.pipelines.augment). No worker processes; per step and view one small host-to-device copy (crop boxes, flips,
+the sorted rows), asynchronous. Order, sharding and parameters follow base.Shard and params.py, as every backend.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dogo.pipelines.augment import BatchAugment, draw_crop_boxes, resized_crops
-from dogo.pipelines.base import DataError, Shard, TwoViewBatch, check_batch_fits, view_seed
+from dogo.pipelines import params as P
+from dogo.pipelines.augment import DeviceRecipe, normalise, plan, resized_crops, to_device
+from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch
 
 SIDE = 32
-_CROP_STREAM = 1 << 21  # view_seed key of view v's crop boxes: _CROP_STREAM + v (the recipe uses v)
 
 
 @dataclass(frozen=True)
@@ -120,48 +120,43 @@ def read_split(path: str | Path, split: str) -> CifarSplit:
     return CifarSplit(np.concatenate(images), np.concatenate(labels), [_text(c) for c in classes], folder)
 
 
-class CifarLoader:
+class CifarLoader(ShardedLoader):
     """Two-view batches of a CIFAR training split held on `device` (the TwoViewLoader protocol)."""
 
     def __init__(self, path: str | Path, split: str, *, image_size: int, global_batch: int, n_views: int, recipe,
                  seed: int, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool):
+                 channels_last: bool, compile_recipe: bool = False):
         data = read_split(path, split)
-        check_batch_fits(len(data), global_batch, str(data.source))
-        self.shard = Shard(len(data), global_batch, rank, world_size, seed)
-        self.steps_per_epoch = self.shard.steps_per_epoch
-        self.images_per_epoch = self.steps_per_epoch * global_batch
+        super().__init__(len(data), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
+                         where=str(data.source))
         self.images = torch.from_numpy(data.images).to(device)  # 150 MB for CIFAR's 50,000 training images
         self.labels = torch.from_numpy(data.labels).to(device)
-        self.size, self.n_views, self.seed, self.device, self.recipe = image_size, n_views, seed, device, recipe
-        self.augment = BatchAugment(recipe, image_size, dtype, channels_last)
-        self.skipped: list[str] = []  # nothing is decoded, nothing is skipped
-        self._epoch, self._start = 0, 0
+        self.size, self.n_views, self.device, self.recipe = image_size, n_views, device, recipe
+        self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last, compile=compile_recipe)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self._epoch, self._start = epoch, start_step
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self._start
-
-    def __iter__(self) -> Iterator[TwoViewBatch]:
-        b, global_b = self.shard.local_batch, self.shard.global_batch
-        rows = slice(self.shard.rank * b, (self.shard.rank + 1) * b)
+    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+        b, r = self.shard.local_batch, self.recipe
         # this rank's rows of every remaining step, copied to the device once per epoch
-        order = torch.from_numpy(self.shard.epoch_indices(self._epoch, self._start)).to(self.device)
-        for k, step in enumerate(range(self._start, self.steps_per_epoch)):
-            idx = order[k * b:(k + 1) * b]
-            images = self.images.index_select(0, idx)
-            views = []
+        order = self.shard.epoch_indices(epoch, start_step)
+        order_t = to_device(order, self.device)
+        for k, step in enumerate(range(start_step, self.steps_per_epoch)):
+            ids = order[k * b:(k + 1) * b]
+            views, restore = [], []
             for v in range(self.n_views):
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(view_seed(self.seed, self._epoch, step, _CROP_STREAM + v))
-                boxes = draw_crop_boxes(global_b, SIDE, SIDE, self.recipe.crop_scale, self.recipe.crop_ratio, gen,
-                                        self.device)[rows]
-                crops = resized_crops(images, boxes, self.size)
-                views.append(self.augment.from_float(crops, view_seed(self.seed, self._epoch, step, v), rows,
-                                                     global_b))
-            yield TwoViewBatch(views, self.labels.index_select(0, idx))
+                keys = P.stream_keys(self.seed, epoch, ids, v)
+                p = P.draw(r, keys)
+                the_plan = plan(p)
+                # the crops made straight in the device recipe's sorted order: one index and one box per row
+                boxes = P.crop_boxes(keys, SIDE, SIDE, r.crop_scale, r.crop_ratio)[the_plan.perm]
+                rows = np.concatenate([k * b + the_plan.perm, boxes.reshape(-1), p.flip[the_plan.perm]])
+                rows_t = to_device(rows.astype(np.int64), self.device)
+                index, box_t, flip_t = rows_t.split([b, 4 * b, b])
+                crops = resized_crops(self.images.index_select(0, order_t.index_select(0, index)),
+                                      box_t.view(b, 4), flip_t.bool(), self.size)
+                view, rows_back = self.device_recipe.apply(crops, the_plan)
+                views.append(view)
+                restore.append(rows_back)
+            yield TwoViewBatch(views, self.labels.index_select(0, order_t[k * b:(k + 1) * b]), restore)
 
 
 class CifarEvalSplit:
@@ -178,16 +173,25 @@ class CifarEvalSplit:
 
     def batches(self, positions: np.ndarray, batch_size: int, device: torch.device, recipe, dtype: torch.dtype,
                 channels_last: bool):
-        from dogo.pipelines.augment import normalise
         images = self._images.to(device)
         labels = self._labels.to(device)
         pos = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(device)
         for idx in pos.split(batch_size):
-            x = images.index_select(0, idx).float().div_(255)
+            x = images.index_select(0, idx).float()
             if self.size != SIDE:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                                   antialias=self.size < SIDE)
             yield normalise(x, recipe, dtype, channels_last), labels.index_select(0, idx)
+
+
+def make_loader(data, *, place: str, **common) -> CifarLoader:
+    """The registry's entry: the split named data.train_split of the CIFAR folder at data.path. Every view is made
+    on the device, whatever augment.place says (there is no decoding to spread over workers)."""
+    return CifarLoader(data.path, data.train_split, **common)
+
+
+def open_eval_split(data, split: str, workers: int) -> CifarEvalSplit:
+    return CifarEvalSplit(data.path, split, data.image_size)
 
 
 def main(argv: list[str] | None = None) -> int:

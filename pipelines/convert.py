@@ -8,9 +8,9 @@ Two passes over the files, both in worker processes:
    (changed on disk meanwhile), it writes a 1-pixel stand-in, flags it, and the conversion is then discarded with an
    error naming the file.
 
-Whatever PIL decodes is stored as upright 8-bit RGB: EXIF orientation applied, CMYK, grayscale, palette and alpha
-images converted as torchvision's ImageFolder loader does, 16-bit images scaled to 8 bits, huge JPEGs decoded at the
-smallest DCT scale that still covers --max-resolution. Labels are the sorted class-folder names' indices.
+Every image is stored as the training backends decode it (pipelines.images: upright 8-bit RGB, the same pixels),
+huge JPEGs decoded at the smallest DCT scale that still covers --max-resolution. Labels are the sorted
+class-folder names' indices.
 
 The .beton is written as DST.partial and renamed when complete; the class list (DST.classes.json) and the report
 of skipped files (DST.report.json) stand beside it.
@@ -22,21 +22,18 @@ import json
 import multiprocessing as mp
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from dogo.engine.io import atomic_write_text
 from dogo.pipelines.base import DataError
-from dogo.pipelines.folder import scan
+from dogo.pipelines.imagefolder import scan
+from dogo.pipelines.images import TooManyPixels, load_rgb
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
-# Decompression-bomb guard of PIL (89 M pixels) is for untrusted input; a dataset's panoramas are legitimate. JPEGs
-# are decoded scaled down anyway; other formats up to this many pixels are accepted.
-MAX_PIXELS = 400_000_000
 
 
 @dataclass(frozen=True)
@@ -63,27 +60,6 @@ class ConvertOptions:
             raise DataError(f"--chunk-size must be positive, got {self.chunk_size}")
 
 
-def load_rgb(path: str, max_resolution: int | None = None, draft_only: bool = False) -> np.ndarray:
-    """Decode one file to an upright (H, W, 3) uint8 array; raises on anything PIL cannot fully decode.
-
-    draft_only: decode JPEGs at their smallest DCT scale (the check pass: all of the data is still read).
-    """
-    with Image.open(path) as im:
-        if im.format == "JPEG":
-            target = (1, 1) if draft_only else (max_resolution, max_resolution) if max_resolution else None
-            if target:
-                im.draft("RGB", target)
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit (or 32-bit integer) grayscale: scale the full 16-bit range to 8 bits
-            grey = np.asarray(im, dtype=np.float64) / 257.0
-            return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-        if im.mode == "F":
-            raise ValueError("floating-point image (mode F) has no defined 8-bit mapping")
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
 def _check_one(path: str) -> str | None:
     """None when the file decodes; otherwise a one-line reason."""
     try:
@@ -91,15 +67,10 @@ def _check_one(path: str) -> str | None:
             return "zero-byte file"
         load_rgb(path, draft_only=True)
         return None
-    except Image.DecompressionBombError as exc:
+    except (TooManyPixels, Image.DecompressionBombError) as exc:
         return f"too many pixels: {exc}"
     except Exception as exc:  # any decoder failure is a reason to skip, reported with its message
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-
-
-def _init_worker() -> None:
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 class _Samples:
@@ -113,7 +84,6 @@ class _Samples:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        _init_worker()
         try:
             return load_rgb(self.paths[i], self.max_resolution), int(self.labels[i])
         except Exception as exc:
@@ -148,7 +118,7 @@ def _check_all(paths: list[str], workers: int, strict: bool, log) -> dict[str, s
     """Decode every file in a pool; path -> reason for each bad one."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     bad: dict[str, str] = {}
-    with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool, \
+    with mp.get_context("fork").Pool(workers) as pool, \
             Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                      disable=log is None) as bar:
         task = bar.add_task("check", total=len(paths))

@@ -29,8 +29,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from dogo.pipelines.base import DataError, Shard, TwoViewBatch, check_batch_fits
-from dogo.pipelines.folder import DECODE_ERRORS, ImageFolderIndex, load_rgb, scan
+from dogo.pipelines.augment import blur_kernel_size
+from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch
+from dogo.pipelines.imagefolder import scan
+from dogo.pipelines.images import DECODE_ERRORS, load_rgb
 
 _READER = "reader"
 _PREFETCH = 2  # batches DALI prepares ahead
@@ -70,7 +72,7 @@ def _view(images, size: int, r, out_dtype):
         x = fn.hsv(x, saturation=0.0)  # DALI's hsv works in YIQ: Y is ITU-R 601 luma, as torchvision's grayscale
     if r.blur_p > 0:
         if fn.random.coin_flip(probability=r.blur_p, dtype=types.BOOL):
-            x = fn.gaussian_blur(x, window_size=_blur_window(size, r.blur_kernel_fraction),
+            x = fn.gaussian_blur(x, window_size=blur_kernel_size(size, r.blur_kernel_fraction),
                                  sigma=fn.random.uniform(range=list(r.blur_sigma)))
     if r.solarize_p > 0:
         if fn.random.coin_flip(probability=r.solarize_p, dtype=types.BOOL):
@@ -79,11 +81,6 @@ def _view(images, size: int, r, out_dtype):
     return fn.crop_mirror_normalize(x, dtype=out_dtype, output_layout="CHW",
                                     mean=[255.0 * m for m in r.mean], std=[255.0 * s for s in r.std],
                                     mirror=fn.random.coin_flip(probability=r.flip_p))
-
-
-def _blur_window(size: int, fraction: float) -> int:
-    k = max(3, int(round(fraction * size)))
-    return k if k % 2 else k + 1
 
 
 @pipeline_def(enable_conditionals=True)
@@ -133,7 +130,7 @@ def _decode_error(path: str) -> str | None:
         return str(exc)
 
 
-class DALILoader:
+class DALILoader(ShardedLoader):
     """The TwoViewLoader protocol over an image folder, with DALI doing all the image work."""
 
     def __init__(self, root: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, workers: int,
@@ -142,32 +139,22 @@ class DALILoader:
         index = scan(root)
         # Undecodable files are left out (and reported), as the other backends skip them.
         bad = dict(_undecodable(index.paths, 4 * max(1, workers)))
-        self.skipped = [f"{path}: {reason}" for path, reason in bad.items()]
         if bad:
-            keep = [i for i, p in enumerate(index.paths) if p not in bad]
-            index = ImageFolderIndex(index.root, index.classes, [index.paths[i] for i in keep], index.labels[keep])
+            index = index.subset([i for i, p in enumerate(index.paths) if p not in bad])
         self.index = index
+        super().__init__(len(index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
+                         where=str(root))
+        self.skipped.extend(index.skipped + [f"{path}: {reason}" for path, reason in bad.items()])
         self._report = list(self.skipped)  # put on the first batch, so that the run logs them
-        check_batch_fits(len(self.index), global_batch, str(root))
-        self.shard = Shard(len(self.index), global_batch, rank, world_size, seed)
-        self.steps_per_epoch = self.shard.steps_per_epoch
-        self.images_per_epoch = self.steps_per_epoch * global_batch
-        self.n_views, self.image_size, self.recipe, self.seed = n_views, image_size, recipe, seed
+        self.n_views, self.image_size, self.recipe = n_views, image_size, recipe
         self.workers, self.hw_decoder_load = max(1, workers), hw_decoder_load
         self.device, self.dtype = device, dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._epoch, self._start = 0, 0
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self._epoch, self._start = epoch, start_step
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self._start
-
-    def _pipeline(self):
-        rows = self.shard.epoch_indices(self._epoch, self._start)
+    def _pipeline(self, epoch: int, start_step: int):
+        rows = self.shard.epoch_indices(epoch, start_step)
         gpu = self.device.type == "cuda"
-        seed = int(np.random.SeedSequence([self.seed, self._epoch, self._start, self.shard.rank])
+        seed = int(np.random.SeedSequence([self.seed, epoch, start_step, self.shard.rank])
                    .generate_state(1)[0] & 0x7FFFFFFF)
         pipe = _two_views(files=[self.index.paths[i] for i in rows], labels=[int(self.index.labels[i]) for i in rows],
                           n_views=self.n_views, size=self.image_size, recipe=self.recipe,
@@ -182,14 +169,14 @@ class DALILoader:
             raise DataError(f"DALI could not build its pipeline: {_first_line(exc)}") from None
         return pipe
 
-    def __iter__(self) -> Iterator[TwoViewBatch]:
-        if len(self) == 0:
+    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+        if start_step >= self.steps_per_epoch:
             return
         names = [f"view{v}" for v in range(self.n_views)] + ["label"]
-        step = self._start
+        step = start_step
         try:
             # the iterator starts the pipeline (and its prefetching) as it is made
-            it = DALIGenericIterator(self._pipeline(), names, reader_name=_READER,
+            it = DALIGenericIterator(self._pipeline(epoch, start_step), names, reader_name=_READER,
                                      last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
             for batch, in it:
                 views = [batch[f"view{v}"].to(self.device, self.dtype, non_blocking=True)
@@ -198,13 +185,13 @@ class DALILoader:
                 labels = batch["label"].reshape(-1)
                 if self.device.type == "cuda":
                     labels = labels.pin_memory().to(self.device, non_blocking=True)
-                yield TwoViewBatch(views, labels.long(), self._report)
+                yield TwoViewBatch(views, labels.long(), skipped=self._report)
                 self._report = []
                 step += 1
         except RuntimeError as exc:
-            raise self._explain(exc, step) from None
+            raise self._explain(exc, epoch, step) from None
 
-    def _explain(self, exc: RuntimeError, step: int) -> DataError:
+    def _explain(self, exc: RuntimeError, epoch: int, step: int) -> DataError:
         """A DataError naming the undecodable file(s) or the setting to change.
 
         DALI's decoder error does not name the sample, and a failed pipeline cannot go on, so the files of the
@@ -212,23 +199,23 @@ class DALILoader:
         """
         text = str(exc)
         if "out of memory" in text.lower():
-            return DataError(f"DALI ran out of device memory at step {step} of epoch {self._epoch}: lower "
+            return DataError(f"DALI ran out of device memory at step {step} of epoch {epoch}: lower "
                              f"data.batch_size or data.dali_hw_decoder_load, or data.workers. DALI said: "
                              f"{_first_line(exc)}")
         if "decoders.image" not in text:
-            return DataError(f"DALI failed at step {step} of epoch {self._epoch}: {_first_line(exc)}")
+            return DataError(f"DALI failed at step {step} of epoch {epoch}: {_first_line(exc)}")
         bad = []
         for s in range(step, min(step + _PREFETCH + 1, self.steps_per_epoch)):
-            for i in self.shard.indices(self._epoch, s):
+            for i in self.shard.indices(epoch, s):
                 path = self.index.paths[i]
                 reason = _decode_error(path)
                 if reason:
                     bad.append(f"{path} ({reason})")
         if bad:
-            return DataError(f"DALI could not decode {len(bad)} file(s) of epoch {self._epoch} near step {step}: "
+            return DataError(f"DALI could not decode {len(bad)} file(s) of epoch {epoch} near step {step}: "
                              f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Remove or replace them "
                              f"(the folder and ffcv backends skip such files; `dogo convert` reports them all)")
-        return DataError(f"DALI could not decode an image of epoch {self._epoch} near step {step} that PIL reads; "
+        return DataError(f"DALI could not decode an image of epoch {epoch} near step {step} that PIL reads; "
                          f"DALI said: {' '.join(text.split())[:500]}")
 
 
@@ -239,3 +226,15 @@ def _first_line(exc: BaseException) -> str:
         if before.startswith("encountered"):
             return line
     return lines[0] if lines else type(exc).__name__
+
+
+def make_loader(data, *, place: str, compile_recipe: bool, **common) -> DALILoader:
+    """The registry's entry: the image folder data.path/data.train_split, every view made in DALI (augment.place
+    does not apply: DALI keeps its own pipeline)."""
+    return DALILoader(Path(data.path) / data.train_split, workers=data.workers,
+                      hw_decoder_load=data.dali_hw_decoder_load, **common)
+
+
+def open_eval_split(data, split: str, workers: int):
+    from dogo.pipelines.folder import FolderEvalSplit
+    return FolderEvalSplit(Path(data.path) / split, data.image_size, workers)

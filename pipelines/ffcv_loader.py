@@ -1,8 +1,10 @@
-"""FFCV backend: two-view batches from a .beton file (`dogo convert`), augmented on the device.
+"""FFCV backend: two-view batches from a .beton file (`dogo convert`).
 
 One decoder (MultiCropDecoder) decodes each JPEG once and takes every view's RandomResizedCrop from it (FFCV's own
-decoder would decode once per view), then the uint8 crops go to the device and through the shared batched recipe
-(dogo.pipelines.augment). The order is ours, not FFCV's: a TraversalOrder that serves this rank's rows of each global
+decoder would decode once per view); FFCV's threads do that. Right after, on the host, each crop is flipped from
+its image's parameter stream (params.py) and, with augment.place=workers, goes through the rest of the recipe in a
+thread pool (cpu_recipe.py: numba and OpenCV release the GIL); with augment.place=device the crops are written in
+the device recipe's sorted order and the recipe runs batched on the device (augment.DeviceRecipe). The order is ours, not FFCV's: a TraversalOrder that serves this rank's rows of each global
 batch of `Shard`, so every world size sees the same images per step (as the folder backend) and a resumed run starts
 at its step. `data.order: quasi_random` keeps the global batches random but reads the file in shuffled blocks of
 neighbouring samples, for machines whose memory cannot hold the file in the page cache.
@@ -10,6 +12,8 @@ neighbouring samples, for machines whose memory cannot hold the file in the page
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -23,11 +27,13 @@ from ffcv.loader import Loader
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
-from ffcv.transforms import Squeeze, ToDevice, ToTensor
+from ffcv.transforms import Squeeze, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from dogo.pipelines.augment import BatchAugment
-from dogo.pipelines.base import DataError, Shard, TwoViewBatch, check_batch_fits, view_seed
+from dogo.pipelines import params as P
+from dogo.pipelines.augment import DeviceRecipe, normalise, plan
+from dogo.pipelines.base import DataError, Shard, ShardedLoader, TwoViewBatch
+from dogo.pipelines.cpu_recipe import CpuRecipe
 
 
 @dataclass(frozen=True)
@@ -135,57 +141,98 @@ def open_beton(path: str | Path, image_field: str = "image", label_field: str = 
     return reader, BetonFields(image_field, label_field, names)
 
 
-class FFCVLoader:
+class FFCVLoader(ShardedLoader):
     """The TwoViewLoader protocol over a .beton."""
 
-    def __init__(self, beton: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, workers: int,
-                 order: str, os_cache: bool, seed: int, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, image_field: str = "image", label_field: str = "label"):
+    def __init__(self, beton: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, place: str,
+                 workers: int, order: str, os_cache: bool, seed: int, rank: int, world_size: int,
+                 device: torch.device, dtype: torch.dtype, channels_last: bool, image_field: str = "image",
+                 label_field: str = "label", compile_recipe: bool = False):
         reader, fields = open_beton(beton, image_field, label_field)
         n = int(reader.num_samples)
-        check_batch_fits(n, global_batch, str(beton))
+        shard = None
         if order == "quasi_random":
             by_location = np.argsort(reader.metadata[f"f{fields.index(fields.image)}"]["data_ptr"], kind="stable")
-            self.shard = BlockShard(n, global_batch, rank, world_size, seed, by_location, max(16 * global_batch, 4096))
-        else:
-            self.shard = Shard(n, global_batch, rank, world_size, seed)
-        self.steps_per_epoch = self.shard.steps_per_epoch
-        self.images_per_epoch = self.steps_per_epoch * global_batch
-        self.n_views, self.seed, self.device = n_views, seed, device
-        self.augment = BatchAugment(recipe, image_size, dtype, channels_last)
+            shard = BlockShard(n, global_batch, rank, world_size, seed, by_location, max(16 * global_batch, 4096))
+        super().__init__(n, global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
+                         where=str(beton), shard=shard)
+        self.n_views, self.size, self.recipe, self.device = n_views, image_size, recipe, device
+        self.dtype, self.channels_last = dtype, channels_last
+        self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last,
+                                          compile=compile_recipe) if place == "device" else None
+        self._threads = max(1, workers)
+        self._cpu = threading.local()  # one CpuRecipe (scratch planes) per thread of the pool
         self._order = _ShardOrder(self.shard)
-        to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
         decoder = MultiCropDecoder((image_size, image_size), n_views, scale=tuple(recipe.crop_scale),
                                    ratio=tuple(recipe.crop_ratio))
         pipelines = {name: None for name in fields.names}  # other fields are not read
-        pipelines[fields.image] = [decoder, ToTensor(), *to_device]
-        pipelines[fields.label] = [IntDecoder(), ToTensor(), Squeeze(), *to_device]
+        pipelines[fields.image] = [decoder, ToTensor()]
+        pipelines[fields.label] = [IntDecoder(), ToTensor(), Squeeze()]
         self._image_first = fields.index(fields.image) < fields.index(fields.label)
-        self._loader = Loader(str(beton), batch_size=self.shard.local_batch, num_workers=max(1, workers),
+        self._loader = Loader(str(beton), batch_size=self.shard.local_batch, num_workers=self._threads,
                               os_cache=os_cache, order=self._order, seed=seed, pipelines=pipelines, drop_last=True)
-        self._epoch, self._start = 0, 0
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self._epoch, self._start = epoch, start_step
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self._start
-
-    def uint8_batches(self) -> Iterator[tuple[int, list[torch.Tensor], torch.Tensor]]:
-        """(step, uint8 crops of every view, labels) as FFCV makes them, before the batched recipe."""
+    def uint8_batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(step, uint8 crops (b, views, S, S, 3) on the host, labels) as FFCV makes them, before the recipe.
+        FFCV reuses its buffers: the crops are valid until the next batch is asked for."""
         # FFCV asks the order for `next_epoch`'s samples when iteration starts (and then counts it up itself)
-        self._order.start_step, self._loader.next_epoch = self._start, self._epoch
-        # fields come in the writer's order; the crops are (b, views, S, S, 3)
-        for step, pair in enumerate(self._loader, start=self._start):
+        self._order.start_step, self._loader.next_epoch = start_step, epoch
+        for step, pair in enumerate(self._loader, start=start_step):  # fields come in the writer's order
             crops, labels = pair if self._image_first else pair[::-1]
-            yield step, [crops[:, v].permute(0, 3, 1, 2) for v in range(self.n_views)], labels
+            yield step, crops, labels
 
-    def __iter__(self) -> Iterator[TwoViewBatch]:
-        b = self.shard.local_batch
-        rows = slice(self.shard.rank * b, (self.shard.rank + 1) * b)
-        epoch = self._epoch
-        for step, uint8_views, labels in self.uint8_batches():
-            views = [self.augment(uint8_views[v].to(self.device, non_blocking=True),
-                                  view_seed(self.seed, epoch, step, v), rows, self.shard.global_batch)
-                     for v in range(self.n_views)]
-            yield TwoViewBatch(views, labels.to(self.device, non_blocking=True).long())
+    def _host_views(self, epoch: int, step: int, crops: np.ndarray, pool: ThreadPoolExecutor):
+        """The flip (and with augment.place=workers the rest of the recipe) on the host, from the images' streams:
+        (V, b, S, S, 3) uint8, pinned on CUDA, and per view the device plan (device placement)."""
+        ids = self.shard.indices(epoch, step)
+        out = torch.empty((self.n_views, len(ids), self.size, self.size, 3), dtype=torch.uint8,
+                          pin_memory=self.device.type == "cuda")
+        dst = out.numpy()
+        plans = []
+        for v in range(self.n_views):
+            p = P.draw(self.recipe, P.stream_keys(self.seed, epoch, ids, v))
+            if self.device_recipe is not None:  # each crop at its row of the device recipe's sorted order
+                the_plan = plan(p)
+                plans.append(the_plan)
+                rows = the_plan.restore
+                for k in range(len(ids)):
+                    dst[v, rows[k]] = crops[k, v, :, ::-1] if p.flip[k] else crops[k, v]
+            else:
+                list(pool.map(lambda k: self._cpu_recipe().colour(
+                    np.ascontiguousarray(crops[k, v, :, ::-1]) if p.flip[k] else crops[k, v], p, k, dst[v, k]),
+                    range(len(ids))))
+        return out, plans
+
+    def _cpu_recipe(self) -> CpuRecipe:
+        if not hasattr(self._cpu, "recipe"):
+            self._cpu.recipe = CpuRecipe(self.recipe, self.size)
+        return self._cpu.recipe
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+        with ThreadPoolExecutor(self._threads) as pool:
+            for step, crops, labels in self.uint8_batches(epoch, start_step):
+                host, plans = self._host_views(epoch, step, crops.numpy(), pool)
+                views_u8 = host.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)
+                views, restore = [], []
+                for v in range(self.n_views):
+                    if self.device_recipe is None:
+                        views.append(normalise(views_u8[v], self.recipe, self.dtype, self.channels_last))
+                    else:
+                        view, rows = self.device_recipe.apply(views_u8[v], plans[v])
+                        views.append(view)
+                        restore.append(rows)
+                yield TwoViewBatch(views, labels.to(self.device, non_blocking=True).long(), restore)
+
+
+def make_loader(data, **common) -> FFCVLoader:
+    """The registry's entry: data.beton for training; evaluation reads the image folders under data.path."""
+    if not data.beton:
+        raise DataError("data.backend=ffcv needs data.beton: the training split converted with "
+                        "`dogo convert IMAGE_FOLDER/train OUT.beton`")
+    return FFCVLoader(data.beton, workers=data.workers, order=data.order, os_cache=data.os_cache,
+                      image_field=data.ffcv_image_field, label_field=data.ffcv_label_field, **common)
+
+
+def open_eval_split(data, split: str, workers: int):
+    from dogo.pipelines.folder import FolderEvalSplit
+    return FolderEvalSplit(Path(data.path) / split, data.image_size, workers)

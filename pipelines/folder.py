@@ -1,156 +1,120 @@
 """Image-folder backend: torchvision's ImageFolder layout (root/class_name/image.jpg), ImageNet's train/ and val/.
 
-Decoding and RandomResizedCrop run in DataLoader worker processes (PIL crops and resizes in one call); the rest of
-the recipe runs batched on the device (dogo.pipelines.augment). Crop parameters are seeded per (epoch, image,
-view), so they depend neither on the worker nor on the rank.
+DataLoader workers fetch a batch at a time: each decodes its images (pipelines.images), draws every view's
+parameters from the images' streams (params.py) and makes the crop and flip (OpenCV, bilinear). Then either
+- augment.place=workers: the whole recipe runs there too, per image in uint8 (cpu_recipe.py), and the device only
+  normalises; or
+- augment.place=device: the worker writes each view's crops in the device recipe's sorted order (augment.plan),
+  and the rest of the recipe runs batched on the device (augment.DeviceRecipe).
+Parameters depend on (seed, epoch, image, view) only: not on the worker, the rank or the placement.
 """
 from __future__ import annotations
 
-import math
-import os
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 
-from dogo.pipelines.augment import BatchAugment, normalise
-from dogo.pipelines.base import DataError, Shard, TwoViewBatch, check_batch_fits, view_seed
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-EXPECTED_LAYOUT = """expected the image-folder layout (as torchvision's ImageFolder and ImageNet):
-  ROOT/train/<class_name>/<image>.jpg
-  ROOT/val/<class_name>/<image>.jpg"""
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
-_MAX_REPLACEMENTS = 16  # undecodable files in a row before the loader gives up on a batch row
-
-
-@dataclass
-class ImageFolderIndex:
-    root: Path
-    classes: list[str]
-    paths: list[str]
-    labels: np.ndarray  # int64, index into `classes` (sorted class-folder names, as ImageFolder)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def scan(root: str | Path) -> ImageFolderIndex:
-    """List the images of one split; clear errors for a missing, empty or malformed folder."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist; {EXPECTED_LAYOUT}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        raise DataError(f"{root} has no class folders; {EXPECTED_LAYOUT}")
-    paths, labels, empty = [], [], []
-    for label, name in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(root / name)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            empty.append(name)
-        paths.extend(str(root / name / f) for f in files)
-        labels.extend([label] * len(files))
-    if not paths:
-        raise DataError(f"{root} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}; "
-                        f"{EXPECTED_LAYOUT}")
-    if empty:
-        warnings.warn(f"{root}: {len(empty)} class folder(s) have no images and contribute no samples "
-                      f"(their labels are kept): {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}",
-                      stacklevel=2)
-    return ImageFolderIndex(root, classes, paths, np.asarray(labels, dtype=np.int64))
-
-
-def random_resized_crop_box(width: int, height: int, scale, ratio, rng: np.random.Generator
-                            ) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params: (left, top, w, h)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, w, h
-    # Fallback: central crop at the nearest allowed ratio.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
-
-
-def _to_chw(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+from dogo.pipelines import params as P
+from dogo.pipelines.augment import DeviceRecipe, normalise, plan as device_plan
+from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch
+from dogo.pipelines.cpu_recipe import CpuRecipe
+from dogo.pipelines.imagefolder import ImageFolderIndex, scan
+from dogo.pipelines.images import DECODE_ERRORS, load_rgb, open_rgb
 
 
 def _private_generator() -> torch.Generator:
     """A DataLoader draws its workers' base seed from its generator each time it is iterated, from the global
     torch RNG if it has none: that draw would shift the RNG that dropout and stochastic depth use, and a run
-    resumed mid-epoch would no longer equal the run straight through. Our workers draw from their own seeds."""
+    resumed mid-epoch would no longer equal the run straight through. Our workers draw from their own streams."""
     return torch.Generator().manual_seed(0)
 
 
-class TwoViewCrops(torch.utils.data.Dataset):
-    """Item (epoch, index) -> (uint8 views (V, 3, S, S), label, skipped paths).
+def _whole_batch(batch):
+    """The DataLoader's collate: the dataset's __getitems__ already made the batch."""
+    return batch
 
-    An undecodable file is replaced by the next image of the dataset and reported, so the run goes on.
-    """
 
-    def __init__(self, index: ImageFolderIndex, image_size: int, n_views: int, recipe, seed: int):
+def crop_and_flip(image: np.ndarray, box, flip: bool, size: int) -> np.ndarray:
+    """RandomResizedCrop's box resized to size x size (bilinear, as F.interpolate without antialiasing: the
+    device's batched crop samples the same points), mirrored where `flip`."""
+    left, top, w, h = (int(v) for v in box)
+    view = cv2.resize(image[top:top + h, left:left + w], (size, size), interpolation=cv2.INTER_LINEAR)
+    return cv2.flip(view, 1) if flip else view
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Fetched a batch at a time (__getitems__) from a list of (epoch, index) keys: uint8 views (V, b, S, S, 3),
+    labels, the files skipped, and per view the device recipe's plan (None with the workers placement).
+
+    An undecodable file is replaced by the next decodable image of the dataset and reported; nothing raises in a
+    worker (a DataError there would reach the user wrapped in a worker traceback): a batch that cannot be made at
+    all carries its reason, and the main process raises it."""
+
+    def __init__(self, index: ImageFolderIndex, image_size: int, n_views: int, recipe, seed: int, place: str):
         self.index, self.size, self.n_views, self.recipe, self.seed = index, image_size, n_views, recipe, seed
+        self.cpu_recipe = CpuRecipe(recipe, image_size) if place == "workers" else None
+        self._bad: set[int] = set()  # files this worker found undecodable: not tried again
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, i = key
-        skipped = []
-        for attempt in range(_MAX_REPLACEMENTS):
-            j = (i + attempt) % len(self.index)
-            try:
-                img = load_rgb(self.index.paths[j])
-            except DECODE_ERRORS as exc:
-                skipped.append(f"{self.index.paths[j]}: {exc}")
+    def _decode(self, i: int, skipped: list[str]) -> tuple[np.ndarray, int]:
+        """Image i, or the next decodable one after it; (image, label)."""
+        n = len(self.index)
+        for attempt in range(n):
+            j = (i + attempt) % n
+            if j in self._bad:
                 continue
-            rng = np.random.default_rng([self.seed, epoch, int(i)])
-            views = []
-            for _ in range(self.n_views):
-                left, top, w, h = random_resized_crop_box(img.width, img.height, self.recipe.crop_scale,
-                                                          self.recipe.crop_ratio, rng)
-                crop = img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
-                views.append(_to_chw(crop))
-            return torch.stack(views), int(self.index.labels[j]), skipped
-        raise DataError(f"{_MAX_REPLACEMENTS} files in a row could not be decoded, the last: {skipped[-1]}")
+            try:
+                return load_rgb(self.index.paths[j]), int(self.index.labels[j])
+            except DECODE_ERRORS as exc:
+                self._bad.add(j)
+                skipped.append(f"{self.index.paths[j]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        raise DataError(f"none of the {n} files under {self.index.root} could be decoded; the first: {skipped[0]}")
 
+    def __getitems__(self, keys: list[tuple[int, int]]):
+        try:
+            return self._make(keys)
+        except DataError as exc:
+            return {"error": str(exc)}
 
-def _collate(items):
-    views = torch.stack([v for v, _, _ in items])
-    labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
-    skipped = [s for _, _, sk in items for s in sk]
-    return views, labels, skipped
+    def _make(self, keys: list[tuple[int, int]]) -> dict:
+        epoch = keys[0][0]
+        ids = np.array([i for _, i in keys], dtype=np.int64)
+        skipped: list[str] = []
+        decoded = [self._decode(int(i), skipped) for i in ids]
+        images = [im for im, _ in decoded]
+        heights = np.array([im.shape[0] for im in images])
+        widths = np.array([im.shape[1] for im in images])
+        r = self.recipe
+        out = np.empty((self.n_views, len(ids), self.size, self.size, 3), np.uint8)
+        plans = []
+        for v in range(self.n_views):
+            keys_v = P.stream_keys(self.seed, epoch, ids, v)
+            p = P.draw(r, keys_v)
+            boxes = P.crop_boxes(keys_v, heights, widths, r.crop_scale, r.crop_ratio)
+            if self.cpu_recipe is None:  # device placement: each crop at its row of the device's sorted order
+                the_plan = device_plan(p)
+                rows = the_plan.restore
+                plans.append(the_plan)
+            for k, image in enumerate(images):
+                view = crop_and_flip(image, boxes[k], bool(p.flip[k]), self.size)
+                if self.cpu_recipe is None:
+                    out[v, rows[k]] = view
+                else:
+                    self.cpu_recipe.colour(view, p, k, out[v, k])
+        labels = np.array([label for _, label in decoded], dtype=np.int64)
+        return {"views": torch.from_numpy(out), "labels": torch.from_numpy(labels), "skipped": skipped,
+                "plans": plans or None}
 
 
 class _ShardBatches(torch.utils.data.Sampler):
-    """Batch sampler over one epoch from `start_step`: lists of (epoch, index) for this rank."""
+    """Batch sampler over one epoch from `start`: lists of (epoch, index) for this rank."""
 
-    def __init__(self, shard: Shard):
+    def __init__(self, shard):
         self.shard, self.epoch, self.start = shard, 0, 0
 
     def __len__(self) -> int:
@@ -161,50 +125,50 @@ class _ShardBatches(torch.utils.data.Sampler):
             yield [(self.epoch, int(i)) for i in self.shard.indices(self.epoch, step)]
 
 
-class FolderLoader:
-    """Two-view batches from an image folder, augmented on `device` (the TwoViewLoader protocol)."""
+class FolderLoader(ShardedLoader):
+    """Two-view batches from an image folder (the TwoViewLoader protocol)."""
 
-    def __init__(self, root: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe,
-                 workers: int, seed: int, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool):
+    def __init__(self, root: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, place: str,
+                 workers: int, seed: int, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
+                 channels_last: bool, compile_recipe: bool = False):
         self.index = scan(root)
-        check_batch_fits(len(self.index), global_batch, str(root))
-        self.shard = Shard(len(self.index), global_batch, rank, world_size, seed)
-        self.steps_per_epoch = self.shard.steps_per_epoch
-        self.images_per_epoch = self.steps_per_epoch * global_batch
-        self.n_views, self.seed, self.device = n_views, seed, device
-        self.augment = BatchAugment(recipe, image_size, dtype, channels_last)
-        self.skipped: list[str] = []  # every undecodable file met so far
-        self._batches = _ShardBatches(self.shard)
+        super().__init__(len(self.index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
+                         where=str(root))
+        self.skipped.extend(self.index.skipped)
+        self._report = list(self.index.skipped)  # entries the scan could not list: put on the first batch
+        self.n_views, self.device, self.dtype, self.channels_last = n_views, device, dtype, channels_last
+        self.recipe = recipe
+        self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last,
+                                          compile=compile_recipe) if place == "device" else None
+        self._sampler = _ShardBatches(self.shard)
         self._loader = torch.utils.data.DataLoader(
-            TwoViewCrops(self.index, image_size, n_views, recipe, seed),
-            batch_sampler=self._batches, num_workers=workers, collate_fn=_collate,
-            pin_memory=device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if workers > 0 else None, generator=_private_generator())
-        self._epoch, self._start = 0, 0
+            _Batches(self.index, image_size, n_views, recipe, seed, place), batch_sampler=self._sampler,
+            num_workers=workers, collate_fn=_whole_batch, pin_memory=device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if workers > 0 else None, generator=_private_generator())
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self._epoch, self._start = epoch, start_step
-        self._batches.epoch, self._batches.start = epoch, start_step
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self._start
-
-    def __iter__(self) -> Iterator[TwoViewBatch]:
-        b = self.shard.local_batch
-        rows = slice(self.shard.rank * b, (self.shard.rank + 1) * b)
-        for step, (views, labels, skipped) in enumerate(self._loader, start=self._start):
-            self.skipped.extend(skipped)
-            views = views.to(self.device, non_blocking=True)
-            out = [self.augment(views[:, v], view_seed(self.seed, self._epoch, step, v), rows,
-                                self.shard.global_batch) for v in range(self.n_views)]
-            yield TwoViewBatch(out, labels.to(self.device, non_blocking=True), skipped)
+    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+        self._sampler.epoch, self._sampler.start = epoch, start_step
+        for batch in self._loader:
+            if "error" in batch:
+                raise DataError(batch["error"])
+            self.skipped.extend(batch["skipped"])
+            skipped, self._report = self._report + batch["skipped"], []
+            crops = batch["views"].to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)  # (V, b, 3, S, S)
+            views, restore = [], []
+            for v in range(self.n_views):
+                if self.device_recipe is None:
+                    views.append(normalise(crops[v], self.recipe, self.dtype, self.channels_last))
+                else:
+                    view, rows = self.device_recipe.apply(crops[v], batch["plans"][v])
+                    views.append(view)
+                    restore.append(rows)
+            yield TwoViewBatch(views, batch["labels"].to(self.device, non_blocking=True), restore, skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Deterministic evaluation images: resize the short side to size / 0.875, centre crop, normalise.
 
-class EvalImages(torch.utils.data.Dataset):
+class _EvalImages(torch.utils.data.Dataset):
     def __init__(self, index: ImageFolderIndex, image_size: int, positions: np.ndarray):
         self.index, self.size, self.positions = index, image_size, positions
         self.resize = int(round(image_size / 0.875))
@@ -213,17 +177,18 @@ class EvalImages(torch.utils.data.Dataset):
         return len(self.positions)
 
     def __getitem__(self, k: int):
+        from PIL import Image
         j = int(self.positions[k])
         try:
-            img = load_rgb(self.index.paths[j])
+            img = open_rgb(self.index.paths[j])
         except DECODE_ERRORS:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1  # label -1: left out of the metric
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1  # label -1: left out of the metric
         scale = self.resize / min(img.width, img.height)
         w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
         img = img.resize((w, h), Image.BILINEAR)
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
-        return _to_chw(img), int(self.index.labels[j])
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()), int(self.index.labels[j])
 
 
 class FolderEvalSplit:
@@ -238,30 +203,18 @@ class FolderEvalSplit:
 
     def batches(self, positions: np.ndarray, batch_size: int, device: torch.device, recipe, dtype: torch.dtype,
                 channels_last: bool):
-        loader = torch.utils.data.DataLoader(EvalImages(self.index, self.size, positions), batch_size=batch_size,
+        loader = torch.utils.data.DataLoader(_EvalImages(self.index, self.size, positions), batch_size=batch_size,
                                              num_workers=self.workers, pin_memory=device.type == "cuda",
                                              generator=_private_generator())
         for images, labels in loader:
-            x = images.to(device, non_blocking=True).float().div_(255)
+            x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
             yield normalise(x, recipe, dtype, channels_last), labels.to(device, non_blocking=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dogo.pipelines.folder ROOT`: check the splits before a long run starts; exit 2 with the reason."""
-    import argparse
-    p = argparse.ArgumentParser(description="Check an image-folder dataset (ImageNet layout) and count it.")
-    p.add_argument("root")
-    p.add_argument("--splits", nargs="+", default=["train", "val"])
-    a = p.parse_args(argv)
-    try:
-        for split in a.splits:
-            index = scan(Path(a.root) / split)
-            print(f"{index.root}: {len(index):,} images in {len(index.classes):,} classes")
-    except DataError as exc:
-        print(f"error: {exc}")
-        return 2
-    return 0
+def make_loader(data, **common) -> FolderLoader:
+    """The registry's entry (dogo.pipelines.BACKENDS): the training split of data.path."""
+    return FolderLoader(Path(data.path) / data.train_split, workers=data.workers, **common)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def open_eval_split(data, split: str, workers: int) -> FolderEvalSplit:
+    return FolderEvalSplit(Path(data.path) / split, data.image_size, workers)

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from dogo.benchmarks.train_step import count_flops, peak_tflops
 from dogo.engine import config as config_mod
@@ -37,6 +36,6 @@ def test_flops_per_image_of_the_imagenet_dogo_step():
     cfg = config_mod.load(REPO / "configs" / "bench_r18_r50.yaml",
                           ["device=cpu", "data.batch_size=2", "data.synthetic_images=2"])
     trainer = Trainer(cfg)
-    views = next(iter(trainer.loader)).views
-    per_image = count_flops(lambda: trainer.step(views)) / 2
+    batch = next(iter(trainer.loader))
+    per_image = count_flops(lambda: trainer.step(batch)) / 2
     assert per_image == pytest.approx(69.97e9, rel=0.01)

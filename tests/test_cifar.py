@@ -10,8 +10,9 @@ import torchvision.transforms.v2.functional as TF
 
 from dogo.engine import config as config_mod
 from dogo.engine.config import AugmentConfig
-from dogo.pipelines import DataError, augment as A
+from dogo.pipelines import DataError, augment as A, params as P
 from dogo.pipelines.cifar import CifarEvalSplit, CifarLoader, read_split
+from tests.conftest import in_order
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-dev"
 
@@ -103,49 +104,19 @@ def test_wrong_shapes_labels_and_splits_are_errors(cifar, tmp_path):
         read_split(cifar, "test")
 
 
-def _reference_crop_box(width, height, scale, ratio, u):
-    """torchvision's RandomResizedCrop.get_params, written as it is, reading its uniforms from u (10, 4)."""
-    import math
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for t in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[t, 0])
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[t, 1])
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(u[t, 3] * (width - w + 1)), int(u[t, 2] * (height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-@pytest.mark.parametrize("scale,ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (0.2, 5.0))])
-def test_batched_crop_boxes_equal_torchvisions_rule(scale, ratio):
-    """The same uniforms through torchvision's loop and through our batched draw give the same boxes; the second
-    recipe makes many images use the fallback."""
-    n, seed = 3000, 11
-    boxes = A.draw_crop_boxes(n, 32, 32, scale, ratio, torch.Generator().manual_seed(seed), torch.device("cpu"))
-    u = torch.rand(n, 10, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
-    expected = np.array([_reference_crop_box(32, 32, scale, ratio, u[i]) for i in range(n)])
-    assert np.array_equal(boxes.numpy().astype(int), expected)
-    area = expected[:, 2] * expected[:, 3] / 1024
-    assert area.min() >= scale[0] - 0.05 and area.max() <= 1.0
-
-
 def test_batched_resized_crop_equals_torchvision_per_image():
-    gen = torch.Generator().manual_seed(4)
-    x = torch.rand(64, 3, 32, 32, generator=gen)
-    boxes = A.draw_crop_boxes(64, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), gen, torch.device("cpu"))
+    """One grid_sample for the batch: every image its own box and mirror, as torchvision's resized_crop (no
+    antialiasing) and horizontal_flip image by image."""
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 255
+    keys = P.stream_keys(0, 0, np.arange(64), 0)
+    boxes = torch.from_numpy(P.crop_boxes(keys, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3)))
+    flips = torch.arange(64) % 3 == 0
     for size in (32, 48, 20):
-        ours = A.resized_crops(x, boxes, size)
+        ours = A.resized_crops(x, boxes, flips, size)
         theirs = torch.stack([TF.resized_crop(img, int(t), int(left), int(h), int(w), [size, size],
                                               antialias=False) for img, (left, t, w, h) in zip(x, boxes)])
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # float32 rounding of the coordinates
+        theirs = torch.where(flips.view(-1, 1, 1, 1), theirs.flip(-1), theirs)
+        torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)  # float32 rounding of the coordinates
 
 
 def _loader(path, rank=0, world_size=1, batch=16, seed=5):
@@ -160,14 +131,16 @@ def test_two_ranks_make_exactly_the_views_of_one_and_resume_skips_steps(cifar):
     assert len(whole) == 5
     for step, batch in enumerate(whole):
         for v in range(2):
-            torch.testing.assert_close(torch.cat([halves[0][step].views[v], halves[1][step].views[v]]),
-                                       batch.views[v], atol=0, rtol=0)
+            # the ops run over runs of other sizes, so last bits may differ (oneDNN picks kernels by shape)
+            torch.testing.assert_close(torch.cat([in_order(halves[0][step], v), in_order(halves[1][step], v)]),
+                                       in_order(batch, v), atol=1e-5, rtol=0)
         assert torch.equal(torch.cat([halves[0][step].labels, halves[1][step].labels]), batch.labels)
     resumed = _loader(cifar)
     resumed.set_epoch(0, start_step=3)
     assert len(resumed) == 2
     for a, b in zip(resumed, whole[3:]):
-        assert torch.equal(a.views[1], b.views[1]) and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(in_order(a, 1), in_order(b, 1), atol=1e-5, rtol=0)
+        assert torch.equal(a.labels, b.labels)
     other_epoch = _loader(cifar)
     other_epoch.set_epoch(1)
     assert not torch.equal(next(iter(other_epoch)).labels, whole[0].labels)
@@ -182,7 +155,8 @@ def test_views_are_the_stored_images_cropped_and_labels_are_theirs(cifar):
     data = read_split(cifar, "train")
     idx = loader.shard.indices(0, 0)
     batch = next(iter(loader))
-    torch.testing.assert_close(batch.views[0], torch.from_numpy(data.images[idx]).float() / 255, atol=1e-6, rtol=0)
+    torch.testing.assert_close(in_order(batch, 0), torch.from_numpy(data.images[idx]).float() / 255, atol=1e-6,
+                               rtol=0)
     assert batch.labels.tolist() == data.labels[idx].tolist()
 
 

@@ -26,7 +26,7 @@ def test_unknown_section(tmp_path):
 @pytest.mark.parametrize("override,match", [
     ("optim.lr=fast", "optim.lr: expected a number"),
     ("data.batch_size=1.5", "data.batch_size: expected an integer"),
-    ("objective.name=byol", "not one of 'simclr', 'mocov2', 'simsiam', 'dogo', 'disco'"),
+    ("objective.name=byol", "objective.name: 'byol' is not one of simclr, mocov2, simsiam, dogo, disco"),
     ("data.batchsize=3", "did you mean 'batch_size'"),
     ("peers.r19.tau=0.2", "did you mean 'r18'"),
     ("optim.lr", "key=value"),

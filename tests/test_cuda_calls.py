@@ -45,11 +45,15 @@ def test_fused_optimisers_take_the_same_steps_as_foreach(name):
 
 
 def test_nccl_init_and_ddp_arguments_exist():
-    """engine/distributed.py init: init_process_group(device_id=); engine/train.py: DDP(device_ids=[index])."""
+    """engine/distributed.py init: init_process_group(device_id=); engine/train.py: DDP(device_ids=[index]) with
+    ddp_options (the same options run under gloo in test_runs.py and test_host_sync.py)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    from dogo.engine.train import ddp_options
     assert "device_id" in inspect.signature(dist.init_process_group).parameters
-    assert "device_ids" in inspect.signature(DistributedDataParallel).parameters
+    ddp = inspect.signature(DistributedDataParallel).parameters
+    assert "device_ids" in ddp and set(ddp_options(nn.BatchNorm1d(2), sync_bn=True)) <= set(ddp)
     assert dist.is_nccl_available() or not torch.cuda.is_available()
 
 
@@ -74,21 +78,19 @@ def test_grad_scaler_and_autocast_on_cuda_take_our_arguments():
 
 
 def test_generators_and_pinned_copies_take_a_device():
-    """pipelines/augment.py: torch.Generator(device=...) per step; the loaders: pinned host memory and
-    non-blocking copies (DataLoader(pin_memory=), Tensor.pin_memory, .to(non_blocking=))."""
-    assert torch.Generator(device=torch.device("cpu")).device.type == "cpu"  # the keyword the recipe passes
+    """pipelines/synthetic.py: torch.Generator(device=...); pipelines/augment.py to_device (the recipe's parameters:
+    Tensor.pin_memory, then .to(device, non_blocking=True)); the loaders: DataLoader(pin_memory=), the FFCV
+    backend's host buffer torch.empty(pin_memory=) copied with .to(non_blocking=True)."""
+    import numpy as np
+
+    from dogo.pipelines.augment import to_device
+    assert torch.Generator(device=torch.device("cpu")).device.type == "cpu"  # the keyword synthetic passes
     assert "pin_memory" in inspect.signature(torch.utils.data.DataLoader.__init__).parameters
-    assert callable(torch.Tensor.pin_memory)
+    assert callable(torch.Tensor.pin_memory) and "non_blocking" in torch.Tensor.to.__doc__
+    assert torch.empty(2, pin_memory=False).shape == (2,)  # the keyword exists (pinning itself needs CUDA)
     x = torch.arange(4)
     assert torch.equal(x.to("cpu", non_blocking=True), x)
-
-
-def test_ffcv_to_device_takes_non_blocking():
-    """pipelines/ffcv_loader.py: ToDevice(device, non_blocking=True) at the end of both FFCV pipelines on CUDA."""
-    pytest.importorskip("ffcv")
-    from ffcv.transforms import ToDevice
-    params = inspect.signature(ToDevice.__init__).parameters
-    assert list(params)[:2] == ["self", "device"] and params["non_blocking"].default is True
+    assert torch.equal(to_device(np.arange(4), torch.device("cpu")), x)
 
 
 def test_dali_mixed_decoder_takes_the_hardware_load():

@@ -213,5 +213,5 @@ def test_contrast_and_brightness_as_arithmetic_match_torchvision(tmp_path):
 
 def test_dali_out_of_memory_names_the_step_and_the_settings(shapes):
     loader = _loader(shapes / "train", AugmentConfig(), batch=8)
-    err = loader._explain(RuntimeError("Critical error in pipeline:\nCUDA allocation failed: out of memory"), 5)
+    err = loader._explain(RuntimeError("Critical error in pipeline:\nCUDA allocation failed: out of memory"), 0, 5)
     assert "ran out of device memory at step 5 of epoch 0" in str(err) and "data.batch_size" in str(err)

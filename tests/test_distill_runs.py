@@ -44,7 +44,7 @@ def test_teacher_stays_bit_identical_through_training(shapes, teacher_run, tmp_p
     assert not teacher.training and not any(m.training for m in teacher.modules())
     student_before = [p.clone() for p in trainer.model.parameters()]
     for step, batch in zip(range(3), trainer.loader):
-        terms = trainer.step(batch.views)
+        terms = trainer.step(batch)
         assert torch.isfinite(terms["s/distill"]) and terms["s/distill"] > 0
     for k, v in teacher.peer.state_dict().items():
         assert torch.equal(v, before[k]), f"teacher {k} changed during training"

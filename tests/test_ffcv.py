@@ -10,7 +10,7 @@ pytest.importorskip("ffcv", reason="the ffcv extra is not installed")
 from dogo.engine.config import AugmentConfig  # noqa: E402
 from dogo.pipelines.base import DataError, Shard  # noqa: E402
 from dogo.pipelines.convert import ConvertOptions, convert  # noqa: E402
-from dogo.pipelines.folder import scan  # noqa: E402
+from dogo.pipelines.imagefolder import scan  # noqa: E402
 from tests.conftest import run_cli, tiny_config, write_config  # noqa: E402
 
 
@@ -21,16 +21,17 @@ def beton(shapes, tmp_path_factory):
     return out
 
 
-def _loader(beton, rank=0, world=1, order="random", batch=16, n_views=2):
+def _loader(beton, rank=0, world=1, order="random", batch=16, n_views=2, place="device"):
     from dogo.pipelines.ffcv_loader import FFCVLoader
-    return FFCVLoader(beton, image_size=16, global_batch=batch, n_views=n_views, recipe=AugmentConfig(), workers=1,
-                      order=order, os_cache=True, seed=5, rank=rank, world_size=world, device=torch.device("cpu"),
-                      dtype=torch.float32, channels_last=False)
+    return FFCVLoader(beton, image_size=16, global_batch=batch, n_views=n_views, recipe=AugmentConfig(), place=place,
+                      workers=1, order=order, os_cache=True, seed=5, rank=rank, world_size=world,
+                      device=torch.device("cpu"), dtype=torch.float32, channels_last=False)
 
 
-def test_batches_follow_the_shared_order(beton, shapes):
+@pytest.mark.parametrize("place", ["device", "workers"])
+def test_batches_follow_the_shared_order(beton, shapes, place):
     labels = scan(shapes / "train").labels  # the .beton keeps the folder's order
-    loader = _loader(beton, n_views=4)
+    loader = _loader(beton, n_views=4, place=place)
     shard = Shard(80, 16, 0, 1, 5)
     for epoch in (0, 1):
         loader.set_epoch(epoch)
@@ -102,10 +103,11 @@ def test_bench_pipeline_writes_all_three_rates(shapes, beton, tmp_path):
 def test_one_decode_gives_independent_crops_of_the_same_image(beton):
     """MultiCropDecoder: every view is its own RandomResizedCrop of the one decoded image."""
     loader = _loader(beton, batch=16, n_views=3)
-    step, views, labels = next(loader.uint8_batches())
-    assert step == 0 and len(views) == 3 and labels.shape == (16,)
+    step, crops, labels = next(loader.uint8_batches(0, 0))
+    views = [crops[:, v].permute(0, 3, 1, 2) for v in range(3)]
+    assert step == 0 and crops.shape == (16, 3, 16, 16, 3) and labels.shape == (16,)
     for v in views:
-        assert v.shape == (16, 3, 16, 16) and v.dtype == torch.uint8
+        assert v.dtype == torch.uint8
     differ = [(views[a].float() - views[b].float()).abs().amax(dim=(1, 2, 3)) > 0 for a, b in ((0, 1), (1, 2))]
     assert all(d.float().mean() > 0.8 for d in differ)  # independent crops, not copies
     # same image: the crops' mean colours agree far better than those of different images
@@ -140,7 +142,8 @@ def test_a_stock_ffcv_beton_with_other_field_names_and_order(beton, shapes, tmp_
     with pytest.raises(DataError, match="field 'weight' .* is a FloatField"):
         open_beton(stock, "img", "weight")
     from dogo.pipelines.ffcv_loader import FFCVLoader
-    theirs = FFCVLoader(stock, image_size=16, global_batch=16, n_views=2, recipe=AugmentConfig(), workers=1,
+    theirs = FFCVLoader(stock, image_size=16, global_batch=16, n_views=2, recipe=AugmentConfig(), place="device",
+                        workers=1,
                         order="quasi_random", os_cache=True, seed=5, rank=0, world_size=1,
                         device=torch.device("cpu"), dtype=torch.float32, channels_last=False, image_field="img",
                         label_field="target")

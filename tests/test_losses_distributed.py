@@ -1,6 +1,5 @@
 """The losses under real gloo process groups equal one process computing the global batch."""
 import os
-import socket
 
 import pytest
 import torch
@@ -8,9 +7,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
-from dogo.engine.losses import objective_loss
+from dogo.engine.objectives import objective_loss
+from tests.conftest import free_port
 
-PEERS = {"a": PeerConfig(tau=0.2, kl_weight=1.0), "b": PeerConfig(tau=0.5, kl_weight=0.5)}
+PEERS = {"a": PeerConfig(ssl="simclr", tau=0.2, kl_weight=1.0), "b": PeerConfig(ssl="simclr", tau=0.5, kl_weight=0.5)}
 
 
 def _inputs(global_b: int):
@@ -38,19 +38,14 @@ def _worker(rank: int, world: int, port: int, objective: str, global_b: int, out
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("objective", ["simclr", "dogo"])
 def test_gloo_ranks_equal_the_global_batch(world, objective):
     global_b = 6 * world
     ref_loss, ref_grads = _reference(objective, global_b)
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), objective, global_b, out), nprocs=world)
+    mp.spawn(_worker, args=(world, free_port(), objective, global_b, out), nprocs=world)
     b = global_b // world
     # the global loss is the mean of the ranks' losses; DDP averages gradients, so a rank's own rows carry
     # world x (its gradient) / world: compare rank gradients x 1/world against the reference's rows
@@ -62,7 +57,7 @@ def test_gloo_ranks_equal_the_global_batch(world, objective):
 
 
 def _bn_worker(rank: int, world: int, port: int, affine: bool, out):
-    from dogo.engine.distributed import AllReduceBatchNorm
+    from dogo.engine.syncbn import AllReduceBatchNorm
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
@@ -84,7 +79,7 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch(affine):
     xr = x.clone().requires_grad_()
     (bn(xr) * w).sum().backward()
     out = mp.Manager().dict()
-    mp.spawn(_bn_worker, args=(2, _free_port(), affine, out), nprocs=2)
+    mp.spawn(_bn_worker, args=(2, free_port(), affine, out), nprocs=2)
     y = torch.cat([out[r][0] for r in range(2)])
     reference = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, training=True).detach()
     torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
@@ -123,7 +118,7 @@ def test_kernel_ranks_equal_the_global_batch(world, tau_kl):
     ref = contrastive_terms(leaves, (0.2, 0.5), tau_kl, tile=global_b)
     ref.sum().backward()
     out = mp.Manager().dict()
-    mp.spawn(_kernel_worker, args=(world, _free_port(), tau_kl, global_b, 4, out), nprocs=world)
+    mp.spawn(_kernel_worker, args=(world, free_port(), tau_kl, global_b, 4, out), nprocs=world)
     b = global_b // world
     for r in range(world):
         # each rank's own loss and gradients equal the straightforward gather-with-gradient version's

@@ -27,7 +27,7 @@ base = rss()
 trainer = Trainer(cfg)
 batches = iter(trainer.loader)
 for _ in range(3):
-    trainer.step(next(batches).views)
+    trainer.step(next(batches))
 print(json.dumps({"estimate": est, "peak": status("VmHWM") - base}))
 """
 

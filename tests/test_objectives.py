@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from dogo.engine.config import ConfigError, ObjectiveConfig, PeerConfig, TeacherConfig
 from dogo.engine.contrastive import contrastive_terms
-from dogo.engine.losses import (embedding_distance, mocov2_loss, objective_loss, reference_terms,
-                                simsiam_loss)
+from dogo.engine.losses import embedding_distance, mocov2_loss, reference_terms, simsiam_loss
+from dogo.engine.objectives import objective_loss
 from dogo.engine.targets import KeyEncoder, Targets, momentum_at
 from dogo.models import Peer
-from tests.test_losses_distributed import _free_port
+from tests.conftest import free_port
 
 
 def _rand(*shape, seed, requires_grad=True):
@@ -126,7 +126,7 @@ def test_dogo_with_a_simclr_and_a_simsiam_peer_composes_the_terms():
 def test_objective_loss_for_mocov2_and_disco_uses_the_targets():
     b, d = 5, 4
     q1, q2 = _rand(b, d, seed=50), _rand(b, d, seed=51)
-    k1, k2, queue = _unit(b, d, seed=52), _unit(b, d, seed=53), _unit(11, d, seed=54)
+    k2, queue = _unit(b, d, seed=53), _unit(11, d, seed=54)
     t1, t2 = _rand(b, d, seed=55, requires_grad=False), _rand(b, d, seed=56, requires_grad=False)
     targets = Targets(keys={"s": (None, k2)}, queues={"s": queue}, teacher={"s": (t1, t2)})
     peers = {"s": PeerConfig(ssl="mocov2", tau=0.2)}
@@ -207,7 +207,7 @@ def _queue_worker(rank, world, port, symmetric, out):
 def test_queue_under_two_gloo_ranks_holds_every_ranks_keys(symmetric):
     world = 2
     out = mp.Manager().dict()
-    mp.spawn(_queue_worker, args=(world, _free_port(), symmetric, out), nprocs=world)
+    mp.spawn(_queue_worker, args=(world, free_port(), symmetric, out), nprocs=world)
     expected = []
     for step in range(4):  # the order enqueued: view 1 of rank 0, rank 1 (symmetric only), then view 2's
         if symmetric:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
-from dogo.engine.losses import mocov2_loss, objective_loss
+from dogo.engine.losses import mocov2_loss
+from dogo.engine.objectives import objective_loss
 from dogo.engine.targets import KeyEncoder, Targets
 from dogo.engine.teacher import FrozenTeacher
 from dogo.models import Peer

@@ -1,5 +1,4 @@
 """Schedule and optimisers."""
-import math
 
 import pytest
 import torch

@@ -33,9 +33,10 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
     for a, b in zip(m1, m2):
         for key in ("loss", "a/ntxent", "a/kl", "b/ntxent", "b/kl"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    # The pieces are exact to ~1e-6 (tests/test_losses_distributed.py: losses, gradients, synced BN); over three
-    # LARS steps the different summation order of 1 and 2 ranks grows to ~1e-4 in some BN parameters.
+            assert a[key] == pytest.approx(b[key], rel=5e-4, abs=1e-6), (a["step"], key)
+    # The pieces are exact to ~1e-6 (tests/test_losses_distributed.py: losses, gradients, synced BN) and the views to
+    # ~1e-6 (the device recipe's runs have other sizes on each rank: last bits differ); over three LARS steps at
+    # lr 0.5 the different summation order of 1 and 2 ranks grows to ~2e-4 in some terms and BN parameters.
     p1, p2 = final_peers(tmp_path / "w1" / "t"), final_peers(tmp_path / "w2" / "t")
     for peer in ("a", "b"):
         for name, t in p1[peer].items():
