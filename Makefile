@@ -11,7 +11,7 @@ NGPU ?= 1
 IMAGENET ?=
 
 .PHONY: setup demo demo-check demo-disco test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
-	cifar10-r18-r50 cifar10-simclr-r18 bench bench-pipeline photos convert clean
+	cifar10-r18-r50 cifar10-simclr-r18 cifar10-simclr-r50 cifar10-disco-r18 bench bench-pipeline photos convert clean
 
 setup: $(STAMP)
 
@@ -71,28 +71,30 @@ define require_imagenet
 	@$(PY) -m dogo.pipelines.imagefolder "$(IMAGENET)"
 endef
 
+# $(call job,CONFIG,ARGS): the memory check for NGPU ranks, then the run under torchrun.
+define job
+	$(DOGO) train $(1) $(2) --dry-run --world-size $(NGPU)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train $(1) $(2)
+endef
+
 imagenet-r18-r50: $(STAMP)
 	$(require_imagenet)
-	$(DOGO) train configs/imagenet_r18_r50.yaml data.path=$(IMAGENET) --dry-run --world-size $(NGPU)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_r18_r50.yaml data.path=$(IMAGENET)
+	$(call job,configs/imagenet_r18_r50.yaml,data.path=$(IMAGENET))
 
 imagenet-simclr-r18: $(STAMP)
 	$(require_imagenet)
-	$(DOGO) train configs/imagenet_simclr_r18.yaml data.path=$(IMAGENET) --dry-run --world-size $(NGPU)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_simclr_r18.yaml data.path=$(IMAGENET)
+	$(call job,configs/imagenet_simclr_r18.yaml,data.path=$(IMAGENET))
 
 imagenet-simclr-r50: $(STAMP)
 	$(require_imagenet)
-	$(DOGO) train configs/imagenet_simclr_r50.yaml data.path=$(IMAGENET) --dry-run --world-size $(NGPU)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/imagenet_simclr_r50.yaml data.path=$(IMAGENET)
+	$(call job,configs/imagenet_simclr_r50.yaml,data.path=$(IMAGENET))
 
 # DisCo: a frozen ResNet-50 (default: the run of make imagenet-simclr-r50) distilled into a MoCo v2 ResNet-18.
 TEACHER ?= runs/imagenet_simclr_r50
 TEACHER_PEER ?= r50
 imagenet-disco-r18: $(STAMP)
 	$(require_imagenet)
-	$(DOGO) train configs/disco_r18_from_r50.yaml data.path=$(IMAGENET) teacher.checkpoint=$(TEACHER) teacher.peer=$(TEACHER_PEER) --dry-run --world-size $(NGPU)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/disco_r18_from_r50.yaml data.path=$(IMAGENET) teacher.checkpoint=$(TEACHER) teacher.peer=$(TEACHER_PEER)
+	$(call job,configs/disco_r18_from_r50.yaml,data.path=$(IMAGENET) teacher.checkpoint=$(TEACHER) teacher.peer=$(TEACHER_PEER))
 
 # CIFAR-10 (or CIFAR-100) in its python format, held on the device: DoGo ResNet-18 + ResNet-50, or SimCLR ResNet-18
 # alone, with DoGo's own CIFAR settings. CIFAR=/path/to/cifar-10-batches-py (as downloaded and unpacked).
@@ -104,13 +106,21 @@ endef
 
 cifar10-r18-r50: $(STAMP)
 	$(require_cifar)
-	$(DOGO) train configs/cifar10_r18_r50.yaml data.path=$(CIFAR) --dry-run --world-size $(NGPU)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/cifar10_r18_r50.yaml data.path=$(CIFAR)
+	$(call job,configs/cifar10_r18_r50.yaml,data.path=$(CIFAR))
 
 cifar10-simclr-r18: $(STAMP)
 	$(require_cifar)
-	$(DOGO) train configs/cifar10_simclr_r18.yaml data.path=$(CIFAR) --dry-run --world-size $(NGPU)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m dogo train configs/cifar10_simclr_r18.yaml data.path=$(CIFAR)
+	$(call job,configs/cifar10_simclr_r18.yaml,data.path=$(CIFAR))
+
+cifar10-simclr-r50: $(STAMP)
+	$(require_cifar)
+	$(call job,configs/cifar10_simclr_r50.yaml,data.path=$(CIFAR))
+
+# DisCo on CIFAR: the run of make cifar10-simclr-r50 (or TEACHER=RUN_OR_CKPT), frozen, into a SimCLR ResNet-18.
+CIFAR_TEACHER ?= runs/cifar10_simclr_r50
+cifar10-disco-r18: $(STAMP)
+	$(require_cifar)
+	$(call job,configs/cifar10_disco_r18_from_r50.yaml,data.path=$(CIFAR) teacher.checkpoint=$(CIFAR_TEACHER))
 
 # Training-step throughput (images/s per device) of the DoGo engine on device-made synthetic batches.
 bench: $(STAMP)

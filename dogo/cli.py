@@ -321,8 +321,12 @@ def cmd_convert(args) -> int:
                              smart_threshold=args.smart_threshold, num_workers=args.num_workers,
                              chunk_size=args.chunk_size, strict=args.strict)
     from dogo.pipelines.convert import convert
-    convert(args.src, args.dst, options, overwrite=args.overwrite,
-            log=lambda msg: console.print(msg, highlight=False))
+    try:
+        convert(args.src, args.dst, options, overwrite=args.overwrite,
+                log=lambda msg: console.print(msg, highlight=False))
+    except KeyboardInterrupt:
+        console.print(f"interrupted: nothing was written to {args.dst}", highlight=False, soft_wrap=True)
+        return 130
     return 0
 
 

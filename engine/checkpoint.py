@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dogo.engine.io import atomic_write
+from dogo.engine.io import UnreadableFile, atomic_write, read_torch_file
 
 _NAME = re.compile(r"^step_(\d{9})\.pt$")
 
@@ -25,7 +25,15 @@ def folder(run_dir: Path) -> Path:
 
 def save(run_dir: Path, state: dict, step: int, keep: int) -> Path:
     path = folder(run_dir) / f"step_{step:09d}.pt"
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError(enforce fail ...)
+        previous = latest(run_dir)
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({reason}): is the disk full, or a file-size limit set? "
+            f"Nothing was left half-written; "
+            + (f"the newest checkpoint is still {previous}" if previous else "no earlier checkpoint exists")) from None
     for old in all_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -113,12 +121,10 @@ def set_aside(run_dir: Path, stamp: str) -> Path | None:
 
 def load(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
-        raise CheckpointError(f"{path} is not a readable dogo checkpoint ({type(exc).__name__}: {exc})") from None
+        state = read_torch_file(path, "dogo checkpoint")
+    except UnreadableFile as exc:
+        raise CheckpointError(str(exc)) from None
     missing = [k for k in ("config", "peers", "position") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a dogo checkpoint (it has no {', '.join(missing)}): give a run folder "

@@ -33,6 +33,10 @@ class DataConfig:
     ffcv_image_field: str = "image"  # ffcv: the .beton's RGB image field (stock FFCV scripts may write e.g. 'img')
     ffcv_label_field: str = "label"  # ffcv: its integer label field (e.g. 'target')
     dali_hw_decoder_load: float = 0.65  # dali on a GPU: share of the JPEGs given to the hardware decoder
+    # dali: before the first batch every file is checked without decoding (DALI can crash or train on garbage on a
+    # broken file). whole: every byte read once (corrupt data found too); ends: the first 64 kB and the last bytes
+    # (truncation and declared size only: a faster start on a dataset already checked, e.g. by dogo convert)
+    dali_scan: Literal["whole", "ends"] = "whole"
     train_split: str = "train"
     val_split: str = "val"  # labelled split the kNN monitor queries
     image_size: int = 64  # side of each training view, pixels
@@ -384,11 +388,40 @@ def check(cfg: Config) -> None:
         method_named(peer.ssl, f"peers.{name}.ssl").check(f"peers.{name}", peer, cfg)
         if peer.zero_init_residual and not peer.arch.startswith("resnet"):
             raise ConfigError(f"peers.{name}.zero_init_residual applies to ResNets only, not {peer.arch}")
-    lo, hi = cfg.augment.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.augment.crop_scale}")
+    _check_recipe(cfg.augment)
+    if cfg.data.image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} is too small: views of at least {MIN_IMAGE_SIZE} px "
+                          f"(the backbones downsample by up to 32 and the blur needs a border)")
+    from dogo.models import BACKBONES
+    for name, peer in cfg.peers.items():
+        if peer.arch not in BACKBONES:
+            raise ConfigError(f"peers.{name}.arch: {peer.arch!r} is not a registered backbone"
+                              + _suggest(peer.arch, sorted(BACKBONES)).replace("valid keys", "registered"))
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device: {cfg.device!r} is not one of 'auto', 'cpu', 'cuda'")
+
+
+MIN_IMAGE_SIZE = 8
+
+
+def _check_recipe(a: AugmentConfig) -> None:
+    """Ranges of the recipe's numbers (torchvision's own limits where it has them)."""
+    lo, hi = a.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {a.crop_scale}")
+    if not 0 < a.crop_ratio[0] <= a.crop_ratio[1]:
+        raise ConfigError(f"augment.crop_ratio must satisfy 0 < min <= max, got {a.crop_ratio}")
+    for key in ("brightness", "contrast", "saturation"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"augment.{key} is a jitter strength: 0 or more, got {getattr(a, key)}")
+    if not 0 <= a.hue <= 0.5:
+        raise ConfigError(f"augment.hue is a shift in turns: it must be in [0, 0.5], got {a.hue}")
+    if not 0 < a.blur_sigma[0] <= a.blur_sigma[1]:
+        raise ConfigError(f"augment.blur_sigma must satisfy 0 < min <= max, got {a.blur_sigma}")
+    if a.blur_kernel_fraction <= 0:
+        raise ConfigError(f"augment.blur_kernel_fraction must be positive, got {a.blur_kernel_fraction}")
+    if min(a.std) <= 0:
+        raise ConfigError(f"augment.std must be positive in every channel, got {a.std}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -31,7 +31,8 @@ class DistContext:
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device; use device=auto or device=cpu")
+        from dogo.engine.config import ConfigError
+        raise ConfigError("device=cuda was asked for but torch sees no CUDA device; use device=auto or device=cpu")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -49,7 +50,8 @@ def init(device: str = "auto", backend: str = "auto", timeout_min: float = 30.0)
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         if backend == "nccl" and dev.type != "cuda":
-            raise RuntimeError("distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo on CPUs")
+            from dogo.engine.config import ConfigError
+            raise ConfigError("distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo on CPUs")
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=dev if dev.type == "cuda" else None)
     return DistContext(rank, world_size, local_rank, dev)

@@ -48,3 +48,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, obj) -> Path:
     """A result file: indented JSON, written atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+class UnreadableFile(ValueError):
+    """A file that is missing or is not what it should be; the message names it."""
+
+
+def read_torch_file(path: str | Path, what: str):
+    """torch.load with weights_only (tensors and plain containers: a crafted pickle cannot run code), with one
+    error for a missing file and one for a truncated or foreign one, each naming the file."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableFile(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle's own traceback says nothing useful
+        raise UnreadableFile(f"{path} is not a readable {what} ({type(exc).__name__}: {exc})") from None

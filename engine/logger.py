@@ -110,10 +110,11 @@ class MetricsLogger:
             self._write({"event": kind, **fields})
             self.console.print(message, highlight=False)
 
-    def knn(self, step: int, epoch: int, top1: dict[str, float]) -> None:
-        """The kNN monitor's top-1 of every peer: an event line, and a curve per peer in TensorBoard."""
+    def knn(self, step: int, epoch: int, top1: dict[str, float], train_seconds: float | None = None) -> None:
+        """The kNN monitor's top-1 of every peer: an event line (with the training time so far, evaluation
+        excluded), and a curve per peer in TensorBoard."""
         self.event("knn", "kNN top-1: " + ", ".join(f"{n} {v:.2f}%" for n, v in top1.items()), step=step,
-                   epoch=epoch, top1=top1)
+                   epoch=epoch, top1=top1, train_seconds=train_seconds)
         if self.tb is not None:
             self.tb.scalars(top1, step, prefix="knn_top1/")
 

@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dogo.engine import checkpoint
 from dogo.engine.config import ConfigError, TeacherConfig, from_dict
+from dogo.engine.io import UnreadableFile, read_torch_file
 from dogo.engine.methods import build_peer
 from dogo.models import Peer
 
@@ -71,12 +72,10 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 def _load_state(path: str, key: str) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{key}: {p} does not exist")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"{key}: {p} is not a readable torch state_dict ({type(exc).__name__}: {exc})") from None
+        state = read_torch_file(p, "torch state_dict")
+    except UnreadableFile as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # the common {'state_dict': ...} wrapping
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -60,6 +60,22 @@ class ConvertOptions:
             raise DataError(f"--chunk-size must be positive, got {self.chunk_size}")
 
 
+def _worker_dies_with_parent() -> None:
+    """In a writer or checker process: die when the converting process dies (even by SIGKILL), so that no worker
+    goes on writing `.partial` and the resource tracker can free the shared memory at once; and leave Ctrl-C to the
+    parent, which stops the workers itself (one Ctrl-C, no traceback per worker)."""
+    import ctypes
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the forking thread: now ignored
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's own clean-up still runs on Ctrl-C
+        pass
+    if os.getppid() == 1:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 def _check_one(path: str) -> str | None:
     """None when the file decodes; otherwise a one-line reason."""
     try:
@@ -79,11 +95,15 @@ class _Samples:
     def __init__(self, paths: list[str], labels: np.ndarray, max_resolution: int | None):
         self.paths, self.labels, self.max_resolution = paths, labels, max_resolution
         self.failed = mp.get_context("fork").Array("c", 4096)  # the first late failure, shared with the main process
+        self._armed = False
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        if not self._armed:  # the first call in each of FFCV's writer processes
+            _worker_dies_with_parent()
+            self._armed = True
         try:
             return load_rgb(self.paths[i], self.max_resolution), int(self.labels[i])
         except Exception as exc:
@@ -95,6 +115,7 @@ class _Samples:
 
 class _RichProgress:
     """Stands in for the tqdm bar FFCV's writer draws, so that conversion shows images/s and ETA like training."""
+    shown: list["_RichProgress"] = []  # bars still drawn: an interrupted conversion takes them down
 
     def __init__(self, total: int, disable: bool = False, **_):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn)
@@ -104,6 +125,7 @@ class _RichProgress:
         self._task = self._bar.add_task("write", total=total, rate="-")
         self._done = 0
         self._bar.start()
+        _RichProgress.shown.append(self)
 
     def update(self, n: int) -> None:
         self._done += n
@@ -112,13 +134,15 @@ class _RichProgress:
 
     def close(self) -> None:
         self._bar.stop()
+        if self in _RichProgress.shown:
+            _RichProgress.shown.remove(self)
 
 
 def _check_all(paths: list[str], workers: int, strict: bool, log) -> dict[str, str]:
     """Decode every file in a pool; path -> reason for each bad one."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     bad: dict[str, str] = {}
-    with mp.get_context("fork").Pool(workers) as pool, \
+    with mp.get_context("fork").Pool(workers, initializer=_worker_dies_with_parent) as pool, \
             Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                      disable=log is None) as bar:
         task = bar.add_task("check", total=len(paths))
@@ -136,6 +160,42 @@ def _check_all(paths: list[str], workers: int, strict: bool, log) -> dict[str, s
 def sidecar(dst: Path, kind: str) -> Path:
     """DST.classes.json / DST.report.json beside DST.beton."""
     return dst.with_name(dst.stem + f".{kind}.json")
+
+
+def _interruptible(work) -> None:
+    """Run `work` (which forks worker processes) in a thread whose SIGINT is blocked, so that the workers start with
+    it blocked too (they then ignore it: _worker_dies_with_parent) and one Ctrl-C reaches this process alone, as a
+    KeyboardInterrupt in the main thread, which waits here."""
+    import signal
+    import threading
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            work()
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.1)
+    if failure:
+        raise failure[0]
+
+
+def _stop_writers(writer) -> None:
+    """FFCV's writer processes are not daemons: left running, the interpreter would wait for them at exit."""
+    for bar in list(_RichProgress.shown):
+        bar.close()
+    for child in mp.active_children():
+        child.kill()
+        child.join(timeout=5)
+    shm = getattr(writer, "metadata_sm", None)
+    if shm is not None and not isinstance(shm, int):
+        shm.close()
+        shm.unlink()
 
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions(), overwrite: bool = False,
@@ -156,7 +216,9 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
     index = scan(src)
     workers = options.num_workers or os.cpu_count() or 1
     t0 = time.perf_counter()
-    bad = _check_all(index.paths, workers, options.strict, log)
+    checked: dict[str, str] = {}
+    _interruptible(lambda: checked.update(_check_all(index.paths, workers, options.strict, log)))
+    bad = checked
     good = [i for i, p in enumerate(index.paths) if p not in bad]
     if not good:
         raise DataError(f"{src}: none of its {len(index)} files could be decoded; see the reasons with --strict")
@@ -172,7 +234,12 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
     samples = _Samples(paths, labels, options.max_resolution)
     ffcv.writer.tqdm = functools.partial(_RichProgress, disable=log is None)
     writer = DatasetWriter(str(partial), fields, num_workers=workers)
-    writer.from_indexed_dataset(samples, chunksize=options.chunk_size)
+    try:
+        _interruptible(lambda: writer.from_indexed_dataset(samples, chunksize=options.chunk_size))
+    except BaseException:  # Ctrl-C (KeyboardInterrupt) or a failure: stop the writers, leave nothing behind
+        _stop_writers(writer)
+        partial.unlink(missing_ok=True)
+        raise
     if samples.failed.value:
         partial.unlink(missing_ok=True)
         raise DataError(f"{samples.failed.value.decode()} -- this file decoded in the check pass but not while "

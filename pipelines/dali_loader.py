@@ -19,7 +19,6 @@ random draws come from DALI's generator, seeded per (run seed, epoch, start step
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +31,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from dogo.pipelines.augment import blur_kernel_size
 from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch
 from dogo.pipelines.imagefolder import scan
-from dogo.pipelines.images import DECODE_ERRORS, load_rgb
+from dogo.pipelines.images import DECODE_ERRORS, load_rgb, structural_problem
 
 _READER = "reader"
 _PREFETCH = 2  # batches DALI prepares ahead
@@ -92,33 +91,29 @@ def _two_views(files: list[str], labels: list[int], n_views: int, size: int, rec
     return (*[_view(images, size, recipe, out_dtype) for _ in range(n_views)], label)
 
 
-def _looks_whole(path: str) -> bool:
-    """A cheap structural check (first and last bytes) that a JPEG or PNG is not empty, foreign or truncated."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64))
-            tail = f.read()
-    except OSError:
-        return False
-    if head.startswith(b"\xff\xd8\xff"):
-        return b"\xff\xd9" in tail  # the end-of-image marker (some writers pad after it)
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return b"IEND" in tail
-    return False  # another format: decode it to be sure
-
-
-def _undecodable(paths: list[str], threads: int) -> list[tuple[str, str]]:
-    """Files DALI must not see: DALI 2.4's CPU decoder can crash the process (SIGSEGV) on a truncated or foreign
-    file instead of raising. Files that fail the structural check are decoded with PIL; those PIL cannot decode
-    are returned with the reason."""
+def _undecodable(paths: list[str], threads: int, whole: bool) -> list[tuple[str, str]]:
+    """Files DALI must not see, with the reason: names DALI's reader cannot take (not UTF-8), files that declare
+    more pixels than images.MAX_PIXELS (a decompression bomb: refused from the header, never decoded), and files
+    whose structure is broken (truncated, foreign, corrupt data: DALI 2.4's CPU decoder can crash the process on
+    them, or decode garbage with only a warning), unless PIL decodes them anyway. Only the suspicious few are
+    decoded; the rest are read once (images.structural_problem)."""
     def verdict(path: str) -> tuple[str, str] | None:
-        reason = None if _looks_whole(path) else _decode_error(path)
-        return (path, reason) if reason else None
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            return path, "the file name is not valid UTF-8 (DALI's reader cannot open it): rename it"
+        problem = structural_problem(path, whole)
+        if problem is None or problem.startswith("declares"):
+            return (path, problem) if problem else None
+        reason = _decode_error(path)
+        return (path, f"{problem}; {reason}") if reason else None
     with ThreadPoolExecutor(max(1, threads)) as pool:
         return [v for v in pool.map(verdict, paths, chunksize=256) if v]
+
+
+def printable(path: str) -> str:
+    """A path as text, whatever bytes its name holds (undecodable ones shown as U+FFFD)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _decode_error(path: str) -> str | None:
@@ -135,16 +130,16 @@ class DALILoader(ShardedLoader):
 
     def __init__(self, root: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, workers: int,
                  hw_decoder_load: float, seed: int, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool):
+                 dtype: torch.dtype, channels_last: bool, scan_whole: bool = True):
         index = scan(root)
         # Undecodable files are left out (and reported), as the other backends skip them.
-        bad = dict(_undecodable(index.paths, 4 * max(1, workers)))
+        bad = dict(_undecodable(index.paths, 4 * max(1, workers), scan_whole))
         if bad:
             index = index.subset([i for i, p in enumerate(index.paths) if p not in bad])
         self.index = index
         super().__init__(len(index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                          where=str(root))
-        self.skipped.extend(index.skipped + [f"{path}: {reason}" for path, reason in bad.items()])
+        self.skipped.extend(index.skipped + [f"{printable(path)}: {reason}" for path, reason in bad.items()])
         self._report = list(self.skipped)  # put on the first batch, so that the run logs them
         self.n_views, self.image_size, self.recipe = n_views, image_size, recipe
         self.workers, self.hw_decoder_load = max(1, workers), hw_decoder_load
@@ -232,7 +227,7 @@ def make_loader(data, *, place: str, compile_recipe: bool, **common) -> DALILoad
     """The registry's entry: the image folder data.path/data.train_split, every view made in DALI (augment.place
     does not apply: DALI keeps its own pipeline)."""
     return DALILoader(Path(data.path) / data.train_split, workers=data.workers,
-                      hw_decoder_load=data.dali_hw_decoder_load, **common)
+                      hw_decoder_load=data.dali_hw_decoder_load, scan_whole=data.dali_scan == "whole", **common)
 
 
 def open_eval_split(data, split: str, workers: int):

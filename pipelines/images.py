@@ -6,6 +6,7 @@ converted as torchvision's ImageFolder loader does (PIL's convert); 16-bit image
 declares more than MAX_PIXELS is refused from its header, before anything is decoded (a decompression bomb), and a
 truncated or corrupt one raises one of DECODE_ERRORS with the reason.
 
+A JPEG's bytes are checked first (structural_problem: libjpeg decodes random corruption with only a warning).
 JPEGs in RGB or grey go through torchvision.io.decode_jpeg (libjpeg-turbo, 1.6x PIL's decode here:
 benchmarks/results/decode_cpu2.json); it gives PIL's pixels bit for bit (tests/test_images.py) and refuses
 corrupt data as PIL does. Everything else goes through PIL.
@@ -60,9 +61,17 @@ def load_rgb(path: str, max_resolution: int | None = None, draft_only: bool = Fa
     """
     with open(path, "rb") as f:
         data = f.read()
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own guard, at twice the limit: the same refusal
+        raise TooManyPixels(f"{path}: {exc}") from None
+    with opened as im:
         _check_size(im, path)
         if im.format == "JPEG":
+            # libjpeg only warns on corrupt entropy-coded data and decodes garbage: refuse it, as DALI's check does
+            problem = _jpeg_problem(data, data[-64:], whole=True)
+            if problem:
+                raise ValueError(f"{path}: {problem}")
             target = (1, 1) if draft_only else (max_resolution, max_resolution) if max_resolution else None
             if target:
                 im.draft("RGB", target)
@@ -84,3 +93,73 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
 def open_rgb(path: str) -> Image.Image:
     """load_rgb as a PIL image (evaluation's resize and centre crop)."""
     return Image.fromarray(load_rgb(path))
+
+
+def structural_problem(path: str, whole: bool = True) -> str | None:
+    """Why a file cannot be trusted as a whole JPEG or PNG of at most MAX_PIXELS without decoding it, or None.
+
+    Reads the file but decodes nothing: the markers of a JPEG up to its first scan (the frame's declared size),
+    with whole=True every byte of its entropy-coded data (where 0xFF must be followed by 0x00, a restart or another
+    marker: random corruption breaks that almost surely), and its end-of-image marker; a PNG's IHDR size and IEND.
+    whole=False reads only the first 64 kB and the last 64 bytes (truncation and size, not corruption). A file
+    with a problem other than its size can still be decoded to make sure (load_rgb)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read() if whole else f.read(65536)
+            if not whole:
+                f.seek(0, 2)
+                size = f.tell()
+                f.seek(max(0, size - 64))
+                tail = f.read()
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    tail = data[-64:] if whole else tail
+    if not data:
+        return "zero-byte file"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return "a PNG without its header"
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if w * h > MAX_PIXELS:
+            return f"declares {w} x {h} pixels, over the limit of {MAX_PIXELS:,}"
+        return None if b"IEND" in tail else "truncated (no IEND)"
+    if not data.startswith(b"\xff\xd8\xff"):
+        return "not a JPEG or PNG"
+    return _jpeg_problem(data, tail, whole)
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_problem(data: bytes, tail: bytes, whole: bool) -> str | None:
+    pos, size = 2, None
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return "corrupt markers before the image data"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _SOF and pos + 9 <= len(data):
+            size = (int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big"))
+            if size[0] * size[1] > MAX_PIXELS:
+                return f"declares {size[0]} x {size[1]} pixels, over the limit of {MAX_PIXELS:,}"
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            pos += 2 + length
+            break
+        pos += 2 + length
+    else:
+        return "truncated before its image data" if whole else None
+    if size is None:
+        return "no frame header before the image data"
+    if whole:
+        end = data.find(b"\xff\xd9", pos)  # the end of image: in coded data 0xFF 0xD9 is nothing else
+        if end < 0:
+            return "truncated (no end-of-image marker)"
+        coded = np.frombuffer(data, np.uint8, count=end - pos, offset=pos)  # what follows the end is not read
+        after_ff = coded[1:][coded[:-1] == 0xFF]
+        if ((after_ff >= 0x01) & (after_ff <= 0xBF)).any():
+            return "corrupt image data (a byte sequence no JPEG encoder writes)"
+        return None
+    return None if b"\xff\xd9" in tail else "truncated (no end-of-image marker)"

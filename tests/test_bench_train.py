@@ -8,6 +8,7 @@ from dogo.engine import config as config_mod
 from tests.conftest import REPO, run_cli
 
 
+@pytest.mark.slow
 def test_bench_train_writes_flops_mfu_and_ops(tmp_path):
     out = tmp_path / "train.json"
     run_cli("bench", "train", "configs/bench_r18_r50.yaml", "data.image_size=32", "data.batch_size=4",

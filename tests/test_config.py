@@ -6,9 +6,19 @@ from tests.conftest import REPO, write_config
 
 
 def test_shipped_configs_load():
+    """Every shipped config loads, resolves each peer's method and temperature, and names a registered backend."""
+    import yaml
+
+    from dogo.engine.methods import METHODS
+    from dogo.pipelines import BACKENDS
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load(path)
-        assert isinstance(cfg, Config)
+        raw = yaml.safe_load(path.read_text())
+        assert cfg.name == raw["name"] and cfg.data.backend in BACKENDS, path
+        for name, peer in cfg.peers.items():
+            assert peer.ssl in METHODS and peer.arch == raw["peers"][name]["arch"], (path, name)
+            if METHODS[peer.ssl].default_tau is not None:
+                assert peer.tau == raw["peers"][name].get("tau", METHODS[peer.ssl].default_tau), (path, name)
 
 
 def test_unknown_key_names_the_file_and_nearest_key(tmp_path):

@@ -91,6 +91,7 @@ def test_bad_arguments_are_named():
         contrastive_terms(zs, (0.1, 0.1), tile=0)
 
 
+@pytest.mark.slow
 def test_bench_loss_writes_both_versions(tmp_path):
     import json
     from tests.conftest import run_cli

@@ -122,6 +122,7 @@ def test_bad_options_are_named(awkward_tree, tmp_path, bad, match):
         convert(awkward_tree[0], tmp_path / "o.beton", ConvertOptions(**bad), log=None)
 
 
+@pytest.mark.slow
 def test_cli_convert_interrupted_leaves_nothing(shapes, tmp_path):
     """SIGKILL in the middle of writing: nothing under DST; a rerun starts clean and completes."""
     import signal
@@ -143,3 +144,98 @@ def test_cli_convert_interrupted_leaves_nothing(shapes, tmp_path):
     out = run_cli("convert", str(shapes / "train"), str(dst), "--num-workers", "1")
     assert "wrote 80 images of 10 classes" in out.stdout
     assert dst.exists() and not partial.exists()
+
+
+def _shared_memory_segments() -> set[str]:
+    from pathlib import Path
+    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in text:
+            found.append(int(status.parent.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def big_images(tmp_path_factory):
+    """300 noisy 480 px PNGs: a conversion that takes several seconds to write."""
+    root = tmp_path_factory.mktemp("big") / "train"
+    rng = np.random.default_rng(0)
+    noise = (rng.random((480, 480, 3)) * 255).astype(np.uint8)
+    for i in range(300):
+        (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.roll(noise, i, axis=0)).save(root / f"c{i % 3}" / f"{i:03d}.png", compress_level=0)
+    return root
+
+
+def _converting(src, dst):
+    """`dogo convert` of SRC with two writers, one image per chunk: returns the process once its writers are
+    working on DST.partial."""
+    import subprocess
+    import sys
+    import time
+    from tests.conftest import REPO, cli_env
+    proc = subprocess.Popen([sys.executable, "-m", "dogo", "convert", str(src), str(dst),
+                             "--num-workers", "2", "--chunk-size", "1", "--write-mode", "jpg", "--jpeg-quality", "100"],
+                            env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    partial = dst.with_name(dst.name + ".partial")
+    deadline = time.time() + 60
+    while not (partial.exists() and len(_children(proc.pid)) >= 2) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_stops_convert_cleanly(big_images, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the writers work: within seconds,
+    exit 130 with one line, no DST and no DST.partial, no worker left, no shared memory left."""
+    import os
+    import signal
+    import time
+    before = _shared_memory_segments()
+    dst = tmp_path / "shapes.beton"
+    proc = _converting(big_images, dst)
+    workers = _children(proc.pid)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert time.time() - t0 < 10
+    assert proc.returncode == 130, (out, err)
+    assert out.strip().splitlines()[-1] == f"interrupted: nothing was written to {dst}" and "Traceback" not in err
+    assert not dst.exists() and not dst.with_name(dst.name + ".partial").exists()
+    deadline = time.time() + 5  # the resource tracker, a child too, leaves once its last writer is gone
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers)
+    assert _shared_memory_segments() <= before
+
+
+@pytest.mark.slow
+def test_convert_workers_die_with_a_killed_parent(big_images, tmp_path):
+    """kill -9 of the converting process: its writers die with it (they would otherwise go on writing .partial for
+    minutes) and the shared memory is freed."""
+    import os
+    import signal
+    import time
+    before = _shared_memory_segments()
+    proc = _converting(big_images, tmp_path / "shapes.beton")
+    workers = _children(proc.pid)
+    assert workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and (any(os.path.exists(f"/proc/{w}") for w in workers)
+                                      or not _shared_memory_segments() <= before):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers), "a writer outlived its parent"
+    assert _shared_memory_segments() <= before, "shared memory outlived the run"

@@ -19,6 +19,7 @@ def _events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
 
 
+@pytest.mark.slow
 def test_tensorboard_curves_of_a_run_and_its_resume(shapes, tmp_path):
     cfg = tiny_config(shapes, tmp_path, schedule={"max_steps": 3}, eval={"knn_every_epochs": 1},
                       log={"every": 1, "progress": "off", "tensorboard": "on"})
@@ -89,6 +90,7 @@ def _fake_run(root: Path, name: str, seed: int) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_plot_two_runs_overlaid(tmp_path):
     a, b = _fake_run(tmp_path, "dogo_r18", 0), _fake_run(tmp_path, "simclr_r18", 1)
     out = tmp_path / "pics" / "curves.png"
@@ -97,6 +99,7 @@ def test_plot_two_runs_overlaid(tmp_path):
     assert not list(out.parent.glob("*.tmp")), "a temporary file was left beside the picture"
 
 
+@pytest.mark.slow
 def test_plot_bench_charts_of_the_committed_results(tmp_path):
     results = REPO / "benchmarks" / "results"
     files = sorted(str(p) for p in results.glob("*.json")
@@ -107,6 +110,7 @@ def test_plot_bench_charts_of_the_committed_results(tmp_path):
     _non_trivial_png(out)
 
 
+@pytest.mark.slow
 def test_plot_errors_name_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_cli("plot", str(tmp_path / "empty"), check=False)

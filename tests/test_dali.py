@@ -1,5 +1,8 @@
 """The DALI backend in CPU mode (device_id=None): batches, order, sharding and resume as the other backends; the
 recipe's rates and ranges, measured on images whose every change can be seen; bad files; a DoGo run."""
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -125,30 +128,50 @@ def test_blur_and_solarize_rates(tmp_path):
 
 
 def test_undecodable_files_are_left_out_and_reported(shapes, tmp_path):
-    """Truncated, foreign and empty files never reach DALI (its CPU decoder can crash on them)."""
+    """Truncated, foreign and empty files never reach DALI (its CPU decoder can crash on them); nor do a JPEG whose
+    markers are intact but whose data is corrupt (DALI would train on garbage with only a warning), a PNG that
+    declares 30000 x 30000 pixels (DALI would decode 8.9 GB) or a file whose name is not UTF-8 (DALI's reader
+    cannot open it): each is left out and reported with its reason, before the first batch."""
+    import os
     import shutil
+
+    from tests.test_images import _png_declaring
     root = tmp_path / "train"
     shutil.copytree(shapes / "train", root)
     files = sorted((root / "circle").iterdir())
     files[0].write_bytes(files[0].read_bytes()[:200])  # truncated JPEG
     files[1].write_bytes(np.random.default_rng(0).bytes(3000))  # not an image
     files[2].write_bytes(b"")
-    loader = _loader(root, AugmentConfig(), batch=19, size=16)
-    assert len(loader.index) == 77 and loader.steps_per_epoch == 4
-    assert sorted(s.split(": ")[0] for s in loader.skipped) == sorted(str(f) for f in files[:3])
+    good = bytearray(files[3].read_bytes())
+    mid, n = len(good) // 2, len(good) // 3  # random bytes over a third of a small JPEG, before its end marker
+    good[mid:mid + n] = np.random.default_rng(1).integers(0, 256, n, dtype=np.uint8).tobytes()
+    files[4].write_bytes(bytes(good))  # corrupt data, markers intact
+    files[5].write_bytes(_png_declaring(30000, 30000))
+    os.rename(files[6], os.fsencode(str(root / "circle")) + b"/not-utf8-\xff.jpg")
+    loader = _loader(root, AugmentConfig(), batch=18, size=16)
+    assert len(loader.index) == 74 and loader.steps_per_epoch == 4, loader.skipped
+    reasons = dict(s.split(": ", 1) for s in loader.skipped)
+    left_out = [files[0], files[1], files[2], files[4], files[5]]  # files[3] is the corrupt one's whole original
+    assert sorted(reasons) == sorted([str(f) for f in left_out] + [str(root / "circle" / "not-utf8-\ufffd.jpg")])
+    assert "corrupt" in reasons[str(files[4])] and "30000 x 30000" in reasons[str(files[5])]
+    assert "not valid UTF-8" in reasons[str(root / "circle" / "not-utf8-\ufffd.jpg")]
     batches = list(loader)
     assert len(batches) == 4 and batches[0].skipped == loader.skipped and not batches[1].skipped
     assert str(files[3]) in loader.index.paths  # whole files stay
 
 
+@pytest.mark.slow
 def test_dogo_trains_from_the_dali_backend(shapes, tmp_path):
     cfg = tiny_config(shapes, tmp_path / "runs", data={"backend": "dali", "workers": 2},
                       schedule={"max_steps": 3})
     run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
-    lines = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
-    assert '"step": 3' in lines[-2] or '"step": 3' in lines[-1]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in steps)
+    assert any(r.get("event") == "done" for r in records)
 
 
+@pytest.mark.slow
 def test_bench_pipeline_dali(shapes, tmp_path):
     import json
     out = tmp_path / "bench.json"

@@ -51,6 +51,7 @@ def test_teacher_stays_bit_identical_through_training(shapes, teacher_run, tmp_p
     assert any(not torch.equal(a, b) for a, b in zip(student_before, trainer.model.parameters()))
 
 
+@pytest.mark.slow
 def test_disco_from_a_run_and_from_exported_files(shapes, teacher_run, tmp_path):
     run_cli("train", str(write_config(tmp_path / "d.yaml", _disco_config(
         shapes, tmp_path / "ckpt", checkpoint=str(teacher_run), peer="b"))))
@@ -113,6 +114,7 @@ def test_embedding_size_mismatch_is_a_config_error(shapes, teacher_run, tmp_path
         TargetMakers(cfg, build_peers(cfg).peers)
 
 
+@pytest.mark.slow
 def test_mixed_objective_dogo_under_two_gloo_ranks(shapes, tmp_path):
     from tests.test_runs import MIXED_PEERS
     cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 2}, distributed={"sync_bn": True},

@@ -60,6 +60,7 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed_at_start(shapes, t
     assert "stale_temporaries" in (cfg.run_dir / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_saves_nothing_non_finite_and_eval_refuses(shapes, tmp_path):
     """optim.lr=1e36 with SGD diverges within a few steps: the run stops with the steps and the terms, writes no
     checkpoint of non-finite weights (so none of the finite ones is pruned for one), metrics.jsonl stays valid JSON
@@ -117,6 +118,7 @@ def test_a_resume_applies_a_changed_lr_and_weight_decay_and_says_so(shapes, tmp_
     assert any(len(s) for s in state["state"].values()), "the momentum buffers came from the checkpoint"
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_run_folder_is_refused(shapes, tmp_path):
     """Two runs into one folder: the second is refused while the first holds the folder's lock; once the first
     process is gone (killed: the kernel drops its lock), the next run takes the lock over and says so."""
@@ -194,3 +196,61 @@ def test_mid_epoch_resume_is_bit_exact_for_every_backbone(arch, shapes, tmp_path
     for name, t in a["peers"]["a"].items():
         assert torch.equal(t, b["peers"]["a"][name]), f"{arch}: {name} differs after the resume"
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]), f"{arch}: the torch RNG state differs"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_is_named_and_leaves_the_previous_one(shapes, tmp_path):
+    """A real failed write (a file-size limit makes write() fail, as a full disk does): one line naming the file,
+    the earlier checkpoint still loads, no temporary file stays."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, cli_env
+    path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 2},
+                                                         checkpoint={"every_steps": 1}))
+    run_dir = tmp_path / "t"
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+               "from dogo.cli import main; sys.exit(main(sys.argv[1:]))")
+    subprocess.run([sys.executable, "-m", "dogo", "train", str(path), "schedule.max_steps=1"], cwd=REPO,
+                   env=cli_env(), check=True, capture_output=True, timeout=300)
+    first = checkpoint.latest(run_dir)
+    proc = subprocess.run([sys.executable, "-c", limited, "train", str(path)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode == 2 and "could not write checkpoint" in said and "step_000000002.pt" in said, said
+    assert f"the newest checkpoint is still {first}" in said
+    assert checkpoint.latest(run_dir) == first
+    checkpoint.load(first)  # still a whole checkpoint
+    assert not list(checkpoint.folder(run_dir).glob(".*.tmp"))
+
+
+def test_a_symlink_loop_in_a_dataset_is_skipped_and_reported(shapes, tmp_path):
+    """`OSError: Too many levels of symbolic links` from a link pointing at itself, and a dangling link: the scan
+    goes on, names both, and the loaders and the converter report them."""
+    import shutil
+
+    from dogo.pipelines.imagefolder import scan
+    root = tmp_path / "train"
+    shutil.copytree(shapes / "train", root)
+    (root / "circle" / "loop.jpg").symlink_to(root / "circle" / "loop.jpg")
+    (root / "star" / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")
+    (root / "loopdir").symlink_to(root / "loopdir")
+    index = scan(root)
+    assert len(index) == 80
+    reasons = " ".join(index.skipped)
+    assert "loop.jpg" in reasons and "gone.jpg" in reasons and "loopdir" in reasons
+    assert "symbolic links" in reasons or "Too many levels" in reasons
+    from dogo.engine.train import train
+    cfg = config_mod.from_dict(tiny_config(root.parent, tmp_path / "runs", schedule={"max_steps": 1}))
+    train(cfg)
+    events = (cfg.run_dir / "metrics.jsonl").read_text()
+    assert "loop.jpg" in events and "gone.jpg" in events
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(shapes, tmp_path):
+    from dogo.engine.train import Trainer
+    cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, device="cuda"))
+    with pytest.raises(ConfigError, match="device=cuda was asked for but torch sees no CUDA device"):
+        Trainer(cfg)

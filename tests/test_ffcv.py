@@ -77,6 +77,7 @@ def test_missing_or_foreign_beton(tmp_path):
         open_beton(tmp_path / "junk.beton")
 
 
+@pytest.mark.slow
 def test_training_run_from_a_beton(beton, shapes, tmp_path):
     cfg = tiny_config(shapes, tmp_path, data={"backend": "ffcv", "beton": str(beton)},
                       schedule={"max_steps": 3})
@@ -86,6 +87,7 @@ def test_training_run_from_a_beton(beton, shapes, tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in steps)
 
 
+@pytest.mark.slow
 def test_bench_pipeline_writes_all_three_rates(shapes, beton, tmp_path):
     out = tmp_path / "bench.json"
     run_cli("bench", "pipeline", "--backend", "ffcv", "--data", str(shapes / "train"), "--beton", str(beton),

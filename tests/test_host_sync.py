@@ -148,6 +148,7 @@ def _ranks_worker(rank: int, world: int, port: int, root: str, out):
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_dogo_steps_under_two_gloo_ranks_with_sync_bn_have_no_host_sync(tmp_path):
     out = mp.Manager().dict()
     mp.spawn(_ranks_worker, args=(2, free_port(), str(tmp_path), out), nprocs=2)

@@ -9,7 +9,7 @@ from dogo.engine.objectives import objective_loss
 
 
 def ntxent_reference(z1, z2, tau):
-    """Row by row, as written in ALGORITHMS.md."""
+    """Row by row, as written in docs/algorithms.md."""
     z1 = z1 / z1.norm(dim=1, keepdim=True)
     z2 = z2 / z2.norm(dim=1, keepdim=True)
     z = torch.cat([z1, z2])

@@ -71,6 +71,7 @@ def _bn_worker(rank: int, world: int, port: int, affine: bool, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("affine", [True, False])  # False: SimSiam's projector output
 def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch(affine):
     x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
@@ -108,6 +109,7 @@ def _kernel_worker(rank: int, world: int, port: int, tau_kl, global_b: int, tile
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("tau_kl", [None, 0.1])
 def test_kernel_ranks_equal_the_global_batch(world, tau_kl):

@@ -32,6 +32,7 @@ print(json.dumps({"estimate": est, "peak": status("VmHWM") - base}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, overrides", [
     ("bench_r18_r50.yaml", ["data.image_size=64", "data.batch_size=16"]),  # R18 + R50, LARS, 4 views
     ("demo.yaml", ["data.backend=synthetic", "data.batch_size=48"]),  # shared views, AdamW, channels_last
@@ -59,6 +60,7 @@ def test_a_step_that_cannot_fit_is_refused_before_data_is_read(shapes, tmp_path,
         Trainer(cfg)
 
 
+@pytest.mark.slow
 def test_make_imagenet_stops_within_seconds_with_the_estimate(shapes):
     """On this 2-core, 24 GiB machine the ImageNet DoGo config (512 images x 4 views at 224 px on one rank) cannot
     fit: make says so in one line, with the batch that would, before torchrun starts."""

@@ -12,6 +12,8 @@ import torchvision
 from dogo.engine import checkpoint
 from tests.conftest import REPO, cli_env, run_cli, tiny_config, write_config
 
+pytestmark = pytest.mark.slow  # every test here runs the dogo command in processes of its own
+
 
 def metrics(run_dir):
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -58,13 +60,22 @@ def test_kill_and_resume_is_bit_identical(shapes, tmp_path, objective):
     resumed_cfg = tiny_config(shapes, tmp_path / "resumed", checkpoint={"every_steps": 3}, **extra)
     resumed = write_config(tmp_path / "r.yaml", resumed_cfg)
     ckpt3 = tmp_path / "resumed" / "t" / "checkpoints" / "step_000000003.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "dogo", "train", str(resumed)], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not ckpt3.exists() and proc.poll() is None:
-        time.sleep(0.002)
-    proc.kill()  # SIGKILL: nothing is saved beyond the step-3 checkpoint
-    proc.wait()
-    assert checkpoint.latest(tmp_path / "resumed" / "t") == ckpt3, "the run got past step 6 before the kill"
+    # SIGKILL at a known point, with no race: the process kills itself the moment its step-3 checkpoint stands
+    # (no clean-up code runs, as with a kill from outside)
+    kill_after_checkpoint = (
+        "import os, signal, sys\n"
+        "from dogo.engine import checkpoint\n"
+        "save = checkpoint.save\n"
+        "def save_then_die(*args, **kwargs):\n"
+        "    path = save(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "checkpoint.save = save_then_die\n"
+        "from dogo.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", kill_after_checkpoint, "train", str(resumed)], cwd=REPO,
+                          env=cli_env(), capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint.latest(tmp_path / "resumed" / "t") == ckpt3
     run_cli("train", str(resumed))  # resume: auto
 
     a, b = final_peers(tmp_path / "straight" / "t"), final_peers(tmp_path / "resumed" / "t")
