@@ -111,6 +111,44 @@ class Shard:
         return batches[start_step:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch].reshape(-1)
 
 
+def prefetched(items: Iterator, depth: int) -> Iterator:
+    """The items of `items`, made up to `depth` ahead in a background thread; an exception there is raised here, at
+    the item it replaced. Stopping early (a break, a closed generator) lets the thread finish its current item."""
+    import queue
+    import threading
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    break
+                ready.put((item, None))
+        except BaseException as exc:  # handed to the consumer
+            ready.put((None, exc))
+        ready.put((done, None))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                ready.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
 class ShardedLoader:
     """What every backend's loader shares: this rank's shard of each global batch, the epoch position that
     set_epoch moves (resume), the undecodable files met so far, and the length of the next iteration.

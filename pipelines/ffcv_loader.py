@@ -32,7 +32,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from dogo.pipelines import params as P
 from dogo.pipelines.augment import DeviceRecipe, normalise, plan
-from dogo.pipelines.base import DataError, Shard, ShardedLoader, TwoViewBatch
+from dogo.pipelines.base import DataError, Shard, ShardedLoader, TwoViewBatch, prefetched
 from dogo.pipelines.cpu_recipe import CpuRecipe
 
 
@@ -194,9 +194,9 @@ class FFCVLoader(ShardedLoader):
             if self.device_recipe is not None:  # each crop at its row of the device recipe's sorted order
                 the_plan = plan(p)
                 plans.append(the_plan)
-                rows = the_plan.restore
-                for k in range(len(ids)):
-                    dst[v, rows[k]] = crops[k, v, :, ::-1] if p.flip[k] else crops[k, v]
+                rows, flip = the_plan.restore, p.flip
+                dst[v, rows[~flip]] = crops[~flip, v]  # two copies for the batch, no loop over images
+                dst[v, rows[flip]] = crops[flip, v, :, ::-1]
             else:
                 list(pool.map(lambda k: self._cpu_recipe().colour(
                     np.ascontiguousarray(crops[k, v, :, ::-1]) if p.flip[k] else crops[k, v], p, k, dst[v, k]),
@@ -208,20 +208,28 @@ class FFCVLoader(ShardedLoader):
             self._cpu.recipe = CpuRecipe(self.recipe, self.size)
         return self._cpu.recipe
 
-    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+    def _host_batches(self, epoch: int, start_step: int):
+        """(host views, plans, labels) per step: FFCV's crops taken out of FFCV's reused buffers before the next
+        batch is asked for."""
         with ThreadPoolExecutor(self._threads) as pool:
             for step, crops, labels in self.uint8_batches(epoch, start_step):
                 host, plans = self._host_views(epoch, step, crops.numpy(), pool)
-                views_u8 = host.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)
-                views, restore = [], []
-                for v in range(self.n_views):
-                    if self.device_recipe is None:
-                        views.append(normalise(views_u8[v], self.recipe, self.dtype, self.channels_last))
-                    else:
-                        view, rows = self.device_recipe.apply(views_u8[v], plans[v])
-                        views.append(view)
-                        restore.append(rows)
-                yield TwoViewBatch(views, labels.to(self.device, non_blocking=True).long(), restore)
+                yield host, plans, labels.clone()
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+        # the host's part of the next batches runs in a thread while the device trains on this one (numba, OpenCV
+        # and numpy's copies release the GIL)
+        for host, plans, labels in prefetched(self._host_batches(epoch, start_step), depth=2):
+            views_u8 = host.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)
+            views, restore = [], []
+            for v in range(self.n_views):
+                if self.device_recipe is None:
+                    views.append(normalise(views_u8[v], self.recipe, self.dtype, self.channels_last))
+                else:
+                    view, rows = self.device_recipe.apply(views_u8[v], plans[v])
+                    views.append(view)
+                    restore.append(rows)
+            yield TwoViewBatch(views, labels.to(self.device, non_blocking=True).long(), restore)
 
 
 def make_loader(data, **common) -> FFCVLoader:
