@@ -24,27 +24,30 @@ def final_peers(run_dir):
     return checkpoint.load(checkpoint.latest(run_dir))["peers"]
 
 
-@pytest.mark.xfail(reason="open defect: losses agree on 1 and 2 ranks but bn1.weight after 3 steps differs beyond 1e-3 since the sync-BN/DDP rework (engine/syncbn.py, ddp_options); see the closing note", strict=False)
 def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_path):
     """Same images, same augmentations, global-batch loss columns, synced BN: the same run on 1 or 2 ranks."""
+    # 32 px, not the other tests' 16: at 16 px layer3 and layer4 of the ResNet-18 see 1 x 1 maps, and torch's
+    # native fp32 BatchNorm backward (the 1-rank run) is off by up to 4e-3 from a float64 reference in peer a's
+    # gradients, while the 2-rank run (engine/syncbn.py, two-pass statistics) is within 2e-5 of it. At 32 px both
+    # are within 2e-5 and the two runs agree to ~1e-6 after three steps.
     common = {"distributed": {"sync_bn": True}, "schedule": {"max_steps": 3}}
-    one = write_config(tmp_path / "one.yaml", tiny_config(shapes, tmp_path / "w1", **common))
-    two = write_config(tmp_path / "two.yaml", tiny_config(shapes, tmp_path / "w2", **common))
-    run_cli("train", str(one))
-    run_cli("train", str(two), torchrun_procs=2)
+    one = tiny_config(shapes, tmp_path / "w1", **common)
+    one["data"]["image_size"] = 32
+    two = dict(one, out_dir=str(tmp_path / "w2"))
+    run_cli("train", str(write_config(tmp_path / "one.yaml", one)))
+    run_cli("train", str(write_config(tmp_path / "two.yaml", two)), torchrun_procs=2)
     m1, m2 = metrics(tmp_path / "w1" / "t"), metrics(tmp_path / "w2" / "t")
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
     for a, b in zip(m1, m2):
         for key in ("loss", "a/ntxent", "a/kl", "b/ntxent", "b/kl"):
-            assert a[key] == pytest.approx(b[key], rel=5e-4, abs=1e-6), (a["step"], key)
-    # The pieces are exact to ~1e-6 (tests/test_losses_distributed.py: losses, gradients, synced BN) and the views to
-    # ~1e-6 (the device recipe's runs have other sizes on each rank: last bits differ); over three LARS steps at
-    # lr 0.5 the different summation order of 1 and 2 ranks grows to ~2e-4 in some terms and BN parameters.
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    # The pieces are exact to ~1e-6 (tests/test_losses_distributed.py: losses, gradients, synced BN) and the views
+    # equal; only the summation order of 1 and 2 ranks differs.
     p1, p2 = final_peers(tmp_path / "w1" / "t"), final_peers(tmp_path / "w2" / "t")
     for peer in ("a", "b"):
         for name, t in p1[peer].items():
             if t.is_floating_point():
-                torch.testing.assert_close(p2[peer][name], t, rtol=1e-3, atol=5e-4, msg=f"{peer}.{name}")
+                torch.testing.assert_close(p2[peer][name], t, rtol=1e-4, atol=2e-5, msg=f"{peer}.{name}")
 
 
 # DoGo with a MoCo v2 peer and a SimSiam peer: the key encoder, the queue and the predictor resume too.
