@@ -38,8 +38,14 @@ $(DEMO_DATA): | $(STAMP)
 
 # The same table on every CPU: float results depend on the kernels a CPU gets (AVX-512 or AVX2 convolutions and
 # GEMMs round differently) and on the thread count, and 350 steps of training turn a last-bit difference into
-# several kNN points. The demo pins both: AVX2 kernels (any x86-64 server since 2015) and 2 threads.
+# several kNN points. The demo pins both: AVX2 kernels (any x86-64 server since 2015) and 2 threads. The same goes
+# for the CPU-worker recipe's numba kernels (compiled for the host CPU unless told; fastmath vectorises reductions
+# at the host's width): on x86-64 they are compiled for AVX2 (haswell) too. OpenCV's uint8 resize is fixed-point,
+# the same on every instruction set.
 DEMO_ENV := OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
+ifeq ($(shell uname -m),x86_64)
+DEMO_ENV += NUMBA_CPU_NAME=haswell
+endif
 
 # DoGo with a ResNet-18 and a ResNet-50 peer on the procedural dataset, then each peer's kNN top-1 against its
 # random initialisation, and the training curves. resume=none: every `make demo` trains from scratch.
