@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", nargs="*", type=Path, default=[], help="dogo eval table --json outputs")
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
-    base = config_mod.to_dict(config_mod.load(a.base))
+    # through JSON, so the base's tuples compare equal to the lists a run's config.yaml holds
+    base = json.loads(json.dumps(config_mod.to_dict(config_mod.load(a.base))))
     runs = [run_record(r, base) for r in a.runs]
     groups: dict[str, list[dict]] = {}
     for r in runs:

@@ -86,8 +86,11 @@ class RunLock:
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
+        """Drop the lock and clear the pid, so the next run does not report taking over from a run that ended
+        cleanly (only a killed run leaves its pid behind)."""
         import os
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 

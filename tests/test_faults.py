@@ -146,6 +146,10 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(shapes, tmp_path):
     import json
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "lock_taken_over", "pid": str(holder.pid)} in events
+    # a run that finished cleanly hands the folder on without a takeover line
+    run_cli("train", str(path), "checkpoint.resume=none")
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e.get("event") == "lock_taken_over"] == ["lock_taken_over"], events
 
 
 # One backbone of each registered family: the ResNets share one code path (no random layers); EfficientNet draws
