@@ -162,18 +162,19 @@ def sidecar(dst: Path, kind: str) -> Path:
     return dst.with_name(dst.stem + f".{kind}.json")
 
 
-def _interruptible(work) -> None:
-    """Run `work` (which forks worker processes) in a thread whose SIGINT is blocked, so that the workers start with
-    it blocked too (they then ignore it: _worker_dies_with_parent) and one Ctrl-C reaches this process alone, as a
-    KeyboardInterrupt in the main thread, which waits here."""
+def _interruptible(work):
+    """work()'s result, run (it forks worker processes) in a thread whose SIGINT is blocked, so that the workers
+    start with it blocked too (they then ignore it: _worker_dies_with_parent) and one Ctrl-C reaches this process
+    alone, as a KeyboardInterrupt in the main thread, which waits here."""
     import signal
     import threading
     failure: list[BaseException] = []
+    result: list = []
 
     def run() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            work()
+            result.append(work())
         except BaseException as exc:  # handed to the main thread
             failure.append(exc)
 
@@ -183,6 +184,7 @@ def _interruptible(work) -> None:
         thread.join(timeout=0.1)
     if failure:
         raise failure[0]
+    return result[0]
 
 
 def _stop_writers(writer) -> None:
@@ -216,9 +218,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
     index = scan(src)
     workers = options.num_workers or os.cpu_count() or 1
     t0 = time.perf_counter()
-    checked: dict[str, str] = {}
-    _interruptible(lambda: checked.update(_check_all(index.paths, workers, options.strict, log)))
-    bad = checked
+    bad = _interruptible(lambda: _check_all(index.paths, workers, options.strict, log))
     good = [i for i, p in enumerate(index.paths) if p not in bad]
     if not good:
         raise DataError(f"{src}: none of its {len(index)} files could be decoded; see the reasons with --strict")
