@@ -67,10 +67,10 @@ demo-disco: $(STAMP) $(DEMO_DATA)
 	$(DEMO_ENV) $(DOGO) eval knn runs/demo_disco
 	$(DEMO_ENV) $(DOGO) eval knn runs/demo_simclr_r18
 
-# One pytest worker per core (pytest-xdist): most tests wait on subprocesses of their own (dogo train, torchrun,
-# gloo ranks), each with a fixed thread count and a free port, so they can share the machine.
+# One pytest worker per core (pytest-xdist, `addopts` in pyproject.toml): the tests that start processes (dogo
+# train, torchrun, gloo ranks) give each a fixed thread count and a free port, so they can share the machine.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q
 
 # A missing or malformed dataset, or a step that cannot fit in memory, stops here with what to change, before
 # torchrun starts the ranks.

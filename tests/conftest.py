@@ -11,6 +11,15 @@ from dogo.pipelines.shapes import generate
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's intra-op threads get an equal share of the cores: a worker per core with
+    every worker's default of one thread per core oversubscribes them, and waiting threads spin (3x slower here)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def in_order(batch, view: int):
     """View `view` of a TwoViewBatch with its rows in the batch's image order (the device recipe may hand them over
     sorted; batch.restore says where each image is)."""
@@ -73,6 +82,13 @@ def run_cli(*args, check=True, timeout=600, torchrun_procs: int = 0):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def dogo(*args) -> int:
+    """Run `dogo ...` in this process (its exit status): no interpreter start-up, for commands whose process
+    boundary is not what the test is about."""
+    from dogo.cli import main
+    return main([str(a) for a in args])
 
 
 class HostSyncError(AssertionError):

@@ -30,6 +30,7 @@ def test_peak_table_knows_the_common_gpus():
     assert peak_tflops("NVIDIA L40S") == 362.0 and peak_tflops("NVIDIA L4") == 121.0
 
 
+@pytest.mark.slow  # a full-size step: 224 px through a ResNet-50
 def test_flops_per_image_of_the_imagenet_dogo_step():
     """R18 + R50 at 224 px, two views each, forward and backward: ~3 x 2 x (1.82 + 4.09) GMAC x 2 FLOP/MAC = 70.9
     GFLOP by the models' published multiply-accumulates; torch's counter gives 69.97 (it skips BN and pooling)."""

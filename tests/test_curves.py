@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, tiny_config, write_config
+from tests.conftest import REPO, dogo, run_cli, tiny_config, write_config
 
 pytest.importorskip("tensorboard", reason="the viz extra is not installed")
 pytest.importorskip("matplotlib", reason="the viz extra is not installed")
@@ -90,11 +90,10 @@ def _fake_run(root: Path, name: str, seed: int) -> Path:
     return run
 
 
-@pytest.mark.slow
 def test_plot_two_runs_overlaid(tmp_path):
     a, b = _fake_run(tmp_path, "dogo_r18", 0), _fake_run(tmp_path, "simclr_r18", 1)
     out = tmp_path / "pics" / "curves.png"
-    run_cli("plot", str(a), str(b / "metrics.jsonl"), "--out", str(out))
+    assert dogo("plot", a, b / "metrics.jsonl", "--out", out) == 0
     _non_trivial_png(out)
     assert not list(out.parent.glob("*.tmp")), "a temporary file was left beside the picture"
 
@@ -110,12 +109,11 @@ def test_plot_bench_charts_of_the_committed_results(tmp_path):
     _non_trivial_png(out)
 
 
-@pytest.mark.slow
-def test_plot_errors_name_the_file(tmp_path):
+def test_plot_errors_name_the_file(tmp_path, capsys):
+    said = lambda: " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     (tmp_path / "empty").mkdir()
-    proc = run_cli("plot", str(tmp_path / "empty"), check=False)
-    said = lambda p: " ".join(p.stdout.split())  # rich wraps long lines
-    assert proc.returncode == 2 and "empty: no metrics.jsonl there" in said(proc)
+    assert dogo("plot", tmp_path / "empty") == 2
+    assert "empty: no metrics.jsonl there" in said()
     (tmp_path / "x.json").write_text('{"benchmark": "other"}')
-    proc = run_cli("plot", "bench", str(tmp_path / "x.json"), check=False)
-    assert proc.returncode == 2 and "x.json: not a dogo benchmark result" in said(proc)
+    assert dogo("plot", "bench", tmp_path / "x.json") == 2
+    assert "x.json: not a dogo benchmark result" in said()

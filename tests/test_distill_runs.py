@@ -8,7 +8,7 @@ import torchvision
 
 from dogo.engine import checkpoint, config as config_mod
 from dogo.engine.teacher import state_fingerprint
-from tests.conftest import run_cli, tiny_config, write_config
+from tests.conftest import dogo, run_cli, tiny_config, write_config
 
 STUDENT = {"s": {"arch": "resnet18", "head_hidden": 64, "head_out": 16, "tau": 0.5}}
 
@@ -18,7 +18,7 @@ def teacher_run(shapes, tmp_path_factory):
     """A tiny DoGo run whose peer 'b' teaches."""
     root = tmp_path_factory.mktemp("teacher")
     cfg = write_config(root / "t.yaml", tiny_config(shapes, root / "runs", schedule={"max_steps": 2}))
-    run_cli("train", str(cfg))
+    assert dogo("train", cfg) == 0
     return root / "runs" / "t"
 
 
@@ -82,7 +82,7 @@ def test_disco_from_a_run_and_from_exported_files(shapes, teacher_run, tmp_path)
 @pytest.fixture(scope="module")
 def exported(teacher_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("exported")
-    run_cli("export", str(teacher_run), "--peer", "a", str(out / "bb.pt"), "--head", str(out / "head.pt"))
+    assert dogo("export", teacher_run, "--peer", "a", out / "bb.pt", "--head", out / "head.pt") == 0
     return out
 
 

@@ -26,75 +26,29 @@ def _reference(objective: str, global_b: int):
     return loss.detach(), [t.grad for t in leaves]
 
 
-def _worker(rank: int, world: int, port: int, objective: str, global_b: int, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _objective_on_rank(rank: int, world: int, objective: str, global_b: int):
     b = global_b // world
     leaves = [t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in _inputs(global_b)]
     emb = {"a": (leaves[0], leaves[1]), "b": (leaves[2], leaves[3])}
     loss, _ = objective_loss(emb, ObjectiveConfig(name=objective), PEERS)
     loss.backward()
-    out[rank] = (loss.detach(), [t.grad for t in leaves])
-    dist.destroy_process_group()
+    return loss.detach(), [t.grad for t in leaves]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("objective", ["simclr", "dogo"])
-def test_gloo_ranks_equal_the_global_batch(world, objective):
-    global_b = 6 * world
-    ref_loss, ref_grads = _reference(objective, global_b)
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, free_port(), objective, global_b, out), nprocs=world)
-    b = global_b // world
-    # the global loss is the mean of the ranks' losses; DDP averages gradients, so a rank's own rows carry
-    # world x (its gradient) / world: compare rank gradients x 1/world against the reference's rows
-    mean_loss = sum(out[r][0] for r in range(world)) / world
-    torch.testing.assert_close(mean_loss.double(), ref_loss.double(), rtol=1e-6, atol=1e-7)
-    for r in range(world):
-        for got, ref in zip(out[r][1], ref_grads):
-            torch.testing.assert_close(got.double() / world, ref[r * b:(r + 1) * b], rtol=1e-5, atol=1e-7)
-
-
-def _bn_worker(rank: int, world: int, port: int, affine: bool, out):
+def _bn_on_rank(rank: int, world: int, affine: bool):
     from dogo.engine.syncbn import AllReduceBatchNorm
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
-    w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1))
-    b = 8 // world
+    x, w = _bn_inputs()
+    b = len(x) // world
     bn = AllReduceBatchNorm(3, affine=affine)
     xr = x[rank * b:(rank + 1) * b].clone().requires_grad_()
     y = bn(xr)
     (y * w[rank * b:(rank + 1) * b]).sum().backward()
-    out[rank] = (y.detach(), xr.grad, bn.weight.grad if affine else None, bn.running_var.clone())
-    dist.destroy_process_group()
+    return y.detach(), xr.grad, bn.weight.grad if affine else None, bn.running_var.clone()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("affine", [True, False])  # False: SimSiam's projector output
-def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch(affine):
-    x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
-    w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1))
-    bn = torch.nn.BatchNorm2d(3, affine=affine)
-    xr = x.clone().requires_grad_()
-    (bn(xr) * w).sum().backward()
-    out = mp.Manager().dict()
-    mp.spawn(_bn_worker, args=(2, free_port(), affine, out), nprocs=2)
-    y = torch.cat([out[r][0] for r in range(2)])
-    reference = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, training=True).detach()
-    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat([out[r][1] for r in range(2)]), xr.grad, rtol=1e-4, atol=1e-5)
-    if affine:  # each rank's weight gradient is its share; DDP sums (averages x world) them
-        torch.testing.assert_close(out[0][2] + out[1][2], bn.weight.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out[0][3], bn.running_var, rtol=1e-5, atol=1e-6)
-
-
-def _kernel_worker(rank: int, world: int, port: int, tau_kl, global_b: int, tile: int, out):
+def _kernel_on_rank(rank: int, world: int, tau_kl, global_b: int, tile: int):
     from dogo.engine.contrastive import contrastive_terms
     from dogo.engine.losses import reference_terms
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     b = global_b // world
     taus = (0.2, 0.5)
     result = {}
@@ -105,32 +59,98 @@ def _kernel_worker(rank: int, world: int, port: int, tau_kl, global_b: int, tile
         terms = fn(leaves)
         terms.sum().backward()
         result[name] = (terms.detach(), [t.grad for t in leaves])
-    out[rank] = result
+    return result
+
+
+OBJECTIVES = ("simclr", "dogo")
+TAUS_KL = (None, 0.1)
+AFFINE = (True, False)  # False: SimSiam's projector output
+
+
+def _worker(rank: int, world: int, port: int, out):
+    """Everything one world size checks, in one process group (a spawn costs seconds; the checks milliseconds)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out[rank] = {
+        "objective": {o: _objective_on_rank(rank, world, o, 6 * world) for o in OBJECTIVES},
+        # tiles of 4 images over 5 images per rank: tiles straddle rank boundaries and the self-mask diagonal moves
+        "kernel": {t: _kernel_on_rank(rank, world, t, 5 * world, 4) for t in TAUS_KL},
+        "bn": {a: _bn_on_rank(rank, world, a) for a in AFFINE},
+    }
     dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module", params=[2, 3])
+def ranks(request):
+    """(world, what each rank computed) from real gloo processes."""
+    world = request.param
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, free_port(), out), nprocs=world)
+    return world, dict(out)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("tau_kl", [None, 0.1])
-def test_kernel_ranks_equal_the_global_batch(world, tau_kl):
-    """Tiles of 4 images over 5 images per rank: tiles straddle rank boundaries and the self-mask diagonal moves."""
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_gloo_ranks_equal_the_global_batch(ranks, objective):
+    world, out = ranks
+    global_b = 6 * world
+    ref_loss, ref_grads = _reference(objective, global_b)
+    b = global_b // world
+    got = [out[r]["objective"][objective] for r in range(world)]
+    # the global loss is the mean of the ranks' losses; DDP averages gradients, so a rank's own rows carry
+    # world x (its gradient) / world: compare rank gradients x 1/world against the reference's rows
+    mean_loss = sum(got[r][0] for r in range(world)) / world
+    torch.testing.assert_close(mean_loss.double(), ref_loss.double(), rtol=1e-6, atol=1e-7)
+    for r in range(world):
+        for g, ref in zip(got[r][1], ref_grads):
+            torch.testing.assert_close(g.double() / world, ref[r * b:(r + 1) * b], rtol=1e-5, atol=1e-7)
+
+
+def _bn_inputs():
+    """12 images: whole shares for 2 and 3 ranks."""
+    x = torch.randn(12, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    w = torch.randn(12, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    return x, w
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("affine", AFFINE)
+def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch(ranks, affine):
+    world, out = ranks
+    x, w = _bn_inputs()
+    bn = torch.nn.BatchNorm2d(3, affine=affine)
+    xr = x.clone().requires_grad_()
+    (bn(xr) * w).sum().backward()
+    got = [out[r]["bn"][affine] for r in range(world)]
+    y = torch.cat([got[r][0] for r in range(world)])
+    reference = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, training=True).detach()
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([got[r][1] for r in range(world)]), xr.grad, rtol=1e-4, atol=1e-5)
+    if affine:  # each rank's weight gradient is its share; DDP sums (averages x world) them
+        torch.testing.assert_close(sum(got[r][2] for r in range(world)), bn.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[0][3], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tau_kl", TAUS_KL)
+def test_kernel_ranks_equal_the_global_batch(ranks, tau_kl):
     from dogo.engine.contrastive import contrastive_terms
+    world, out = ranks
     global_b = 5 * world
     leaves = [torch.nn.functional.normalize(t, dim=1).requires_grad_() for t in _inputs(global_b)]
     ref = contrastive_terms(leaves, (0.2, 0.5), tau_kl, tile=global_b)
     ref.sum().backward()
-    out = mp.Manager().dict()
-    mp.spawn(_kernel_worker, args=(world, free_port(), tau_kl, global_b, 4, out), nprocs=world)
+    got = [out[r]["kernel"][tau_kl] for r in range(world)]
     b = global_b // world
     for r in range(world):
         # each rank's own loss and gradients equal the straightforward gather-with-gradient version's
-        kern, straight = out[r]["kernel"], out[r]["straightforward"]
+        kern, straight = got[r]["kernel"], got[r]["straightforward"]
         torch.testing.assert_close(kern[0], straight[0], rtol=1e-12, atol=1e-12)
         for a, s in zip(kern[1], straight[1]):
             torch.testing.assert_close(a, s, rtol=1e-10, atol=1e-12)
     # the mean of the ranks' terms is the one-process global batch; rank gradients are world x its share
-    mean_terms = sum(out[r]["kernel"][0] for r in range(world)) / world
+    mean_terms = sum(got[r]["kernel"][0] for r in range(world)) / world
     torch.testing.assert_close(mean_terms, ref.detach(), rtol=1e-12, atol=1e-12)
     for r in range(world):
-        for got, full in zip(out[r]["kernel"][1], leaves):
-            torch.testing.assert_close(got / world, full.grad[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)
+        for g, full in zip(got[r]["kernel"][1], leaves):
+            torch.testing.assert_close(g / world, full.grad[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)

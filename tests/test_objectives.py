@@ -182,9 +182,10 @@ def test_queue_is_a_ring_of_the_newest_keys():
     assert again.ptr == enc.ptr and torch.equal(again.queue, enc.queue)
 
 
-def _queue_worker(rank, world, port, symmetric, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+SYMMETRIC = (False, True)
+
+
+def _queue_on_rank(rank, symmetric):
     from dogo.engine.config import Config
     from dogo.engine.targets import TargetMakers
     cfg = Config()
@@ -199,16 +200,28 @@ def _queue_worker(rank, world, port, symmetric, out):
         k1, k2 = _unit(3, 8, seed=100 * step + rank).float(), _unit(3, 8, seed=100 * step + 50 + rank).float()
         makers.after_step(peers, Targets(keys={"m": (k1 if symmetric else None, k2)}), step + 1, 4)
     enc = makers.key_encoders["m"]
-    out[rank] = (start, enc.queue.clone(), enc.ptr)
+    return start, enc.queue.clone(), enc.ptr
+
+
+def _queue_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out[rank] = {symmetric: _queue_on_rank(rank, symmetric) for symmetric in SYMMETRIC}  # one spawn for both
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_queue_under_two_gloo_ranks_holds_every_ranks_keys(symmetric):
-    world = 2
+@pytest.fixture(scope="module")
+def queues_of_two_ranks():
     out = mp.Manager().dict()
-    mp.spawn(_queue_worker, args=(world, free_port(), symmetric, out), nprocs=world)
+    mp.spawn(_queue_worker, args=(2, free_port(), out), nprocs=2)
+    return dict(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("symmetric", SYMMETRIC)
+def test_queue_under_two_gloo_ranks_holds_every_ranks_keys(queues_of_two_ranks, symmetric):
+    world = 2
+    out = {r: queues_of_two_ranks[r][symmetric] for r in range(world)}
     expected = []
     for step in range(4):  # the order enqueued: view 1 of rank 0, rank 1 (symmetric only), then view 2's
         if symmetric:

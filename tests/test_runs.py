@@ -1,4 +1,5 @@
-"""Whole runs through the `dogo` command: distributed equivalence, kill and resume, signals, export, bad input."""
+"""Whole runs through the `dogo` command in processes of their own: distributed equivalence, kill and resume,
+signals, export, evaluation."""
 import json
 import signal
 import subprocess
@@ -7,7 +8,6 @@ import time
 
 import pytest
 import torch
-import torchvision
 
 from dogo.engine import checkpoint
 from tests.conftest import REPO, cli_env, run_cli, tiny_config, write_config
@@ -110,87 +110,3 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shapes, tmp_path):
     assert "stopped by signal" in out
     state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
     assert 1 <= state["position"]["step"] < 10_000
-
-
-def test_export_loads_into_torchvision_strictly(shapes, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 2}))
-    run_cli("train", str(cfg))
-    out = tmp_path / "r18.pt"
-    run_cli("export", str(tmp_path / "runs" / "t"), "--peer", "a", str(out))
-    model = torchvision.models.resnet18()
-    model.fc = torch.nn.Identity()
-    model.load_state_dict(torch.load(out), strict=True)
-    model.eval()
-    from dogo.engine.train import PeerSet
-    from dogo.engine.config import from_dict
-    state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
-    peers = PeerSet(from_dict(state["config"]))
-    peers.peers["a"].load_state_dict(state["peers"]["a"])
-    backbone = peers.peers["a"].backbone.eval()
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), backbone(x), rtol=0, atol=0)
-
-
-def test_checkpoint_from_another_config_is_refused(shapes, tmp_path):
-    cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1})
-    run_cli("train", str(write_config(tmp_path / "a.yaml", cfg)))
-    cfg["peers"]["a"]["arch"] = "resnet34"
-    proc = run_cli("train", str(write_config(tmp_path / "b.yaml", cfg)), check=False)
-    assert proc.returncode == 2
-    assert "written by another config" in proc.stdout and "peers.a.arch" in proc.stdout
-    assert "Traceback" not in proc.stdout + proc.stderr
-
-
-@pytest.mark.parametrize("change,message", [
-    ({"data": {"path": "/no/such/dataset"}}, "does not exist"),
-    ({"data": {"batch_size": 4096}}, "larger than the 80 images"),
-])
-def test_bad_input_is_a_clear_error(shapes, tmp_path, change, message):
-    cfg = tiny_config(shapes, tmp_path / "runs", **change)
-    proc = run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)), check=False)
-    assert proc.returncode == 2 and message in proc.stdout
-    assert "Traceback" not in proc.stdout + proc.stderr
-
-
-def test_unknown_key_on_the_command_line(shapes, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs"))
-    proc = run_cli("train", str(cfg), "optim.learning_rate=0.1", check=False)
-    assert proc.returncode == 2 and "unknown key 'learning_rate'" in proc.stdout
-
-
-def test_eval_commands_print_knn_table_and_linear_probe(shapes, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 2},
-                                                       eval={"knn_every_epochs": 1, "knn_k": 5}))
-    run_cli("train", str(cfg))
-    knn = run_cli("eval", "knn", str(tmp_path / "runs" / "t"), "log.progress=off")
-    assert "random init" in knn.stdout and "resnet18" in knn.stdout
-    table = json.loads((tmp_path / "runs" / "t" / "knn.json").read_text())
-    assert set(table["peers"]) == {"a", "b"} and 0 <= table["peers"]["a"]["trained"] <= 100
-    lin = run_cli("eval", "linear", str(tmp_path / "runs" / "t"), "--peer", "b", "--epochs", "2")
-    assert "top1" in lin.stdout and "top5" in lin.stdout
-    events = [json.loads(l) for l in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
-    knn_events = [e for e in events if e.get("event") == "knn"]
-    assert knn_events and set(knn_events[-1]["top1"]) == {"a", "b"}
-
-
-def test_fresh_start_sets_earlier_checkpoints_aside(shapes, tmp_path):
-    # A longer earlier run in the same folder must not stand in for this run's checkpoints (eval, export and
-    # resume take the highest step) nor make `keep` prune this run's files.
-    from dogo.engine.config import from_dict
-    from dogo.engine.train import train
-    cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 4}, checkpoint={"every_steps": 1, "keep": 2})
-    train(from_dict(cfg))
-    run_dir = tmp_path / "runs" / "t"
-    earlier = {p.name: p.read_bytes() for p in checkpoint.all_checkpoints(run_dir)}
-    assert sorted(earlier) == ["step_000000003.pt", "step_000000004.pt"]
-    cfg["schedule"]["max_steps"] = 2
-    cfg["checkpoint"]["resume"] = "none"
-    train(from_dict(cfg))
-    assert [p.name for p in checkpoint.all_checkpoints(run_dir)] == ["step_000000001.pt", "step_000000002.pt"]
-    assert checkpoint.load(checkpoint.latest(run_dir))["position"]["step"] == 2
-    (aside,) = [p for p in checkpoint.folder(run_dir).iterdir() if p.is_dir()]
-    assert aside.name.startswith("previous_")
-    assert {p.name: p.read_bytes() for p in aside.iterdir()} == earlier
-    events = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any(e.get("event") == "checkpoints_set_aside" for e in events)

@@ -1,0 +1,97 @@
+"""The `dogo` command run in this process (tests/test_runs.py has those whose process boundary matters): export,
+evaluation, fresh starts, and bad input (a message naming what is wrong and exit status 2, no traceback: an
+exception other than the command's own errors would fail the test)."""
+import json
+
+import pytest
+import torch
+import torchvision
+
+from dogo.engine import checkpoint
+from tests.conftest import dogo, tiny_config, write_config
+
+
+def test_checkpoint_from_another_config_is_refused(shapes, tmp_path, capsys):
+    cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1})
+    assert dogo("train", write_config(tmp_path / "a.yaml", cfg)) == 0
+    cfg["peers"]["a"]["arch"] = "resnet34"
+    capsys.readouterr()
+    assert dogo("train", write_config(tmp_path / "b.yaml", cfg)) == 2
+    out = capsys.readouterr().out
+    assert "written by another config" in out and "peers.a.arch" in out
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"data": {"path": "/no/such/dataset"}}, "does not exist"),
+    ({"data": {"batch_size": 4096}}, "larger than the 80 images"),
+])
+def test_bad_input_is_a_clear_error(shapes, tmp_path, capsys, change, message):
+    cfg = tiny_config(shapes, tmp_path / "runs", **change)
+    assert dogo("train", write_config(tmp_path / "c.yaml", cfg)) == 2
+    assert message in capsys.readouterr().out
+
+
+def test_unknown_key_on_the_command_line(shapes, tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs"))
+    assert dogo("train", cfg, "optim.learning_rate=0.1") == 2
+    assert "unknown key 'learning_rate'" in capsys.readouterr().out
+
+
+def test_export_loads_into_torchvision_strictly(shapes, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 2}))
+    assert dogo("train", cfg) == 0
+    out = tmp_path / "r18.pt"
+    assert dogo("export", tmp_path / "runs" / "t", "--peer", "a", out) == 0
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(torch.load(out), strict=True)
+    model.eval()
+    from dogo.engine.train import PeerSet
+    from dogo.engine.config import from_dict
+    state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
+    peers = PeerSet(from_dict(state["config"]))
+    peers.peers["a"].load_state_dict(state["peers"]["a"])
+    backbone = peers.peers["a"].backbone.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), backbone(x), rtol=0, atol=0)
+
+
+def test_eval_commands_print_knn_table_and_linear_probe(shapes, tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 2},
+                                                       eval={"knn_every_epochs": 1, "knn_k": 5}))
+    assert dogo("train", cfg) == 0
+    capsys.readouterr()
+    assert dogo("eval", "knn", tmp_path / "runs" / "t", "log.progress=off") == 0
+    knn = capsys.readouterr().out
+    assert "random init" in knn and "resnet18" in knn
+    table = json.loads((tmp_path / "runs" / "t" / "knn.json").read_text())
+    assert set(table["peers"]) == {"a", "b"} and 0 <= table["peers"]["a"]["trained"] <= 100
+    assert dogo("eval", "linear", tmp_path / "runs" / "t", "--peer", "b", "--epochs", "2") == 0
+    lin = capsys.readouterr().out
+    assert "top1" in lin and "top5" in lin
+    events = [json.loads(l) for l in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    knn_events = [e for e in events if e.get("event") == "knn"]
+    assert knn_events and set(knn_events[-1]["top1"]) == {"a", "b"}
+
+
+def test_fresh_start_sets_earlier_checkpoints_aside(shapes, tmp_path):
+    # A longer earlier run in the same folder must not stand in for this run's checkpoints (eval, export and
+    # resume take the highest step) nor make `keep` prune this run's files.
+    from dogo.engine.config import from_dict
+    from dogo.engine.train import train
+    cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 4}, checkpoint={"every_steps": 1, "keep": 2})
+    train(from_dict(cfg))
+    run_dir = tmp_path / "runs" / "t"
+    earlier = {p.name: p.read_bytes() for p in checkpoint.all_checkpoints(run_dir)}
+    assert sorted(earlier) == ["step_000000003.pt", "step_000000004.pt"]
+    cfg["schedule"]["max_steps"] = 2
+    cfg["checkpoint"]["resume"] = "none"
+    train(from_dict(cfg))
+    assert [p.name for p in checkpoint.all_checkpoints(run_dir)] == ["step_000000001.pt", "step_000000002.pt"]
+    assert checkpoint.load(checkpoint.latest(run_dir))["position"]["step"] == 2
+    (aside,) = [p for p in checkpoint.folder(run_dir).iterdir() if p.is_dir()]
+    assert aside.name.startswith("previous_")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == earlier
+    events = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "checkpoints_set_aside" for e in events)
