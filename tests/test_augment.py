@@ -2,6 +2,7 @@
 torchvision.transforms.v2.functional applied image by image, and the device recipe's memory traffic."""
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torchvision.transforms.v2.functional as TF
 from dogo.benchmarks.traffic import recipe_traffic
 from dogo.engine.config import AugmentConfig
 from dogo.pipelines import augment as A, params as P
-from dogo.pipelines.cpu_recipe import CpuRecipe
+from dogo.pipelines.cpu_recipe import CpuRecipe, blur_taps
 from dogo.pipelines.folder import crop_and_flip
 
 STRONG = AugmentConfig(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, grayscale_p=0.3, solarize_p=0.3)
@@ -192,6 +193,36 @@ def test_cpu_recipe_equals_torchvision_within_uint8_rounding():
         rec.colour(images[i].permute(1, 2, 0).numpy().copy(), p, i, out)
         want = torchvision_recipe(images[i], p, i, STRONG, size).permute(1, 2, 0).numpy()
         assert np.abs(out.astype(np.float32) - want).max() <= 1.0, f"image {i}"
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.4, 0.8, 1.3, 2.0])
+def test_cpu_blur_at_224_equals_torchvision_within_one_grey_level(sigma):
+    """The 23-tap blur of 224 px views without its negligible outer taps (blur_taps) against torchvision's float
+    blur with all of them, on noise (where dropped taps would show most) and on a photo-like gradient."""
+    size = 224
+    taps = A.blur_kernel_size(size, STRONG.blur_kernel_fraction)
+    noise = _uint8_images(1, size, seed=5)[0]
+    ramp = torch.linspace(0, 255, size).round().to(torch.uint8).expand(3, size, size).contiguous()
+    for image in (noise, ramp):
+        hwc = image.permute(1, 2, 0).numpy().copy()
+        k = blur_taps(sigma, taps)
+        got = cv2.sepFilter2D(hwc, -1, k, k, borderType=cv2.BORDER_REFLECT_101) if len(k) > 1 else hwc
+        want = TF.gaussian_blur(image.float(), [taps, taps], [sigma, sigma]).permute(1, 2, 0).numpy()
+        assert np.abs(got.astype(np.float32) - want).max() <= 1.0
+        assert np.abs(got.astype(np.float32) - want).mean() < 0.3  # rounding, not a shifted result
+
+
+def test_cpu_hue_equals_torchvision_on_edge_colours():
+    """The workers' hue kernel (branch-free) on grey pixels, the g == b seam, primaries and secondaries."""
+    from dogo.pipelines.cpu_recipe import _hue
+    colours = np.array([[0, 0, 0], [255, 255, 255], [90, 90, 90], [255, 0, 0], [0, 255, 0], [0, 0, 255],
+                        [255, 255, 0], [0, 255, 255], [255, 0, 255], [200, 50, 50], [10, 200, 200], [1, 0, 0],
+                        [128, 64, 64], [64, 128, 128]], np.float32)
+    for shift in np.linspace(-0.5, 0.5, 9, dtype=np.float32):
+        planes = np.ascontiguousarray(colours.T)
+        _hue(planes, shift)
+        want = TF.adjust_hue(torch.from_numpy(colours.T.copy()).view(3, 1, -1) / 255, float(shift)) * 255
+        np.testing.assert_allclose(planes, want.view(3, -1).numpy(), atol=2e-3, rtol=0)
 
 
 def test_crop_and_flip_equal_torchvision_resized_crop():
