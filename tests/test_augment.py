@@ -272,3 +272,20 @@ def test_compiled_recipe_equals_eager():
         views = [A.DeviceRecipe(STRONG, size, torch.device("cpu"), torch.float32, False, compile=c).apply(x, plan)[0]
                  for c in (False, True)]
         torch.testing.assert_close(views[1], views[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw", "float"])
+def test_normalise_equals_float64_on_every_input_layout(channels_last, layout):
+    """The CPU's compiled pass (uint8 views as the workers write them, NHWC) and torch's (anything else) give
+    (x / 255 - mean) / std to float32 rounding, in the asked memory format."""
+    recipe = AugmentConfig()
+    nhwc = torch.randint(0, 256, (5, 7, 9, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    x = {"nhwc": nhwc.permute(0, 3, 1, 2), "nchw": nhwc.permute(0, 3, 1, 2).contiguous(),
+         "float": nhwc.permute(0, 3, 1, 2).float()}[layout]
+    got = A.normalise(x, recipe, torch.float32, channels_last)
+    mean, std = torch.tensor(recipe.mean).double().view(1, 3, 1, 1), torch.tensor(recipe.std).double().view(1, 3, 1, 1)
+    want = (nhwc.permute(0, 3, 1, 2).double() / 255 - mean) / std
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
