@@ -2,9 +2,11 @@
 # The CIFAR-10 study on a small real split (the dev set: 1,522 train, 761 test photos), as the README reports it:
 #   1. SimCLR ResNet-18 for 30 minutes of training on our 2-core CPU (18 epochs), kNN monitored every 2 epochs;
 #   2. SimCLR ResNet-18 and DoGo ResNet-18 + ResNet-50, 3 seeds each, at equal steps (4 epochs);
-#   3. a SimCLR ResNet-50 teacher (8 epochs), then DisCo ResNet-18 from it at the same steps as 2;
-#   4. kNN and linear probe of every run's networks, their random initialisation and raw pixels (dogo eval table);
-#   5. everything collected into benchmarks/results/cifar_dev_*.json (python -m dogo.benchmarks.study).
+#   3. a SimCLR ResNet-50 teacher at the same steps, then DisCo ResNet-18 from it at the same steps again;
+#   4. kNN and linear probe of every run's networks, their random initialisation and raw pixels (dogo eval table:
+#      the SimCLR runs in cifar_dev_table_cpu2.json, the DoGo, teacher and DisCo runs in
+#      cifar_dev_table_distill_cpu2.json, as they were measured in two sittings);
+#   5. everything collected into benchmarks/results/cifar_dev_study_cpu2.json (python -m dogo.benchmarks.study).
 # Usage: benchmarks/cifar_dev_study.sh CIFAR_DIR [OUT_DIR]   (about 2.5 hours on 2 cores)
 # A run whose folder already holds a finished run (a "done" event in its metrics.jsonl) is not trained again, so the
 # study can be spread over several sittings; delete a run's folder to train it anew.
@@ -36,15 +38,21 @@ for seed in 0 1 2; do
   train configs/cifar10_r18_r50.yaml name=dogo_r18_r50_s$seed $COMMON seed=$seed schedule.max_steps=$STEPS \
     peers.r50.zero_init_residual=true eval.knn_every_epochs=2 log.every=23
 done
-train configs/cifar10_simclr_r50.yaml name=simclr_r50_teacher $COMMON schedule.max_steps=184 \
-  eval.knn_every_epochs=4 log.every=23
+train configs/cifar10_simclr_r50.yaml name=simclr_r50_teacher $COMMON schedule.max_steps=$STEPS \
+  eval.knn_every_epochs=2 log.every=23
 train configs/cifar10_disco_r18_from_r50.yaml name=disco_r18_s0 $COMMON seed=0 schedule.max_steps=$STEPS \
   teacher.checkpoint=$OUT/simclr_r50_teacher objective.distill_weight=0.5 eval.knn_every_epochs=2 log.every=23
 
-RUNS="simclr_r18_30min simclr_r18_s0 simclr_r18_s1 simclr_r18_s2 dogo_r18_r50_s0 dogo_r18_r50_s1 dogo_r18_r50_s2
-  simclr_r50_teacher disco_r18_s0"
-$DOGO eval table $(for r in $RUNS; do echo "$OUT/$r"; done) --set "data.path=$CIFAR" --set eval.knn_k=20 \
-  --set eval.knn_temperature=0.07 --json benchmarks/results/cifar_dev_table_cpu2.json
+table() {  # table OUT.json RUN...: kNN and linear probe of the runs' networks, random init, raw pixels
+  local out=$1; shift
+  $DOGO eval table $(for r in "$@"; do echo "$OUT/$r"; done) --set "data.path=$CIFAR" --set eval.knn_k=20 \
+    --set eval.knn_temperature=0.07 --json "$out"
+}
+SIMCLR="simclr_r18_30min simclr_r18_s0 simclr_r18_s1 simclr_r18_s2"
+DISTILL="dogo_r18_r50_s0 dogo_r18_r50_s1 dogo_r18_r50_s2 simclr_r50_teacher disco_r18_s0"
+table benchmarks/results/cifar_dev_table_cpu2.json $SIMCLR
+table benchmarks/results/cifar_dev_table_distill_cpu2.json $DISTILL
 $PY -m dogo.benchmarks.study benchmarks/results/cifar_dev_study_cpu2.json --base configs/cifar10_simclr_r18.yaml \
-  --runs $(for r in $RUNS; do echo "$OUT/$r"; done) --tables benchmarks/results/cifar_dev_table_cpu2.json \
+  --runs $(for r in $SIMCLR $DISTILL; do echo "$OUT/$r"; done) \
+  --tables benchmarks/results/cifar_dev_table_cpu2.json benchmarks/results/cifar_dev_table_distill_cpu2.json \
   --note "CIFAR-10 dev set (1,522 train / 761 test real photos): benchmarks/cifar_dev_study.sh"
