@@ -53,6 +53,16 @@ def _rate(make_iter, batch: int, batches: int, warmup: int, repeats: int, device
     return {"images_per_s": statistics.median(rates), "repeats": rates}
 
 
+def interleaved(contenders: dict, repeats: int) -> dict:
+    """{name: one timed pass -> {"images_per_s": ...}} measured in turn, `repeats` times round: per name the
+    median and every pass."""
+    passes = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, measure in contenders.items():
+            passes[name].append(measure()["images_per_s"])
+    return {name: {"images_per_s": statistics.median(r), "repeats": r} for name, r in passes.items()}
+
+
 def _decode(path: str) -> int:
     return load_rgb(path).shape[1]
 
@@ -169,18 +179,21 @@ def bench_pipeline(backend: str, root: Path, beton: str, size: int, batch: int, 
         work = torch.float16 if device.type == "cuda" else torch.float32
         result["device_recipe_traffic"] = recipe_traffic(recipe, size, batch, work, precision.dtype)
         result["bytes_per_image_per_view"] = result["device_recipe_traffic"]["bytes_per_image_per_view"]
-    for key, decode, what in (("decode_only_ceiling", _decode, "our loader"), ("decode_only_pil", _decode_pil, "PIL")):
-        log(f"decode only ({what}) ...")
-        result[key] = decode_ceiling(paths, workers, repeats, decode)
-        log(f"  {result[key]['images_per_s']:.1f} images/s")
-    log("torchvision DataLoader, v2 transforms per image ...")
-    result["torchvision"] = _rate(_torchvision_iter(paths, recipe, size, batch, workers, 0), batch, batches,
-                                  warmup, repeats, torch.device("cpu"))
-    log(f"  {result['torchvision']['images_per_s']:.1f} images/s")
-    log(f"dogo {backend} backend, recipe placement {placement} ...")
-    result["backend_two_views"] = _rate(_backend_iter(backend, root, beton, recipe, size, batch, workers, 2, device,
-                                                      precision), batch, batches, warmup, repeats, device)
-    log(f"  {result['backend_two_views']['images_per_s']:.1f} images/s")
+    # every contender once per pass, passes repeated: a machine whose speed drifts (a shared host) moves all of
+    # them alike, and the ratios stay side by side
+    contenders = {
+        "decode_only_ceiling": lambda: decode_ceiling(paths, workers, 1, _decode),
+        "decode_only_pil": lambda: decode_ceiling(paths, workers, 1, _decode_pil),
+        "torchvision": lambda: _rate(_torchvision_iter(paths, recipe, size, batch, workers, 0), batch, batches,
+                                     warmup, 1, torch.device("cpu")),
+        "backend_two_views": lambda: _rate(_backend_iter(backend, root, beton, recipe, size, batch, workers, 2,
+                                                         device, precision), batch, batches, warmup, 1, device),
+    }
+    log(f"decode only (our decoder, PIL), torchvision DataLoader with v2 transforms, dogo {backend} backend with "
+        f"the recipe placed on {placement}: {repeats} interleaved passes ...")
+    result.update(interleaved(contenders, repeats))
+    for key in contenders:
+        log(f"  {key}: {result[key]['images_per_s']:.1f} images/s")
     if backend == "ffcv":
         # What decoding once per view costs: FFCV's decode + crop alone, for one and for two views.
         for n in (1, 2):
@@ -243,29 +256,29 @@ def bench_cifar(path: Path, size: int, batch: int, batches: int, warmup: int, re
               "what": "images per second, each yielding two views of the CIFAR recipe at size px",
               "size": size, "batch": batch, "timed_batches": batches, "warmup_batches": warmup, "workers": workers,
               "device": str(device), "dtype": str(precision.dtype), "recipe": vars(recipe)}
-    log("dogo cifar backend (the split on the device) ...")
     config = DataConfig(backend="cifar", path=str(data.source), image_size=size, batch_size=batch, workers=0)
-    result["backend_two_views"] = _rate(
-        lambda: _epochs(build_loader(config, recipe, n_views=2, seed=0, rank=0, world_size=1, device=device,
-                                     dtype=precision.dtype, channels_last=precision.channels_last), iter),
-        batch, batches, warmup, repeats, device)
-    log(f"  {result['backend_two_views']['images_per_s']:.1f} images/s")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = _as_png_folder(data.images, data.labels, data.classes, Path(tmp))
-        log(f"dogo folder backend on the same images as PNG files, {workers} workers ...")
-        result["folder_two_views"] = _rate(_backend_iter("folder", root, "", recipe, size, batch, workers, 2,
-                                                         device, precision), batch, batches, warmup, repeats,
-                                           device)
-        log(f"  {result['folder_two_views']['images_per_s']:.1f} images/s")
-    log(f"torchvision DataLoader on the arrays, v2 transforms per image, {workers} workers ...")
 
     def torchvision_iter():
         g = torch.Generator().manual_seed(0)
         return iter(torch.utils.data.DataLoader(_TwoViewArrays(data.images, torchvision_recipe(recipe, size)),
                                                 batch_size=batch, shuffle=True, generator=g, num_workers=workers,
                                                 drop_last=True, prefetch_factor=4, persistent_workers=False))
-    result["torchvision"] = _rate(torchvision_iter, batch, batches, warmup, repeats, torch.device("cpu"))
-    log(f"  {result['torchvision']['images_per_s']:.1f} images/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _as_png_folder(data.images, data.labels, data.classes, Path(tmp))
+        contenders = {
+            "backend_two_views": lambda: _rate(
+                lambda: _epochs(build_loader(config, recipe, n_views=2, seed=0, rank=0, world_size=1, device=device,
+                                             dtype=precision.dtype, channels_last=precision.channels_last), iter),
+                batch, batches, warmup, 1, device),
+            "folder_two_views": lambda: _rate(_backend_iter("folder", root, "", recipe, size, batch, workers, 2,
+                                                            device, precision), batch, batches, warmup, 1, device),
+            "torchvision": lambda: _rate(torchvision_iter, batch, batches, warmup, 1, torch.device("cpu")),
+        }
+        log(f"dogo cifar backend (the split on the device), the folder backend on the same images as PNG files and "
+            f"torchvision's DataLoader on the arrays ({workers} workers each): {repeats} interleaved passes ...")
+        result.update(interleaved(contenders, repeats))
+    for key in contenders:
+        log(f"  {key}: {result[key]['images_per_s']:.1f} images/s")
     rate = result["backend_two_views"]["images_per_s"]
     result["ratio_to_folder"] = rate / result["folder_two_views"]["images_per_s"]
     result["ratio_to_torchvision"] = rate / result["torchvision"]["images_per_s"]

@@ -457,7 +457,7 @@ def parser() -> argparse.ArgumentParser:
     bp.add_argument("--batch", type=int, default=64)
     bp.add_argument("--batches", type=int, default=16, help="timed batches per repeat")
     bp.add_argument("--warmup", type=int, default=4, help="untimed batches first (every worker started)")
-    bp.add_argument("--repeats", type=int, default=3)
+    bp.add_argument("--repeats", type=int, default=5, help="interleaved passes over every contender")
     bp.add_argument("--workers", type=int, default=0, help="decoding processes or threads (0: one per core)")
     bp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     bp.add_argument("--placement", choices=["auto", "device", "workers"], default="auto",

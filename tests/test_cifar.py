@@ -189,3 +189,15 @@ def test_the_dev_set_reads_as_its_readme_says():
     train, test = read_split(DEV, "train"), read_split(DEV, "test")
     assert (len(train), len(test)) == (1522, 761) and len(train.classes) == 10
     assert set(np.unique(test.labels)) == set(range(10))
+
+
+@pytest.mark.slow  # the folder and torchvision contenders start worker processes
+def test_bench_pipeline_cifar_interleaves_its_contenders(cifar):
+    from dogo.benchmarks.pipeline import bench_cifar
+    r = bench_cifar(cifar, size=16, batch=8, batches=1, warmup=0, repeats=2, workers=1, device=torch.device("cpu"),
+                    log=lambda m: None)
+    for key in ("backend_two_views", "folder_two_views", "torchvision"):
+        assert len(r[key]["repeats"]) == 2 and all(v > 0 for v in r[key]["repeats"]), key
+        assert r[key]["images_per_s"] == pytest.approx(sum(r[key]["repeats"]) / 2)  # the median of two
+    assert r["ratio_to_folder"] == pytest.approx(r["backend_two_views"]["images_per_s"]
+                                                 / r["folder_two_views"]["images_per_s"])

@@ -91,12 +91,13 @@ def test_training_run_from_a_beton(beton, shapes, tmp_path):
 def test_bench_pipeline_writes_all_three_rates(shapes, beton, tmp_path):
     out = tmp_path / "bench.json"
     run_cli("bench", "pipeline", "--backend", "ffcv", "--data", str(shapes / "train"), "--beton", str(beton),
-            "--size", "24", "--batch", "8", "--batches", "2", "--warmup", "0", "--repeats", "1", "--workers", "1",
+            "--size", "24", "--batch", "8", "--batches", "2", "--warmup", "0", "--repeats", "2", "--workers", "1",
             "--device", "cpu", "--json", str(out))
     r = json.loads(out.read_text())
     rates = {k: r[k]["images_per_s"] for k in ("decode_only_ceiling", "torchvision", "backend_two_views",
                                                 "ffcv_decode_crop_1_view", "ffcv_decode_crop_2_views")}
     assert all(v > 0 for v in rates.values()), rates
+    assert all(len(r[k]["repeats"]) == 2 for k in rates), "every contender measured in each interleaved pass"
     assert r["ratio_to_torchvision"] == pytest.approx(rates["backend_two_views"] / rates["torchvision"])
     assert r["ratio_to_decode_ceiling"] == pytest.approx(rates["backend_two_views"] / rates["decode_only_ceiling"])
     assert r["images"] == 80 and r["size"] == 24 and r["environment"]["device"] == "cpu"
