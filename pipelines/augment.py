@@ -357,7 +357,9 @@ def normalise(x: torch.Tensor, recipe, dtype: torch.dtype, channels_last: bool) 
     return torch.addcmul(shift, x, scale, out=out)
 
 
-@numba.njit(cache=True, nogil=True)
+# fastmath "contract" only: fused multiply-adds, one rounding per value as torch's addcmul on the CPU, so both paths
+# give the same bits and a run does not depend on which one made its views
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
 def _normalise_interleaved(src, scale, shift, dst):
     """dst = src x scale + shift per channel: flat RGBRGB... uint8 -> float32 (channels last)."""
     for i in range(src.size // 3):
@@ -366,7 +368,7 @@ def _normalise_interleaved(src, scale, shift, dst):
         dst[3 * i + 2] = np.float32(src[3 * i + 2]) * scale[2] + shift[2]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
 def _normalise_planar(src, scale, shift, dst):
     """The same from (N, P, 3) uint8 into (N, 3, P) float32 planes (contiguous NCHW)."""
     for i in range(src.shape[0]):

@@ -67,19 +67,20 @@ def _saturation(planes, f):
         b[i] = min(max(f * b[i] + y, _ZERO), _TOP)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True)
 def _ramp(k):
     """torchvision's hsv_to_rgb as a function of the channel's phase k (in sixths of a turn): clamp(min(k mod 6,
     4 - k mod 6), 0, 1)."""
-    k = k - np.float32(6) * np.floor(k * np.float32(1 / 6))
+    k = k - np.float32(6) * np.floor(k / np.float32(6))
     return min(max(min(k, np.float32(4) - k), _ZERO), _ONE)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True)
 def _hue(planes, shift):
     """torchvision's adjust_hue: each pixel's hue rotated by `shift` turns, its max and min kept (the formula of
-    augment.hue_, per pixel). Branch-free, so that the loop vectorises (2x faster here): a grey pixel (chroma 0)
-    comes out as its own value through the same formula, its hue term multiplied by 0."""
+    augment.hue_, per pixel). Branch-free, so that the loop vectorises (2.3x faster here, and without fastmath
+    bit for bit the branching version's result): a grey pixel (chroma 0) comes out as its own value through the
+    same formula, its hue term multiplied by 0."""
     r, g, b = planes[0], planes[1], planes[2]
     turn = np.float32(6) * shift
     tiny = np.float32(1e-12)
