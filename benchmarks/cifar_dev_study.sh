@@ -6,7 +6,7 @@
 #   4. kNN and linear probe of every run's networks, their random initialisation and raw pixels (dogo eval table:
 #      the SimCLR runs in cifar_dev_table_cpu2.json, the DoGo, teacher and DisCo runs in
 #      cifar_dev_table_distill_cpu2.json, as they were measured in two sittings);
-#   5. everything collected into benchmarks/results/cifar_dev_study_cpu2.json (python -m dogo.benchmarks.study).
+#   5. everything collected into benchmarks/results/cifar_dev_search_cpu2.json (python -m dogo.benchmarks.study).
 # Usage: benchmarks/cifar_dev_study.sh CIFAR_DIR [OUT_DIR]   (about 2.5 hours on 2 cores)
 # A run whose folder already holds a finished run (a "done" event in its metrics.jsonl) is not trained again, so the
 # study can be spread over several sittings; delete a run's folder to train it anew.
@@ -52,7 +52,7 @@ SIMCLR="simclr_r18_30min simclr_r18_s0 simclr_r18_s1 simclr_r18_s2"
 DISTILL="dogo_r18_r50_s0 dogo_r18_r50_s1 dogo_r18_r50_s2 simclr_r50_teacher disco_r18_s0"
 table benchmarks/results/cifar_dev_table_cpu2.json $SIMCLR
 table benchmarks/results/cifar_dev_table_distill_cpu2.json $DISTILL
-$PY -m dogo.benchmarks.study benchmarks/results/cifar_dev_study_cpu2.json --base configs/cifar10_simclr_r18.yaml \
+$PY -m dogo.benchmarks.study benchmarks/results/cifar_dev_search_cpu2.json --base configs/cifar10_simclr_r18.yaml \
   --runs $(for r in $SIMCLR $DISTILL; do echo "$OUT/$r"; done) \
   --tables benchmarks/results/cifar_dev_table_cpu2.json benchmarks/results/cifar_dev_table_distill_cpu2.json \
   --note "CIFAR-10 dev set (1,522 train / 761 test real photos): benchmarks/cifar_dev_study.sh"
