@@ -4,8 +4,8 @@
 #   2. SimCLR ResNet-18 and DoGo ResNet-18 + ResNet-50, 3 seeds each, at equal steps (4 epochs);
 #   3. a SimCLR ResNet-50 teacher at the same steps, then DisCo ResNet-18 from it at the same steps again;
 #   4. kNN and linear probe of every run's networks, their random initialisation and raw pixels (dogo eval table:
-#      the SimCLR runs in cifar_dev_table_cpu2.json, the DoGo, teacher and DisCo runs in
-#      cifar_dev_table_distill_cpu2.json, as they were measured in two sittings);
+#      the SimCLR runs in cifar_dev_table_cpu2.json, the DoGo and teacher runs in cifar_dev_table_distill_cpu2.json,
+#      DisCo in cifar_dev_table_disco_cpu2.json, as they were measured in separate sittings);
 #   5. everything collected into benchmarks/results/cifar_dev_search_cpu2.json (python -m dogo.benchmarks.study).
 # Usage: benchmarks/cifar_dev_study.sh CIFAR_DIR [OUT_DIR]   (about 2.5 hours on 2 cores)
 # A run whose folder already holds a finished run (a "done" event in its metrics.jsonl) is not trained again, so the
@@ -49,10 +49,11 @@ table() {  # table OUT.json RUN...: kNN and linear probe of the runs' networks, 
     --set eval.knn_temperature=0.07 --json "$out"
 }
 SIMCLR="simclr_r18_30min simclr_r18_s0 simclr_r18_s1 simclr_r18_s2"
-DISTILL="dogo_r18_r50_s0 dogo_r18_r50_s1 dogo_r18_r50_s2 simclr_r50_teacher disco_r18_s0"
+DISTILL="dogo_r18_r50_s0 dogo_r18_r50_s1 dogo_r18_r50_s2 simclr_r50_teacher"
 table benchmarks/results/cifar_dev_table_cpu2.json $SIMCLR
 table benchmarks/results/cifar_dev_table_distill_cpu2.json $DISTILL
+table benchmarks/results/cifar_dev_table_disco_cpu2.json disco_r18_s0
 $PY -m dogo.benchmarks.study benchmarks/results/cifar_dev_search_cpu2.json --base configs/cifar10_simclr_r18.yaml \
-  --runs $(for r in $SIMCLR $DISTILL; do echo "$OUT/$r"; done) \
-  --tables benchmarks/results/cifar_dev_table_cpu2.json benchmarks/results/cifar_dev_table_distill_cpu2.json \
+  --runs $(for r in $SIMCLR $DISTILL disco_r18_s0; do echo "$OUT/$r"; done) \
+  --tables benchmarks/results/cifar_dev_table_{cpu2,distill_cpu2,disco_cpu2}.json \
   --note "CIFAR-10 dev set (1,522 train / 761 test real photos): benchmarks/cifar_dev_study.sh"
