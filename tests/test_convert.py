@@ -210,12 +210,16 @@ def _converting(src, dst):
 
 
 @pytest.mark.slow
-def test_one_ctrl_c_stops_convert_cleanly(big_images, tmp_path):
+def test_one_ctrl_c_stops_convert_cleanly(big_images, shapes, tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the writers work: within seconds,
     exit 130 with one line, no DST and no DST.partial, no worker left, no shared memory left."""
     import os
     import signal
     import time
+    from tests.conftest import run_cli
+    # a small conversion first: on a fresh clone the writers compile their numba kernels, and a conversion whose
+    # main process sits in the compiler takes the signal only when it is done writing
+    run_cli("convert", str(shapes / "train"), str(tmp_path / "warm.beton"), "--num-workers", "2", "--write-mode", "jpg")
     before = _shared_memory_segments()
     for attempt in range(3):
         dst = tmp_path / f"shapes{attempt}.beton"
