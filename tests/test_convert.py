@@ -180,11 +180,12 @@ def _children(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def big_images(tmp_path_factory):
-    """300 noisy 480 px PNGs: a conversion that takes several seconds to write."""
+    """900 noisy 480 px PNGs: a conversion that takes long enough to write for a signal to reach it mid-way on a
+    loaded machine (300 were outrun under pytest-xdist)."""
     root = tmp_path_factory.mktemp("big") / "train"
     rng = np.random.default_rng(0)
     noise = (rng.random((480, 480, 3)) * 255).astype(np.uint8)
-    for i in range(300):
+    for i in range(900):
         (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.roll(noise, i, axis=0)).save(root / f"c{i % 3}" / f"{i:03d}.png", compress_level=0)
     return root
