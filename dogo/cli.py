@@ -477,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, PlotError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, however long
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (e.g. while numba compiles at import)
+        console.print("interrupted", highlight=False)
+        return 130
 
 
 if __name__ == "__main__":

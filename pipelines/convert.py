@@ -21,6 +21,8 @@ import functools
 import json
 import multiprocessing as mp
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +67,6 @@ def _worker_dies_with_parent() -> None:
     goes on writing `.partial` and the resource tracker can free the shared memory at once; and leave Ctrl-C to the
     parent, which stops the workers itself (one Ctrl-C, no traceback per worker)."""
     import ctypes
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the forking thread: now ignored
     try:
@@ -117,7 +118,7 @@ class _RichProgress:
     """Stands in for the tqdm bar FFCV's writer draws, so that conversion shows images/s and ETA like training."""
     shown: list["_RichProgress"] = []  # bars still drawn: an interrupted conversion takes them down
 
-    def __init__(self, total: int, disable: bool = False, **_):
+    def __init__(self, total: int, disable: bool = False, opened: threading.Event | None = None, **_):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn)
         self._t0 = time.perf_counter()
         self._bar = Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(),
@@ -126,6 +127,8 @@ class _RichProgress:
         self._done = 0
         self._bar.start()
         _RichProgress.shown.append(self)
+        if opened is not None:  # FFCV draws its bar once it has started every writer
+            opened.set()
 
     def update(self, n: int) -> None:
         self._done += n
@@ -162,14 +165,18 @@ def sidecar(dst: Path, kind: str) -> Path:
     return dst.with_name(dst.stem + f".{kind}.json")
 
 
-def _interruptible(work):
+def _interruptible(work, settled: threading.Event | None = None):
     """work()'s result, run (it forks worker processes) in a thread whose SIGINT is blocked, so that the workers
     start with it blocked too (they then ignore it: _worker_dies_with_parent) and one Ctrl-C reaches this process
-    alone, as a KeyboardInterrupt in the main thread, which waits here."""
-    import signal
-    import threading
+    alone, as a KeyboardInterrupt in the main thread, which waits here. SETTLED, if given, is set when the thread
+    ends."""
+    from multiprocessing import resource_tracker
     failure: list[BaseException] = []
     result: list = []
+    # The first shared-memory block (FFCV's writer makes one before it forks) starts multiprocessing's resource
+    # tracker, and starting it unblocks SIGINT in the calling thread whatever its mask was: started here, from the
+    # main thread, it leaves the worker thread's mask alone.
+    resource_tracker.ensure_running()
 
     def run() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -177,23 +184,40 @@ def _interruptible(work):
             result.append(work())
         except BaseException as exc:  # handed to the main thread
             failure.append(exc)
+        finally:
+            done.set()
+            if settled is not None:
+                settled.set()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.1)
+    done = threading.Event()
+    threading.Thread(target=run, daemon=True).start()
+    # done, not thread.is_alive(): a KeyboardInterrupt inside Thread.join marks a running thread stopped (3.11)
+    while not done.wait(timeout=0.1):
+        pass
     if failure:
         raise failure[0]
     return result[0]
 
 
-def _stop_writers(writer) -> None:
-    """FFCV's writer processes are not daemons: left running, the interpreter would wait for them at exit."""
+def _queues_kept_in(queues: list):
+    """multiprocessing.Queue for FFCV's writer, each queue kept in QUEUES for _stop_writers."""
+    def make_queue():
+        queue = mp.Queue()
+        queues.append(queue)
+        return queue
+    return make_queue
+
+
+def _stop_writers(writer, queues: list) -> None:
+    """FFCV's writer processes are not daemons: left running, the interpreter would wait for them at exit. Nor
+    would it exit while its work queue's feeder thread still has chunks for the killed writers: those are let go."""
     for bar in list(_RichProgress.shown):
         bar.close()
     for child in mp.active_children():
         child.kill()
         child.join(timeout=5)
+    for queue in queues:
+        queue.cancel_join_thread()
     shm = getattr(writer, "metadata_sm", None)
     if shm is not None and not isinstance(shm, int):
         shm.close()
@@ -232,12 +256,19 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
                                      compress_probability=options.compress_probability),
               "label": IntField()}
     samples = _Samples(paths, labels, options.max_resolution)
-    ffcv.writer.tqdm = functools.partial(_RichProgress, disable=log is None)
+    writers_started = threading.Event()  # or the writing thread ended
+    ffcv.writer.tqdm = functools.partial(_RichProgress, disable=log is None, opened=writers_started)
+    queues: list = []
+    ffcv.writer.Queue = _queues_kept_in(queues)
     writer = DatasetWriter(str(partial), fields, num_workers=workers)
     try:
-        _interruptible(lambda: writer.from_indexed_dataset(samples, chunksize=options.chunk_size))
+        _interruptible(lambda: writer.from_indexed_dataset(samples, chunksize=options.chunk_size),
+                       settled=writers_started)
     except BaseException:  # Ctrl-C (KeyboardInterrupt) or a failure: stop the writers, leave nothing behind
-        _stop_writers(writer)
+        # a Ctrl-C can come while FFCV starts its writers one by one: the clean-up waits until it has started them
+        # all (milliseconds), so that none starts after it and runs on
+        writers_started.wait(timeout=30)
+        _stop_writers(writer, queues)
         partial.unlink(missing_ok=True)
         raise
     if samples.failed.value:

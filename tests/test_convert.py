@@ -211,6 +211,43 @@ def _converting(src, dst):
 
 
 @pytest.mark.slow
+def test_writers_start_with_ctrl_c_blocked_after_the_first_shared_memory_block():
+    """FFCV's writer makes a shared-memory block and then forks its writers; the block starts multiprocessing's
+    resource tracker, whose start unblocks SIGINT in the calling thread. The writers must still be born with it
+    blocked: a Ctrl-C while they start would otherwise raise KeyboardInterrupt in each (a traceback per writer).
+    A fresh interpreter, so that no tracker runs yet."""
+    import subprocess
+    import sys
+    import textwrap
+    from tests.conftest import REPO, cli_env
+    code = textwrap.dedent("""
+        import multiprocessing as mp, signal
+        from multiprocessing import shared_memory
+        from dogo.pipelines.convert import _interruptible
+
+        def report(queue):
+            queue.put(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+        def fork_after_a_block():
+            block = shared_memory.SharedMemory(create=True, size=64)
+            ctx = mp.get_context("fork")
+            queue = ctx.Queue()
+            child = ctx.Process(target=report, args=(queue,))
+            child.start()
+            blocked = queue.get(timeout=30)
+            child.join()
+            block.close()
+            block.unlink()
+            return blocked
+
+        print("blocked" if _interruptible(fork_after_a_block) else "unblocked")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "blocked", done.stderr
+
+
+@pytest.mark.slow
 def test_one_ctrl_c_stops_convert_cleanly(big_images, shapes, tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the writers work: within seconds,
     exit 130 with one line, no DST and no DST.partial, no worker left, no shared memory left."""
