@@ -329,12 +329,15 @@ class DeviceRecipe:
         return buffers[0]
 
 
-def normalise(x: torch.Tensor, recipe, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+def normalise(x: torch.Tensor, recipe, dtype: torch.dtype, channels_last: bool, buffers=None) -> torch.Tensor:
     """uint8 or 0..255 float images -> (x / 255 - mean) / std in the training dtype and memory format (evaluation
-    images, and the views that the workers made)."""
+    images, and the views that the workers made); the output from `buffers` (a base.ReusedBuffers) if given."""
     std = np.asarray(recipe.std, dtype=np.float64)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)  # not .contiguous(): a copy
+    if buffers is None:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)  # not .contiguous(): a copy
+    else:
+        out = buffers.take(x.shape, dtype, x.device, fmt)
     if x.device.type == "cpu" and x.dtype == torch.uint8 and dtype == torch.float32 and x.dim() == 4 and x.shape[1] == 3:
         # torch's mixed-dtype addcmul on a CPU runs at a tenth of the memory's speed here (1 ms per 224 px view,
         # a quarter of the loader's budget); one pass of a compiled loop takes 0.07 ms

@@ -24,16 +24,14 @@ _R, _G, _B = np.float32(0.2989), np.float32(0.587), np.float32(0.114)  # torchvi
 _ZERO, _ONE, _TOP = np.float32(0), np.float32(1), np.float32(255)
 
 
+# The conversions index flat arrays: with (y, x) indices the loops did not vectorise (7x slower here).
 @numba.njit(cache=True, nogil=True)
-def _to_planes(img, planes):
-    """(H, W, 3) uint8 -> planes (3, H * W) float32."""
-    h, w, _ = img.shape
-    for y in range(h):
-        for x in range(w):
-            i = y * w + x
-            planes[0, i] = img[y, x, 0]
-            planes[1, i] = img[y, x, 1]
-            planes[2, i] = img[y, x, 2]
+def _to_planes(pixels, planes):
+    """pixels (H * W * 3,) uint8, RGBRGB... -> planes (3, H * W) float32."""
+    for i in range(planes.shape[1]):
+        planes[0, i] = pixels[3 * i]
+        planes[1, i] = pixels[3 * i + 1]
+        planes[2, i] = pixels[3 * i + 2]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -47,11 +45,18 @@ def _affine(planes, f, c):
 
 
 @numba.njit(cache=True, nogil=True)
+def _luma(red, green, blue):
+    return _R * red + _G * green + _B * blue
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _mean_luma(planes):
+    """The mean of each pixel's float32 luma, summed in float64; the sum in any order (it vectorises: 8x faster),
+    each luma exactly as torchvision's (_luma has no fast-math)."""
     r, g, b = planes[0], planes[1], planes[2]
     total = 0.0
     for i in range(r.size):
-        total += _R * r[i] + _G * g[i] + _B * b[i]
+        total += _luma(r[i], g[i], b[i])
     return np.float32(total / r.size)
 
 
@@ -98,19 +103,16 @@ def _hue(planes, shift):
 
 
 @numba.njit(cache=True, nogil=True)
-def _to_image(planes, gray, out):
-    """planes -> out (H, W, 3) uint8, rounded; all three channels the luma where `gray`."""
-    h, w, _ = out.shape
+def _to_image(planes, gray, pixels):
+    """planes -> pixels (H * W * 3,) uint8, rounded; all three channels the luma where `gray`."""
     half = np.float32(0.5)
-    for y in range(h):
-        for x in range(w):
-            i = y * w + x
-            red, green, blue = planes[0, i], planes[1, i], planes[2, i]
-            if gray:
-                red = green = blue = _R * red + _G * green + _B * blue
-            out[y, x, 0] = np.uint8(red + half)
-            out[y, x, 1] = np.uint8(green + half)
-            out[y, x, 2] = np.uint8(blue + half)
+    for i in range(planes.shape[1]):
+        red, green, blue = planes[0, i], planes[1, i], planes[2, i]
+        if gray:
+            red = green = blue = _luma(red, green, blue)
+        pixels[3 * i] = np.uint8(red + half)
+        pixels[3 * i + 1] = np.uint8(green + half)
+        pixels[3 * i + 2] = np.uint8(blue + half)
 
 
 def gaussian_kernel(sigma: float, size: int) -> np.ndarray:
@@ -132,6 +134,13 @@ def blur_taps(sigma: float, size: int) -> np.ndarray:
     tail = np.cumsum(k[:size // 2])  # weight of the outer taps on one side, by how many are dropped
     drop = int(np.searchsorted(tail, BLUR_TAIL / 2, side="right"))
     return k[drop:size - drop]
+
+
+def _flat(pixels: np.ndarray) -> np.ndarray:
+    """An (S, S, 3) image's pixels as one flat view (never a copy: the kernels write through it)."""
+    if not pixels.flags.c_contiguous:
+        raise ValueError("the CPU recipe works on C-contiguous (S, S, 3) images")
+    return pixels.reshape(-1)
 
 
 _SOLARIZE = np.where(np.arange(256) >= 128, 255 - np.arange(256), np.arange(256)).astype(np.uint8)
@@ -162,7 +171,7 @@ class CpuRecipe:
         """The recipe after the crop and flip for image i of p: `view` (S, S, 3) uint8 -> out (may be view)."""
         if p.jitter[i] or p.gray[i]:
             planes = self._planes
-            _to_planes(view, planes)
+            _to_planes(_flat(view), planes)
             f = p.factors[i].astype(np.float32)
             for op in (p.order[i] if p.jitter[i] else ()):
                 if op == 0:
@@ -173,7 +182,7 @@ class CpuRecipe:
                     _saturation(planes, f[2])
                 else:
                     _hue(planes, f[3])
-            _to_image(planes, bool(p.gray[i]), out)
+            _to_image(planes, bool(p.gray[i]), _flat(out))
         elif out is not view:
             out[...] = view
         if p.blur[i]:

@@ -32,7 +32,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from dogo.pipelines import params as P
 from dogo.pipelines.augment import DeviceRecipe, normalise, plan
-from dogo.pipelines.base import DataError, Shard, ShardedLoader, TwoViewBatch, prefetched
+from dogo.pipelines.base import DataError, ReusedBuffers, Shard, ShardedLoader, TwoViewBatch, prefetched
 from dogo.pipelines.cpu_recipe import CpuRecipe
 
 
@@ -162,6 +162,7 @@ class FFCVLoader(ShardedLoader):
                                           compile=compile_recipe) if place == "device" else None
         self._threads = max(1, workers)
         self._cpu = threading.local()  # one CpuRecipe (scratch planes) per thread of the pool
+        self._host_buffers = ReusedBuffers()  # the uint8 views, on a CPU device
         self._order = _ShardOrder(self.shard)
         decoder = MultiCropDecoder((image_size, image_size), n_views, scale=tuple(recipe.crop_scale),
                                    ratio=tuple(recipe.crop_ratio))
@@ -185,8 +186,9 @@ class FFCVLoader(ShardedLoader):
         """The flip (and with augment.place=workers the rest of the recipe) on the host, from the images' streams:
         (V, b, S, S, 3) uint8, pinned on CUDA, and per view the device plan (device placement)."""
         ids = self.shard.indices(epoch, step)
-        out = torch.empty((self.n_views, len(ids), self.size, self.size, 3), dtype=torch.uint8,
-                          pin_memory=self.device.type == "cuda")
+        shape = (self.n_views, len(ids), self.size, self.size, 3)
+        out = torch.empty(shape, dtype=torch.uint8, pin_memory=True) if self.device.type == "cuda" else \
+            self._host_buffers.take(shape, torch.uint8, self.device)
         dst = out.numpy()
         plans = []
         for v in range(self.n_views):
@@ -197,11 +199,15 @@ class FFCVLoader(ShardedLoader):
                 rows, flip = the_plan.restore, p.flip
                 dst[v, rows[~flip]] = crops[~flip, v]  # two copies for the batch, no loop over images
                 dst[v, rows[flip]] = crops[flip, v, :, ::-1]
-            else:
-                list(pool.map(lambda k: self._cpu_recipe().colour(
-                    np.ascontiguousarray(crops[k, v, :, ::-1]) if p.flip[k] else crops[k, v], p, k, dst[v, k]),
-                    range(len(ids))))
+            else:  # one task per thread, not per image: the pool's own overhead runs under the GIL
+                list(pool.map(lambda rows: self._colour_rows(rows, crops, v, p, dst),
+                              np.array_split(np.arange(len(ids)), self._threads)))
         return out, plans
+
+    def _colour_rows(self, rows: np.ndarray, crops: np.ndarray, v: int, p: P.ViewParams, dst: np.ndarray) -> None:
+        recipe = self._cpu_recipe()
+        for k in rows:
+            recipe.colour(np.ascontiguousarray(crops[k, v, :, ::-1]) if p.flip[k] else crops[k, v], p, k, dst[v, k])
 
     def _cpu_recipe(self) -> CpuRecipe:
         if not hasattr(self._cpu, "recipe"):
@@ -224,7 +230,8 @@ class FFCVLoader(ShardedLoader):
             views, restore = [], []
             for v in range(self.n_views):
                 if self.device_recipe is None:
-                    views.append(normalise(views_u8[v], self.recipe, self.dtype, self.channels_last))
+                    views.append(normalise(views_u8[v], self.recipe, self.dtype, self.channels_last,
+                                           self.outputs))
                 else:
                     view, rows = self.device_recipe.apply(views_u8[v], plans[v])
                     views.append(view)

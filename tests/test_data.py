@@ -7,7 +7,7 @@ import torch
 
 from dogo.engine.config import AugmentConfig
 from dogo.engine.evaluate import knn_predict
-from dogo.pipelines.base import DataError, Shard
+from dogo.pipelines.base import DataError, ReusedBuffers, Shard
 from dogo.pipelines.folder import FolderLoader
 from dogo.pipelines.imagefolder import scan
 from tests.conftest import in_order
@@ -54,6 +54,72 @@ def test_resume_position_skips_the_consumed_steps(shapes, place):
     loader.set_epoch(2, start_step=3)
     assert len(loader) == len(all_steps) - 3
     torch.testing.assert_close(in_order(next(iter(loader)), 0), in_order(all_steps[3], 0))
+
+
+def test_reused_buffers_never_hand_out_memory_still_held():
+    """A buffer comes back only once nothing holds its memory: not while a view of it is kept, not while autograd
+    keeps it for a backward pass; then it does come back (no new pages to fault in)."""
+    pool, shape = ReusedBuffers(keep=3), (4, 3, 8, 8)
+
+    def take():
+        out = pool.take(shape, torch.float32, CPU, torch.channels_last)
+        assert out.shape == shape and out.is_contiguous(memory_format=torch.channels_last)
+        return out
+
+    def address(t):
+        return t.untyped_storage().data_ptr()
+
+    first = take().fill_(1)
+    kept, first_at = first[1:], address(first)
+    del first
+    second = take()
+    assert address(second) != first_at  # the kept view holds the first buffer
+    second_at = address(second)
+    del second
+    third = take()
+    assert address(third) == second_at  # released: reused
+    weight = torch.randn(shape, requires_grad=True)
+    loss = (third * weight).sum()  # autograd saves `third` for the weight's gradient
+    del third
+    assert address(take()) not in (first_at, second_at)
+    loss.backward()
+    del loss
+    assert address(take()) == second_at  # autograd let go: reused again
+    assert torch.equal(kept, torch.ones_like(kept))
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_worker_batches_in_reused_memory_equal_a_loader_without_workers(shapes, place):
+    """With worker processes on a CPU device, batches are written into shared slots and views into reused
+    buffers: every batch of two epochs equals the batch made without workers, both when each batch is dropped at
+    once (the memory is reused) and when all of them are kept (none may be overwritten)."""
+    reference = []
+    for epoch in (0, 1):
+        plain = folder_loader(shapes / "train", place=place)
+        plain.set_epoch(epoch)
+        reference += [[in_order(b, v) for v in range(2)] + [b.labels] for b in plain]
+    for keep in (False, True):
+        loader = folder_loader(shapes / "train", place=place, workers=2)
+        released = []
+        release = loader._slots.release
+        loader._slots.release = lambda slot: (released.append(slot), release(slot))
+        batches, addresses = [], set()
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            for b in loader:
+                made = [in_order(b, v) for v in range(2)] + [b.labels]
+                addresses.add(b.views[0].untyped_storage().data_ptr())
+                if keep:
+                    batches.append((b, made))
+                else:
+                    assert all(torch.equal(x, y) for x, y in zip(made, reference[len(released) - 1]))
+        assert len(released) == len(reference)  # every batch came through a slot
+        if keep:
+            for (b, made), expected in zip(batches, reference):
+                assert all(torch.equal(x, y) for x, y in zip(made, expected))
+                assert torch.equal(in_order(b, 0), expected[0])  # the kept batch itself, after all the others
+        else:
+            assert len(addresses) < len(reference)  # output buffers were reused
 
 
 def test_shard_epochs_are_permutations():
