@@ -179,7 +179,7 @@ class ReusedBuffers:
     @staticmethod
     def _unused(buffer: torch.Tensor) -> bool:
         # users of the storage: the pool's tensor and the storage object made to ask (torch's private count, as
-        # torch's own CUDA-graph memory pool asks it; tests/test_pipelines.py checks what it counts)
+        # torch's own CUDA-graph memory pool asks it; tests/test_data.py checks what it counts)
         return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) == 2
 
 
