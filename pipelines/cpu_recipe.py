@@ -13,12 +13,15 @@ separable filter beats its GaussianBlur 3.5x for a 23-tap kernel; cv2.resize (bi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import cv2
 import numba
 import numpy as np
 
 from dogo.pipelines import params as P
-from dogo.pipelines.augment import blur_kernel_size
+from dogo.pipelines.augment import Plan, blur_kernel_size, plan as device_plan
 
 _R, _G, _B = np.float32(0.2989), np.float32(0.587), np.float32(0.114)  # torchvision's luma weights
 _ZERO, _ONE, _TOP = np.float32(0), np.float32(1), np.float32(255)
@@ -161,10 +164,8 @@ class CpuRecipe:
         r = self.recipe
         for v, key in enumerate(keys):
             p = P.draw(r, key)
-            left, top, w, h = P.crop_boxes(key, height, width, r.crop_scale, r.crop_ratio)[0]
-            view = cv2.resize(image[top:top + h, left:left + w], (self.size, self.size),
-                              interpolation=cv2.INTER_LINEAR)
-            self.colour(cv2.flip(view, 1) if p.flip[0] else view, p, 0, out[v])
+            box = P.crop_boxes(key, height, width, r.crop_scale, r.crop_ratio)[0]
+            self.colour(crop_and_flip(image, box, bool(p.flip[0]), self.size), p, 0, out[v])
         return out
 
     def colour(self, view: np.ndarray, p: P.ViewParams, i: int, out: np.ndarray) -> np.ndarray:
@@ -192,3 +193,44 @@ class CpuRecipe:
         if p.solarize[i]:
             cv2.LUT(out, _SOLARIZE, dst=out)
         return out
+
+
+def crop_and_flip(image: np.ndarray, box, flip: bool, size: int) -> np.ndarray:
+    """RandomResizedCrop's box resized to size x size (bilinear, as F.interpolate without antialiasing: the
+    device's batched crop samples the same points), mirrored where `flip`."""
+    left, top, w, h = (int(v) for v in box)
+    view = cv2.resize(image[top:top + h, left:left + w], (size, size), interpolation=cv2.INTER_LINEAR)
+    return cv2.flip(view, 1) if flip else view
+
+
+@dataclass(frozen=True)
+class DrawnView:
+    """One view of a batch as drawn from its images' streams, before any pixel is made."""
+    params: P.ViewParams
+    boxes: np.ndarray  # (b, 4) crop boxes (left, top, w, h)
+    plan: Plan | None  # augment.place=device: the device recipe's plan (crop k goes to row plan.restore[k])
+
+
+def draw_views(recipe, seed: int, epoch: int, ids: np.ndarray, heights, widths, n_views: int,
+               on_device: bool) -> list[DrawnView]:
+    """Every view's parameters and crop boxes for the images `ids` of sizes (heights, widths)."""
+    drawn = []
+    for v in range(n_views):
+        keys = P.stream_keys(seed, epoch, ids, v)
+        p = P.draw(recipe, keys)
+        boxes = P.crop_boxes(keys, heights, widths, recipe.crop_scale, recipe.crop_ratio)
+        drawn.append(DrawnView(p, boxes, device_plan(p) if on_device else None))
+    return drawn
+
+
+def write_views(images: Sequence[np.ndarray], rows, drawn: list[DrawnView], size: int,
+                recipe: CpuRecipe | None, pixels: np.ndarray) -> None:
+    """For each image k in `rows`, every view's crop and flip into pixels (n_views, b, S, S, 3) uint8: with a
+    CpuRecipe (augment.place=workers) the whole recipe, at row k; without, at the device recipe's row."""
+    for k in rows:
+        for v, view in enumerate(drawn):
+            crop = crop_and_flip(images[k], view.boxes[k], bool(view.params.flip[k]), size)
+            if recipe is None:
+                pixels[v, view.plan.restore[k]] = crop
+            else:
+                recipe.colour(crop, view.params, k, pixels[v, k])

@@ -1,12 +1,13 @@
 """FFCV backend: two-view batches from a .beton file (`dogo convert`).
 
-One decoder (MultiCropDecoder) decodes each JPEG once and takes every view's RandomResizedCrop from it (FFCV's own
-decoder would decode once per view); FFCV's threads do that. Right after, on the host, each crop is flipped from
-its image's parameter stream (params.py) and, with augment.place=workers, goes through the rest of the recipe in a
-thread pool (cpu_recipe.py: numba and OpenCV release the GIL); with augment.place=device the crops are written in
-the device recipe's sorted order and the recipe runs batched on the device (augment.DeviceRecipe). The order is ours, not FFCV's: a TraversalOrder that serves this rank's rows of each global
-batch of `Shard`, so every world size sees the same images per step (as the folder backend) and a resumed run starts
-at its step. `data.order: quasi_random` keeps the global batches random but reads the file in shuffled blocks of
+FFCV's threads read and decode each image once, whole (WholeImageDecoder); right after, on the host, a thread pool
+makes every view from it as the folder backend does (cpu_recipe.write_views: crop box and flip from the image's
+parameter stream, bilinear resize by OpenCV), so both backends give the same views of the same pixels. With
+augment.place=workers the rest of the recipe runs there too, in uint8 (cpu_recipe.py: numba and OpenCV release the
+GIL); with augment.place=device the crops are written in the device recipe's sorted order and the recipe runs
+batched on the device (augment.DeviceRecipe). The order is ours, not FFCV's: a TraversalOrder that serves this
+rank's rows of each global batch of `Shard`, so every world size sees the same images per step (as the folder
+backend) and a resumed run starts at its step. `data.order: quasi_random` keeps the global batches random but reads the file in shuffled blocks of
 neighbouring samples, for machines whose memory cannot hold the file in the page cache.
 """
 from __future__ import annotations
@@ -18,11 +19,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+from ffcv.libffcv import imdecode
 from ffcv.loader import Loader
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -30,10 +32,9 @@ from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from dogo.pipelines import params as P
-from dogo.pipelines.augment import DeviceRecipe, normalise, plan
+from dogo.pipelines.augment import DeviceRecipe, normalise
 from dogo.pipelines.base import DataError, ReusedBuffers, Shard, ShardedLoader, TwoViewBatch, prefetched
-from dogo.pipelines.cpu_recipe import CpuRecipe
+from dogo.pipelines.cpu_recipe import CpuRecipe, draw_views, write_views
 
 
 @dataclass(frozen=True)
@@ -48,44 +49,35 @@ class BlockShard(Shard):
         return np.concatenate([rng.permutation(blocks[i]) for i in rng.permutation(len(blocks))])
 
 
-class MultiCropDecoder(RandomResizedCropRGBImageDecoder):
-    """FFCV's RandomResizedCrop decoder, but each image is decoded once and `n_crops` independent crops are taken
-    from it: output (n_crops, S, S, 3) per image. FFCV's own decoder decodes once per crop, which at two views
-    nearly halves the decode rate (benchmarks/results/pipeline_ffcv_decode_twice_cpu2.json)."""
-
-    def __init__(self, output_size, n_crops: int, scale=(0.08, 1.0), ratio=(0.75, 4 / 3)):
-        super().__init__(output_size, scale=scale, ratio=ratio)
-        self.n_crops = n_crops
+class WholeImageDecoder(SimpleRGBImageDecoder):
+    """Each image decoded once, whole, into its row of a (batch, max_h * max_w * 3) uint8 buffer (FFCV's
+    SimpleRGBImageDecoder, for images of any size). The crops are ours, made on the host from the images' streams
+    as the folder backend makes them (cpu_recipe.crop_and_flip: bilinear, OpenCV): FFCV's RandomResizedCrop
+    decoder draws its boxes from its own generator, decodes once per view and resizes with OpenCV's area filter,
+    which cost 0.4 ms per view on large crops here (benchmarks/results/pipeline_ffcv_workers_cpu2.json)."""
 
     def declare_state_and_memory(self, previous_state):
-        state, (_, temp) = super().declare_state_and_memory(previous_state)
-        shape = (self.n_crops, self.output_size[0], self.output_size[1], 3)
-        return replace(state, shape=shape), (AllocationQuery(shape, np.dtype("<u1")), temp)
+        heights, widths = self.metadata["height"], self.metadata["width"]
+        shape = (int(heights.max()) * int(widths.max()) * 3,)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
+                AllocationQuery(shape, np.dtype("<u1")))
 
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        get_crop_c = Compiler.compile(self.get_crop_generator)
-        scale, ratio, n_crops = np.array(self.scale), np.array(self.ratio), self.n_crops
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+        def decode(batch_indices, destination, metadata, storage_state):
             for dst_ix in my_range(len(batch_indices)):
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
-                height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                if field["mode"] == jpg:  # as FFCV's decoder: the full image into this sample's scratch space
-                    image = temp_storage[dst_ix]
-                    imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
-                    image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                else:
-                    image = image_data.reshape(height, width, 3)
-                for v in range(n_crops):
-                    i, j, h, w = get_crop_c(height, width, scale, ratio)
-                    resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix, v])
+                height, width = field["height"], field["width"]
+                if field["mode"] == jpg:
+                    imdecode_c(image_data, destination[dst_ix], height, width, height, width, 0, 0, 1, 1, False,
+                               False)
+                else:  # raw pixels: the first 3 h w bytes of the row
+                    destination[dst_ix, :image_data.size] = image_data
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -161,53 +153,49 @@ class FFCVLoader(ShardedLoader):
         self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last,
                                           compile=compile_recipe) if place == "device" else None
         self._threads = max(1, workers)
+        cv2.setNumThreads(1)  # the crops run in our pool, one image per thread at a time
         self._cpu = threading.local()  # one CpuRecipe (scratch planes) per thread of the pool
         self._host_buffers = ReusedBuffers()  # the uint8 views, on a CPU device
         self._order = _ShardOrder(self.shard)
-        decoder = MultiCropDecoder((image_size, image_size), n_views, scale=tuple(recipe.crop_scale),
-                                   ratio=tuple(recipe.crop_ratio))
+        sizes = reader.metadata[f"f{fields.index(fields.image)}"]
+        self._heights, self._widths = sizes["height"].astype(np.int64), sizes["width"].astype(np.int64)
         pipelines = {name: None for name in fields.names}  # other fields are not read
-        pipelines[fields.image] = [decoder, ToTensor()]
+        pipelines[fields.image] = [WholeImageDecoder(), ToTensor()]
         pipelines[fields.label] = [IntDecoder(), ToTensor(), Squeeze()]
         self._image_first = fields.index(fields.image) < fields.index(fields.label)
         self._loader = Loader(str(beton), batch_size=self.shard.local_batch, num_workers=self._threads,
                               os_cache=os_cache, order=self._order, seed=seed, pipelines=pipelines, drop_last=True)
 
-    def uint8_batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(step, uint8 crops (b, views, S, S, 3) on the host, labels) as FFCV makes them, before the recipe.
-        FFCV reuses its buffers: the crops are valid until the next batch is asked for."""
+    def decoded_batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, list[np.ndarray], torch.Tensor]]:
+        """(step, the batch's decoded images (h, w, 3) uint8, labels) as FFCV makes them, before any crop. FFCV
+        reuses its buffers: the images are valid until the next batch is asked for."""
         # FFCV asks the order for `next_epoch`'s samples when iteration starts (and then counts it up itself)
         self._order.start_step, self._loader.next_epoch = start_step, epoch
         for step, pair in enumerate(self._loader, start=start_step):  # fields come in the writer's order
-            crops, labels = pair if self._image_first else pair[::-1]
-            yield step, crops, labels
+            rows, labels = pair if self._image_first else pair[::-1]
+            ids = self.shard.indices(epoch, step)
+            rows = rows.numpy()
+            images = [rows[k, :3 * h * w].reshape(h, w, 3)
+                      for k, (h, w) in enumerate(zip(self._heights[ids], self._widths[ids]))]
+            yield step, images, labels
 
-    def _host_views(self, epoch: int, step: int, crops: np.ndarray, pool: ThreadPoolExecutor):
-        """The flip (and with augment.place=workers the rest of the recipe) on the host, from the images' streams:
-        (V, b, S, S, 3) uint8, pinned on CUDA, and per view the device plan (device placement)."""
+    def _host_views(self, epoch: int, step: int, images: list[np.ndarray], pool: ThreadPoolExecutor):
+        """Every view's crop and flip (and with augment.place=workers the rest of the recipe) on the host, from the
+        images' streams, split over the pool's threads (one task per thread, not per image: the pool's own
+        overhead runs under the GIL): (V, b, S, S, 3) uint8, pinned on CUDA, and the device plans (device
+        placement)."""
         ids = self.shard.indices(epoch, step)
         shape = (self.n_views, len(ids), self.size, self.size, 3)
         out = torch.empty(shape, dtype=torch.uint8, pin_memory=True) if self.device.type == "cuda" else \
             self._host_buffers.take(shape, torch.uint8, self.device)
-        dst = out.numpy()
-        plans = []
-        for v in range(self.n_views):
-            p = P.draw(self.recipe, P.stream_keys(self.seed, epoch, ids, v))
-            if self.device_recipe is not None:  # each crop at its row of the device recipe's sorted order
-                the_plan = plan(p)
-                plans.append(the_plan)
-                rows, flip = the_plan.restore, p.flip
-                dst[v, rows[~flip]] = crops[~flip, v]  # two copies for the batch, no loop over images
-                dst[v, rows[flip]] = crops[flip, v, :, ::-1]
-            else:  # one task per thread, not per image: the pool's own overhead runs under the GIL
-                list(pool.map(lambda rows: self._colour_rows(rows, crops, v, p, dst),
-                              np.array_split(np.arange(len(ids)), self._threads)))
-        return out, plans
-
-    def _colour_rows(self, rows: np.ndarray, crops: np.ndarray, v: int, p: P.ViewParams, dst: np.ndarray) -> None:
-        recipe = self._cpu_recipe()
-        for k in rows:
-            recipe.colour(np.ascontiguousarray(crops[k, v, :, ::-1]) if p.flip[k] else crops[k, v], p, k, dst[v, k])
+        on_device = self.device_recipe is not None
+        drawn = draw_views(self.recipe, self.seed, epoch, ids, self._heights[ids], self._widths[ids], self.n_views,
+                           on_device=on_device)
+        pixels = out.numpy()
+        list(pool.map(lambda rows: write_views(images, rows, drawn, self.size,
+                                               None if on_device else self._cpu_recipe(), pixels),
+                      np.array_split(np.arange(len(ids)), self._threads)))
+        return out, [view.plan for view in drawn] if on_device else None
 
     def _cpu_recipe(self) -> CpuRecipe:
         if not hasattr(self._cpu, "recipe"):
@@ -218,8 +206,8 @@ class FFCVLoader(ShardedLoader):
         """(host views, plans, labels) per step: FFCV's crops taken out of FFCV's reused buffers before the next
         batch is asked for."""
         with ThreadPoolExecutor(self._threads) as pool:
-            for step, crops, labels in self.uint8_batches(epoch, start_step):
-                host, plans = self._host_views(epoch, step, crops.numpy(), pool)
+            for step, images, labels in self.decoded_batches(epoch, start_step):
+                host, plans = self._host_views(epoch, step, images, pool)
                 yield host, plans, labels.clone()
 
     def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:

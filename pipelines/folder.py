@@ -13,14 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 import torch
 
-from dogo.pipelines import params as P
-from dogo.pipelines.augment import DeviceRecipe, normalise, plan as device_plan
+from dogo.pipelines.augment import DeviceRecipe, normalise
 from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch
-from dogo.pipelines.cpu_recipe import CpuRecipe
+from dogo.pipelines.cpu_recipe import CpuRecipe, draw_views, write_views
 from dogo.pipelines.imagefolder import ImageFolderIndex, scan
 from dogo.pipelines.images import DECODE_ERRORS, load_rgb, open_rgb
 
@@ -35,14 +33,6 @@ def _private_generator() -> torch.Generator:
 def _whole_batch(batch):
     """The DataLoader's collate: the dataset's __getitems__ already made the batch."""
     return batch
-
-
-def crop_and_flip(image: np.ndarray, box, flip: bool, size: int) -> np.ndarray:
-    """RandomResizedCrop's box resized to size x size (bilinear, as F.interpolate without antialiasing: the
-    device's batched crop samples the same points), mirrored where `flip`."""
-    left, top, w, h = (int(v) for v in box)
-    view = cv2.resize(image[top:top + h, left:left + w], (size, size), interpolation=cv2.INTER_LINEAR)
-    return cv2.flip(view, 1) if flip else view
 
 
 def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
@@ -132,30 +122,17 @@ class _Batches(torch.utils.data.Dataset):
         images = [im for im, _ in decoded]
         heights = np.array([im.shape[0] for im in images])
         widths = np.array([im.shape[1] for im in images])
-        r = self.recipe
         shape = (self.n_views, len(ids), self.size, self.size, 3)
         claimed = self.slots.claim() if self.slots is not None and tuple(self.slots.pixels.shape[2:]) == shape \
             else None
         out, slot = claimed if claimed is not None else (batch_buffer(shape), None)
-        pixels = out.numpy()
-        plans = []
-        for v in range(self.n_views):
-            keys_v = P.stream_keys(self.seed, epoch, ids, v)
-            p = P.draw(r, keys_v)
-            boxes = P.crop_boxes(keys_v, heights, widths, r.crop_scale, r.crop_ratio)
-            if self.cpu_recipe is None:  # device placement: each crop at its row of the device's sorted order
-                the_plan = device_plan(p)
-                rows = the_plan.restore
-                plans.append(the_plan)
-            for k, image in enumerate(images):
-                view = crop_and_flip(image, boxes[k], bool(p.flip[k]), self.size)
-                if self.cpu_recipe is None:
-                    pixels[v, rows[k]] = view
-                else:
-                    self.cpu_recipe.colour(view, p, k, pixels[v, k])
+        drawn = draw_views(self.recipe, self.seed, epoch, ids, heights, widths, self.n_views,
+                           on_device=self.cpu_recipe is None)
+        write_views(images, range(len(images)), drawn, self.size, self.cpu_recipe, out.numpy())
+        plans = [view.plan for view in drawn] if self.cpu_recipe is None else None
         labels = np.array([label for _, label in decoded], dtype=np.int64)
         return {"views": out if slot is None else None, "slot": slot, "labels": torch.from_numpy(labels),
-                "skipped": skipped, "plans": plans or None}
+                "skipped": skipped, "plans": plans}
 
 
 class _ShardBatches(torch.utils.data.Sampler):

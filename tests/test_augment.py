@@ -12,7 +12,7 @@ from dogo.benchmarks.traffic import recipe_traffic
 from dogo.engine.config import AugmentConfig
 from dogo.pipelines import augment as A, params as P
 from dogo.pipelines.cpu_recipe import CpuRecipe, blur_taps
-from dogo.pipelines.folder import crop_and_flip
+from dogo.pipelines.cpu_recipe import crop_and_flip
 
 STRONG = AugmentConfig(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, grayscale_p=0.3, solarize_p=0.3)
 
