@@ -7,9 +7,10 @@ augment.place=workers the rest of the recipe runs there too, in uint8 (cpu_recip
 GIL); with augment.place=device the crops are written in the device recipe's sorted order and the recipe runs
 batched on the device (augment.DeviceRecipe). The order is ours, not FFCV's: a TraversalOrder that serves this
 rank's rows of each global batch of `Shard`, so every world size sees the same images per step (as the folder
-backend) and a resumed run starts at its step. `data.order: quasi_random` keeps the global batches random but reads the file in shuffled blocks of
-neighbouring samples, for machines whose memory cannot hold the file in the page cache.
-"""
+backend) and a resumed run starts at its step. `data.order: quasi_random` keeps the global batches random but
+reads the file in shuffled blocks of neighbouring samples, for machines whose memory cannot hold the file in the
+page cache. The decode buffer holds each image at the .beton's largest size, as FFCV's own decoders' scratch
+space does: convert with `--max-resolution` (FFCV's ImageNet recipe uses 512) for large photos."""
 from __future__ import annotations
 
 import math
