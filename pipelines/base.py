@@ -126,6 +126,8 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
                 if stop.is_set():
                     break
                 ready.put((item, None))
+            if hasattr(items, "close"):  # a generator's clean-up runs here, before the thread ends (not at exit)
+                items.close()
         except BaseException as exc:  # handed to the consumer
             ready.put((None, exc))
         ready.put((done, None))

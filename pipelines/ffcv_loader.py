@@ -86,6 +86,15 @@ class WholeImageDecoder(SimpleRGBImageDecoder):
         return decode
 
 
+def _stop(epoch_iterator) -> None:
+    """Stop FFCV's epoch thread and wait for it. Left to itself, an epoch left early keeps decoding until its queue
+    is full; a daemon thread still running when the interpreter exits is ended as it retakes the GIL inside torch's
+    C++ code, which aborts the process ("terminate called without an active exception", exit status 134)."""
+    epoch_iterator.terminate_event.set()  # seen once its queue is full (FFCV 1.0.2, ffcv/loader/epoch_iterator.py)
+    epoch_iterator.join()
+    epoch_iterator.close()  # after the thread: close() releases the memory context the thread reads from
+
+
 class _ShardOrder(TraversalOrder):
     """FFCV traversal order serving Shard.epoch_indices from the step set by the loader."""
 
@@ -173,13 +182,17 @@ class FFCVLoader(ShardedLoader):
         reuses its buffers: the images are valid until the next batch is asked for."""
         # FFCV asks the order for `next_epoch`'s samples when iteration starts (and then counts it up itself)
         self._order.start_step, self._loader.next_epoch = start_step, epoch
-        for step, pair in enumerate(self._loader, start=start_step):  # fields come in the writer's order
-            rows, labels = pair if self._image_first else pair[::-1]
-            ids = self.shard.indices(epoch, step)
-            rows = rows.numpy()
-            images = [rows[k, :3 * h * w].reshape(h, w, 3)
-                      for k, (h, w) in enumerate(zip(self._heights[ids], self._widths[ids]))]
-            yield step, images, labels
+        epoch_iterator = iter(self._loader)  # FFCV's EpochIterator: a daemon thread decoding batches ahead
+        try:
+            for step, pair in enumerate(epoch_iterator, start=start_step):  # fields come in the writer's order
+                rows, labels = pair if self._image_first else pair[::-1]
+                ids = self.shard.indices(epoch, step)
+                rows = rows.numpy()
+                images = [rows[k, :3 * h * w].reshape(h, w, 3)
+                          for k, (h, w) in enumerate(zip(self._heights[ids], self._widths[ids]))]
+                yield step, images, labels
+        finally:
+            _stop(epoch_iterator)
 
     def _host_views(self, epoch: int, step: int, images: list[np.ndarray], pool: ThreadPoolExecutor):
         """Every view's crop and flip (and with augment.place=workers the rest of the recipe) on the host, from the

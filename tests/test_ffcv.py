@@ -181,3 +181,19 @@ def test_a_stock_ffcv_beton_with_other_field_names_and_order(beton, shapes, tmp_
     for a, b in zip(theirs, ours):
         torch.testing.assert_close(a.labels, b.labels)
         assert a.views[0].shape == b.views[0].shape == (16, 3, 16, 16)
+
+
+def test_an_epoch_left_early_stops_ffcvs_thread(beton):
+    """FFCV's epoch thread is a daemon that keeps decoding ahead; left running, the interpreter's exit kills it as it
+    retakes the GIL inside torch's C++ code and the process aborts (exit status 134). Closing our batches waits
+    for it."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+    for place in ("device", "workers"):
+        loader = _loader(beton, batch=8, place=place)
+        loader.set_epoch(0)
+        batches = iter(loader)
+        next(batches)
+        batches.close()
+        assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
