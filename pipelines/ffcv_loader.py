@@ -14,6 +14,7 @@ space does: convert with `--max-resolution` (FFCV's ImageNet recipe uses 512) fo
 from __future__ import annotations
 
 import math
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -88,10 +89,16 @@ class WholeImageDecoder(SimpleRGBImageDecoder):
 
 def _stop(epoch_iterator) -> None:
     """Stop FFCV's epoch thread and wait for it. Left to itself, an epoch left early keeps decoding until its queue
-    is full; a daemon thread still running when the interpreter exits is ended as it retakes the GIL inside torch's
-    C++ code, which aborts the process ("terminate called without an active exception", exit status 134)."""
-    epoch_iterator.terminate_event.set()  # seen once its queue is full (FFCV 1.0.2, ffcv/loader/epoch_iterator.py)
-    epoch_iterator.join()
+    is full, and at the epoch's end it blocks for good putting its end marker into a full queue; a daemon thread
+    still running when the interpreter exits is ended as it retakes the GIL inside torch's C++ code, which aborts
+    the process ("terminate called without an active exception", exit status 134)."""
+    epoch_iterator.iter_ixes = iter(())  # no batch after the one it is making (FFCV 1.0.2: it asks at each batch)
+    epoch_iterator.terminate_event.set()
+    while epoch_iterator.is_alive():  # take what it still puts, the end marker included, so that no put blocks
+        try:
+            epoch_iterator.output_queue.get(timeout=0.1)
+        except queue.Empty:
+            pass
     epoch_iterator.close()  # after the thread: close() releases the memory context the thread reads from
 
 
