@@ -11,7 +11,7 @@ NGPU ?= 1
 IMAGENET ?=
 
 .PHONY: setup demo demo-check demo-disco test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
-	cifar10-r18-r50 cifar10-simclr-r18 cifar10-simclr-r50 cifar10-disco-r18 bench bench-pipeline photos convert clean
+	cifar10-r18-r50 cifar10-r18-r34 cifar10-simclr-r18 cifar10-simclr-r50 cifar10-disco-r18 bench bench-pipeline photos convert clean
 
 setup: $(STAMP)
 
@@ -115,6 +115,10 @@ endef
 cifar10-r18-r50: $(STAMP)
 	$(require_cifar)
 	$(call job,configs/cifar10_r18_r50.yaml,data.path=$(CIFAR))
+
+cifar10-r18-r34: $(STAMP)
+	$(require_cifar)
+	$(call job,configs/cifar10_r18_r34.yaml,data.path=$(CIFAR))
 
 cifar10-simclr-r18: $(STAMP)
 	$(require_cifar)

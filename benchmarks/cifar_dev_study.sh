@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The CIFAR-10 study on a small real split (the dev set: 1,522 train, 761 test photos), as the README reports it:
 #   1. SimCLR ResNet-18 for 30 minutes of training on our 2-core CPU (18 epochs), kNN monitored every 2 epochs;
-#   2. SimCLR ResNet-18 and DoGo ResNet-18 + ResNet-50, 3 seeds each, at equal steps (4 epochs);
-#   3. a SimCLR ResNet-50 teacher at the same steps, then DisCo ResNet-18 from it at the same steps again;
-#   4. kNN and linear probe of every run's networks, their random initialisation and raw pixels (dogo eval table:
-#      the SimCLR runs in cifar_dev_table_cpu2.json, the DoGo and teacher runs in cifar_dev_table_distill_cpu2.json,
-#      DisCo in cifar_dev_table_disco_cpu2.json, as they were measured in separate sittings);
-#   5. everything collected into benchmarks/results/cifar_dev_search_cpu2.json (python -m dogo.benchmarks.study).
-# Usage: benchmarks/cifar_dev_study.sh CIFAR_DIR [OUT_DIR]   (about 2.5 hours on 2 cores)
+#   2. SimCLR ResNet-18 and DoGo ResNet-18 + ResNet-34 (KL weight 0.1 per row for each peer), 3 seeds each, at equal
+#      steps (4 epochs);
+#   3. the seed-0 search over the DoGo KL that chose that weight: DoGo's own weights (100 and 1 on its mean over the
+#      B x B entries: 1.5625 and 0.015625 per row at batch 64), and temperature 0.5 with weight 0.5 each; and DoGo
+#      ResNet-18 + ResNet-50 at DoGo's per-row weights for batch 256 (0.39 and 0.0039), 3 seeds;
+#   4. a SimCLR ResNet-50 teacher trained for TEACHER_STEPS, then DisCo ResNet-18 from it at the students' steps;
+#   5. kNN and linear probe of every run's networks, their random initialisation and raw pixels (dogo eval table),
+#      and everything collected into benchmarks/results/cifar_dev_*search_cpu2.json (python -m dogo.benchmarks.study).
+# Usage: benchmarks/cifar_dev_study.sh CIFAR_DIR [OUT_DIR]   (about 4 hours on 2 cores)
 # A run whose folder already holds a finished run (a "done" event in its metrics.jsonl) is not trained again, so the
 # study can be spread over several sittings; delete a run's folder to train it anew.
 set -euo pipefail
@@ -32,28 +34,56 @@ train() {  # train CONFIG name=NAME ...: unless $OUT/NAME already finished
 
 train configs/cifar10_simclr_r18.yaml name=simclr_r18_30min $COMMON schedule.max_steps=414 \
   eval.knn_every_epochs=2 log.every=23
+train configs/cifar10_simclr_r18.yaml name=simclr_r18_30min_strength1 $COMMON schedule.max_steps=414 \
+  augment.brightness=0.8 augment.contrast=0.8 augment.saturation=0.8 augment.hue=0.2 eval.knn_every_epochs=2 \
+  log.every=23  # DoGo's colour strength 1.0 (the later overrides win)
+# DoGo with a weak KL: at DoGo's own weights the ResNet-18 spends its updates matching a peer no better than itself
+KL01="peers.r18.kl_weight=0.1 peers.r34.kl_weight=0.1"
 for seed in 0 1 2; do
   train configs/cifar10_simclr_r18.yaml name=simclr_r18_s$seed $COMMON seed=$seed schedule.max_steps=$STEPS \
     eval.knn_every_epochs=2 log.every=23
+  train configs/cifar10_r18_r34.yaml name=dogo_r34_w01_s$seed $COMMON seed=$seed schedule.max_steps=$STEPS $KL01 \
+    eval.knn_every_epochs=2 log.every=23
+done
+# The seed-0 search over the KL (and the ResNet-50 peer at DoGo's per-row weights, seeds 0-2)
+train configs/cifar10_r18_r34.yaml name=dogo_r34_w156_s0 $COMMON seed=0 schedule.max_steps=$STEPS \
+  peers.r18.kl_weight=1.5625 peers.r34.kl_weight=0.015625 eval.knn_every_epochs=2 log.every=23
+train configs/cifar10_r18_r34.yaml name=dogo_r34_t05w05_s0 $COMMON seed=0 schedule.max_steps=$STEPS \
+  objective.tau_kl=0.5 peers.r18.kl_weight=0.5 peers.r34.kl_weight=0.5 eval.knn_every_epochs=2 log.every=23
+for seed in 0 1 2; do
   train configs/cifar10_r18_r50.yaml name=dogo_r18_r50_s$seed $COMMON seed=$seed schedule.max_steps=$STEPS \
     peers.r50.zero_init_residual=true eval.knn_every_epochs=2 log.every=23
 done
-train configs/cifar10_simclr_r50.yaml name=simclr_r50_teacher $COMMON schedule.max_steps=$STEPS \
-  eval.knn_every_epochs=2 log.every=23
+# DisCo: a ResNet-50 teacher trained TEACHER_STEPS (the lr is constant, so its first N steps are the N-step run)
+TEACHER_STEPS=@TEACHER_STEPS@
+train configs/cifar10_simclr_r50.yaml name=simclr_r50_teacher_$TEACHER_STEPS $COMMON seed=0 \
+  schedule.max_steps=$TEACHER_STEPS eval.knn_every_epochs=6
 train configs/cifar10_disco_r18_from_r50.yaml name=disco_r18_s0 $COMMON seed=0 schedule.max_steps=$STEPS \
-  teacher.checkpoint=$OUT/simclr_r50_teacher objective.distill_weight=0.5 eval.knn_every_epochs=2 log.every=23
+  teacher.checkpoint=$OUT/simclr_r50_teacher_$TEACHER_STEPS objective.distill_weight=0.5 eval.knn_every_epochs=2 \
+  log.every=23
 
 table() {  # table OUT.json RUN...: kNN and linear probe of the runs' networks, random init, raw pixels
   local out=$1; shift
   $DOGO eval table $(for r in "$@"; do echo "$OUT/$r"; done) --set "data.path=$CIFAR" --set eval.knn_k=20 \
     --set eval.knn_temperature=0.07 --json "$out"
 }
-SIMCLR="simclr_r18_30min simclr_r18_s0 simclr_r18_s1 simclr_r18_s2"
-DISTILL="dogo_r18_r50_s0 dogo_r18_r50_s1 dogo_r18_r50_s2 simclr_r50_teacher"
-table benchmarks/results/cifar_dev_table_cpu2.json $SIMCLR
-table benchmarks/results/cifar_dev_table_distill_cpu2.json $DISTILL
-table benchmarks/results/cifar_dev_table_disco_cpu2.json disco_r18_s0
-$PY -m dogo.benchmarks.study benchmarks/results/cifar_dev_search_cpu2.json --base configs/cifar10_simclr_r18.yaml \
-  --runs $(for r in $SIMCLR $DISTILL disco_r18_s0; do echo "$OUT/$r"; done) \
-  --tables benchmarks/results/cifar_dev_table_{cpu2,distill_cpu2,disco_cpu2}.json \
-  --note "CIFAR-10 dev set (1,522 train / 761 test real photos): benchmarks/cifar_dev_study.sh"
+collect() {  # collect OUT.json TABLE RUN...: the runs' settings and kNN curves, with their table
+  local out=$1 tables=$2; shift 2
+  $PY -m dogo.benchmarks.study "$out" --base configs/cifar10_simclr_r18.yaml \
+    --runs $(for r in "$@"; do echo "$OUT/$r"; done) --tables $tables \
+    --note "CIFAR-10 dev set (1,522 train / 761 test real photos): benchmarks/cifar_dev_study.sh"
+}
+SEEDS="simclr_r18_s0 simclr_r18_s1 simclr_r18_s2 dogo_r34_w01_s0 dogo_r34_w01_s1 dogo_r34_w01_s2"
+SEARCH="dogo_r34_w156_s0 dogo_r34_t05w05_s0"
+R50="dogo_r18_r50_s0 dogo_r18_r50_s1 dogo_r18_r50_s2"
+DISCO="simclr_r50_teacher_$TEACHER_STEPS disco_r18_s0"
+table benchmarks/results/cifar_dev_table_cpu2.json simclr_r18_30min simclr_r18_30min_strength1
+table benchmarks/results/cifar_dev_table_seeds_cpu2.json $SEEDS $SEARCH
+table benchmarks/results/cifar_dev_table_distill_cpu2.json $R50
+table benchmarks/results/cifar_dev_table_disco_cpu2.json $DISCO
+collect benchmarks/results/cifar_dev_search_cpu2.json benchmarks/results/cifar_dev_table_cpu2.json simclr_r18_30min \
+  simclr_r18_30min_strength1
+collect benchmarks/results/cifar_dev_dogo_search_cpu2.json \
+  "benchmarks/results/cifar_dev_table_seeds_cpu2.json benchmarks/results/cifar_dev_table_distill_cpu2.json" \
+  $SEEDS $SEARCH $R50
+collect benchmarks/results/cifar_dev_disco_cpu2.json benchmarks/results/cifar_dev_table_disco_cpu2.json $DISCO
