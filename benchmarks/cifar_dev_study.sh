@@ -55,11 +55,14 @@ for seed in 0 1 2; do
     peers.r50.zero_init_residual=true eval.knn_every_epochs=2 log.every=23
 done
 # DisCo: a ResNet-50 teacher trained TEACHER_STEPS (the lr is constant, so its first N steps are the N-step run)
-TEACHER_STEPS=@TEACHER_STEPS@
+TEACHER_STEPS=414
 train configs/cifar10_simclr_r50.yaml name=simclr_r50_teacher_$TEACHER_STEPS $COMMON seed=0 \
   schedule.max_steps=$TEACHER_STEPS eval.knn_every_epochs=6
 train configs/cifar10_disco_r18_from_r50.yaml name=disco_r18_s0 $COMMON seed=0 schedule.max_steps=$STEPS \
   teacher.checkpoint=$OUT/simclr_r50_teacher_$TEACHER_STEPS objective.distill_weight=0.5 eval.knn_every_epochs=2 \
+  log.every=23
+train configs/cifar10_disco_r18_from_r50.yaml name=disco_r18_w005_s0 $COMMON seed=0 schedule.max_steps=$STEPS \
+  teacher.checkpoint=$OUT/simclr_r50_teacher_$TEACHER_STEPS objective.distill_weight=0.05 eval.knn_every_epochs=2 \
   log.every=23
 
 table() {  # table OUT.json RUN...: kNN and linear probe of the runs' networks, random init, raw pixels
@@ -76,7 +79,7 @@ collect() {  # collect OUT.json TABLE RUN...: the runs' settings and kNN curves,
 SEEDS="simclr_r18_s0 simclr_r18_s1 simclr_r18_s2 dogo_r34_w01_s0 dogo_r34_w01_s1 dogo_r34_w01_s2"
 SEARCH="dogo_r34_w156_s0 dogo_r34_t05w05_s0"
 R50="dogo_r18_r50_s0 dogo_r18_r50_s1 dogo_r18_r50_s2"
-DISCO="simclr_r50_teacher_$TEACHER_STEPS disco_r18_s0"
+DISCO="simclr_r50_teacher_$TEACHER_STEPS disco_r18_s0 disco_r18_w005_s0"
 table benchmarks/results/cifar_dev_table_cpu2.json simclr_r18_30min simclr_r18_30min_strength1
 table benchmarks/results/cifar_dev_table_seeds_cpu2.json $SEEDS $SEARCH
 table benchmarks/results/cifar_dev_table_distill_cpu2.json $R50
