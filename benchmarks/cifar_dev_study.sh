@@ -7,7 +7,8 @@
 #      B x B entries: 1.5625 and 0.015625 per row at batch 64), and temperature 0.5 with weight 0.5 each; and DoGo
 #      ResNet-18 + ResNet-50 at DoGo's per-row weights for batch 256 (0.39 and 0.0039), 3 seeds;
 #   4. a SimCLR ResNet-50 teacher trained for TEACHER_STEPS, then DisCo ResNet-18 from it at the students' steps;
-#      a ResNet-50 teacher on a cosine schedule; and DisCo from a ResNet-18 teacher that is ahead of the student;
+#      a ResNet-50 teacher on a cosine schedule; DisCo from a ResNet-18 teacher that is ahead of the student; and
+#      DisCo from the constant-rate ResNet-50 teacher stopped at 12 epochs, 3 seeds;
 #   5. kNN and linear probe of every run's networks, their random initialisation and raw pixels (dogo eval table),
 #      and everything collected into benchmarks/results/cifar_dev_*search_cpu2.json (python -m dogo.benchmarks.study).
 # Usage: benchmarks/cifar_dev_study.sh CIFAR_DIR [OUT_DIR]   (about 6 hours on 2 cores)
@@ -77,6 +78,15 @@ for seed in 0 1 2; do
     schedule.max_steps=$STEPS teacher.checkpoint=$OUT/simclr_r18_teacher_414 teacher.peer=r18 \
     objective.distill_weight=0.5 eval.knn_every_epochs=2 log.every=23
 done
+# The constant-rate ResNet-50 teacher stopped at 12 epochs, where the 414-step run's monitor was highest (34.6%; its
+# first 276 steps are this run), and DisCo from it, seeds 0-2
+train configs/cifar10_simclr_r50.yaml name=simclr_r50_teacher_276 $COMMON seed=0 schedule.max_steps=276 \
+  eval.knn_every_epochs=6 log.every=23
+for seed in 0 1 2; do
+  train configs/cifar10_disco_r18_from_r50.yaml name=disco_r18_from_r50_276_s$seed $COMMON seed=$seed \
+    schedule.max_steps=$STEPS teacher.checkpoint=$OUT/simclr_r50_teacher_276 objective.distill_weight=0.5 \
+    eval.knn_every_epochs=2 log.every=23
+done
 
 table() {  # table OUT.json RUN...: kNN and linear probe of the runs' networks, random init, raw pixels
   local out=$1; shift
@@ -95,11 +105,13 @@ R50="dogo_r18_r50_s0 dogo_r18_r50_s1 dogo_r18_r50_s2"
 DISCO="simclr_r50_teacher_$TEACHER_STEPS disco_r18_s0 disco_r18_w005_s0"
 TEACHERS="simclr_r50_teacher_cos_276 simclr_r18_teacher_414 disco_r18_from_r18_s0 disco_r18_from_r18_s1
   disco_r18_from_r18_s2"
+TEACHER50="simclr_r50_teacher_276 disco_r18_from_r50_276_s0 disco_r18_from_r50_276_s1 disco_r18_from_r50_276_s2"
 table benchmarks/results/cifar_dev_table_cpu2.json simclr_r18_30min simclr_r18_30min_strength1
 table benchmarks/results/cifar_dev_table_seeds_cpu2.json $SEEDS $SEARCH
 table benchmarks/results/cifar_dev_table_distill_cpu2.json $R50
 table benchmarks/results/cifar_dev_table_disco_cpu2.json $DISCO
 table benchmarks/results/cifar_dev_table_teachers_cpu2.json $TEACHERS
+table benchmarks/results/cifar_dev_table_teacher50_cpu2.json $TEACHER50
 collect benchmarks/results/cifar_dev_search_cpu2.json benchmarks/results/cifar_dev_table_cpu2.json simclr_r18_30min \
   simclr_r18_30min_strength1
 collect benchmarks/results/cifar_dev_dogo_search_cpu2.json \
@@ -107,3 +119,5 @@ collect benchmarks/results/cifar_dev_dogo_search_cpu2.json \
   $SEEDS $SEARCH $R50
 collect benchmarks/results/cifar_dev_disco_cpu2.json benchmarks/results/cifar_dev_table_disco_cpu2.json $DISCO
 collect benchmarks/results/cifar_dev_teachers_cpu2.json benchmarks/results/cifar_dev_table_teachers_cpu2.json $TEACHERS
+collect benchmarks/results/cifar_dev_teacher50_cpu2.json benchmarks/results/cifar_dev_table_teacher50_cpu2.json \
+  $TEACHER50
