@@ -10,7 +10,7 @@
 #      a ResNet-50 teacher on a cosine schedule; DisCo from a ResNet-18 teacher that is ahead of the student; and
 #      DisCo from the constant-rate ResNet-50 teacher stopped at 12 epochs, 3 seeds;
 #   5. kNN and linear probe of every run's networks, their random initialisation and raw pixels (dogo eval table),
-#      and everything collected into benchmarks/results/cifar_dev_*search_cpu2.json (python -m dogo.benchmarks.study).
+#      and everything collected into benchmarks/results/cifar_dev_*_cpu2.json (python -m dogo.benchmarks.study).
 # Usage: benchmarks/cifar_dev_study.sh CIFAR_DIR [OUT_DIR]   (about 6 hours on 2 cores)
 # A run whose folder already holds a finished run (a "done" event in its metrics.jsonl) is not trained again, so the
 # study can be spread over several sittings; delete a run's folder to train it anew.
@@ -66,6 +66,15 @@ train configs/cifar10_disco_r18_from_r50.yaml name=disco_r18_s0 $COMMON seed=0 s
 train configs/cifar10_disco_r18_from_r50.yaml name=disco_r18_w005_s0 $COMMON seed=0 schedule.max_steps=$STEPS \
   teacher.checkpoint=$OUT/simclr_r50_teacher_$TEACHER_STEPS objective.distill_weight=0.05 eval.knn_every_epochs=2 \
   log.every=23
+# disco_seeds NAME TEACHER_RUN [OVERRIDE...]: DisCo ResNet-18 from a finished run, weight 0.5, the students' steps,
+# seeds 0-2 (runs NAME_s0, NAME_s1, NAME_s2)
+disco_seeds() {
+  local name=$1 teacher=$2; shift 2
+  for seed in 0 1 2; do
+    train configs/cifar10_disco_r18_from_r50.yaml name=${name}_s$seed $COMMON seed=$seed schedule.max_steps=$STEPS \
+      teacher.checkpoint=$OUT/$teacher objective.distill_weight=0.5 eval.knn_every_epochs=2 log.every=23 "$@"
+  done
+}
 # Does a decaying lr make the ResNet-50 a better teacher? Cosine from 1.2e-3 to 0 over 12 epochs, 1 epoch warm-up
 train configs/cifar10_simclr_r50.yaml name=simclr_r50_teacher_cos_276 $COMMON seed=0 schedule.max_steps=276 \
   schedule.final_lr_ratio=0.0 schedule.warmup_epochs=1 eval.knn_every_epochs=4 log.every=23
@@ -73,20 +82,12 @@ train configs/cifar10_simclr_r50.yaml name=simclr_r50_teacher_cos_276 $COMMON se
 # ResNet-50, which learns slower here) distilled into a ResNet-18 at the students' steps
 train configs/cifar10_simclr_r18.yaml name=simclr_r18_teacher_414 $COMMON seed=0 schedule.max_steps=414 \
   eval.knn_every_epochs=6 log.every=23
-for seed in 0 1 2; do
-  train configs/cifar10_disco_r18_from_r50.yaml name=disco_r18_from_r18_s$seed $COMMON seed=$seed \
-    schedule.max_steps=$STEPS teacher.checkpoint=$OUT/simclr_r18_teacher_414 teacher.peer=r18 \
-    objective.distill_weight=0.5 eval.knn_every_epochs=2 log.every=23
-done
-# The constant-rate ResNet-50 teacher stopped at 12 epochs, where the 414-step run's monitor was highest (34.6%; its
-# first 276 steps are this run), and DisCo from it, seeds 0-2
+disco_seeds disco_r18_from_r18 simclr_r18_teacher_414 teacher.peer=r18
+# The constant-rate ResNet-50 teacher stopped at 12 epochs, where the 414-step run's monitor was highest (34.6%; the
+# same settings as that run's first 276 steps), and DisCo from it, seeds 0-2
 train configs/cifar10_simclr_r50.yaml name=simclr_r50_teacher_276 $COMMON seed=0 schedule.max_steps=276 \
   eval.knn_every_epochs=6 log.every=23
-for seed in 0 1 2; do
-  train configs/cifar10_disco_r18_from_r50.yaml name=disco_r18_from_r50_276_s$seed $COMMON seed=$seed \
-    schedule.max_steps=$STEPS teacher.checkpoint=$OUT/simclr_r50_teacher_276 objective.distill_weight=0.5 \
-    eval.knn_every_epochs=2 log.every=23
-done
+disco_seeds disco_r18_from_r50_276 simclr_r50_teacher_276
 
 table() {  # table OUT.json RUN...: kNN and linear probe of the runs' networks, random init, raw pixels
   local out=$1; shift
