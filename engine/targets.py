@@ -21,7 +21,6 @@ from dogo.engine.losses import normalize
 from dogo.engine.methods import METHODS
 from dogo.engine.objectives import objective_named
 from dogo.engine.teacher import FrozenTeacher, load_teacher
-from dogo.pipelines import in_batch_order
 
 
 def momentum_at(base: float, schedule: str, step: int, total_steps: int) -> float:
@@ -119,16 +118,13 @@ class TargetMakers(nn.Module):
     def active(self) -> bool:
         return bool(self.key_encoders) or self.teacher is not None
 
-    def make(self, views: list[torch.Tensor], pairs: dict[str, tuple[int, int]],
-             restore: list[torch.Tensor | None] | None = None) -> Targets:
-        """Keys and teacher embeddings of this step's views, in the batch's image order (call under the run's
-        autocast). restore: per view, where each image's row is (pipelines.TwoViewBatch), or None."""
-        order = (lambda v: restore[v]) if restore else (lambda v: None)
+    def make(self, views: list[torch.Tensor], pairs: dict[str, tuple[int, int]]) -> Targets:
+        """Keys and teacher embeddings of this step's views (call under the run's autocast)."""
         out = Targets()
         for name, enc in self.key_encoders.items():
             want = [v for v, needed in zip(pairs[name], self.methods[name].key_views(self.cfg.peers[name])) if needed]
             keys = enc.keys(torch.cat([views[v] for v in want])).chunk(len(want))  # one forward for all its views
-            made = {v: in_batch_order(k, order(v)) for v, k in zip(want, keys)}
+            made = dict(zip(want, keys))
             out.keys[name] = tuple(made.get(v) for v in pairs[name])
             out.queues[name] = enc.negatives()
         if self.teacher is not None:
@@ -136,8 +132,7 @@ class TargetMakers(nn.Module):
             for name in self.cfg.peers:
                 pair = pairs[name]
                 if pair not in seen:  # students that share views share the teacher's forward
-                    t1, t2 = self.teacher.embed_views(views[pair[0]], views[pair[1]])
-                    seen[pair] = (in_batch_order(t1, order(pair[0])), in_batch_order(t2, order(pair[1])))
+                    seen[pair] = self.teacher.embed_views(views[pair[0]], views[pair[1]])
                 out.teacher[name] = seen[pair]
         return out
 

@@ -23,17 +23,15 @@ from dogo.engine.signals import StopRequest
 from dogo.engine.syncbn import convert_sync_batchnorm
 from dogo.engine.targets import TargetMakers
 from dogo.engine.methods import build_peer
-from dogo.pipelines import TwoViewBatch, backend_named, build_loader, in_batch_order
+from dogo.pipelines import TwoViewBatch, backend_named, build_loader
 
 
 class PeerSet(nn.Module):
     """All peers in one module, so that one DDP wrapper and one backward cover them.
 
-    forward(views, restore) -> {peer: (z1, z2)}: peer k takes views pairs[k]; both views go through it as one batch
+    forward(views) -> {peer: (z1, z2)}: peer k takes views pairs[k]; both views go through it as one batch
     (one forward per peer, BN statistics over both views as in SimCLR's code). A peer with a predictor also returns
-    its predictions: (z1, z2, p1, p2). A view whose rows come in an order of their own (restore, see
-    pipelines.TwoViewBatch) has its outputs put back in the batch's order: the rows of the embeddings, not of the
-    images, and BatchNorm's statistics do not depend on the order.
+    its predictions: (z1, z2, p1, p2).
     """
 
     def __init__(self, cfg: Config):
@@ -45,15 +43,12 @@ class PeerSet(nn.Module):
     def n_views(self) -> int:
         return 2 * len({pair for pair in self.pairs.values()})
 
-    def forward(self, views: list[torch.Tensor], restore: list[torch.Tensor | None] | None = None
-                ) -> dict[str, tuple[torch.Tensor, ...]]:
+    def forward(self, views: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
         out = {}
         for name, peer in self.peers.items():
             i, j = self.pairs[name]
             z = peer(torch.cat([views[i], views[j]]))
-            parts = z.chunk(2) if peer.predictor is None else (*z.chunk(2), *peer.predictor(z).chunk(2))
-            orders = [restore[i], restore[j]] * (len(parts) // 2) if restore else [None] * len(parts)
-            out[name] = tuple(in_batch_order(part, order) for part, order in zip(parts, orders))
+            out[name] = z.chunk(2) if peer.predictor is None else (*z.chunk(2), *peer.predictor(z).chunk(2))
         return out
 
 
@@ -199,8 +194,8 @@ class Trainer:
                                          self.cfg.schedule.final_lr_ratio))
         dt = self.precision.dtype
         with torch.autocast(self.ctx.device.type, dtype=dt, enabled=dt != torch.float32):
-            outputs = self.forward(batch.views, batch.restore)
-            targets = self.targets.make(batch.views, self.model.pairs, batch.restore)
+            outputs = self.forward(batch.views)
+            targets = self.targets.make(batch.views, self.model.pairs)
         loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
         # a flag on the device, read only at log and checkpoint steps: no host sync here
         bad = ~torch.isfinite(loss)

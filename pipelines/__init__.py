@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dogo.pipelines.base import DataError, EvalSplit, TwoViewBatch, TwoViewLoader, in_batch_order
+from dogo.pipelines.base import DataError, EvalSplit, TwoViewBatch, TwoViewLoader
 
 __all__ = ["BACKENDS", "DataError", "EvalSplit", "TwoViewBatch", "TwoViewLoader", "backend_named", "build_loader",
-           "in_batch_order", "open_eval_split", "recipe_place"]
+           "open_eval_split", "recipe_place"]
 
 
 @dataclass(frozen=True)

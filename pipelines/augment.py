@@ -7,11 +7,12 @@ follow torchvision.transforms.v2.functional on float images, written here on the
 input needs no division). The crop and the flip happen where the crop is made (the folder backend's workers, the
 FFCV decoder, the CIFAR backend's batched resampling): flipping commutes with every operation here.
 
-What keeps it cheap on a GPU, where it moves bytes rather than computes (tests/test_recipe.py holds the budget):
-- which images take which operation is known on the host, so each operation runs on those images only, with no
-  device-to-host synchronisation and no masked whole-batch work;
-- the batch is sorted once by jitter order, so that at each of the four jitter slots the images that take one
-  operation lie in contiguous runs: the operations work in place on slices, with no gathers;
+What keeps it cheap on a GPU, where launches count as much as bytes (tests/test_augment.py holds both budgets):
+- every operation runs once on the whole batch with per-image numbers drawn on the host and copied in one transfer
+  (identity maps, a zero hue flag, the unit impulse as blur kernel where an image's coin says no): a fixed number
+  of launches per view whatever the batch and the draw, no device-to-host synchronisation, no gathers;
+- brightness, contrast and saturation are batched 3x3 colour maps (one matrix product per stage, torchvision's
+  clamp after each), the grayscale a 3x3 map too, the blur two grouped convolutions;
 - the image is held in float16 on CUDA (11 significant bits: within a hundredth of a grey level of float32 on the
   0..255 scale), float32 elsewhere (CPUs without fast float16); the hue's scalar fields, which need more precision,
   in float32;
@@ -73,20 +74,10 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # Operations on float images (k, 3, H, W) on the 0..255 scale, in place; factors are (k,) tensors.
 
-def _per_image(f: torch.Tensor) -> torch.Tensor:
-    return f.view(-1, 1, 1, 1)
-
-
-def grey(x: torch.Tensor) -> torch.Tensor:
-    """(k, 3, H, W) -> (k, 1, H, W) luma, one 1x1 convolution."""
-    return F.conv2d(x, constant(GREY, (1, 3, 1, 1), x.device, x.dtype))
-
-
 _AB = (1.0, -0.5, -0.5, 0.0, 1.0, -1.0)  # (alpha, beta) = (r - (g + b) / 2, g - b) as a 1x1 convolution
 
 
-def hue_(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None, ab_weights=None,
-         table=None) -> torch.Tensor:
+def hue(x: torch.Tensor, shift: torch.Tensor, ab_weights=None, table=None) -> torch.Tensor:
     """torchvision's adjust_hue (through HSV): rotate each pixel's hue by `shift` turns, keep its max and min.
 
     With M, m the pixel's max and min channel and C = M - m, torchvision's hsv_to_rgb gives channel n as
@@ -95,161 +86,126 @@ def hue_(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None, 
     6 - that for g < b. The rotated ramp is read from a 13-knot table with linear interpolation (grid_sample), which
     is exact because the ramp is linear between integer knots.
     """
-    k = x.shape[0]
+    k, _, h, w = x.shape
     ab_weights = constant(_AB, (2, 3, 1, 1), x.device, x.dtype) if ab_weights is None else ab_weights
     table = _hue_table(x.device) if table is None else table
-    m, big = torch.aminmax(x, dim=1)
+    m, big = torch.aminmax(x, dim=1, keepdim=True)
     chroma = torch.sub(big, m).clamp_min_(_EPS)
-    ab = F.conv2d(x, ab_weights)
+    alpha, beta = F.conv2d(x, ab_weights).split(1, dim=1)
     # a + 3/2 in float32 (a dimensioned float32 operand makes the result float32): float16 would cost a grey level
-    a = torch.addcdiv(torch.full((1, 1, 1), 1.5, device=x.device), ab[:, 0], chroma)
-    u = a.clamp(1, 2).add_(a, alpha=-2).copysign_(ab[:, 1])  # 3 - 6h
+    a = torch.addcdiv(constant((1.5,), (1, 1, 1, 1), x.device, torch.float32), alpha, chroma)
+    u = a.clamp(1, 2).add_(a, alpha=-2).copysign_(beta)  # 3 - 6h
     # the table's x coordinate in [-1, 1] for the rotated hue 6h + 6 shift, which lies in [-3, 9]
-    gx = torch.add(shift.to(torch.float32).view(-1, 1, 1), u, alpha=-1 / 6)
-    grid = gx.unsqueeze(-1).expand(k, *gx.shape[1:], 2)  # y = x: the table's rows are equal
+    gx = torch.add(shift.view(-1, 1, 1, 1), u, alpha=-1 / 6)
+    grid = gx.view(k, h, w, 1).expand(k, h, w, 2)  # y = x: the table's rows are equal
     ramp = F.grid_sample(table.expand(k, -1, -1, -1), grid, mode="bilinear",
                          padding_mode="border", align_corners=True)
-    return torch.addcmul(big.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1, out=x if out is None else out)
+    return torch.addcmul(big, chroma, ramp, value=-1, out=torch.empty_like(x))
 
 
-def affine_(src: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """dst = clamp(maps_i src_i + bias_i, 0, 255) per image: brightness, contrast and saturation, each a colour
-    matrix (3 x 3) and an offset per image, in one batched matrix product over the pixels."""
-    n, c, h, w = src.shape
-    return torch.baddbmm(bias, maps, src.view(n, c, h * w), out=dst.view(n, c, h * w)).clamp_(0, 255)
+def affine_(x: torch.Tensor, maps: torch.Tensor, mean_maps: torch.Tensor) -> torch.Tensor:
+    """x' = clamp(M_i x_i + K_i mean(x_i), 0, 255) per image, x (n, 3, P) flat pixels: brightness, contrast and
+    saturation (torchvision's _blend and its clamp), one batched matrix product over the pixels. The identity
+    (M = I, K = 0) gives back every pixel bit for bit."""
+    bias = torch.bmm(mean_maps, x.mean(dim=2, keepdim=True))
+    return torch.baddbmm(bias, maps, x).clamp_(0, 255)
 
 
-def contrast_bias_(src: torch.Tensor, f: torch.Tensor, luma: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """bias = (1 - f) m for contrast's blend f x + (1 - f) m, m the image's mean luma (the luma of its mean)."""
-    mean = src.mean(dim=(2, 3)) @ luma
-    return bias.copy_(((1 - f.to(src.dtype)) * mean).view(-1, 1, 1).expand_as(bias))
-
-
-def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """(k,) sigmas -> (k, size) normalised 1-D kernels, as torchvision's _get_gaussian_kernel1d."""
-    half = (size - 1) * 0.5
-    xs = torch.linspace(-half, half, size, device=sigma.device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (xs.view(1, -1) / sigma.view(-1, 1).float()).square())
-    return kernel / kernel.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """Separable blur with one sigma per image and reflect padding (torchvision's): two grouped convolutions."""
+def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Separable blur, one 1-D kernel per image and channel ((n * c, size), the impulse for images left sharp), with
+    reflect padding (torchvision's): two grouped convolutions over the whole batch."""
     n, c, h, w = x.shape
-    if n == 0:  # reflect padding refuses an empty batch
-        return x
-    kernel = gaussian_kernels(sigma, size).to(x.dtype).repeat_interleave(c, dim=0)  # (n * c, size)
+    size = kernels.shape[1]
     pad = size // 2
-    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
-    y = F.conv2d(y, kernel.view(n * c, 1, 1, size), groups=n * c)
-    y = F.conv2d(y, kernel.view(n * c, 1, size, 1), groups=n * c)
+    y = F.pad(x.view(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernels.view(n * c, 1, 1, size), groups=n * c)
+    y = F.conv2d(y, kernels.view(n * c, 1, size, 1), groups=n * c)
     return y.view(n, c, h, w)
 
 
-def solarize(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's solarize at threshold 0.5 of the range: 255 - x where x >= 127.5."""
-    return torch.where(x >= 127.5, 255 - x, x)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# The batch, sorted: by blur (so that the blurred images are one slice), then by jitter order (so that at each of
-# the four jitter slots the images taking one kind of operation form a few contiguous runs).
+# The batch as one: every operation runs on the whole batch with per-image numbers (identity where an image's coin
+# says no), so a view costs the same fixed, small number of launches whichever images draw which operation.
+#
+# Brightness, contrast and saturation are per-image affine maps of RGB (contrast's offset is the image's mean luma),
+# and torchvision clamps to the range after each. Each image's order puts up to three of them before its hue and up
+# to three after it, so six affine stages around one hue stage hold every order with its clamps: the operations
+# before the hue are right-aligned to stages 0-2, those after it left-aligned to stages 3-5; an image takes the
+# identity at the stages it does not use, and an identity stage leaves its pixels bit for bit.
 
-NO_JITTER = len(P.ORDERS)  # the order key of images without colour jitter: after every order
-GROUPS = 2 * (NO_JITTER + 1)  # (blur, order) groups: 0..24 without blur, 25..49 with
-
-
-def _group_runs() -> list[dict[str, list[tuple[int, int]]]]:
-    """Per jitter slot, as (first group, last group + 1) runs over the sorted groups: 'affine' for brightness,
-    contrast and saturation (one per-image 3x3 colour map each), 'hue', and 'contrast' (whose mean luma the affine
-    map needs first). Adjacent groups of one kind merge into one run; the runs depend on the group structure only,
-    so they are worked out once."""
-    def kind(group: int, slot: int) -> str | None:
-        order = group % (NO_JITTER + 1)
-        if order == NO_JITTER:
-            return None
-        return "hue" if P.ORDERS[order][slot] == HUE else "affine"
-
-    slots = []
-    for slot in range(4):
-        runs: dict[str, list[tuple[int, int]]] = {"affine": [], "hue": [], "contrast": []}
-        for name, test in (("affine", lambda g: kind(g, slot) == "affine"), ("hue", lambda g: kind(g, slot) == "hue"),
-                           ("contrast", lambda g: kind(g, slot) == "affine"
-                            and P.ORDERS[g % (NO_JITTER + 1)][slot] == CONTRAST)):
-            start = None
-            for g in range(GROUPS + 1):
-                inside = g < GROUPS and test(g)
-                if inside and start is None:
-                    start = g
-                elif not inside and start is not None:
-                    runs[name].append((start, g))
-                    start = None
-        slots.append(runs)
-    return slots
+STAGES = 6
+PRE_HUE = 3  # stages 0-2 come before the hue, 3-5 after
 
 
-SLOT_RUNS = _group_runs()
-
-
-def colour_maps(p: P.ViewParams, slot: int) -> np.ndarray:
-    """(n, 3, 3) float32: each image's jitter operation at `slot` as a colour matrix, when it is one of the three
-    blends (f I for brightness and contrast, f I + (1 - f) 1 w^T for saturation; the identity for hue, unused)."""
-    n = len(p)
-    op = p.order[np.arange(n), slot]
-    f = p.factors[np.arange(n), np.minimum(op, SATURATION)]
-    maps = np.zeros((n, 3, 3))
-    maps[:, [0, 1, 2], [0, 1, 2]] = np.where(op == HUE, 1.0, f)[:, None]
-    sat = op == SATURATION
-    maps[sat] += (1 - f[sat])[:, None, None] * np.asarray(GREY)[None, None, :]
-    return maps.astype(np.float32)
+def _affine_matrices(op: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) operations and factors -> (n, 3, 3) M and K of the blend x' = M x + K mean(x): brightness f I;
+    contrast f I and (1 - f) 1 w^T (w the luma weights: the blend towards the mean luma); saturation
+    f I + (1 - f) 1 w^T (the blend towards each pixel's own luma)."""
+    n = len(op)
+    eye, towards_grey = np.eye(3), np.ones((3, 1)) * np.asarray(GREY)[None, :]
+    m = f[:, None, None] * eye[None]
+    k = np.zeros((n, 3, 3))
+    blend = (1 - f)[:, None, None] * towards_grey[None]
+    m[op == SATURATION] += blend[op == SATURATION]
+    k[op == CONTRAST] = blend[op == CONTRAST]
+    return m, k
 
 
 @dataclass
 class Plan:
-    """What the host knows of one view before the device starts: the sorted order of the batch and, in that order,
-    where each operation's images are, with the numbers the device needs in two small arrays."""
-    perm: np.ndarray  # sorted row k is the batch's image perm[k]
-    offsets: np.ndarray  # (GROUPS + 1,) where each (blur, order) group starts
-    gray: np.ndarray  # sorted positions of the images turned grey
-    solarize: np.ndarray  # sorted positions of the solarised images
-    maps: np.ndarray  # (4, n, 3, 3) float32: the colour matrix of each slot
-    numbers: np.ndarray  # (n, 3) float32: contrast factor, hue shift, blur sigma, in sorted order
+    """One view's recipe as numbers, made on the host before the device starts (no device-to-host reads)."""
+    maps: np.ndarray  # (STAGES, n, 3, 3) M of each affine stage (the identity where an image takes none)
+    mean_maps: np.ndarray  # (STAGES, n, 3, 3) K: the stage's offset as a map of the image's mean colour
+    hue_shift: np.ndarray  # (n,) turns; 0 where no hue
+    flags: np.ndarray  # (3, n) 1.0 or 0.0: hue, solarise, blur
+    gray: np.ndarray  # (n, 3, 3) the identity, or 1 w^T for the images turned grey
+    sigma: np.ndarray  # (n,) blur sigma of the blurred images
 
-    @property
-    def blurred(self) -> tuple[int, int]:
-        return int(self.offsets[NO_JITTER + 1]), int(self.offsets[-1])
-
-    def rows(self, runs: tuple[int, int]) -> tuple[int, int]:
-        return int(self.offsets[runs[0]]), int(self.offsets[runs[1]])
-
-    @property
-    def restore(self) -> np.ndarray:
-        """The inverse of perm: the batch's image i is sorted row restore[i]."""
-        inverse = np.empty_like(self.perm)
-        inverse[self.perm] = np.arange(len(self.perm))
-        return inverse
+    def __len__(self) -> int:
+        return self.hue_shift.shape[0]
 
 
 def plan(p: P.ViewParams) -> Plan:
-    key = np.where(p.blur, NO_JITTER + 1, 0) + np.where(p.jitter, p.order_ids(), NO_JITTER)
-    perm = np.argsort(key, kind="stable")
-    q = p.rows(perm)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=GROUPS))])
-    numbers = np.stack([q.factors[:, CONTRAST], q.factors[:, HUE], q.sigma], axis=1).astype(np.float32)
-    return Plan(perm, offsets, np.flatnonzero(q.gray), np.flatnonzero(q.solarize),
-                np.stack([colour_maps(q, slot) for slot in range(4)]), numbers)
+    n = len(p)
+    rows = np.arange(n)
+    maps = np.broadcast_to(np.eye(3), (STAGES, n, 3, 3)).copy()
+    mean_maps = np.zeros((STAGES, n, 3, 3))
+    hue_at = np.argmax(p.order == HUE, axis=1)
+    for slot in range(4):
+        op = p.order[:, slot]
+        stage = np.where(slot < hue_at, PRE_HUE - hue_at + slot, PRE_HUE + slot - hue_at - 1)
+        take = p.jitter & (op != HUE)
+        m, k = _affine_matrices(op, p.factors[rows, np.minimum(op, SATURATION)])
+        maps[stage[take], rows[take]] = m[take]
+        mean_maps[stage[take], rows[take]] = k[take]
+    gray = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+    gray[p.gray] = np.ones((3, 1)) * np.asarray(GREY)[None, :]
+    hue = p.jitter & (p.factors[:, HUE] != 0)
+    return Plan(maps, mean_maps, np.where(hue, p.factors[:, HUE], 0.0),
+                np.stack([hue, p.solarize, p.blur]).astype(np.float64), gray, p.sigma)
+
+
+def blur_kernels(sigma: np.ndarray, blurred: np.ndarray, size: int) -> np.ndarray:
+    """(n, size) normalised 1-D Gaussian kernels as torchvision's _get_gaussian_kernel1d (float32 arithmetic);
+    the unit impulse for the images not blurred, which leaves them bit for bit."""
+    half = (size - 1) * 0.5
+    xs = np.linspace(-half, half, size, dtype=np.float32)
+    kernel = np.exp(np.float32(-0.5) * np.square(xs[None, :] / sigma[:, None].astype(np.float32)))
+    kernel /= kernel.sum(axis=1, keepdims=True)
+    impulse = np.zeros(size, dtype=np.float32)
+    impulse[size // 2] = 1
+    return np.where(blurred[:, None], kernel, impulse[None, :])
 
 
 class DeviceRecipe:
     """The recipe on the device for one view of a batch.
 
-    recipe.plan(params) -> Plan, on the host; recipe.apply(sorted uint8 crops, plan) -> (normalised views in the
-    plan's sorted order, restore): row restore[i] of the views is the batch's image i, so the engine puts the
-    embeddings, not the images, back in order (a few kB instead of a pass over every image). A caller that cannot
-    sort on the host calls recipe(crops, params), which sorts on the device.
+    recipe.plan(params) -> Plan, on the host; recipe.apply(uint8 crops, plan) -> normalised views, in the batch's
+    order, in the training dtype and memory format; recipe(crops, params) does both.
 
-    No host synchronisation and no loop over images: Python loops over the runs of the jitter (a fixed number for
-    any batch size), and every run's bounds are host numbers.
+    A fixed number of launches for any batch and any draw: the plan's numbers go to the device in one copy, and
+    every operation runs on the whole batch (tests/test_augment.py holds the op and byte budgets). No host
+    synchronisation, no loop over images.
     """
 
     def __init__(self, recipe, image_size: int, device: torch.device, dtype: torch.dtype, channels_last: bool,
@@ -262,71 +218,65 @@ class DeviceRecipe:
         # (x / 255 - mean) / std as x * scale + shift
         self.scale = constant(tuple(1 / (255 * std)), (1, 3, 1, 1), device, self.work)
         self.shift = constant(tuple(-np.asarray(recipe.mean) / std), (1, 3, 1, 1), device, self.work)
-        self.luma = constant(GREY, (3,), device, self.work)
         self.ab_weights, self.hue_table = constant(_AB, (2, 3, 1, 1), device, self.work), _hue_table(device)
-        # precision.compile: each operation's elementwise chain fused by torch.compile (sizes vary from run to run:
-        # dynamic shapes, one compilation each)
-        fuse = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
-        self._affine, self._contrast_bias, self._hue = fuse(affine_), fuse(contrast_bias_), fuse(hue_)
-        self._blur, self._normalise = fuse(gaussian_blur), fuse(torch.addcmul)
+        # which stages can change a pixel at all: known from the config alone, so the op count stays fixed
+        self.jitter = recipe.jitter_p > 0
+        self.gray = recipe.grayscale_p > 0
+        self.blur = recipe.blur_p > 0
+        self.solarize = recipe.solarize_p > 0
+        # precision.compile: the whole view's chain fused by torch.compile (one compilation: the shapes are fixed)
+        self._colour = torch.compile(self.colour) if compile else self.colour
 
     plan = staticmethod(plan)
 
-    def __call__(self, images: torch.Tensor, p: P.ViewParams) -> tuple[torch.Tensor, torch.Tensor]:
-        the_plan = plan(p)
-        return self.apply(images.index_select(0, to_device(the_plan.perm, self.device)), the_plan)
+    def __call__(self, images: torch.Tensor, p: P.ViewParams) -> torch.Tensor:
+        return self.apply(images, plan(p))
 
-    def apply(self, images: torch.Tensor, the_plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """images: (n, 3, S, S) uint8 (or 0..255 float) in the plan's sorted order."""
+    def _numbers(self, the_plan: Plan) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The plan's numbers on the device in one copy: the colour maps and blur kernels in the work dtype, split
+        per stage (views); the hue shifts (float32: the hue needs the precision); the flags as booleans."""
+        n, c, k = len(the_plan), 3, self.blur_size
+        kernels = blur_kernels(the_plan.sigma, the_plan.flags[2] > 0, k) if self.blur else np.zeros((n, k))
+        work = [the_plan.maps, the_plan.mean_maps, the_plan.gray[None], np.repeat(kernels, c, axis=0)]
+        flat = np.concatenate([np.asarray(a, dtype=np.float32).reshape(-1) for a in work]
+                              + [the_plan.hue_shift.astype(np.float32), the_plan.flags.astype(np.float32).reshape(-1)])
+        split = [a.size for a in work]
+        matrices, hue_shift, flags = to_device(flat, self.device).split([sum(split), n, 3 * n])
+        matrices = matrices.to(self.work).split(split)
+        stages = matrices[0].view(STAGES, n, 3, 3).unbind() + matrices[1].view(STAGES, n, 3, 3).unbind()
+        return [*stages, matrices[2].view(n, 3, 3), matrices[3].view(n * c, k)], hue_shift, flags.view(3, n, 1, 1, 1) > 0
+
+    def apply(self, images: torch.Tensor, the_plan: Plan) -> torch.Tensor:
+        """images: (n, 3, S, S) uint8 (or 0..255 float), in the batch's order."""
         n = images.shape[0]
-        # one copy of the indices and one of the numbers for the whole view
-        b0, b1 = the_plan.blurred
-        # solarised rows, per part (not blurred, blurred), counted from each part's start
-        sol = [the_plan.solarize[the_plan.solarize < b0], the_plan.solarize[the_plan.solarize >= b0] - b0]
-        index = to_device(np.concatenate([the_plan.restore, the_plan.gray, *sol]).astype(np.int64), self.device)
-        restore, gray_t, *sol_t = index.split([n, len(the_plan.gray), *map(len, sol)])
-        numbers = to_device(np.concatenate([the_plan.numbers.reshape(-1), the_plan.maps.reshape(-1)]), self.device)
-        values, maps = numbers.split([3 * n, 4 * n * 9])
-        values = values.view(n, 3)
-        maps = maps.view(4, n, 3, 3).to(self.work)
-        x = images.to(self.work).contiguous()
-        if self.recipe.jitter_p > 0:
-            x = self._jitter(x, the_plan, values, maps)
-        if self.recipe.grayscale_p > 0:
-            x.index_copy_(0, gray_t, grey(x.index_select(0, gray_t)).expand(-1, 3, -1, -1))
-        parts = [x[:b0]]
-        if self.recipe.blur_p > 0:
-            parts.append(self._blur(x[b0:b1], values[b0:b1, 2], self.blur_size))
-        else:
-            parts.append(x[b0:b1])
-        if self.recipe.solarize_p > 0:
-            parts = [part.index_copy(0, rows, solarize(part.index_select(0, rows))) for part, rows in zip(parts, sol_t)]
-        out = torch.empty(x.shape, dtype=self.dtype, device=self.device).contiguous(memory_format=self.memory_format)
-        for part, (a, b) in zip(parts, ((0, b0), (b0, b1))):
-            self._normalise(self.shift, part, self.scale, out=out[a:b])
-        return out, restore
+        out = torch.empty(images.shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
+        if n == 0:
+            return out
+        matrices, hue_shift, flags = self._numbers(the_plan)
+        return self._colour(images, matrices, hue_shift, flags, out)
 
-    def _jitter(self, x: torch.Tensor, the_plan: Plan, values: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """The four slots, each from one buffer into the other: every jittered image takes one operation per slot,
-        so after four slots they are all back in the first buffer, beside the images without jitter (untouched)."""
-        n, c, h, w = x.shape
-        buffers = (x, torch.empty_like(x))
-        bias = torch.zeros(n, 3, 1, dtype=self.work, device=self.device)
-        for slot, runs in enumerate(SLOT_RUNS):
-            src, dst = buffers[slot % 2], buffers[(slot + 1) % 2]
-            for run in runs["contrast"]:  # the mean luma of the image as it is now
-                a, b = the_plan.rows(run)
-                self._contrast_bias(src[a:b], values[a:b, 0], self.luma, bias[a:b])
-            for run in runs["affine"]:
-                a, b = the_plan.rows(run)
-                self._affine(src[a:b], maps[slot, a:b], bias[a:b], dst[a:b])
-            for run in runs["hue"]:
-                a, b = the_plan.rows(run)
-                self._hue(src[a:b], values[a:b, 1], dst[a:b], self.ab_weights, self.hue_table)
-            for run in runs["contrast"]:  # the next slot's brightness and saturation add nothing
-                a, b = the_plan.rows(run)
-                bias[a:b].zero_()
-        return buffers[0]
+    def colour(self, images, matrices, hue_shift, flags, out) -> torch.Tensor:
+        n, c, h, w = images.shape
+        maps, mean_maps, (gray, kernels) = matrices[:STAGES], matrices[STAGES:2 * STAGES], matrices[2 * STAGES:]
+        hue_on, solarize_on, _ = flags.unbind()
+        x = images.to(self.work, memory_format=torch.contiguous_format).view(n, c, h * w)
+        if self.jitter:
+            for stage in range(STAGES):
+                if stage == PRE_HUE:
+                    x = self._hue(x.view(n, c, h, w), hue_shift, hue_on).view(n, c, h * w)
+                x = affine_(x, maps[stage], mean_maps[stage])
+        if self.gray:  # the luma in every channel, or the identity: in range, so no clamp
+            x = torch.bmm(gray, x)
+        x = x.view(n, c, h, w)
+        if self.blur:
+            x = gaussian_blur(x, kernels)
+        if self.solarize:
+            x = torch.where((x >= 127.5) & solarize_on, 255 - x, x)
+        return torch.addcmul(self.shift, x, self.scale, out=out)
+
+    def _hue(self, x: torch.Tensor, shift: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """The hue rotation of the images that draw one; the others bit for bit."""
+        return torch.where(on, hue(x, shift, self.ab_weights, self.hue_table), x)
 
 
 def normalise(x: torch.Tensor, recipe, dtype: torch.dtype, channels_last: bool, buffers=None) -> torch.Tensor:

@@ -18,21 +18,10 @@ class DataError(ValueError):
 
 @dataclass
 class TwoViewBatch:
-    """views 2k and 2k+1 show the same images. A view's rows may be in an order of its own (the device recipe sorts
-    them so that each operation works on contiguous rows): restore[v][i] is the row of view v that shows image i
-    of the batch (labels[i]); None means row i. The engine puts the embeddings back in order, not the images."""
+    """views 2k and 2k+1 show the same images, row i of every view image i of the batch (labels[i])."""
     views: list[torch.Tensor]  # n_views tensors (b, 3, S, S)
     labels: torch.Tensor  # (b,) int64 on the device; -1 where the source has no labels
-    restore: list[torch.Tensor | None] = field(default_factory=list)  # per view, or empty: every view in order
     skipped: list[str] = field(default_factory=list)  # files that could not be decoded (replaced or left out)
-
-    def restore_of(self, view: int) -> torch.Tensor | None:
-        return self.restore[view] if self.restore else None
-
-
-def in_batch_order(x: torch.Tensor, restore: torch.Tensor | None) -> torch.Tensor:
-    """Rows of a view's output (embeddings, keys) in the batch's image order."""
-    return x if restore is None else x.index_select(0, restore)
 
 
 class TwoViewLoader(Protocol):

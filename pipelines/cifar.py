@@ -141,22 +141,19 @@ class CifarLoader(ShardedLoader):
         order_t = to_device(order, self.device)
         for k, step in enumerate(range(start_step, self.steps_per_epoch)):
             ids = order[k * b:(k + 1) * b]
-            views, restore = [], []
+            step_rows = order_t[k * b:(k + 1) * b]
+            images = self.images.index_select(0, step_rows)  # every view crops from the same gathered images
+            views = []
             for v in range(self.n_views):
                 keys = P.stream_keys(self.seed, epoch, ids, v)
                 p = P.draw(r, keys)
-                the_plan = plan(p)
-                # the crops made straight in the device recipe's sorted order: one index and one box per row
-                boxes = P.crop_boxes(keys, SIDE, SIDE, r.crop_scale, r.crop_ratio)[the_plan.perm]
-                rows = np.concatenate([k * b + the_plan.perm, boxes.reshape(-1), p.flip[the_plan.perm]])
-                rows_t = to_device(rows.astype(np.int64), self.device)
-                index, box_t, flip_t = rows_t.split([b, 4 * b, b])
-                crops = resized_crops(self.images.index_select(0, order_t.index_select(0, index)),
-                                      box_t.view(b, 4), flip_t.bool(), self.size)
-                view, rows_back = self.device_recipe.apply(crops, the_plan)
-                views.append(view)
-                restore.append(rows_back)
-            yield TwoViewBatch(views, self.labels.index_select(0, order_t[k * b:(k + 1) * b]), restore)
+                # one copy of the rows' boxes and flips for the view
+                boxes = P.crop_boxes(keys, SIDE, SIDE, r.crop_scale, r.crop_ratio)
+                rows_t = to_device(np.concatenate([boxes.reshape(-1), p.flip]).astype(np.int64), self.device)
+                box_t, flip_t = rows_t.split([4 * b, b])
+                crops = resized_crops(images, box_t.view(b, 4), flip_t.bool(), self.size)
+                views.append(self.device_recipe.apply(crops, plan(p)))
+            yield TwoViewBatch(views, self.labels.index_select(0, step_rows))
 
 
 class CifarEvalSplit:

@@ -208,7 +208,7 @@ class DrawnView:
     """One view of a batch as drawn from its images' streams, before any pixel is made."""
     params: P.ViewParams
     boxes: np.ndarray  # (b, 4) crop boxes (left, top, w, h)
-    plan: Plan | None  # augment.place=device: the device recipe's plan (crop k goes to row plan.restore[k])
+    plan: Plan | None  # augment.place=device: the device recipe's plan
 
 
 def draw_views(recipe, seed: int, epoch: int, ids: np.ndarray, heights, widths, n_views: int,
@@ -226,11 +226,11 @@ def draw_views(recipe, seed: int, epoch: int, ids: np.ndarray, heights, widths, 
 def write_views(images: Sequence[np.ndarray], rows, drawn: list[DrawnView], size: int,
                 recipe: CpuRecipe | None, pixels: np.ndarray) -> None:
     """For each image k in `rows`, every view's crop and flip into pixels (n_views, b, S, S, 3) uint8: with a
-    CpuRecipe (augment.place=workers) the whole recipe, at row k; without, at the device recipe's row."""
+    CpuRecipe (augment.place=workers) the whole recipe; without, the crop alone."""
     for k in rows:
         for v, view in enumerate(drawn):
             crop = crop_and_flip(images[k], view.boxes[k], bool(view.params.flip[k]), size)
             if recipe is None:
-                pixels[v, view.plan.restore[k]] = crop
+                pixels[v, k] = crop
             else:
                 recipe.colour(crop, view.params, k, pixels[v, k])

@@ -237,16 +237,14 @@ class FFCVLoader(ShardedLoader):
         # and numpy's copies release the GIL)
         for host, plans, labels in prefetched(self._host_batches(epoch, start_step), depth=2):
             views_u8 = host.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)
-            views, restore = [], []
+            views = []
             for v in range(self.n_views):
                 if self.device_recipe is None:
                     views.append(normalise(views_u8[v], self.recipe, self.dtype, self.channels_last,
                                            self.outputs))
                 else:
-                    view, rows = self.device_recipe.apply(views_u8[v], plans[v])
-                    views.append(view)
-                    restore.append(rows)
-            yield TwoViewBatch(views, labels.to(self.device, non_blocking=True).long(), restore)
+                    views.append(self.device_recipe.apply(views_u8[v], plans[v]))
+            yield TwoViewBatch(views, labels.to(self.device, non_blocking=True).long())
 
 
 def make_loader(data, **common) -> FFCVLoader:

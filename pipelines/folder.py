@@ -189,18 +189,16 @@ class FolderLoader(ShardedLoader):
             skipped, self._report = self._report + batch["skipped"], []
             pixels = batch["views"] if batch["slot"] is None else self._slots.pixels[batch["slot"]]
             crops = pixels.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)  # (V, b, 3, S, S)
-            views, restore = [], []
+            views = []
             for v in range(self.n_views):
                 if self.device_recipe is None:
                     views.append(normalise(crops[v], self.recipe, self.dtype, self.channels_last, self.outputs))
                 else:
-                    view, rows = self.device_recipe.apply(crops[v], batch["plans"][v])
-                    views.append(view)
-                    restore.append(rows)
+                    views.append(self.device_recipe.apply(crops[v], batch["plans"][v]))
             if batch["slot"] is not None:  # its views are made (normalise and the device recipe copy)
                 del crops
                 self._slots.release(batch["slot"])
-            yield TwoViewBatch(views, batch["labels"].to(self.device, non_blocking=True), restore, skipped)
+            yield TwoViewBatch(views, batch["labels"].to(self.device, non_blocking=True), skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Each rank makes its own rows only (a rank of an 8-GPU run at 4,096 images makes 512, not 4,096), so the
 synthetic ceiling measures the model. The views still go through the device recipe (dogo.pipelines.augment) with
 the images' own parameter streams, so the augmentation's cost is real; the pixels themselves are random, so they
-are drawn straight into the recipe's sorted order and need no flip.
+need no crop or flip.
 """
 from __future__ import annotations
 
@@ -35,15 +35,13 @@ class SyntheticLoader(ShardedLoader):
             ids = self.shard.indices(epoch, step)
             gen.manual_seed(int(np.random.SeedSequence([self.seed, epoch, step, self.shard.rank]).generate_state(1)[0]))
             labels = torch.randint(0, NUM_CLASSES, (b,), generator=gen, device=self.device)  # no host data
-            views, restore = [], []
+            views = []
             for v in range(self.n_views):
                 images = torch.randint(0, 256, (b, 3, self.size, self.size), generator=gen, device=self.device,
                                        dtype=torch.uint8)
-                view, rows = self.device_recipe.apply(images, plan(P.draw(self.recipe,
-                                                                          P.stream_keys(self.seed, epoch, ids, v))))
-                views.append(view)
-                restore.append(rows)
-            yield TwoViewBatch(views, labels, restore)
+                views.append(self.device_recipe.apply(images, plan(P.draw(self.recipe,
+                                                                          P.stream_keys(self.seed, epoch, ids, v)))))
+            yield TwoViewBatch(views, labels)
 
 
 def make_loader(data, *, place: str, **common) -> SyntheticLoader:

@@ -20,13 +20,6 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-def in_order(batch, view: int):
-    """View `view` of a TwoViewBatch with its rows in the batch's image order (the device recipe may hand them over
-    sorted; batch.restore says where each image is)."""
-    from dogo.pipelines import in_batch_order
-    return in_batch_order(batch.views[view], batch.restore_of(view))
-
-
 def free_port() -> int:
     import socket
     with socket.socket() as s:

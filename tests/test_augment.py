@@ -42,13 +42,11 @@ def torchvision_recipe(image: torch.Tensor, p: P.ViewParams, i: int, recipe, siz
 
 
 def _device_views(images, p, recipe, size, work):
-    """The device recipe as the backends call it (crops in its sorted order), back in the batch's order and
-    undone to the 0..255 scale."""
+    """The device recipe as the backends call it, undone to the 0..255 scale."""
     rec = A.DeviceRecipe(recipe, size, torch.device("cpu"), torch.float32, False, work=work)
-    plan = rec.plan(p)
-    out, restore = rec.apply(images[torch.from_numpy(plan.perm)], plan)
+    out = rec.apply(images, rec.plan(p))
     mean, std = torch.tensor(recipe.mean).view(1, 3, 1, 1), torch.tensor(recipe.std).view(1, 3, 1, 1)
-    return (out[restore] * std + mean) * 255
+    return (out * std + mean) * 255
 
 
 def test_parameters_are_a_function_of_seed_epoch_image_and_view_only():
@@ -142,7 +140,7 @@ def test_hue_equals_torchvision_on_edge_colours():
                             [1, 0, 0], [128, 64, 64], [64, 128, 128]], dtype=torch.float32)
     x = colours.T.reshape(1, 3, 1, -1).expand(9, -1, 4, -1).contiguous()
     shifts = torch.linspace(-0.5, 0.5, 9)
-    got = A.hue_(x.clone(), shifts)
+    got = A.hue(x, shifts)
     want = torch.stack([TF.adjust_hue(im / 255, float(s)) * 255 for im, s in zip(x, shifts)])
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
 
@@ -161,11 +159,32 @@ def test_recipe_when_no_image_or_every_image_takes_each_op(p):
         torch.testing.assert_close(out[:, 0], out[:, 1], atol=1e-4, rtol=0)
 
 
-def test_recipe_bytes_per_image_per_view_within_10_MB_at_224():
-    """The memory-traffic budget of the device recipe on a GPU (float16 work, bf16 out; issue 17: 177 MB before):
-    every op counted as its own pass over device memory (benchmarks/traffic.py)."""
-    result = recipe_traffic(AugmentConfig(), 224, 64, torch.float16, torch.bfloat16)
-    assert result["bytes_per_image_per_view"] <= 10e6, result["by_op"]
+def test_recipe_bytes_per_image_per_view_within_25_MB_at_224():
+    """The memory-traffic budget of the device recipe on a GPU (float16 work, bf16 out): every op counted as its own
+    pass over device memory (benchmarks/traffic.py)."""
+    result = recipe_traffic(AugmentConfig(solarize_p=0.2), 224, 64, torch.float16, torch.bfloat16)
+    assert result["bytes_per_image_per_view"] <= 25e6, result["by_op"]
+
+
+# On CUDA the plan's numbers also go through pinned memory (aten::pin_memory and an asynchronous copy): two ops that
+# a CPU does not dispatch; the budget per view is 80 on the GPU.
+RECIPE_OPS_ON_CPU = 80 - 2
+
+
+@pytest.mark.parametrize("recipe", [AugmentConfig(solarize_p=0.2), STRONG], ids=["imagenet", "strong"])
+def test_recipe_ops_per_view_are_few_and_fixed(recipe):
+    """Every aten op counted (views included): the same count for any batch and any draw (no launch per image or
+    per run of images), within the budget."""
+    from dogo.benchmarks.train_step import OpCounter
+    counts = set()
+    for n, seed in ((8, 0), (64, 1), (64, 2)):
+        rec = A.DeviceRecipe(recipe, 32, torch.device("cpu"), torch.bfloat16, True, work=torch.float16)
+        images, the_plan = _uint8_images(n, 32, seed), A.plan(P.draw(recipe, P.stream_keys(seed, 0, np.arange(n), 0)))
+        rec.apply(images, the_plan)  # cached constants made outside the count
+        with OpCounter() as counter:
+            rec.apply(images, the_plan)
+        counts.add(len(counter.ops))
+    assert len(counts) == 1 and counts.pop() <= RECIPE_OPS_ON_CPU, counts
 
 
 def test_the_byte_counter_counts_what_ops_read_and_write():
@@ -268,8 +287,7 @@ def test_compiled_recipe_equals_eager():
         images = _uint8_images(n, size, seed)
         p = P.draw(STRONG, P.stream_keys(seed, 0, np.arange(n), 0))
         plan = A.plan(p)
-        x = images[torch.from_numpy(plan.perm)]
-        views = [A.DeviceRecipe(STRONG, size, torch.device("cpu"), torch.float32, False, compile=c).apply(x, plan)[0]
+        views = [A.DeviceRecipe(STRONG, size, torch.device("cpu"), torch.float32, False, compile=c).apply(images, plan)
                  for c in (False, True)]
         torch.testing.assert_close(views[1], views[0], atol=1e-4, rtol=0)
 

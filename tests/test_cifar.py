@@ -12,7 +12,6 @@ from dogo.engine import config as config_mod
 from dogo.engine.config import AugmentConfig
 from dogo.pipelines import DataError, augment as A, params as P
 from dogo.pipelines.cifar import CifarEvalSplit, CifarLoader, read_split
-from tests.conftest import in_order
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-dev"
 
@@ -132,14 +131,14 @@ def test_two_ranks_make_exactly_the_views_of_one_and_resume_skips_steps(cifar):
     for step, batch in enumerate(whole):
         for v in range(2):
             # the ops run over runs of other sizes, so last bits may differ (oneDNN picks kernels by shape)
-            torch.testing.assert_close(torch.cat([in_order(halves[0][step], v), in_order(halves[1][step], v)]),
-                                       in_order(batch, v), atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.cat([halves[0][step].views[v], halves[1][step].views[v]]),
+                                       batch.views[v], atol=1e-5, rtol=0)
         assert torch.equal(torch.cat([halves[0][step].labels, halves[1][step].labels]), batch.labels)
     resumed = _loader(cifar)
     resumed.set_epoch(0, start_step=3)
     assert len(resumed) == 2
     for a, b in zip(resumed, whole[3:]):
-        torch.testing.assert_close(in_order(a, 1), in_order(b, 1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.views[1], b.views[1], atol=1e-5, rtol=0)
         assert torch.equal(a.labels, b.labels)
     other_epoch = _loader(cifar)
     other_epoch.set_epoch(1)
@@ -155,7 +154,7 @@ def test_views_are_the_stored_images_cropped_and_labels_are_theirs(cifar):
     data = read_split(cifar, "train")
     idx = loader.shard.indices(0, 0)
     batch = next(iter(loader))
-    torch.testing.assert_close(in_order(batch, 0), torch.from_numpy(data.images[idx]).float() / 255, atol=1e-6,
+    torch.testing.assert_close(batch.views[0], torch.from_numpy(data.images[idx]).float() / 255, atol=1e-6,
                                rtol=0)
     assert batch.labels.tolist() == data.labels[idx].tolist()
 

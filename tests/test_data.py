@@ -10,7 +10,6 @@ from dogo.engine.evaluate import knn_predict
 from dogo.pipelines.base import DataError, ReusedBuffers, Shard
 from dogo.pipelines.folder import FolderLoader
 from dogo.pipelines.imagefolder import scan
-from tests.conftest import in_order
 
 CPU = torch.device("cpu")
 PLACES = ["device", "workers"]
@@ -42,7 +41,7 @@ def test_two_ranks_see_exactly_the_global_batch(shapes, place):
     halves = [next(iter(folder_loader(shapes / "train", batch=8, rank=r, world=2, place=place, workers=w)))
               for r, w in ((0, 1), (1, 0))]
     for v in range(2):
-        torch.testing.assert_close(torch.cat([in_order(h, v) for h in halves]), in_order(whole, v))
+        torch.testing.assert_close(torch.cat([h.views[v] for h in halves]), whole.views[v])
     assert torch.equal(torch.cat([h.labels for h in halves]), whole.labels)
 
 
@@ -53,7 +52,7 @@ def test_resume_position_skips_the_consumed_steps(shapes, place):
     all_steps = list(loader)
     loader.set_epoch(2, start_step=3)
     assert len(loader) == len(all_steps) - 3
-    torch.testing.assert_close(in_order(next(iter(loader)), 0), in_order(all_steps[3], 0))
+    torch.testing.assert_close(next(iter(loader)).views[0], all_steps[3].views[0])
 
 
 def test_reused_buffers_never_hand_out_memory_still_held():
@@ -97,7 +96,7 @@ def test_worker_batches_in_reused_memory_equal_a_loader_without_workers(shapes, 
     for epoch in (0, 1):
         plain = folder_loader(shapes / "train", place=place)
         plain.set_epoch(epoch)
-        reference += [[in_order(b, v) for v in range(2)] + [b.labels] for b in plain]
+        reference += [[b.views[v] for v in range(2)] + [b.labels] for b in plain]
     for keep in (False, True):
         loader = folder_loader(shapes / "train", place=place, workers=2)
         released = []
@@ -107,7 +106,7 @@ def test_worker_batches_in_reused_memory_equal_a_loader_without_workers(shapes, 
         for epoch in (0, 1):
             loader.set_epoch(epoch)
             for b in loader:
-                made = [in_order(b, v) for v in range(2)] + [b.labels]
+                made = [b.views[v] for v in range(2)] + [b.labels]
                 addresses.add(b.views[0].untyped_storage().data_ptr())
                 if keep:
                     batches.append((b, made))
@@ -117,7 +116,7 @@ def test_worker_batches_in_reused_memory_equal_a_loader_without_workers(shapes, 
         if keep:
             for (b, made), expected in zip(batches, reference):
                 assert all(torch.equal(x, y) for x, y in zip(made, expected))
-                assert torch.equal(in_order(b, 0), expected[0])  # the kept batch itself, after all the others
+                assert torch.equal(b.views[0], expected[0])  # the kept batch itself, after all the others
         else:
             assert len(addresses) < len(reference)  # output buffers were reused
 
@@ -205,8 +204,8 @@ def test_recipe_rates_are_per_image_in_the_views(tmp_path, place):
                crop_scale=(1, 1), crop_ratio=(1, 1))
     for key, p in (("grayscale_p", 0.2), ("flip_p", 0.5), ("solarize_p", 0.3)):
         loader = folder_loader(root, batch=n, place=place, **{**off, key: p})
-        plain = in_order(next(iter(folder_loader(root, batch=n, place=place, **off))), 0)
-        changed = (in_order(next(iter(loader)), 0) - plain).abs().flatten(1).amax(1) > 1e-3
+        plain = next(iter(folder_loader(root, batch=n, place=place, **off))).views[0]
+        changed = (next(iter(loader)).views[0] - plain).abs().flatten(1).amax(1) > 1e-3
         rate = changed.float().mean().item()
         assert abs(rate - p) < 4.5 * (p * (1 - p) / n) ** 0.5, (key, rate)
 

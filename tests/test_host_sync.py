@@ -114,6 +114,22 @@ def test_op_count_of_a_step_does_not_grow_with_the_batch(objective, tmp_path, te
     assert _op_count(objective, tmp_path, 8, teacher) == _op_count(objective, tmp_path, 16, teacher)
 
 
+def test_whole_dogo_r18_r50_step_within_its_op_budget(tmp_path):
+    """The benchmark's DoGo step (ResNet-18 + ResNet-50, four views), the loader's batch and the device recipe
+    included, under bf16 autocast as on a GPU (its weight casts counted): at most 2,300 aten ops (7,945 on the H200
+    at commit 1388981, when the recipe launched per run of images)."""
+    from dogo.engine.train import Trainer
+    cfg = config_mod.load("configs/bench_r18_r50.yaml", [
+        "device=cpu", "data.image_size=32", "data.batch_size=8", "data.synthetic_images=64", "name=ops",
+        f"out_dir={tmp_path}", "precision.dtype=bf16", "log.tensorboard=off", "log.progress=off"])
+    trainer = Trainer(cfg)
+    _steps(trainer, 1, guarded=False)
+    batches = iter(trainer.loader)
+    with OpCounter() as counter:
+        trainer.step(next(batches))
+    assert len(counter.ops) <= 2300
+
+
 def test_op_count_of_the_loss_kernel_grows_only_with_its_tiles():
     from dogo.engine.contrastive import contrastive_terms
 
