@@ -47,8 +47,10 @@ def _dry_run(cfg, world_size: int, json_out: str | None = None) -> int:
     from dogo.engine import precision as precision_mod
     from dogo.engine.distributed import pick_device
     from dogo.engine.memory import check_fits
+    from dogo.engine.contrastive import kernel_tile
     device = pick_device(cfg.device)
     precision = precision_mod.of_config(cfg, device)
+    cfg.objective.tile = kernel_tile(cfg.objective.tile, device, len(cfg.peers), cfg.data.batch_size)
     est, limit, warning = check_fits(cfg, world_size, device, precision.dtype, precision.channels_last)
     console.print(warning or f"{cfg.name}: the config is valid; a training step needs about "
                   f"{est.total / 2 ** 30:.1f} GiB per rank ({est.describe()}) of {limit / 2 ** 30:.1f} GiB available "

@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -102,7 +102,10 @@ class ObjectiveConfig:
     # GPU). The pull therefore grows with the per-rank batch b: to keep DisCo's strength at b, use 32 / b.
     distill_weight: float = 1.0
     share_views: bool = False  # dogo: both peers see the same two views (half the decoding and augmentation)
-    tile: int = 1024  # images per tile of the contrastive kernel (rows and columns); memory grows as tile^2
+    # images per tile of the contrastive kernel (rows and columns); its blocks grow as tile^2. auto: on CUDA the
+    # largest power of two whose blocks take at most an eighth of the free memory (few tiles, few launches), 1024
+    # on CPUs
+    tile: Union[Literal["auto"], int] = "auto"
 
 
 @dataclass
@@ -222,7 +225,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        errors = []
+        for option in inner:  # the first type that takes the value (e.g. 'auto' or an integer)
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc).split(": ", 1)[-1])
+        raise ConfigError(f"{key}: " + "; or ".join(errors))
     if origin is Literal:
         if isinstance(value, bool) and {"on", "off"} <= set(args):
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
@@ -359,8 +368,9 @@ def check(cfg: Config) -> None:
     objective_named(cfg.objective.name).check(cfg)
     positive = {"data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size,
                 "schedule.epochs": cfg.schedule.epochs, "log.every": cfg.log.every, "checkpoint.keep": cfg.checkpoint.keep,
-                "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size,
-                "objective.tile": cfg.objective.tile}
+                "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size}
+    if cfg.objective.tile != "auto":
+        positive["objective.tile"] = cfg.objective.tile
     for name, peer in cfg.peers.items():
         positive.update({f"peers.{name}.head_hidden": peer.head_hidden, f"peers.{name}.head_out": peer.head_out,
                          f"peers.{name}.pred_hidden": peer.pred_hidden})

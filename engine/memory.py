@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dogo.engine.contrastive import kernel_tile
 from dogo.engine.config import Config
 
 _GIB = 1024 ** 3
@@ -87,7 +88,8 @@ def _kernel_bytes(cfg: Config, global_batch: int) -> int:
     peer in it, and about four live (2 tile x 2 tile) fp32 blocks per peer during the walk."""
     peers = len(cfg.peers)
     d = max(p.head_out for p in cfg.peers.values())
-    tile = min(cfg.objective.tile, global_batch)
+    # the trainer and --dry-run resolve objective.tile for their device first; left 'auto', the CPU's tile
+    tile = min(kernel_tile(cfg.objective.tile, torch.device("cpu"), peers, global_batch), global_batch)
     return peers * (2 * 2 * global_batch * d * 4 + 4 * (2 * tile) ** 2 * 4)
 
 

@@ -15,6 +15,7 @@ from typing import ClassVar, Mapping
 
 import torch
 
+from dogo.engine.contrastive import kernel_tile
 from dogo.engine import losses
 from dogo.engine.config import ConfigError
 from dogo.engine.methods import METHODS, Method
@@ -58,7 +59,9 @@ class Objective:
             else:
                 pairs = [(outputs[name][:2],) * 2 for name in slots]
             taus = [peers[name].tau if methods[name].contrastive else None for name in slots]
-            values = losses.kernel_terms(pairs, taus, objective_cfg.tau_kl if self.kl else None, objective_cfg.tile)
+            # a run resolves the tile once (engine/train.py); a caller of the loss alone may leave it to the device
+            tile = kernel_tile(objective_cfg.tile, total.device, len(slots), outputs[names[0]][0].shape[0])
+            values = losses.kernel_terms(pairs, taus, objective_cfg.tau_kl if self.kl else None, tile)
             ntx = [name for name, tau in zip(slots, taus) if tau is not None]
             for k, name in enumerate(ntx):
                 terms[f"{name}/ntxent"] = values[k]

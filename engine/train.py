@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import time
@@ -15,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dogo.engine import checkpoint, config as config_mod, distributed, memory, precision as precision_mod
 from dogo.engine.config import Config
+from dogo.engine.contrastive import kernel_tile
 from dogo.engine.evaluate import KnnMonitor
 from dogo.engine.logger import MetricsLogger, tensorboard_wanted
 from dogo.engine.objectives import objective_loss, objective_named
@@ -64,10 +66,16 @@ def ddp_options(model: torch.nn.Module, sync_bn: bool) -> dict:
     every rank's buffers are equal anyway: with SyncBN (running statistics from the all-reduced batch statistics) or
     with no buffers at all (they are still synchronised once, at the start).
 
+    The switch is `forward_sync_buffers` in the torch we pin, `broadcast_buffers` (the same before each forward)
+    in the torch a GPU machine may already have (2.11 has no forward_sync_buffers): only what the installed DDP
+    accepts is passed.
+
     Not static_graph, although every step's graph is the same: with it, torch 2.14's reducer reads a value on the
     host in every backward (aten::_local_scalar_dense; tests/test_host_sync.py, two gloo ranks, found it)."""
     has_buffers = any(True for _ in model.buffers())
-    return dict(gradient_as_bucket_view=True, forward_sync_buffers=has_buffers and not sync_bn)
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
+    return {"gradient_as_bucket_view": True, sync: has_buffers and not sync_bn}
 
 
 def usable_workers(requested: int) -> tuple[int, str | None]:
@@ -99,6 +107,7 @@ class Trainer:
         if self.ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 loss matmuls
+        cfg.objective.tile = kernel_tile(cfg.objective.tile, self.ctx.device, len(cfg.peers), cfg.data.batch_size)
         self.model = build_peers(cfg)
         # key encoders copy the peers before SyncBN: MoCo's keys use each rank's own batch statistics
         self.targets = TargetMakers(cfg, self.model.peers)

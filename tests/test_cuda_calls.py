@@ -57,6 +57,24 @@ def test_nccl_init_and_ddp_arguments_exist():
     assert dist.is_nccl_available() or not torch.cuda.is_available()
 
 
+def test_ddp_options_on_a_torch_without_forward_sync_buffers(monkeypatch):
+    """torch 2.11 (a GPU machine's own torch) has no forward_sync_buffers: the same switch goes by its old name,
+    and nothing the installed DDP lacks is passed."""
+    from dogo.engine import train
+
+    class OldDDP:  # DistributedDataParallel.__init__'s keywords in torch 2.11
+        def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True,
+                     process_group=None, bucket_cap_mb=None, find_unused_parameters=False, check_reduction=False,
+                     gradient_as_bucket_view=False, static_graph=False):
+            pass
+
+    monkeypatch.setattr(train, "DistributedDataParallel", OldDDP)
+    assert train.ddp_options(nn.BatchNorm1d(2), sync_bn=False) == {"gradient_as_bucket_view": True,
+                                                                  "broadcast_buffers": True}
+    assert train.ddp_options(nn.BatchNorm1d(2), sync_bn=True)["broadcast_buffers"] is False
+    assert set(train.ddp_options(nn.Linear(2, 2), sync_bn=False)) <= set(inspect.signature(OldDDP).parameters)
+
+
 def test_cuda_runtime_calls_exist():
     """engine/train.py (set_device, cudnn.benchmark, TF32, RNG state in checkpoints), benchmarks (synchronize,
     memory statistics, device name), the README's sync debug mode."""

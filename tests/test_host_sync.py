@@ -169,3 +169,23 @@ def test_dogo_steps_under_two_gloo_ranks_with_sync_bn_have_no_host_sync(tmp_path
     out = mp.Manager().dict()
     mp.spawn(_ranks_worker, args=(2, free_port(), str(tmp_path), out), nprocs=2)
     assert dict(out) == {0: "ok", 1: "ok"}, "\n".join(map(str, out.values()))
+
+
+@pytest.mark.slow
+def test_auto_tile_on_a_gpu_cuts_the_kernels_ops_at_16384_views_at_least_8x(monkeypatch):
+    """objective.tile=auto with an H200's free memory (mem_get_info stood in for): 8,192 images (16,384 views) of a
+    DoGo pair take one tile, not the 64 of the CPU tile, counted on CPU tensors with the tile CUDA would use."""
+    from dogo.engine.contrastive import CPU_TILE, contrastive_terms, kernel_tile
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (139 * 2 ** 30, 141 * 2 ** 30))
+    images = 8192
+    gpu_tile = kernel_tile("auto", torch.device("cuda"), 2, images)
+    assert kernel_tile("auto", torch.device("cpu"), 2, images) == CPU_TILE
+    assert kernel_tile(256, torch.device("cuda"), 2, images) == 256  # an integer is taken as given
+
+    def ops(tile: int) -> int:
+        zs = [torch.nn.functional.normalize(torch.randn(images, 8), dim=1).requires_grad_() for _ in range(4)]
+        with OpCounter() as c:
+            contrastive_terms(zs, [0.5, 0.5], 0.2, tile).sum().backward()
+        return len(c.ops)
+
+    assert gpu_tile >= 4096 and 8 * ops(gpu_tile) <= ops(CPU_TILE)
