@@ -121,6 +121,26 @@ def _endless(loader):
         epoch += 1
 
 
+def plain_model_step(trainer, batch):
+    """The ceiling the engine is held against: the same peers and heads (a copy, so the trainer is untouched), each
+    forwarding its two views as one batch and backpropagating a trivial loss, then one fused SGD step; no objective,
+    no targets, no scaler. What a hand-written loop around the same models would cost."""
+    import copy
+    model, device = copy.deepcopy(trainer.model), trainer.ctx.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, fused=True)
+    dt = trainer.precision.dtype
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
+            loss = sum(peer(torch.cat([batch.views[i], batch.views[j]])).float().square().mean()
+                       for (i, j), peer in ((model.pairs[name], peer) for name, peer in model.peers.items()))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int) -> tuple[dict, object]:
     """The whole step as training runs it (the loader's batch included) and the engine alone (one batch reused)."""
     from dogo.engine.train import Trainer
@@ -133,6 +153,15 @@ def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int) -> tuple[dic
                                                          device, b)}
     trainer.fixed_batch = next(batches)
     timing["engine_only"] = _timed(lambda: trainer.step(trainer.fixed_batch), steps, repeats, device, b)
+    plain = plain_model_step(trainer, trainer.fixed_batch)
+    for _ in range(warmup):
+        plain()
+    timing["plain_model_ceiling"] = _timed(plain, steps, repeats, device, b)
+    del plain
+    whole, engine, ceiling = (timing[k]["images_per_s_median"] for k in
+                              ("step_with_batch_and_augmentation", "engine_only", "plain_model_ceiling"))
+    timing["ratios"] = {"whole_to_engine": whole / engine, "whole_to_ceiling": whole / ceiling,
+                        "engine_to_ceiling": engine / ceiling}
     return timing, trainer
 
 

@@ -226,10 +226,13 @@ def cmd_bench_train(args) -> int:
         env = result["environment"]
         out = Path(args.json or f"benchmarks/results/train_{cfg.name}_{result['image_size']}px_{device_tag(env)}.json")
         write_json(out, result)
-        w, e = result["step_with_batch_and_augmentation"], result["engine_only"]
+        w, e, c = (result[k] for k in ("step_with_batch_and_augmentation", "engine_only", "plain_model_ceiling"))
+        ratios = result["ratios"]
         mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak: --peak-tflops)"
         console.print(f"{cfg.name} on {env['gpu'] or 'CPU'}: {w['images_per_s_median']:.1f} images/s per device "
-                      f"(whole step; {e['images_per_s_median']:.1f} engine only); "
+                      f"(whole step; {e['images_per_s_median']:.1f} engine only; {c['images_per_s_median']:.1f} "
+                      f"plain-model ceiling; whole/engine {ratios['whole_to_engine']:.3f}, whole/ceiling "
+                      f"{ratios['whole_to_ceiling']:.3f}, engine/ceiling {ratios['engine_to_ceiling']:.3f}); "
                       f"{result['flops_per_image'] / 1e9:.2f} GFLOP per image, {result['tflops']:.3f} TFLOP/s, "
                       f"MFU {mfu}, {result['ops_per_step']} ops per step; memory estimate "
                       f"{result['memory']['estimate_bytes'] / 2 ** 30:.2f} GiB, measured "

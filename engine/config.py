@@ -146,9 +146,10 @@ class ScheduleConfig:
 class PrecisionConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
-    # the device recipe's operations fused by torch.compile (Triton on CUDA, C++ on CPUs): fewer passes over memory
-    # for a compilation per operation at the start (about a minute on CPUs)
-    compile: Literal["on", "off"] = "off"
+    # torch.compile (Triton on CUDA, C++ on CPUs; a compilation at the start, about a minute on CPUs). on: the
+    # device recipe's whole chain fused (fewer passes over memory); peers: also each peer's forward (backbone and
+    # head), the training step's many small launches fused. Off until a GPU run shows it faster.
+    compile: Literal["off", "on", "peers"] = "off"
 
 
 @dataclass

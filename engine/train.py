@@ -127,7 +127,10 @@ class Trainer:
                                    n_views=self.model.n_views, seed=cfg.seed,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
                                    dtype=self.precision.dtype, channels_last=self.precision.channels_last,
-                                   compile_recipe=cfg.precision.compile == "on")
+                                   compile_recipe=cfg.precision.compile in ("on", "peers"))
+        if cfg.precision.compile == "peers":
+            for peer in self.model.peers.values():
+                peer.compile()  # in place: its state_dict keys (checkpoints) are unchanged
         self.forward = self.model
         if self.ctx.distributed:
             self.forward = DistributedDataParallel(
