@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dogo.engine.contrastive import kernel_tile
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -61,6 +63,7 @@ def _measure(version: str, views: int, dim: int, tile: int, objective: str, dtyp
     n_views = 4 if objective == "dogo" else 2
     zs = [torch.nn.functional.normalize(torch.randn(views // 2, dim, generator=g, device=dev), dim=1)
           .to(DTYPES[dtype]).requires_grad_() for _ in range(n_views)]
+    tile = kernel_tile(tile, dev, n_views // 2, views // 2)  # objective.tile as a run resolves it on this device
     fn = _loss_fn(version, zs, objective, tile)
 
     def run() -> float:
@@ -90,7 +93,7 @@ def _measure(version: str, views: int, dim: int, tile: int, objective: str, dtyp
         peak = _rss_bytes("VmHWM") - base
     while len(times) < repeats and sum(times) < max_seconds:
         times.append(run())
-    queue.put({"peak_bytes": peak, "seconds_median": statistics.median(times), "seconds": times})
+    queue.put({"peak_bytes": peak, "seconds_median": statistics.median(times), "seconds": times, "tile": tile})
 
 
 def _in_fresh_process(*args) -> dict:

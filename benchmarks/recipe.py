@@ -46,8 +46,16 @@ def _device_recipe(recipe, size, batch, device, compile_, repeats) -> dict:
                                compile=compile_)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     plan = augment.plan(P.draw(recipe, P.stream_keys(0, 0, np.arange(batch), 0)))
-    t = _median_seconds(lambda: rec.apply(images, plan), repeats, warmup=2)
-    return {**t, "seconds_per_image_per_view": t["seconds_median"] / batch}
+
+    def view() -> None:
+        rec.apply(images, plan)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the device's time, not the launches'
+    t = _median_seconds(view, repeats, warmup=2)
+    from dogo.benchmarks.train_step import OpCounter
+    with OpCounter() as ops:
+        rec.apply(images, plan)
+    return {**t, "seconds_per_image_per_view": t["seconds_median"] / batch, "ops_per_view": len(ops.ops)}
 
 
 def _reference_recipe(path, recipe, size, batch, repeats) -> dict:

@@ -433,7 +433,8 @@ def parser() -> argparse.ArgumentParser:
     bl = bsub.add_parser("loss", help="time and peak memory of the contrastive kernel vs the straightforward loss")
     bl.add_argument("--views", type=int, nargs="+", default=[4096, 16384, 65536], help="2N, both views counted")
     bl.add_argument("--dim", type=int, default=128, help="embedding size d")
-    bl.add_argument("--tile", type=int, default=1024, help="kernel tile, in images (objective.tile)")
+    bl.add_argument("--tile", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="kernel tile, in images, or auto as objective.tile resolves it on the device [auto]")
     bl.add_argument("--objective", choices=["dogo", "simclr"], default="dogo",
                     help="dogo: two peers' NT-Xent and both KL terms; simclr: one peer's NT-Xent")
     bl.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="embeddings' dtype")
