@@ -27,7 +27,22 @@ SOURCES = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcyc
            "motorcycle_right.png", "retina.jpg", "ihc.png", "hubble_deep_field.jpg"]
 
 
+def installed_sources() -> dict[str, Image.Image] | None:
+    """The same photos from an installed scikit-image (no network: a GPU machine often has it), or None."""
+    try:
+        import skimage
+    except ImportError:
+        return None
+    folder = Path(skimage.__file__).parent / "data"
+    if not all((folder / name).is_file() for name in SOURCES):
+        return None
+    return {name: Image.open(folder / name).convert("RGB") for name in SOURCES}
+
+
 def fetch_sources() -> dict[str, Image.Image]:
+    installed = installed_sources()
+    if installed is not None:
+        return installed
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, "scikit-image"]
         if subprocess.run(cmd).returncode != 0:
