@@ -85,7 +85,11 @@ step() {  # step NAME LIMIT COMMAND...: run under its time limit, output to $OUT
   local dog=$!
   wait "$pid"
   local rc=$?
-  kill_tree "$dog"
+  # the watchdog before its sleep: a watchdog whose sleep died first would go on to mark the step as timed out
+  local naps; naps=$(pgrep -P "$dog")
+  kill -TERM "$dog" 2>/dev/null
+  wait "$dog" 2>/dev/null
+  [ -n "$naps" ] && kill -TERM $naps 2>/dev/null
   local status=ok
   if [ -e "$OUT/.timed_out" ]; then status="timed out"; elif [ $rc != 0 ]; then status="failed ($rc)"; fi
   rm -f "$OUT/.timed_out"
