@@ -72,7 +72,7 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Operations on float images (k, 3, H, W) on the 0..255 scale, in place; factors are (k,) tensors.
+# Operations on float images on the 0..255 scale, each over the whole batch with per-image numbers.
 
 _AB = (1.0, -0.5, -0.5, 0.0, 1.0, -1.0)  # (alpha, beta) = (r - (g + b) / 2, g - b) as a 1x1 convolution
 
@@ -103,7 +103,7 @@ def hue(x: torch.Tensor, shift: torch.Tensor, ab_weights=None, table=None) -> to
     return torch.addcmul(big, chroma, ramp, value=-1, out=torch.empty_like(x))
 
 
-def affine_(x: torch.Tensor, maps: torch.Tensor, mean_maps: torch.Tensor) -> torch.Tensor:
+def affine(x: torch.Tensor, maps: torch.Tensor, mean_maps: torch.Tensor) -> torch.Tensor:
     """x' = clamp(M_i x_i + K_i mean(x_i), 0, 255) per image, x (n, 3, P) flat pixels: brightness, contrast and
     saturation (torchvision's _blend and its clamp), one batched matrix product over the pixels. The identity
     (M = I, K = 0) gives back every pixel bit for bit."""
@@ -264,7 +264,7 @@ class DeviceRecipe:
             for stage in range(STAGES):
                 if stage == PRE_HUE:
                     x = self._hue(x.view(n, c, h, w), hue_shift, hue_on).view(n, c, h * w)
-                x = affine_(x, maps[stage], mean_maps[stage])
+                x = affine(x, maps[stage], mean_maps[stage])
         if self.gray:  # the luma in every channel, or the identity: in range, so no clamp
             x = torch.bmm(gray, x)
         x = x.view(n, c, h, w)

@@ -12,9 +12,8 @@ numpy, and small enough to run per image in a worker.
 """
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,10 +26,6 @@ FLIP, JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, BLUR, SIGMA, S
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to a central crop
 CROP = 14  # CROP_TRIES x 4 slots: area, log-ratio, top, left
 SLOTS = CROP + 4 * CROP_TRIES
-
-# The 24 orders of the four jitter operations, lexicographic: (0 brightness, 1 contrast, 2 saturation, 3 hue).
-ORDERS = list(itertools.permutations(range(4)))
-_ORDER_ID = {order: k for k, order in enumerate(ORDERS)}
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -71,13 +66,6 @@ class ViewParams:
 
     def __len__(self) -> int:
         return len(self.flip)
-
-    def rows(self, index) -> "ViewParams":
-        return ViewParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-    def order_ids(self) -> np.ndarray:
-        """Each image's jitter order as its index in ORDERS."""
-        return np.array([_ORDER_ID[tuple(o)] for o in self.order.tolist()], dtype=np.int64)
 
 
 def draw(recipe, keys: np.ndarray) -> ViewParams:
