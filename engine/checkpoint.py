@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -136,13 +137,31 @@ def load(path: str | Path) -> dict:
     return state
 
 
+# No trained network's weight or BatchNorm statistic comes near this; a diverging one passes it within a few steps
+# (at optim.lr=1e36 the weights reached 4.9e34 while every loss was still finite).
+ABSURD_WEIGHT = 1e15
+
+
+def diverged(named: Mapping[str, torch.Tensor], limit: float | None = ABSURD_WEIGHT) -> str | None:
+    """The name of the first floating tensor holding NaN or inf (or, with `limit`, a magnitude above it), or None.
+    One reduction per tensor, then one read: meant for checkpoint and evaluation time, not the training step."""
+    names = [n for n, t in named.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return None
+    peaks = torch.stack([t.detach().abs().amax().float() for t in (named[n] for n in names)])
+    bad = ~torch.isfinite(peaks) if limit is None else ~(peaks <= limit)  # NaN fails every comparison
+    found = bad.nonzero()
+    return None if not len(found) else f"{names[int(found[0])]} (|x| up to {float(peaks[int(found[0])]):.3g})"
+
+
 def check_finite(state: dict, path: Path) -> None:
-    """Refuse weights with NaN or inf: a run that diverged must not be evaluated, exported or distilled from."""
+    """Refuse weights with NaN, inf or absurd magnitudes: a run that diverged must not be evaluated, exported or
+    distilled from."""
     for peer, tensors in state["peers"].items():
-        for name, t in tensors.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise CheckpointError(f"{path}: peer '{peer}' holds non-finite values ({name}); its training "
-                                      f"diverged. Use an earlier checkpoint")
+        name = diverged(tensors)
+        if name:
+            raise CheckpointError(f"{path}: peer '{peer}' holds non-finite or absurdly large values ({name}); its "
+                                  f"training diverged. Use an earlier checkpoint")
 
 
 def _get(cfg: dict, dotted: str):

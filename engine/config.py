@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -366,6 +367,7 @@ def check(cfg: Config) -> None:
     from dogo.engine.objectives import objective_named
     from dogo.pipelines import backend_named
     backend_named(cfg.data.backend)
+    _check_finite(to_dict(cfg), "")  # before the range checks, which NaN would pass (NaN < 0 is false)
     objective_named(cfg.objective.name).check(cfg)
     positive = {"data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size,
                 "schedule.epochs": cfg.schedule.epochs, "log.every": cfg.log.every, "checkpoint.keep": cfg.checkpoint.keep,
@@ -413,6 +415,18 @@ def check(cfg: Config) -> None:
 
 
 MIN_IMAGE_SIZE = 8
+
+
+def _check_finite(node: Any, key: str) -> None:
+    """Every number of the config finite: NaN and inf pass every comparison-based range check."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key} must be a finite number, got {node}")
 
 
 def _check_recipe(a: AugmentConfig) -> None:

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT as a request to stop at the next step, agreed by every rank."""
+"""SIGTERM, SIGINT and SIGHUP as a request to stop at the next step, agreed by every rank."""
 from __future__ import annotations
 
 import signal
@@ -10,7 +10,8 @@ from dogo.engine.distributed import DistContext
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; all ranks agree on it without stalling the device.
+    """SIGTERM/SIGINT/SIGHUP set a flag; all ranks agree on it without stalling the device. SIGHUP is a dropped
+    ssh session: the run saves and stops as for SIGTERM instead of dying with its steps since the last checkpoint.
 
     Ranks may receive a signal one step apart, so the flag is max-reduced over a gloo group on the host, started
     asynchronously at one step and read at the next: the agreement costs no device synchronisation.
@@ -22,7 +23,7 @@ class StopRequest:
         self._flag = torch.zeros(1)
         self._work = None
         self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:

@@ -166,6 +166,10 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
+        """The checkpoint of this step, unless its weights or optimiser state diverged: then nothing is written (and
+        so nothing older is pruned) and the run stops naming the newest good checkpoint. Every rank checks (they hold
+        the same weights), so all stop together."""
+        self._require_sane_weights()
         path = None
         if self.ctx.is_main:
             path = checkpoint.save(self.run_dir, self.state_dict(), self.pos.step, self.cfg.checkpoint.keep)
@@ -251,6 +255,19 @@ class Trainer:
             + (f" (non-finite: {terms})" if terms else "") + "; the run stopped without saving, so the newest "
             f"checkpoint is from step {self._finite_until} or before. Lower optim.lr (now {self.cfg.optim.lr}) "
             f"or set optim.clip_grad_norm, then resume or start afresh")
+
+    def _require_sane_weights(self) -> None:
+        problem = checkpoint.diverged(dict(self.model.peers.state_dict()))
+        if problem is None:
+            state = self.optimizer.state_dict()["state"]
+            problem = checkpoint.diverged({f"optimizer state {k}.{name}": t for k, s in state.items()
+                                           for name, t in s.items() if isinstance(t, torch.Tensor)}, limit=None)
+        if problem:
+            newest = checkpoint.latest(self.run_dir)
+            raise config_mod.ConfigError(
+                f"the weights diverged by step {self.pos.step}: {problem}; no checkpoint was written for it, so the "
+                f"newest stays {newest or 'none (no earlier checkpoint)'}. Lower optim.lr (now {self.cfg.optim.lr}) "
+                f"or set optim.clip_grad_norm, then resume or start afresh")
 
     def lrs(self) -> dict[str, float]:
         return {g["peer"]: g["lr"] for g in self.optimizer.param_groups}

@@ -84,3 +84,11 @@ def test_readme_documents_every_config_key():
     assert len(keys) > 60
     missing = [k for k in keys if f"`{k}`" not in readme]
     assert not missing, f"README.md does not document: {missing}"
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=.inf", "peers.r18.tau=nan", "optim.weight_decay=nan",
+                                      "augment.blur_sigma=[0.1, .inf]", "peers.r18.kl_weight=-.inf"])
+def test_nan_and_inf_are_refused_for_every_float_key(override):
+    """Issue 32 C13: range checks written as comparisons let NaN through (NaN < 0 is false)."""
+    with pytest.raises(ConfigError, match=r"must be a finite number"):
+        load(REPO / "configs" / "demo.yaml", [override])

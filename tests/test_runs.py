@@ -97,14 +97,16 @@ def test_kill_and_resume_is_bit_identical(shapes, tmp_path, objective):
         assert torch.equal(t, keys_b[name]) if isinstance(t, torch.Tensor) else t == keys_b[name], name
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shapes, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shapes, tmp_path, sig):
+    """SIGHUP (a dropped ssh session, issue 32 D4) as SIGTERM: the steps since the last checkpoint are saved."""
     cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 10_000}))
     proc = subprocess.Popen([sys.executable, "-m", "dogo", "train", str(cfg)], cwd=REPO, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "runs" / "t" / "metrics.jsonl"
     while (not log.exists() or not log.read_text()) and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "stopped by signal" in out
