@@ -77,17 +77,18 @@ def _worker_dies_with_parent() -> None:
         os._exit(1)
 
 
-def _check_one(path: str) -> str | None:
-    """None when the file decodes; otherwise a one-line reason."""
+def _check_one(path: str) -> tuple[str | None, int]:
+    """(None, the image's pixel count) when the file decodes; otherwise (a one-line reason, 0)."""
     try:
         if os.path.getsize(path) == 0:
-            return "zero-byte file"
+            return "zero-byte file", 0
         load_rgb(path, draft_only=True)
-        return None
+        with Image.open(path) as im:  # the header only: the full size, which the draft decode does not give
+            return None, im.size[0] * im.size[1]
     except (TooManyPixels, Image.DecompressionBombError) as exc:
-        return f"too many pixels: {exc}"
+        return f"too many pixels: {exc}", 0
     except Exception as exc:  # any decoder failure is a reason to skip, reported with its message
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:300], 0
 
 
 class _Samples:
@@ -141,23 +142,78 @@ class _RichProgress:
             _RichProgress.shown.remove(self)
 
 
-def _check_all(paths: list[str], workers: int, strict: bool, log) -> dict[str, str]:
-    """Decode every file in a pool; path -> reason for each bad one."""
+def _check_all(paths: list[str], workers: int, strict: bool, log) -> tuple[dict[str, str], int]:
+    """Decode every file in a pool: (path -> reason for each bad one, the largest good image's pixel count)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     bad: dict[str, str] = {}
+    largest = 0
     with mp.get_context("fork").Pool(workers, initializer=_worker_dies_with_parent) as pool, \
             Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                      disable=log is None) as bar:
         task = bar.add_task("check", total=len(paths))
-        for path, reason in zip(paths, pool.imap(_check_one, paths, chunksize=64)):
+        for path, (reason, pixels) in zip(paths, pool.imap(_check_one, paths, chunksize=64)):
             bar.advance(task)
+            largest = max(largest, pixels)
             if reason is not None:
                 if strict:
                     pool.terminate()
                     raise DataError(f"{path}: {reason} (--strict stops at the first bad file; without it such "
                                     "files are skipped and listed in the report)")
                 bad[path] = reason
-    return bad
+    return bad, largest
+
+
+def page_size(largest_pixels: int, max_resolution: int | None) -> int:
+    """FFCV's page for the largest image stored: FFCV cannot store a sample larger than one page (its default 8 MiB
+    refuses a 2000 x 1500 photo as raw pixels), so the page is the smallest power of two that holds the largest
+    image raw (a JPEG of it is smaller), and at least FFCV's default. The file's padding grows by at most a page
+    per writer process."""
+    from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE
+    if max_resolution:  # the longer side comes down to max_resolution (the area by its square)
+        largest_pixels = min(largest_pixels, max_resolution * max_resolution)
+    need = 3 * largest_pixels + (1 << 16)  # RGB bytes, and room for FFCV's per-sample alignment
+    size = max(4 * MIN_PAGE_SIZE, 1 << (need - 1).bit_length())
+    if size >= MAX_PAGE_SIZE:
+        raise DataError(f"the largest image ({largest_pixels:,} pixels) does not fit in one FFCV page "
+                        f"(under {MAX_PAGE_SIZE:,} bytes): pass --max-resolution")
+    return size
+
+
+class _WriterWatch:
+    """Makes FFCV's writer fail instead of waiting forever for a writer process that died (an error in it, a full
+    disk): its processes are kept, each one's exception is kept in shared memory, and FFCV's progress loop, which
+    only sleeps while it waits for a count that a dead writer will never raise, checks them between sleeps."""
+
+    def __init__(self):
+        import ffcv.writer
+        self._ffcv = ffcv.writer
+        self.processes: list = []
+        self.error = mp.get_context("fork").Array("c", 4096)
+        original_job = ffcv.writer.worker_job_indexed_dataset
+
+        def job(*args):
+            try:
+                original_job(*args)
+            except BaseException as exc:
+                with self.error.get_lock():
+                    if not self.error.value:
+                        self.error.value = " ".join(f"{type(exc).__name__}: {exc}".split())[:4000].encode()
+                os._exit(1)  # no traceback per writer: the parent names the cause in one line
+
+        def process(*args, **kwargs):
+            p = mp.Process(*args, **kwargs)
+            self.processes.append(p)
+            return p
+
+        ffcv.writer.worker_job_indexed_dataset, ffcv.writer.Process = job, process
+        ffcv.writer.sleep = self.sleep
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+        dead = [p for p in self.processes if p.exitcode not in (None, 0)]
+        if dead or self.error.value:
+            cause = self.error.value.decode() or f"exit code {dead[0].exitcode} (killed, e.g. for memory?)"
+            raise DataError(f"a writer process failed: {cause}")
 
 
 def sidecar(dst: Path, kind: str) -> Path:
@@ -242,7 +298,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
     index = scan(src)
     workers = options.num_workers or os.cpu_count() or 1
     t0 = time.perf_counter()
-    bad = _interruptible(lambda: _check_all(index.paths, workers, options.strict, log))
+    bad, largest = _interruptible(lambda: _check_all(index.paths, workers, options.strict, log))
     good = [i for i, p in enumerate(index.paths) if p not in bad]
     if not good:
         raise DataError(f"{src}: none of its {len(index)} files could be decoded; see the reasons with --strict")
@@ -260,16 +316,20 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
     ffcv.writer.tqdm = functools.partial(_RichProgress, disable=log is None, opened=writers_started)
     queues: list = []
     ffcv.writer.Queue = _queues_kept_in(queues)
-    writer = DatasetWriter(str(partial), fields, num_workers=workers)
+    _WriterWatch()
+    writer = DatasetWriter(str(partial), fields, num_workers=workers,
+                           page_size=page_size(largest, options.max_resolution))
     try:
         _interruptible(lambda: writer.from_indexed_dataset(samples, chunksize=options.chunk_size),
                        settled=writers_started)
-    except BaseException:  # Ctrl-C (KeyboardInterrupt) or a failure: stop the writers, leave nothing behind
+    except BaseException as exc:  # Ctrl-C (KeyboardInterrupt) or a failure: stop the writers, leave nothing behind
         # a Ctrl-C can come while FFCV starts its writers one by one: the clean-up waits until it has started them
         # all (milliseconds), so that none starts after it and runs on
         writers_started.wait(timeout=30)
         _stop_writers(writer, queues)
         partial.unlink(missing_ok=True)
+        if isinstance(exc, DataError):
+            raise DataError(f"{dst}: {exc}; nothing was written") from None
         raise
     if samples.failed.value:
         partial.unlink(missing_ok=True)

@@ -300,3 +300,47 @@ def test_convert_workers_die_with_a_killed_parent(big_images, tmp_path):
         time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{w}") for w in workers), "a writer outlived its parent"
     assert _shared_memory_segments() <= before, "shared memory outlived the run"
+
+
+def test_a_photo_over_ffcvs_default_page_is_stored_raw(tmp_path):
+    """Issue 32 A13c: a 2000 x 1500 photo is 9 MB as raw pixels, over FFCV's default 8 MiB page, which made a writer
+    raise and the conversion wait forever. The page is sized to the largest image."""
+    root = tmp_path / "src" / "c"
+    root.mkdir(parents=True)
+    _noise(2000, 1500, 12).save(root / "big.jpg", quality=90)
+    _noise(40, 30, 13).save(root / "small.jpg", quality=90)
+    dst = tmp_path / "big.beton"
+    report = convert(tmp_path / "src", dst, ConvertOptions(num_workers=2), log=None)
+    _, h, w, _ = _stored(dst)
+    assert report["images_written"] == 2 and sorted(zip(h.tolist(), w.tolist())) == [(30, 40), (1500, 2000)]
+
+
+def test_a_writer_that_fails_ends_the_conversion_with_one_line(tmp_path):
+    """Issue 32 B3: a writer process that cannot write (here a file-size limit, as a full disk) ends the
+    conversion with one line naming the cause: no hang, nothing under the output's name, no .partial, no leaked
+    shared memory."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, cli_env
+    root = tmp_path / "src" / "c"
+    root.mkdir(parents=True)
+    for i in range(3):
+        _noise(1000, 1000, 20 + i).save(root / f"{i}.png")
+    dst = tmp_path / "out.beton"
+    shm_before = set(os.listdir("/dev/shm"))
+
+    def limit_file_size():  # writes past 1 MB fail with EFBIG (SIGXFSZ ignored, as writers inherit it)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    proc = subprocess.run([sys.executable, "-m", "dogo", "convert", str(tmp_path / "src"), str(dst),
+                           "--num-workers", "2"], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=120, preexec_fn=limit_file_size)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "a writer process failed" in out and "File too large" in out and "Traceback" not in out, out
+    assert not dst.exists() and not (tmp_path / "out.beton.partial").exists()
+    assert set(os.listdir("/dev/shm")) <= shm_before
