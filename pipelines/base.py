@@ -189,9 +189,20 @@ class ShardedLoader:
         self.seed = seed
         self.steps_per_epoch = self.shard.steps_per_epoch
         self.images_per_epoch = self.steps_per_epoch * global_batch
-        self.skipped: list[str] = []
+        self._skipped: dict[str, None] = {}  # "path: reason", each file once (an ordered set)
         self.outputs = ReusedBuffers()  # the views made on a CPU device
         self._epoch, self._start = 0, 0
+
+    @property
+    def skipped(self) -> list[str]:
+        """Every file skipped so far, each once however many workers and epochs met it."""
+        return list(self._skipped)
+
+    def note_skipped(self, entries: list[str]) -> list[str]:
+        """Record skipped files; returns those not seen before (what is worth reporting now)."""
+        new = [e for e in dict.fromkeys(entries) if e not in self._skipped]
+        self._skipped.update(dict.fromkeys(new))
+        return new
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self._epoch, self._start = epoch, start_step

@@ -340,14 +340,15 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
     counts = np.bincount(labels, minlength=len(index.classes))
     atomic_write_text(sidecar(dst, "classes"), json.dumps(
         {"classes": index.classes, "images_per_class": counts.tolist(), "source": str(src)}, indent=1) + "\n")
-    report = {"source": str(src), "output": str(dst), "images_written": len(paths), "skipped": len(bad),
-              "skipped_files": [{"path": p, "reason": r} for p, r in bad.items()],
+    left_out = [*index.unlisted, *bad.items()]  # what the scan could not list, then what did not decode
+    report = {"source": str(src), "output": str(dst), "images_written": len(paths), "skipped": len(left_out),
+              "skipped_files": [{"path": p, "reason": r} for p, r in left_out],
               "seconds": round(time.perf_counter() - t0, 2),
               "options": {k: getattr(options, k) for k in options.__dataclass_fields__}}
     atomic_write_text(sidecar(dst, "report"), json.dumps(report, indent=1) + "\n")
     os.replace(partial, dst)
     if log is not None:
         log(f"wrote {len(paths)} images of {len(index.classes)} classes to {dst} in {report['seconds']:.0f} s; "
-            f"skipped {len(bad)} bad file(s), listed in {sidecar(dst, 'report')}")
+            f"skipped {len(left_out)} file(s), listed in {sidecar(dst, 'report')}")
     return report
 

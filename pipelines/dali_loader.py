@@ -139,8 +139,9 @@ class DALILoader(ShardedLoader):
         self.index = index
         super().__init__(len(index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                          where=str(root))
-        self.skipped.extend(index.skipped + [f"{printable(path)}: {reason}" for path, reason in bad.items()])
-        self._report = list(self.skipped)  # put on the first batch, so that the run logs them
+        # put on the first batch, so that the run logs them
+        self._report = self.note_skipped(index.skipped
+                                         + [f"{printable(path)}: {reason}" for path, reason in bad.items()])
         self.n_views, self.image_size, self.recipe = n_views, image_size, recipe
         self.workers, self.hw_decoder_load = max(1, workers), hw_decoder_load
         self.device, self.dtype = device, dtype

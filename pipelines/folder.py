@@ -20,7 +20,7 @@ from dogo.pipelines.augment import DeviceRecipe, normalise
 from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch
 from dogo.pipelines.cpu_recipe import CpuRecipe, draw_views, write_views
 from dogo.pipelines.imagefolder import ImageFolderIndex, scan
-from dogo.pipelines.images import DECODE_ERRORS, load_rgb, open_rgb
+from dogo.pipelines.images import DECODE_ERRORS, load_rgb, open_rgb, skip_line
 
 
 def _private_generator() -> torch.Generator:
@@ -105,7 +105,7 @@ class _Batches(torch.utils.data.Dataset):
                 return load_rgb(self.index.paths[j]), int(self.index.labels[j])
             except DECODE_ERRORS as exc:
                 self._bad.add(j)
-                skipped.append(f"{self.index.paths[j]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                skipped.append(skip_line(self.index.paths[j], exc))
         raise DataError(f"none of the {n} files under {self.index.root} could be decoded; the first: {skipped[0]}")
 
     def __getitems__(self, keys: list[tuple[int, int]]):
@@ -158,8 +158,7 @@ class FolderLoader(ShardedLoader):
         self.index = scan(root)
         super().__init__(len(self.index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                          where=str(root))
-        self.skipped.extend(self.index.skipped)
-        self._report = list(self.index.skipped)  # entries the scan could not list: put on the first batch
+        self._report = self.note_skipped(self.index.skipped)  # entries the scan could not list: on the first batch
         self.n_views, self.device, self.dtype, self.channels_last = n_views, device, dtype, channels_last
         self.recipe = recipe
         self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last,
@@ -185,8 +184,7 @@ class FolderLoader(ShardedLoader):
         for batch in self._loader:
             if "error" in batch:
                 raise DataError(batch["error"])
-            self.skipped.extend(batch["skipped"])
-            skipped, self._report = self._report + batch["skipped"], []
+            skipped, self._report = self._report + self.note_skipped(batch["skipped"]), []
             pixels = batch["views"] if batch["slot"] is None else self._slots.pixels[batch["slot"]]
             crops = pixels.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)  # (V, b, 3, S, S)
             views = []

@@ -23,17 +23,22 @@ class ImageFolderIndex:
     classes: list[str]
     paths: list[str]
     labels: np.ndarray  # int64, index into `classes` (sorted class-folder names, as ImageFolder)
-    skipped: list[str] = field(default_factory=list)  # entries that could not be listed: "path: reason"
+    unlisted: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): entries left out by the scan
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def skipped(self) -> list[str]:
+        """The entries left out, as "path: reason" lines (how every backend reports skipped files)."""
+        return [f"{path}: {reason}" for path, reason in self.unlisted]
+
     def subset(self, keep: list[int]) -> "ImageFolderIndex":
         return ImageFolderIndex(self.root, self.classes, [self.paths[i] for i in keep], self.labels[keep],
-                                self.skipped)
+                                self.unlisted)
 
 
-def _entries(folder: Path, skipped: list[str]) -> tuple[list[str], list[str]]:
+def _entries(folder: Path, unlisted: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
     """(sub-folder names, file names) of `folder`; an entry that cannot be stat'ed (a symlink loop, a dangling
     link, no permission) is skipped and reported rather than stopping the scan."""
     dirs, files = [], []
@@ -44,9 +49,9 @@ def _entries(folder: Path, skipped: list[str]) -> tuple[list[str], list[str]]:
             elif e.is_file():
                 files.append(e.name)
             elif e.is_symlink():
-                skipped.append(f"{folder / e.name}: a symbolic link to nothing")
+                unlisted.append((str(folder / e.name), "a symbolic link to nothing"))
         except OSError as exc:
-            skipped.append(f"{folder / e.name}: {exc.strerror or exc}")
+            unlisted.append((str(folder / e.name), str(exc.strerror or exc)))
     return sorted(dirs), sorted(files)
 
 
@@ -55,13 +60,18 @@ def scan(root: str | Path) -> ImageFolderIndex:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist; {EXPECTED_LAYOUT}")
-    skipped: list[str] = []
-    classes, _ = _entries(root, skipped)
+    unlisted: list[tuple[str, str]] = []
+    classes, loose = _entries(root, unlisted)
     if not classes:
         raise DataError(f"{root} has no class folders; {EXPECTED_LAYOUT}")
+    loose = [f for f in loose if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if loose:  # an image beside the class folders has no class: said, and reported with the skipped files
+        unlisted.extend((str(root / f), "not in a class folder") for f in loose)
+        warnings.warn(f"{root}: {len(loose)} image(s) lie beside the class folders, not in one, and are left out: "
+                      f"{', '.join(loose[:5])}{' ...' if len(loose) > 5 else ''}", stacklevel=2)
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
-        files = [f for f in _entries(root / name, skipped)[1] if f.lower().endswith(IMAGE_EXTENSIONS)]
+        files = [f for f in _entries(root / name, unlisted)[1] if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
             empty.append(name)
         paths.extend(str(root / name / f) for f in files)
@@ -73,7 +83,7 @@ def scan(root: str | Path) -> ImageFolderIndex:
         warnings.warn(f"{root}: {len(empty)} class folder(s) have no images and contribute no samples "
                       f"(their labels are kept): {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}",
                       stacklevel=2)
-    return ImageFolderIndex(root, classes, paths, np.asarray(labels, dtype=np.int64), skipped)
+    return ImageFolderIndex(root, classes, paths, np.asarray(labels, dtype=np.int64), unlisted)
 
 
 def main(argv: list[str] | None = None) -> int:

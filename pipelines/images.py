@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -32,6 +32,13 @@ class TooManyPixels(ValueError):
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError)
 _EXIF_ORIENTATION = 0x0112
+
+
+def skip_line(path: str, exc: BaseException) -> str:
+    """'path: reason' for a file that could not be decoded: the reason's first line, the path not said twice (the
+    decoders' messages often start with it)."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{path}: {reason.removeprefix(f'{path}: ')}"
 
 
 def _check_size(im: Image.Image, path: str) -> None:
@@ -65,6 +72,8 @@ def load_rgb(path: str, max_resolution: int | None = None, draft_only: bool = Fa
         opened = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # PIL's own guard, at twice the limit: the same refusal
         raise TooManyPixels(f"{path}: {exc}") from None
+    except UnidentifiedImageError:  # PIL's message names its BytesIO object, not the file
+        raise ValueError(f"{path}: " + ("a zero-byte file" if not data else "not an image PIL can read")) from None
     with opened as im:
         _check_size(im, path)
         if im.format == "JPEG":

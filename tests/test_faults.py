@@ -260,3 +260,47 @@ def test_device_cuda_without_a_gpu_is_one_line(shapes, tmp_path):
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, device="cuda"))
     with pytest.raises(ConfigError, match="device=cuda was asked for but torch sees no CUDA device"):
         Trainer(cfg)
+
+
+def test_each_undecodable_file_is_counted_once_over_workers_and_epochs(shapes, tmp_path):
+    """Issue 32 G8: 20 bad files read by 2 worker processes over 2 epochs are 20 skipped files, not 32."""
+    import shutil
+
+    from tests.test_data import folder_loader
+    root = tmp_path / "train"
+    shutil.copytree(shapes / "train", root)
+    for i in range(20):
+        (root / "circle" / f"bad{i:02d}.jpg").write_bytes(b"not a jpeg at all")
+    loader = folder_loader(root, batch=20, workers=2)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        reported = [f for batch in loader for f in batch.skipped]
+        assert len(reported) == (20 if epoch == 0 else 0), reported  # each is logged when first met
+    assert len(loader.skipped) == 20
+    line = loader.skipped[0]  # the path once, and a reason a person can read (not PIL's BytesIO object)
+    assert line.count("bad") == 1 and line.endswith(": not an image PIL can read"), line
+
+
+def test_images_beside_the_class_folders_are_named_and_reported(shapes, tmp_path):
+    """Issue 32 A16 and A11c: train/stray.jpg belongs to no class: a warning names it, training reports it with the
+    skipped files, and convert's report lists it and the entries it could not list (links to nothing, loops)."""
+    import json
+    import shutil
+
+    from dogo.pipelines.imagefolder import scan
+    root = tmp_path / "train"
+    shutil.copytree(shapes / "train", root)
+    shutil.copy(next((root / "circle").iterdir()), root / "stray.jpg")
+    (root / "star" / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")
+    (root / "circle" / "loop.jpg").symlink_to(root / "circle" / "loop.jpg")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) lie beside the class folders.*stray.jpg"):
+        index = scan(root)
+    assert {p.rsplit("/", 1)[1] for p, _ in index.unlisted} == {"stray.jpg", "gone.jpg", "loop.jpg"}
+    pytest.importorskip("ffcv", reason="the ffcv extra is not installed")
+    from dogo.pipelines.convert import ConvertOptions, convert, sidecar
+    dst = tmp_path / "t.beton"
+    with pytest.warns(UserWarning, match="stray.jpg"):
+        report = convert(root, dst, ConvertOptions(num_workers=1), log=None)
+    written = json.loads(sidecar(dst, "report").read_text())
+    assert report["skipped"] == written["skipped"] == 3 and report["images_written"] == 80
+    assert {f["path"].rsplit("/", 1)[1] for f in written["skipped_files"]} == {"stray.jpg", "gone.jpg", "loop.jpg"}
