@@ -75,6 +75,15 @@ def _eval_setup(cfg):
     return ctx, precision, build_peers
 
 
+def _result_beside(path: Path, name: str) -> Path:
+    """RUN/NAME when the checkpoint lies in a run folder's checkpoints/ (its config.yaml beside them); otherwise
+    beside the checkpoint file itself, as CKPT_STEM.NAME: never in some folder that merely holds the file's folder."""
+    run = path.parent.parent
+    if path.parent.name == "checkpoints" and (run / "config.yaml").is_file():
+        return run / name
+    return path.with_name(f"{path.stem}.{name}")
+
+
 def cmd_eval_knn(args) -> int:
     from dogo.engine.evaluate import KnnMonitor
     path, state, cfg = _load_run(args.checkpoint, args.overrides)
@@ -98,7 +107,7 @@ def cmd_eval_knn(args) -> int:
         console.print(table)
         from dogo.engine.environment import environment
         from dogo.engine.io import write_json
-        out = Path(args.json) if args.json else path.parent.parent / "knn.json"
+        out = Path(args.json) if args.json else _result_beside(path, "knn.json")
         write_json(out, {
             "evaluation": "knn_top1_vs_random_init", "checkpoint": str(path), "step": state["position"]["step"],
             "config": cfg.name, "data": str(Path(cfg.data.path) / cfg.data.val_split), "k": cfg.eval.knn_k,
@@ -367,7 +376,8 @@ def parser() -> argparse.ArgumentParser:
     k = esub.add_parser("knn", help="weighted kNN top-1 of every peer, against its random initialisation")
     k.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     k.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=/imagenet eval.knn_k=200")
-    k.add_argument("--json", help="also write the table here (always written to the run folder as knn.json)")
+    k.add_argument("--json", help="write the table here (default: RUN/knn.json for a run's checkpoint, else CKPT.knn.json beside "
+                        "the file)")
     k.set_defaults(func=cmd_eval_knn)
     lin = esub.add_parser("linear", help="linear probe on frozen features: top-1 and top-5")
     lin.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")

@@ -304,3 +304,23 @@ def test_images_beside_the_class_folders_are_named_and_reported(shapes, tmp_path
     written = json.loads(sidecar(dst, "report").read_text())
     assert report["skipped"] == written["skipped"] == 3 and report["images_written"] == 80
     assert {f["path"].rsplit("/", 1)[1] for f in written["skipped_files"]} == {"stray.jpg", "gone.jpg", "loop.jpg"}
+
+
+def test_eval_of_a_checkpoint_outside_a_run_folder_writes_beside_it(shapes, tmp_path):
+    """Issue 32 G9: `dogo eval knn /path/ck/my.pt` wrote /path/knn.json (the file's grandparent), replacing what
+    was there; a run's checkpoint still writes RUN/knn.json."""
+    import shutil
+
+    from dogo.engine.train import train
+    from tests.conftest import run_cli
+    cfg = config_mod.from_dict(tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1}))
+    train(cfg)
+    (tmp_path / "elsewhere" / "ck").mkdir(parents=True)
+    mine = tmp_path / "elsewhere" / "ck" / "my.pt"
+    shutil.copy(checkpoint.latest(cfg.run_dir), mine)
+    keep = tmp_path / "elsewhere" / "knn.json"
+    keep.write_text("someone else's")
+    run_cli("eval", "knn", str(mine))
+    assert keep.read_text() == "someone else's" and (mine.parent / "my.knn.json").is_file()
+    run_cli("eval", "knn", str(cfg.run_dir))
+    assert (cfg.run_dir / "knn.json").is_file()
