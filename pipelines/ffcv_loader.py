@@ -257,5 +257,5 @@ def make_loader(data, **common) -> FFCVLoader:
 
 
 def open_eval_split(data, split: str, workers: int):
-    from dogo.pipelines.folder import FolderEvalSplit
-    return FolderEvalSplit(Path(data.path) / split, data.image_size, workers)
+    from dogo.pipelines.folder import open_eval_split as folder_split
+    return folder_split(data, split, workers)  # evaluation reads the image folders, as the folder backend

@@ -19,7 +19,7 @@ import torch
 from dogo.pipelines.augment import DeviceRecipe, normalise
 from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch
 from dogo.pipelines.cpu_recipe import CpuRecipe, draw_views, write_views
-from dogo.pipelines.imagefolder import ImageFolderIndex, scan
+from dogo.pipelines.imagefolder import ImageFolderIndex, class_folders, scan
 from dogo.pipelines.images import DECODE_ERRORS, load_rgb, open_rgb, skip_line
 
 
@@ -228,8 +228,8 @@ class _EvalImages(torch.utils.data.Dataset):
 class FolderEvalSplit:
     """One split of an image folder for evaluation (the EvalSplit protocol); decoded by `workers` processes."""
 
-    def __init__(self, root: str | Path, image_size: int, workers: int):
-        self.index = scan(root)
+    def __init__(self, root: str | Path, image_size: int, workers: int, classes: list[str] | None = None):
+        self.index = scan(root, classes)
         self.classes, self.size, self.workers = self.index.classes, image_size, workers
 
     def __len__(self) -> int:
@@ -251,4 +251,7 @@ def make_loader(data, **common) -> FolderLoader:
 
 
 def open_eval_split(data, split: str, workers: int) -> FolderEvalSplit:
-    return FolderEvalSplit(Path(data.path) / split, data.image_size, workers)
+    """A split of data.path labelled by the training split's class list (a split with other class folders would
+    otherwise number its classes differently): the folder, FFCV and DALI backends' evaluation images."""
+    classes = class_folders(Path(data.path) / data.train_split)
+    return FolderEvalSplit(Path(data.path) / split, data.image_size, workers, classes)

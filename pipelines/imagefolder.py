@@ -55,15 +55,32 @@ def _entries(folder: Path, unlisted: list[tuple[str, str]]) -> tuple[list[str], 
     return sorted(dirs), sorted(files)
 
 
-def scan(root: str | Path) -> ImageFolderIndex:
-    """List the images of one split; clear errors for a missing, empty or malformed folder."""
+def class_folders(root: str | Path) -> list[str]:
+    """The sorted class-folder names of a split: its label list (as ImageFolder's)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist; {EXPECTED_LAYOUT}")
+    return _entries(root, [])[0]
+
+
+def scan(root: str | Path, classes: list[str] | None = None) -> ImageFolderIndex:
+    """List the images of one split; clear errors for a missing, empty or malformed folder. classes: the label list
+    to use (the training split's, for an evaluation split), which must hold every class folder here; None: this
+    split's own sorted class folders."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist; {EXPECTED_LAYOUT}")
     unlisted: list[tuple[str, str]] = []
-    classes, loose = _entries(root, unlisted)
-    if not classes:
+    folders, loose = _entries(root, unlisted)
+    if not folders:
         raise DataError(f"{root} has no class folders; {EXPECTED_LAYOUT}")
+    if classes is None:
+        classes = folders
+    unknown = sorted(set(folders) - set(classes))
+    if unknown:
+        raise DataError(f"{root}: class folder(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} are not "
+                        f"classes of the training split ({len(classes)} classes); every split's labels come from "
+                        f"the training split's class folders: rename or remove them")
     loose = [f for f in loose if f.lower().endswith(IMAGE_EXTENSIONS)]
     if loose:  # an image beside the class folders has no class: said, and reported with the skipped files
         unlisted.extend((str(root / f), "not in a class folder") for f in loose)
@@ -71,6 +88,8 @@ def scan(root: str | Path) -> ImageFolderIndex:
                       f"{', '.join(loose[:5])}{' ...' if len(loose) > 5 else ''}", stacklevel=2)
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
+        if name not in folders:  # a training class without images in this split
+            continue
         files = [f for f in _entries(root / name, unlisted)[1] if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
             empty.append(name)

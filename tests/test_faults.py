@@ -324,3 +324,27 @@ def test_eval_of_a_checkpoint_outside_a_run_folder_writes_beside_it(shapes, tmp_
     assert keep.read_text() == "someone else's" and (mine.parent / "my.knn.json").is_file()
     run_cli("eval", "knn", str(cfg.run_dir))
     assert (cfg.run_dir / "knn.json").is_file()
+
+
+def test_evaluation_labels_come_from_the_training_splits_class_list(shapes, tmp_path):
+    """Issue 32 G5: train a/b/c and val b/c numbered each split's own classes from 0, so kNN compared 'b' in val
+    with 'a' in train (0.00% instead of 100%). Every split takes the training split's list; a val class the training
+    split lacks is an error naming it."""
+    import shutil
+
+    from dogo.pipelines import open_eval_split
+    from dogo.pipelines.base import DataError
+    root = tmp_path / "data"
+    shutil.copytree(shapes / "train", root / "train")
+    shutil.copytree(shapes / "val", root / "val")
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    shutil.rmtree(root / "val" / classes[0])  # val lacks the first class
+    data = config_mod.from_dict(tiny_config(root, tmp_path)).data
+    train, val = (open_eval_split(data, s, 0) for s in ("train", "val"))
+    assert val.classes == train.classes == classes
+    b = classes.index(classes[1])
+    assert all(int(label) == classes.index(path.split("/")[-2])
+               for path, label in zip(val.index.paths, val.index.labels)) and b == 1
+    (root / "val" / "unseen").mkdir()
+    with pytest.raises(DataError, match=r"class folder\(s\) unseen are not classes of the training split"):
+        open_eval_split(data, "val", 0)

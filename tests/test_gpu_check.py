@@ -2,7 +2,6 @@
 the check rehearsed here at tiny sizes on the CPU, from an interpreter that has torch but not the project (as on a
 GPU machine with its own torch), so that a broken step is found here and not in a rare GPU session."""
 import json
-import os
 import site
 import subprocess
 import sys
