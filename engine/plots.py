@@ -39,7 +39,9 @@ def _save(fig, out: Path) -> Path:
 
 def read_metrics(spec: str | Path) -> tuple[str, list[dict], list[dict]]:
     """(name, step records, kNN events) of a run folder or a metrics.jsonl file. A run started afresh in the same
-    folder appends to its file: only the records after the last start (step falling back) are kept."""
+    folder appends to its file: only the records after the last start (step falling back) are kept. A resumed run
+    (its "resume" event at step S, e.g. after a kill) continues the history: only the records after S, which the
+    resume replays, are dropped."""
     path = Path(spec)
     if path.is_dir():
         path = path / "metrics.jsonl"
@@ -58,6 +60,9 @@ def read_metrics(spec: str | Path) -> tuple[str, list[dict], list[dict]]:
             steps.append(record)
         elif record.get("event") == "knn":
             knn.append(record)
+        elif record.get("event") == "resume":
+            steps = [r for r in steps if r["step"] <= record["step"]]
+            knn = [k for k in knn if k["step"] <= record["step"]]
     if not steps:
         raise PlotError(f"{path} holds no step records yet (they are written every log.every steps)")
     return name, steps, knn

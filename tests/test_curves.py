@@ -117,3 +117,22 @@ def test_plot_errors_name_the_file(tmp_path, capsys):
     (tmp_path / "x.json").write_text('{"benchmark": "other"}')
     assert dogo("plot", "bench", tmp_path / "x.json") == 2
     assert "x.json: not a dogo benchmark result" in said()
+
+
+def test_plot_keeps_the_history_of_a_run_resumed_after_a_kill(tmp_path):
+    """Issue 32 G4: steps 1-6 logged, killed, resumed from the step-4 checkpoint, steps 5-8 logged: the curve is
+    steps 1-8 (5 and 6 from the resumed run), not only the steps after the resume."""
+    from dogo.engine.plots import read_metrics
+    rows = [{"step": s, "epoch": 0, "loss": 10.0 - s} for s in range(1, 7)]
+    rows += [{"event": "knn", "step": 2, "top1": {"a": 20.0}}, {"event": "knn", "step": 6, "top1": {"a": 30.0}}]
+    rows += [{"event": "resume", "step": 4, "path": "ck"}]
+    rows += [{"step": s, "epoch": 0, "loss": 20.0 - s} for s in range(5, 9)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, steps, knn = read_metrics(path)
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert [r["loss"] for r in steps] == [9.0, 8.0, 7.0, 6.0, 15.0, 14.0, 13.0, 12.0]
+    assert [k["step"] for k in knn] == [2]  # the step-6 kNN belonged to the replayed steps
+    # a fresh start (no resume event) in the same folder still begins the curves again
+    path.write_text(path.read_text() + "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2)))
+    assert [r["step"] for r in read_metrics(path)[1]] == [1, 2]
