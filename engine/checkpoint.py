@@ -67,7 +67,9 @@ def resolve(spec: str | Path) -> Path:
 class RunLock:
     """An exclusive lock on a run folder (flock on RUN/.lock) for the run's lifetime: a second run into the same
     folder is refused instead of overwriting checkpoints and interleaving metrics. The kernel drops the lock when its
-    process dies, so a lock file left by a killed run is simply taken over (its pid is named)."""
+    process dies, so a lock file left by a killed run is simply taken over (its pid is named). The file names the
+    run's main process: a lock still held after that process died is held by an orphan that inherited it (a
+    DataLoader worker of a killed run, for the seconds until it notices), and is taken over too, on a fresh file."""
 
     def __init__(self, run_dir: Path):
         import fcntl
@@ -80,8 +82,12 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._fd)
-            raise CheckpointError(f"run folder {run_dir} is in use by another dogo run (process {previous or '?'}); "
-                                  f"wait for it to finish, or give this run another name=...") from None
+            if previous.isdigit() and not _running(int(previous)):
+                self._fd = _fresh_lock(self.path)
+            else:
+                raise CheckpointError(f"run folder {run_dir} is in use by another dogo run (process "
+                                      f"{previous or '?'}); wait for it to finish, or give this run another "
+                                      f"name=...") from None
         self.taken_over = previous if previous and previous != str(os.getpid()) else None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
@@ -94,6 +100,29 @@ class RunLock:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def _running(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fresh_lock(path: Path) -> int:
+    """A new lock file in place of one an orphan holds (its lock stays on the old file, which no one opens again),
+    locked: the file descriptor."""
+    import fcntl
+    import os
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.replace(tmp, path)
+    return fd
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from dogo.engine.io import atomic_write_text
-from dogo.pipelines.base import DataError
+from dogo.pipelines.base import DataError, die_with_parent
 from dogo.pipelines.imagefolder import scan
 from dogo.pipelines.images import TooManyPixels, load_rgb
 
@@ -66,15 +66,9 @@ def _worker_dies_with_parent() -> None:
     """In a writer or checker process: die when the converting process dies (even by SIGKILL), so that no worker
     goes on writing `.partial` and the resource tracker can free the shared memory at once; and leave Ctrl-C to the
     parent, which stops the workers itself (one Ctrl-C, no traceback per worker)."""
-    import ctypes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the forking thread: now ignored
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent's own clean-up still runs on Ctrl-C
-        pass
-    if os.getppid() == 1:  # the parent died before the signal was armed
-        os._exit(1)
+    die_with_parent()  # not Linux: the parent's own clean-up still runs on Ctrl-C
 
 
 def _check_one(path: str) -> tuple[str | None, int]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dogo.pipelines.augment import DeviceRecipe, normalise
-from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch
+from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch, die_with_parent
 from dogo.pipelines.cpu_recipe import CpuRecipe, draw_views, write_views
 from dogo.pipelines.imagefolder import ImageFolderIndex, class_folders, scan
 from dogo.pipelines.images import DECODE_ERRORS, load_rgb, open_rgb, skip_line
@@ -175,7 +175,7 @@ class FolderLoader(ShardedLoader):
             batches, batch_sampler=self._sampler,
             num_workers=workers, collate_fn=_whole_batch, pin_memory=device.type == "cuda",
             persistent_workers=False, prefetch_factor=prefetch if workers > 0 else None,
-            generator=_private_generator())
+            generator=_private_generator(), worker_init_fn=die_with_parent)
 
     def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
         self._sampler.epoch, self._sampler.start = epoch, start_step
@@ -239,7 +239,7 @@ class FolderEvalSplit:
                 channels_last: bool):
         loader = torch.utils.data.DataLoader(_EvalImages(self.index, self.size, positions), batch_size=batch_size,
                                              num_workers=self.workers, pin_memory=device.type == "cuda",
-                                             generator=_private_generator())
+                                             generator=_private_generator(), worker_init_fn=die_with_parent)
         for images, labels in loader:
             x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
             yield normalise(x, recipe, dtype, channels_last), labels.to(device, non_blocking=True)

@@ -1,5 +1,7 @@
 """Bad input and faults that must not pass silently: config values out of range, YAML's number forms, a refused
 resume that must leave the run's config alone, and half-written checkpoints left by a kill."""
+import os
+
 import pytest
 
 from dogo.engine import checkpoint, config as config_mod
@@ -348,3 +350,62 @@ def test_evaluation_labels_come_from_the_training_splits_class_list(shapes, tmp_
     (root / "val" / "unseen").mkdir()
     with pytest.raises(DataError, match=r"class folder\(s\) unseen are not classes of the training split"):
         open_eval_split(data, "val", 0)
+
+
+def test_a_lock_held_only_by_an_orphan_of_a_killed_run_is_taken_over(shapes, tmp_path):
+    """Issue 32 D1b: kill -9 of a run left its DataLoader worker holding the inherited lock for seconds, and a
+    resume then was refused. The lock names the main process; once that process is dead the lock is taken over."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, run_cli
+    path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 1}))
+    run_dir = tmp_path / "t"
+    # the "run": takes the lock, forks a child that inherits it (as a DataLoader worker does) and outlives it
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; from dogo.engine.checkpoint import RunLock; RunLock(sys.argv[1])\n"
+        "if os.fork() == 0:\n    time.sleep(60); os._exit(0)\n"
+        "print('held', flush=True); time.sleep(60)"), str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    try:
+        proc = run_cli("train", str(path), check=False, timeout=120)
+        assert proc.returncode == 0, proc.stdout
+        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert {"event": "lock_taken_over", "pid": str(holder.pid)} in events
+    finally:
+        subprocess.run(["pkill", "-f", f"RunLock\\(sys.argv\\[1\\]\\).*{run_dir}"], check=False)
+        subprocess.run(["pkill", "-f", str(run_dir)], check=False)
+
+
+def test_workers_die_with_their_parent(tmp_path):
+    """die_with_parent (the DataLoader workers' init, convert's writers): a worker whose parent is killed with -9
+    is gone at once, instead of lingering with the run's files open."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    marker = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\nfrom dogo.pipelines.base import die_with_parent\n"
+        "if os.fork() == 0:\n    die_with_parent(); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)\n"
+        "time.sleep(60)"), str(marker)], cwd=REPO)
+    while not marker.exists() or not marker.read_text():
+        time.sleep(0.05)
+    child = int(marker.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    pytest.fail("the worker outlived its killed parent")
