@@ -485,6 +485,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the file, what went wrong, and what to do."""
+    import errno
+    where = exc.filename if exc.filename is not None else "a file"
+    what = exc.strerror or str(exc)
+    advice = {
+        errno.ENOSPC: "the disk is full: free space, then run the same command again (a training run resumes from "
+                      "its newest checkpoint)",
+        errno.EFBIG: "the file is over a size limit (ulimit -f): raise it or write elsewhere",
+        errno.EDQUOT: "the disk quota is used up: free space, then run the same command again",
+        errno.EACCES: "it cannot be written here: choose another path (out_dir=..., or another destination)",
+        errno.EROFS: "the file system is read-only: choose another path (out_dir=..., or another destination)",
+        errno.ENOTDIR: "a file stands where a folder is needed: choose another path (out_dir=...)",
+        errno.EEXIST: "a file stands where a folder is needed: choose another path (out_dir=...)",
+        errno.EISDIR: "a folder stands where a file is needed: give a file name",
+    }.get(exc.errno, "check the path and the disk")
+    return f"{where}: {what}; {advice}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     warnings.filterwarnings("once", category=UserWarning)
@@ -492,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, PlotError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, however long
+        return 2
+    except OSError as exc:  # a full disk, a path that is a file, a folder that cannot be written: the file and why
+        console.print(f"[bold red]error:[/] {os_error_line(exc)}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (e.g. while numba compiles at import)
         console.print("interrupted", highlight=False)

@@ -123,8 +123,11 @@ class MetricsLogger:
         bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        except OSError as exc:  # a write's error does not name its file: this one does (a full disk, a quota)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
         if self.progress is not None:

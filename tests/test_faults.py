@@ -356,11 +356,9 @@ def test_a_lock_held_only_by_an_orphan_of_a_killed_run_is_taken_over(shapes, tmp
     """Issue 32 D1b: kill -9 of a run left its DataLoader worker holding the inherited lock for seconds, and a
     resume then was refused. The lock names the main process; once that process is dead the lock is taken over."""
     import json
-    import os
     import signal
     import subprocess
     import sys
-    import time
 
     from tests.conftest import REPO, run_cli
     path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 1}))
@@ -409,3 +407,41 @@ def test_workers_die_with_their_parent(tmp_path):
         time.sleep(0.05)
     os.kill(child, 9)
     pytest.fail("the worker outlived its killed parent")
+
+
+def test_file_system_failures_are_one_line_naming_the_file(shapes, tmp_path):
+    """Issue 32 G6 and G7: metrics.jsonl that cannot grow (a full disk; here a file-size limit, as tmpfs mounts are
+    not allowed everywhere), an out_dir that is a file, an export destination inside a file: exit 2 and one line
+    naming the file and what to do, no traceback."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from dogo.engine.train import train
+    from tests.conftest import REPO, cli_env, run_cli
+    cfg = config_mod.from_dict(tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1}))
+    train(cfg)
+    # G6: the metrics file at the size limit, so that the next line cannot be appended
+    metrics = cfg.run_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:  # larger than the other files a run writes before its first metrics line
+        f.write('{"event": "padding"}\n' * 4000)
+    limit = metrics.stat().st_size + 10
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 3}))
+    proc = subprocess.run([sys.executable, "-m", "dogo", "train", str(path)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 2 and "Traceback" not in out and "metrics.jsonl: File too large" in out, out
+    # G7: out_dir is a file; an export into a path whose folder is a file
+    (tmp_path / "afile").write_text("x")
+    proc = run_cli("train", str(path), f"out_dir={tmp_path / 'afile'}", check=False)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 2 and "Traceback" not in out and "afile" in out and "choose another path" in out, out
+    proc = run_cli("export", str(cfg.run_dir), "--peer", "a", str(tmp_path / "afile" / "bb.pt"), check=False)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 2 and "Traceback" not in out and "afile" in out, out
