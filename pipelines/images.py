@@ -22,7 +22,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-MAX_PIXELS = 400_000_000  # larger is refused: panoramas of a dataset pass, a 30000 x 30000 bomb does not
+# Larger is refused: panoramas of a dataset pass (14,000 x 14,000), a 30000 x 30000 bomb does not. Decoding peaks at
+# about 10 bytes per pixel (PIL's 4-byte pixels, then the array), 2 GB at the limit: 4 workers stay within 8 GB.
+MAX_PIXELS = 200_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own guard, at the same limit (it warns above, refuses at 2x)
 
 
@@ -48,15 +50,18 @@ def _check_size(im: Image.Image, path: str) -> None:
 
 
 def _upright_rgb(im: Image.Image) -> np.ndarray:
-    """A loaded PIL image -> upright (H, W, 3) uint8."""
-    im = ImageOps.exif_transpose(im)
+    """A loaded PIL image -> upright (H, W, 3) uint8, with as few whole-image copies as PIL allows: a 400 M-pixel
+    PNG peaked at 7.75 GB with a copy per step (exif_transpose and convert copy even when they change nothing);
+    tests/test_faults.py holds the peak per pixel."""
+    upright = ImageOps.exif_transpose(im, in_place=True)  # None: turned in place, or nothing to turn
+    im = im if upright is None else upright
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit (or 32-bit integer) grey: the full 16-bit range onto 8 bits
         grey = np.asarray(im, dtype=np.float64) / 257.0
         return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
     if im.mode == "F":
         raise ValueError("floating-point image (mode F) has no defined 8-bit mapping")
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def load_rgb(path: str, max_resolution: int | None = None, draft_only: bool = False) -> np.ndarray:

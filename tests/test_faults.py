@@ -445,3 +445,26 @@ def test_file_system_failures_are_one_line_naming_the_file(shapes, tmp_path):
     proc = run_cli("export", str(cfg.run_dir), "--peer", "a", str(tmp_path / "afile" / "bb.pt"), check=False)
     out = " ".join(proc.stdout.split())
     assert proc.returncode == 2 and "Traceback" not in out and "afile" in out, out
+
+
+def test_decoding_the_largest_allowed_image_fits_four_workers_in_a_third_of_24_GB(tmp_path):
+    """Issue 32 A14b: a 20000 x 20000 PNG at the old 400 M-pixel limit peaked at 7.75 GB in load_rgb (a whole-image
+    copy per step), so 4 workers could exceed a 24 GB machine. The peak per pixel, measured on a 20 M-pixel PNG in a
+    fresh process, times the limit and 4 workers (data.workers' default) stays within 8 GB."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from dogo.pipelines.images import MAX_PIXELS
+    from tests.conftest import REPO
+    pixels = np.zeros((4000, 5000, 3), np.uint8)
+    pixels[::7] = 200
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    probe = ("import resource, sys\nfrom dogo.pipelines.images import load_rgb\n"
+             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nx = load_rgb(sys.argv[1])\n"
+             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / (x.shape[0] * x.shape[1]))")
+    per_pixel = float(subprocess.run([sys.executable, "-c", probe, str(tmp_path / "big.png")], cwd=REPO,
+                                     capture_output=True, text=True, check=True).stdout)
+    assert per_pixel * MAX_PIXELS * 4 <= 8e9, per_pixel
