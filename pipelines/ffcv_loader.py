@@ -37,6 +37,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from dogo.pipelines.augment import DeviceRecipe, normalise
 from dogo.pipelines.base import DataError, ReusedBuffers, Shard, ShardedLoader, TwoViewBatch, prefetched
 from dogo.pipelines.cpu_recipe import CpuRecipe, draw_views, write_views
+from dogo.pipelines.images import MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,14 @@ def open_beton(path: str | Path, image_field: str = "image", label_field: str = 
         if not isinstance(reader.handlers[name], kind):
             raise DataError(f"{path}: field '{name}' ({key}) is a {type(reader.handlers[name]).__name__}, "
                             f"not an {kind.__name__}")
+    # sizes as declared, before anything is allocated for them (a damaged or crafted file can declare any)
+    meta = reader.metadata[f"f{names.index(image_field)}"]
+    pixels = meta["height"].astype(np.int64) * meta["width"].astype(np.int64)
+    if len(pixels) and pixels.max() > MAX_PIXELS:
+        i = int(pixels.argmax())
+        raise DataError(f"{path}: sample {i} declares a {int(meta['width'][i])} x {int(meta['height'][i])} image, "
+                        f"over the {MAX_PIXELS:,}-pixel limit: the file is damaged or was not written by an image "
+                        f"converter; convert the dataset again")
     return reader, BetonFields(image_field, label_field, names)
 
 

@@ -195,3 +195,26 @@ def test_an_epoch_left_early_stops_ffcvs_thread(beton):
         next(batches)
         batches.close()
         assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
+
+
+def test_a_beton_declaring_a_huge_image_is_refused_on_open(beton, tmp_path):
+    """Issue 32 F4: a .beton whose metadata declares a 60000 x 60000 image made FFCV try to allocate 432 GB (a
+    RuntimeError and a traceback); the declared sizes are checked against the pixel limit when the file is opened."""
+    import shutil
+
+    from ffcv.reader import Reader
+
+    from dogo.pipelines.base import DataError
+    from dogo.pipelines.ffcv_loader import open_beton
+    damaged = tmp_path / "damaged.beton"
+    shutil.copy(beton, damaged)
+    from ffcv.types import HeaderType
+    reader = Reader(str(damaged))
+    meta = reader.metadata.copy()
+    offset = HeaderType.itemsize + reader.field_descriptors.nbytes  # where FFCV's Reader reads the table
+    meta["f0"]["height"][3] = meta["f0"]["width"][3] = 60000
+    with open(damaged, "r+b") as f:
+        f.seek(offset)
+        f.write(meta.tobytes())
+    with pytest.raises(DataError, match=r"damaged.beton: sample 3 declares a 60000 x 60000 image, over the"):
+        open_beton(damaged)
