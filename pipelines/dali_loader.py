@@ -19,7 +19,9 @@ random draws come from DALI's generator, seeded per (run seed, epoch, start step
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import functools
+import os
+import multiprocessing as mp
 from pathlib import Path
 from typing import Iterator
 
@@ -29,7 +31,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from dogo.pipelines.augment import blur_kernel_size
-from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch
+from dogo.pipelines.base import DataError, ShardedLoader, TwoViewBatch, die_with_parent
 from dogo.pipelines.imagefolder import scan
 from dogo.pipelines.images import DECODE_ERRORS, load_rgb, structural_problem
 
@@ -91,24 +93,31 @@ def _two_views(files: list[str], labels: list[int], n_views: int, size: int, rec
     return (*[_view(images, size, recipe, out_dtype) for _ in range(n_views)], label)
 
 
-def _undecodable(paths: list[str], threads: int, whole: bool) -> list[tuple[str, str]]:
+def _undecodable(paths: list[str], processes: int, whole: bool) -> list[tuple[str, str]]:
     """Files DALI must not see, with the reason: names DALI's reader cannot take (not UTF-8), files that declare
-    more pixels than images.MAX_PIXELS (a decompression bomb: refused from the header, never decoded), and files
-    whose structure is broken (truncated, foreign, corrupt data: DALI 2.4's CPU decoder can crash the process on
-    them, or decode garbage with only a warning), unless PIL decodes them anyway. Only the suspicious few are
-    decoded; the rest are read once (images.structural_problem)."""
-    def verdict(path: str) -> tuple[str, str] | None:
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            return path, "the file name is not valid UTF-8 (DALI's reader cannot open it): rename it"
-        problem = structural_problem(path, whole)
-        if problem is None or problem.startswith("declares"):
-            return (path, problem) if problem else None
-        reason = _decode_error(path)
-        return (path, f"{problem}; {reason}") if reason else None
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        return [v for v in pool.map(verdict, paths, chunksize=256) if v]
+    more pixels than images.MAX_PIXELS (a decompression bomb: refused from the header, never decoded), files whose
+    structure is broken (truncated, foreign, corrupt data: DALI 2.4's CPU decoder can crash the process on them, or
+    decode garbage with only a warning) unless PIL decodes them anyway, and with `whole` JPEGs whose decode makes
+    libjpeg warn of corrupt data (a zero-filled block breaks no structure: only decoding shows it; at the smallest
+    DCT scale, as `dogo convert` checks). In processes (libjpeg's warnings are caught per process)."""
+    with mp.get_context("fork").Pool(max(1, processes), initializer=die_with_parent) as pool:
+        return [v for v in pool.imap(functools.partial(_verdict, whole=whole), paths, chunksize=256) if v]
+
+
+def _verdict(path: str, whole: bool) -> tuple[str, str] | None:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return path, "the file name is not valid UTF-8 (DALI's reader cannot open it): rename it"
+    problem = structural_problem(path, whole)
+    if problem is not None and problem.startswith("declares"):
+        return path, problem
+    if problem is None and not whole:
+        return None
+    reason = _decode_error(path, draft_only=problem is None)
+    if problem is None:
+        return (path, reason) if reason else None
+    return (path, f"{problem}; {reason}") if reason else None
 
 
 def printable(path: str) -> str:
@@ -116,10 +125,10 @@ def printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _decode_error(path: str) -> str | None:
+def _decode_error(path: str, draft_only: bool = False) -> str | None:
     """Why PIL cannot decode the file, or None."""
     try:
-        load_rgb(path)
+        load_rgb(path, draft_only=draft_only)
         return None
     except DECODE_ERRORS as exc:
         return str(exc)
@@ -133,7 +142,7 @@ class DALILoader(ShardedLoader):
                  dtype: torch.dtype, channels_last: bool, scan_whole: bool = True):
         index = scan(root)
         # Undecodable files are left out (and reported), as the other backends skip them.
-        bad = dict(_undecodable(index.paths, 4 * max(1, workers), scan_whole))
+        bad = dict(_undecodable(index.paths, len(os.sched_getaffinity(0)), scan_whole))
         if bad:
             index = index.subset([i for i, p in enumerate(index.paths) if p not in bad])
         self.index = index

@@ -13,7 +13,11 @@ corrupt data as PIL does. Everything else goes through PIL.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
+import threading
 import warnings
 
 import numpy as np
@@ -87,12 +91,59 @@ def load_rgb(path: str, max_resolution: int | None = None, draft_only: bool = Fa
             if problem:
                 raise ValueError(f"{path}: {problem}")
             target = (1, 1) if draft_only else (max_resolution, max_resolution) if max_resolution else None
-            if target:
-                im.draft("RGB", target)
-            elif im.mode in ("RGB", "L"):
-                return _decode_jpeg(data)
-        im.load()
+            with _libjpeg_warnings_refused(path):
+                if target:
+                    _reduced_decode(data, path)  # PIL's libjpeg keeps its warnings to itself: OpenCV's says them
+                    im.draft("RGB", target)
+                elif im.mode in ("RGB", "L"):
+                    return _decode_jpeg(data)
+                im.load()
+        else:
+            im.load()
         return _upright_rgb(im)
+
+
+# libjpeg's warnings on corrupt data (a zero-filled block, a lost marker): it decodes the rest as noise and says so
+# on stderr only, in the same words from PIL, torchvision and OpenCV alike
+LIBJPEG_CORRUPTION = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid SOS parameters")
+_capture: tuple[int, int] | None = None  # (pid, memfd): each process its own, forked workers included
+_capture_lock = threading.Lock()  # file descriptor 2 is the process's: one capture at a time
+
+
+@contextlib.contextmanager
+def _libjpeg_warnings_refused(path: str):
+    """Run a JPEG decode with file descriptor 2 captured (libjpeg writes its warnings there, below Python); a
+    corrupt-data warning makes the decode a ValueError naming the file, anything else is passed on to stderr.
+    Decodes in one process's threads take turns (the loaders decode in processes, one thread each)."""
+    global _capture
+    with _capture_lock:
+        if _capture is None or _capture[0] != os.getpid():
+            _capture = (os.getpid(), os.memfd_create("dogo-libjpeg-warnings", os.MFD_CLOEXEC))
+        fd = _capture[1]
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)  # fd 2 will share this offset
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(fd, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            said = os.pread(fd, 1 << 16, 0).decode(errors="replace")
+            corrupt = [line for line in said.splitlines() if line.startswith(LIBJPEG_CORRUPTION)]
+            if said and not corrupt:
+                sys.stderr.write(said)
+    if corrupt:
+        raise ValueError(f"{path}: corrupt JPEG data (libjpeg: {corrupt[0].strip()})")
+
+
+def _reduced_decode(data: bytes, path: str) -> None:
+    """Decode a JPEG at 1/8 scale with OpenCV (all of its entropy-coded data is still read), for libjpeg's
+    corrupt-data warnings, which PIL's decoder silences."""
+    import cv2
+    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION) is None:
+        raise ValueError(f"{path}: OpenCV cannot decode this JPEG")
 
 
 def _decode_jpeg(data: bytes) -> np.ndarray:

@@ -468,3 +468,40 @@ def test_decoding_the_largest_allowed_image_fits_four_workers_in_a_third_of_24_G
     per_pixel = float(subprocess.run([sys.executable, "-c", probe, str(tmp_path / "big.png")], cwd=REPO,
                                      capture_output=True, text=True, check=True).stdout)
     assert per_pixel * MAX_PIXELS * 4 <= 8e9, per_pixel
+
+
+def test_a_jpeg_with_a_zero_filled_block_is_refused_everywhere(shapes, tmp_path):
+    """Issue 32 A15: a zero-filled block mid-file breaks no JPEG structure; libjpeg decodes the rest as noise and
+    only warns on stderr ("Corrupt JPEG data ..."), naming no file. Its warning counts as a decode error: the file
+    is skipped and reported by the folder backend, by convert, and by DALI's scan."""
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from dogo.pipelines.images import load_rgb
+    from tests.test_data import folder_loader
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((256, 256, 3)) * 60 + np.linspace(0, 180, 256)[None, :, None]).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    data[len(data) // 2:len(data) // 2 + 300] = bytes(300)
+    root = tmp_path / "train"
+    shutil.copytree(shapes / "train", root)
+    bad = root / "circle" / "zeroed.jpg"
+    bad.write_bytes(bytes(data))
+    for draft in (False, True):
+        with pytest.raises(ValueError, match=r"zeroed.jpg: corrupt JPEG data \(libjpeg: Corrupt JPEG data"):
+            load_rgb(str(bad), draft_only=draft)
+    loader = folder_loader(root, batch=81)
+    assert [line.split(": ", 1)[0] for line in next(iter(loader)).skipped] == [str(bad)]
+    pytest.importorskip("ffcv", reason="the ffcv extra is not installed")
+    from dogo.pipelines.convert import ConvertOptions, convert
+    report = convert(root, tmp_path / "t.beton", ConvertOptions(num_workers=1), log=None)
+    assert [f["path"] for f in report["skipped_files"]] == [str(bad)] and report["images_written"] == 80
+    pytest.importorskip("nvidia.dali", reason="the dali extra is not installed")
+    from dogo.pipelines.dali_loader import _undecodable
+    from dogo.pipelines.imagefolder import scan
+    assert [p for p, _ in _undecodable(scan(root).paths, 2, whole=True)] == [str(bad)]
