@@ -18,7 +18,7 @@ from dogo.engine.environment import device_tag
 from dogo.engine.io import write_json
 from dogo.engine.plots import PlotError
 from dogo.pipelines.base import DataError
-from dogo.pipelines.convert import WRITE_MODES, ConvertOptions
+from dogo.pipelines.convert import WRITE_MODES, ConvertOptions, convert, import_ffcv
 
 console = Console()
 
@@ -326,7 +326,7 @@ def cmd_bench_recipe(args) -> int:
 
 def cmd_convert(args) -> int:
     try:
-        import ffcv  # noqa: F401
+        import_ffcv()
     except ImportError as exc:
         raise DataError(f"dogo convert needs FFCV ({exc}); install it with `pip install dogo[ffcv]` after its system "
                         "packages (apt-get install libturbojpeg0-dev libopencv-dev pkg-config), or run make setup") from None
@@ -334,7 +334,6 @@ def cmd_convert(args) -> int:
                              jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
                              smart_threshold=args.smart_threshold, num_workers=args.num_workers,
                              chunk_size=args.chunk_size, strict=args.strict)
-    from dogo.pipelines.convert import convert
     try:
         convert(args.src, args.dst, options, overwrite=args.overwrite,
                 log=lambda msg: console.print(msg, highlight=False))

@@ -33,7 +33,7 @@ from PIL import Image
 from dogo.engine.io import atomic_write_text
 from dogo.pipelines.base import DataError, die_with_parent
 from dogo.pipelines.imagefolder import scan
-from dogo.pipelines.images import TooManyPixels, load_rgb
+from dogo.pipelines.images import TooManyPixels, load_rgb, skip_reason
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 
@@ -82,7 +82,7 @@ def _check_one(path: str) -> tuple[str | None, int]:
     except (TooManyPixels, Image.DecompressionBombError) as exc:
         return f"too many pixels: {exc}", 0
     except Exception as exc:  # any decoder failure is a reason to skip, reported with its message
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:300], 0
+        return skip_reason(path, exc), 0
 
 
 class _Samples:
@@ -274,9 +274,19 @@ def _stop_writers(writer, queues: list) -> None:
         shm.unlink()
 
 
+def import_ffcv() -> None:
+    """Import FFCV for converting (ImportError when it is not installed). Importing FFCV starts numba's TBB
+    threading layer, which warns at every fork from a thread other than the main one, and the converter forks from
+    one (_interruptible); it runs no parallel kernel, so numba's plain layer is chosen first."""
+    import numba
+    numba.config.THREADING_LAYER = "workqueue"
+    import ffcv  # noqa: F401
+
+
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions(), overwrite: bool = False,
             log=print) -> dict:
     """Convert; returns the report (also written beside the output)."""
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     import ffcv.writer

@@ -40,11 +40,15 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.Decompres
 _EXIF_ORIENTATION = 0x0112
 
 
-def skip_line(path: str, exc: BaseException) -> str:
-    """'path: reason' for a file that could not be decoded: the reason's first line, the path not said twice (the
-    decoders' messages often start with it)."""
+def skip_reason(path: str, exc: BaseException) -> str:
+    """Why a file could not be decoded, in one line, without the path (the decoders' messages often start with it)."""
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{path}: {reason.removeprefix(f'{path}: ')}"
+    return reason.removeprefix(f"{path}: ")[:300]
+
+
+def skip_line(path: str, exc: BaseException) -> str:
+    """'path: reason' for a file that could not be decoded, the path said once."""
+    return f"{path}: {skip_reason(path, exc)}"
 
 
 def _check_size(im: Image.Image, path: str) -> None:

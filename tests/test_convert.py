@@ -344,3 +344,18 @@ def test_a_writer_that_fails_ends_the_conversion_with_one_line(tmp_path):
     assert "a writer process failed" in out and "File too large" in out and "Traceback" not in out, out
     assert not dst.exists() and not (tmp_path / "out.beton.partial").exists()
     assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+def test_cli_convert_prints_no_numba_fork_warnings_and_readable_skip_reasons(tmp_path):
+    """Issue 32 (also seen): every `dogo convert` printed numba's "Attempted to fork from a non-main thread, the TBB
+    library may be in an invalid state" twice, and a zero-byte or foreign file's reason named PIL's BytesIO."""
+    from tests.conftest import run_cli
+    root = tmp_path / "src" / "c"
+    root.mkdir(parents=True)
+    _noise(20, 20, 30).save(root / "ok.png")
+    (root / "notes.jpg").write_text("not an image")
+    proc = run_cli("convert", str(tmp_path / "src"), str(tmp_path / "o.beton"), "--num-workers", "1")
+    said = proc.stdout + proc.stderr
+    assert "TBB" not in said and "fork" not in said, said
+    report = json.loads(sidecar(tmp_path / "o.beton", "report").read_text())
+    assert [f["reason"] for f in report["skipped_files"]] == ["not an image PIL can read"], report
