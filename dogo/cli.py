@@ -375,8 +375,8 @@ def parser() -> argparse.ArgumentParser:
     k = esub.add_parser("knn", help="weighted kNN top-1 of every peer, against its random initialisation")
     k.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     k.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=/imagenet eval.knn_k=200")
-    k.add_argument("--json", help="write the table here (default: RUN/knn.json for a run's checkpoint, else CKPT.knn.json beside "
-                        "the file)")
+    k.add_argument("--json", help="write the table here (default: RUN/knn.json for a run's checkpoint, else "
+                                  "CKPT.knn.json beside the file)")
     k.set_defaults(func=cmd_eval_knn)
     lin = esub.add_parser("linear", help="linear probe on frozen features: top-1 and top-5")
     lin.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
