@@ -244,7 +244,8 @@ class DeviceRecipe:
         matrices, hue_shift, flags = to_device(flat, self.device).split([sum(split), n, 3 * n])
         matrices = matrices.to(self.work).split(split)
         stages = matrices[0].view(STAGES, n, 3, 3).unbind() + matrices[1].view(STAGES, n, 3, 3).unbind()
-        return [*stages, matrices[2].view(n, 3, 3), matrices[3].view(n * c, k)], hue_shift, flags.view(3, n, 1, 1, 1) > 0
+        on = flags.view(3, n, 1, 1, 1) > 0
+        return [*stages, matrices[2].view(n, 3, 3), matrices[3].view(n * c, k)], hue_shift, on
 
     def apply(self, images: torch.Tensor, the_plan: Plan) -> torch.Tensor:
         """images: (n, 3, S, S) uint8 (or 0..255 float), in the batch's order."""
