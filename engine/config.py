@@ -34,9 +34,10 @@ class DataConfig:
     ffcv_image_field: str = "image"  # ffcv: the .beton's RGB image field (stock FFCV scripts may write e.g. 'img')
     ffcv_label_field: str = "label"  # ffcv: its integer label field (e.g. 'target')
     dali_hw_decoder_load: float = 0.65  # dali on a GPU: share of the JPEGs given to the hardware decoder
-    # dali: before the first batch every file is checked without decoding (DALI can crash or train on garbage on a
-    # broken file). whole: every byte read once (corrupt data found too); ends: the first 64 kB and the last bytes
-    # (truncation and declared size only: a faster start on a dataset already checked, e.g. by dogo convert)
+    # dali: before the first batch every file is checked (DALI can crash or train on garbage on a broken file).
+    # whole: every byte read and every JPEG decoded at 1/8 scale in processes (corrupt data found, also what breaks
+    # no structure); ends: the first 64 kB and the last bytes, nothing decoded (truncation and declared size only: a
+    # much faster start on a dataset already checked, e.g. by dogo convert)
     dali_scan: Literal["whole", "ends"] = "whole"
     train_split: str = "train"
     val_split: str = "val"  # labelled split the kNN monitor queries
