@@ -109,7 +109,7 @@ imagenet-disco-r18: $(STAMP)
 CIFAR ?=
 define require_cifar
 	@if [ -z "$(CIFAR)" ]; then echo "error: set CIFAR=/path/to/cifar-10-batches-py (the python version, unpacked)"; exit 2; fi
-	@$(PY) -m dogo.pipelines.cifar "$(CIFAR)"
+	@$(PY) -m dogo.pipelines.backends.cifar "$(CIFAR)"
 endef
 
 cifar10-r18-r50: $(STAMP)
@@ -143,7 +143,7 @@ bench: $(STAMP)
 PHOTOS := data/photos500
 photos: $(PHOTOS)
 $(PHOTOS): | $(STAMP)
-	$(PY) -m dogo.benchmarks.photos $(PHOTOS) --images 2000
+	$(PY) -m dogo.benchmarks.lab.photos $(PHOTOS) --images 2000
 
 bench-pipeline: $(STAMP) $(PHOTOS)
 	@test -f $(PHOTOS)/train.beton || $(DOGO) convert $(PHOTOS)/train $(PHOTOS)/train.beton --write-mode jpg --jpeg-quality 90

@@ -115,17 +115,21 @@ print(env)"
 
 # sizes: full on the GPU, tiny in the rehearsal
 if [ $REHEARSAL = 1 ]; then
-  TRAIN_ARGS=(data.image_size=32 data.batch_size=4 data.synthetic_images=16 device=cpu --warmup 1 --steps 1 --repeats 1)
-  CIFAR_ARGS=(data.batch_size=8 data.synthetic_images=32 device=cpu --warmup 1 --steps 1 --repeats 1)
-  LOSS_VIEWS=(256 512); RECIPE_ARGS=(--size 32 --batch 8 --repeats 1 --device cpu)
+  TRAIN_ARGS=(data.image_size=32 data.batch_size=4 data.synthetic.images=16 device=cpu --warmup 1 --steps 1 --repeats 1)
+  CIFAR_ARGS=(data.batch_size=8 data.synthetic.images=32 device=cpu --warmup 1 --steps 1 --repeats 1)
+  LOSS_VIEWS=(256); RECIPE_ARGS=(--size 32 --batch 8 --repeats 1 --device cpu)
+  CIFAR_CONFIGS=(cifar10_simclr_r18)  # the GPU's second config runs the same commands
   PIPE_ARGS=(--size 32 --batch 8 --batches 2 --warmup 1 --repeats 1 --workers 1 --device cpu); PHOTOS=64
-  RUN_ARGS=(device=cpu data.batch_size=8 data.synthetic_images=64); DEMO_STEPS=schedule.max_steps=2
+  RUN_ARGS=(device=cpu data.batch_size=8 data.synthetic.images=64); DEMO_STEPS=schedule.max_steps=2
+  DEMO_DATA="$OUT/runs/shapes"; DEMO_DATA_ARGS=(--train-per-class 4 --val-per-class 2)  # the demo's commands, small
 else
   TRAIN_ARGS=(--warmup 3 --steps 10 --repeats 3)
-  CIFAR_ARGS=(data.synthetic_images=50000 --warmup 5 --steps 10 --repeats 2)
+  CIFAR_ARGS=(data.synthetic.images=50000 --warmup 5 --steps 10 --repeats 2)
   LOSS_VIEWS=(16384 65536); RECIPE_ARGS=(--size 224 --batch 256 --repeats 3 --device cuda)
+  CIFAR_CONFIGS=(cifar10_simclr_r18 cifar10_r18_r50)
   PIPE_ARGS=(--batch 64 --batches 10 --warmup 3 --repeats 3 --device cuda); PHOTOS=1000  # 832 of the 1,000 photos a pass
-  RUN_ARGS=(device=cuda data.batch_size=512 data.synthetic_images=1000000); DEMO_STEPS=
+  RUN_ARGS=(device=cuda data.batch_size=512 data.synthetic.images=1000000); DEMO_STEPS=
+  DEMO_DATA=data/shapes64; DEMO_DATA_ARGS=()
 fi
 
 # 2. the DoGo R18+R50 step at 224 px: whole, engine only, plain-model ceiling, MFU, ops, syncs, memory
@@ -140,7 +144,7 @@ cifar_steps() {
     smi=$!
   fi
   local rc=0
-  for cfg in cifar10_simclr_r18 cifar10_r18_r50; do
+  for cfg in "${CIFAR_CONFIGS[@]}"; do
     local src=(data.backend=synthetic)
     [ -n "$CIFAR" ] && src=(data.path="$CIFAR")
     "${DOGO[@]}" bench train configs/$cfg.yaml "${src[@]}" eval.knn_every_epochs=0 "${CIFAR_ARGS[@]}" \
@@ -167,7 +171,7 @@ step recipe $T_RECIPE "${DOGO[@]}" bench recipe "${RECIPE_ARGS[@]}" --compile --
 # 6. the folder backend with the recipe on the device, on photos made here without network
 pipeline() {
   local photos=data/gpu_check_photos$PHOTOS
-  [ -d $photos/train ] || "$PY" -m dogo.benchmarks.photos $photos --images $PHOTOS || return
+  [ -d $photos/train ] || "$PY" -m dogo.benchmarks.lab.photos $photos --images $PHOTOS || return
   "${DOGO[@]}" bench pipeline --backend folder --placement device --data $photos/train "${PIPE_ARGS[@]}" \
     --json "$OUT/pipeline_folder.json"
 }
@@ -214,9 +218,9 @@ if [ -n "$CIFAR" ]; then step cifar_study $T_STUDY study; else printf 'cifar_stu
 
 # 9. what a newcomer with a GPU sees first: make demo's training, kNN table and curves
 demo() {
-  local data=data/shapes64
-  [ -d $data/train ] || "$PY" -m dogo.pipelines.shapes $data || return
-  "${DOGO[@]}" train configs/demo.yaml checkpoint.resume=none out_dir="$OUT/runs" device=$DEVICE $DEMO_STEPS &&
+  [ -d "$DEMO_DATA/train" ] || "$PY" -m dogo.pipelines.shapes "$DEMO_DATA" "${DEMO_DATA_ARGS[@]}" || return
+  "${DOGO[@]}" train configs/demo.yaml checkpoint.resume=none out_dir="$OUT/runs" device=$DEVICE $DEMO_STEPS \
+    data.path="$DEMO_DATA" &&
   "${DOGO[@]}" eval knn "$OUT/runs/demo" device=$DEVICE --json "$OUT/demo_knn.json" &&
   "${DOGO[@]}" plot "$OUT/runs/demo" --out "$OUT/demo_curves.png"
 }

@@ -15,25 +15,10 @@ from pathlib import Path
 
 import torch
 
-from dogo.engine.contrastive import kernel_tile
+from dogo.engine.environment import available_bytes, process_bytes
+from dogo.engine.ssl.contrastive import auto_tile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
 def straightforward_lower_bound(views: int, objective: str) -> int:
@@ -46,8 +31,8 @@ def straightforward_lower_bound(views: int, objective: str) -> int:
 
 
 def _loss_fn(version: str, zs, objective: str, tile: int):
-    from dogo.engine.contrastive import contrastive_terms
-    from dogo.engine.losses import reference_terms
+    from dogo.engine.ssl.contrastive import contrastive_terms
+    from dogo.engine.ssl.losses import reference_terms
     taus = (0.1, 0.1) if objective == "dogo" else (0.1,)
     tau_kl = 0.1 if objective == "dogo" else None
     if version == "kernel":
@@ -63,7 +48,7 @@ def _measure(version: str, views: int, dim: int, tile: int, objective: str, dtyp
     n_views = 4 if objective == "dogo" else 2
     zs = [torch.nn.functional.normalize(torch.randn(views // 2, dim, generator=g, device=dev), dim=1)
           .to(DTYPES[dtype]).requires_grad_() for _ in range(n_views)]
-    tile = kernel_tile(tile, dev, n_views // 2, views // 2)  # objective.tile as a run resolves it on this device
+    tile = auto_tile(dev, n_views // 2, views // 2) if tile == "auto" else int(tile)  # as objective.tile=auto
     fn = _loss_fn(version, zs, objective, tile)
 
     def run() -> float:
@@ -88,9 +73,9 @@ def _measure(version: str, views: int, dim: int, tile: int, objective: str, dtyp
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-        base = _rss_bytes("VmRSS")
+        base = process_bytes("VmRSS")
         times = [run()]
-        peak = _rss_bytes("VmHWM") - base
+        peak = process_bytes("VmHWM") - base
     while len(times) < repeats and sum(times) < max_seconds:
         times.append(run())
     queue.put({"peak_bytes": peak, "seconds_median": statistics.median(times), "seconds": times, "tile": tile})
@@ -118,9 +103,9 @@ def bench_loss(views: list[int], dim: int, tile: int, objective: str, dtype: str
         log(f"{n} views: kernel {row['kernel']}")
         need = straightforward_lower_bound(n, objective)
         row["straightforward_lower_bound_bytes"] = need
-        if need > 0.9 * _available_bytes(dev):
+        if need > 0.9 * available_bytes(dev):
             row["straightforward"] = {"would_not_fit": True, "needs_at_least_bytes": need,
-                                      "available_bytes": _available_bytes(dev)}
+                                      "available_bytes": available_bytes(dev)}
         else:
             row["straightforward"] = _in_fresh_process("straightforward", n, dim, tile, objective, dtype, device,
                                                        repeats, max_seconds)

@@ -29,10 +29,11 @@ import torch
 
 from dogo.benchmarks.train_step import sync
 from dogo.engine.environment import environment
-from dogo.engine.config import AugmentConfig, DataConfig
-from dogo.engine.precision import resolve_precision
+from dogo.engine.config import AugmentConfig, DataConfig, resolved_for
+from dogo.engine.precision import Precision
 from dogo.pipelines import build_loader
-from dogo.pipelines.augment import blur_kernel_size
+from dogo.pipelines.base import endless
+from dogo.pipelines.recipe.device import blur_kernel_size
 from dogo.pipelines.imagefolder import scan
 from dogo.pipelines.images import load_rgb
 
@@ -124,48 +125,31 @@ def _torchvision_iter(paths, recipe, size, batch, workers, seed):
     return make
 
 
-def _epochs(loader, batches_of):
-    """batches_of(loader) over as many epochs as the measurement needs."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from batches_of(loader)
-        epoch += 1
-
-
 def _backend_iter(backend: str, root: Path, beton: str, recipe, size, batch, workers, n_views, device, precision):
-    data = DataConfig(backend=backend, path=str(root.parent), train_split=root.name, beton=beton,
+    data = DataConfig(backend=backend, path=str(root.parent), train_split=root.name,
                       image_size=size, batch_size=batch, workers=workers)
-    return lambda: _epochs(build_loader(data, recipe, n_views=n_views, seed=0, rank=0, world_size=1, device=device,
-                                        dtype=precision.dtype, channels_last=precision.channels_last), iter)
-
-
-def _epochs_of(loader, batches_of):
-    epoch = 0
-    while True:
-        yield from batches_of(loader, epoch)
-        epoch += 1
+    data.ffcv.beton = beton
+    return lambda: endless(build_loader(data, recipe, n_views=n_views, seed=0, rank=0, world_size=1, device=device,
+                                        dtype=precision.dtype, channels_last=precision.channels_last))
 
 
 def _ffcv_decode_iter(beton: str, recipe, size, batch, workers, device):
     """FFCV's read and decode alone (whole images, no crop): the FFCV backend's own ceiling."""
     def make():
-        from dogo.pipelines.ffcv_loader import FFCVLoader
+        from dogo.pipelines.backends.ffcv_loader import FFCVLoader
         loader = FFCVLoader(beton, image_size=size, global_batch=batch, n_views=2, recipe=recipe,
                             place="device", workers=workers, order="random", os_cache=True, seed=0, rank=0,
                             world_size=1, device=device, dtype=torch.float32, channels_last=False)
-        return _epochs_of(loader, lambda l, epoch: l.decoded_batches(epoch, 0))
+        return endless(loader, lambda l, epoch: l.decoded_batches(epoch, 0))
     return make
 
 
 def bench_pipeline(backend: str, root: Path, beton: str, size: int, batch: int, batches: int, warmup: int,
                    repeats: int, workers: int, device: torch.device, placement: str = "auto", log=print) -> dict:
     from dogo.benchmarks.traffic import recipe_traffic
-    from dogo.pipelines import recipe_place
-    recipe = AugmentConfig(place=placement)  # the ImageNet recipe: blur p=0.5 at 224 px
-    placement = recipe_place(placement, device) if backend in ("folder", "ffcv") else "own" if backend == "dali" \
-        else "device"
-    precision = resolve_precision("auto", "auto", device)
+    cfg = resolved_for(device, augment=AugmentConfig(place=placement))  # the ImageNet recipe: blur p=0.5 at 224 px
+    recipe, precision = cfg.augment, Precision.of(cfg)
+    placement = recipe.place if backend in ("folder", "ffcv") else "own" if backend == "dali" else "device"
     paths = scan(root).paths
     for p in paths:  # into the page cache
         Path(p).read_bytes()
@@ -245,9 +229,9 @@ def _as_png_folder(images, labels, classes, root: Path) -> Path:
 def bench_cifar(path: Path, size: int, batch: int, batches: int, warmup: int, repeats: int, workers: int,
                 device: torch.device, log=print) -> dict:
     import tempfile
-    from dogo.pipelines.cifar import read_split
-    recipe = cifar_recipe()
-    precision = resolve_precision("auto", "auto", device)
+    from dogo.pipelines.backends.cifar import read_split
+    cfg = resolved_for(device, augment=cifar_recipe())
+    recipe, precision = cfg.augment, Precision.of(cfg)
     data = read_split(path, "train")
     result = {"benchmark": "pipeline", "backend": "cifar", "data": str(data.source), "images": len(data),
               "what": "images per second, each yielding two views of the CIFAR recipe at size px",
@@ -264,8 +248,8 @@ def bench_cifar(path: Path, size: int, batch: int, batches: int, warmup: int, re
         root = _as_png_folder(data.images, data.labels, data.classes, Path(tmp))
         contenders = {
             "backend_two_views": lambda: _rate(
-                lambda: _epochs(build_loader(config, recipe, n_views=2, seed=0, rank=0, world_size=1, device=device,
-                                             dtype=precision.dtype, channels_last=precision.channels_last), iter),
+                lambda: endless(build_loader(config, recipe, n_views=2, seed=0, rank=0, world_size=1, device=device,
+                                             dtype=precision.dtype, channels_last=precision.channels_last)),
                 batch, batches, warmup, 1, device),
             "folder_two_views": lambda: _rate(_backend_iter("folder", root, "", recipe, size, batch, workers, 2,
                                                             device, precision), batch, batches, warmup, 1, device),

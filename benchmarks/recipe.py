@@ -5,8 +5,8 @@
   and with precision.compile;
 - CPU-worker recipe (cpu_recipe.CpuRecipe): time per image per view on one core, crop included;
 - the LARS step over the parameters of the ImageNet DoGo peers (ResNet-18 + ResNet-50): time and aten ops;
-- with --reference FILE (an earlier pipelines/augment.py with BatchAugment, e.g. from `git show
-  f5eabc4:pipelines/augment.py`) and --reference-optim FILE (an earlier engine/optim.py): the same figures for
+- with --reference FILE (an earlier pipelines/recipe/device.py with BatchAugment, e.g. from `git show
+  f5eabc4:pipelines/recipe/device.py`) and --reference-optim FILE (an earlier engine/run/optim.py): the same figures for
   that code, measured in the same run, so before and after stand side by side.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _load(path: str, name: str):
 
 
 def _device_recipe(recipe, size, batch, device, compile_, repeats) -> dict:
-    from dogo.pipelines import augment, params as P
+    from dogo.pipelines.recipe import device as augment, params as P
     rec = augment.DeviceRecipe(recipe, size, device, torch.float32, channels_last=device.type == "cuda",
                                compile=compile_)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
@@ -79,8 +79,8 @@ def _reference_recipe(path, recipe, size, batch, repeats) -> dict:
 
 
 def _cpu_recipe(recipe, size, repeats) -> dict:
-    from dogo.pipelines import params as P
-    from dogo.pipelines.cpu_recipe import CpuRecipe
+    from dogo.pipelines.recipe import params as P
+    from dogo.pipelines.recipe.cpu import CpuRecipe
     rec = CpuRecipe(recipe, size)
     image = (np.random.default_rng(0).random((375, 500, 3)) * 255).astype(np.uint8)  # ImageNet's typical size
     out = np.empty((2, size, size, 3), np.uint8)
@@ -94,11 +94,10 @@ def _cpu_recipe(recipe, size, repeats) -> dict:
 
 def _lars(optim_module, repeats) -> dict:
     from dogo.benchmarks.train_step import OpCounter
-    from dogo.engine.config import Config, PeerConfig
-    from dogo.engine.methods import build_peer
-    cfg = Config()
-    cfg.peers = {"r18": PeerConfig(arch="resnet18", ssl="simclr", tau=0.1),
-                 "r50": PeerConfig(arch="resnet50", ssl="simclr", tau=0.1)}
+    from dogo.engine.config import PeerConfig, resolved_for
+    from dogo.engine.ssl.peers import build_peer
+    cfg = resolved_for(torch.device("cpu"), peers={"r18": PeerConfig(arch="resnet18", ssl="simclr", tau=0.1),
+                                                   "r50": PeerConfig(arch="resnet50", ssl="simclr", tau=0.1)})
     torch.manual_seed(0)
     peers = {name: build_peer(p) for name, p in cfg.peers.items()}
     for module in peers.values():
@@ -114,7 +113,7 @@ def _lars(optim_module, repeats) -> dict:
 def bench_recipe(size: int, batch: int, repeats: int, compile_: bool, reference: str | None,
                  reference_optim: str | None, device: torch.device, log=print) -> dict:
     from dogo.benchmarks.traffic import recipe_traffic
-    from dogo.engine import optim
+    from dogo.engine.run import optim
     recipe = AugmentConfig()  # the ImageNet recipe at `size`
     result = {"benchmark": "recipe", "size": size, "batch": batch, "recipe": vars(recipe), "device": str(device)}
     log("device recipe: bytes per image per view (float16 work, as on a GPU) ...")

@@ -58,7 +58,7 @@ def recipe_traffic(recipe, size: int, batch: int, work: torch.dtype, out_dtype: 
     """Bytes per image per view of the device recipe (augment.DeviceRecipe.apply) on a batch of uint8 crops in the
     recipe's sorted order, as the backends hand them over, with the work dtype of a GPU (float16) or of a CPU; run
     on the CPU, where the same ops dispatch."""
-    from dogo.pipelines import augment, params as P
+    from dogo.pipelines.recipe import device as augment, params as P
     device = torch.device("cpu")
     dev_recipe = augment.DeviceRecipe(recipe, size, device, out_dtype, channels_last=True, work=work)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,

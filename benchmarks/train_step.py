@@ -15,6 +15,8 @@ import torch
 
 from dogo.engine.config import Config, to_dict
 from dogo.engine.environment import environment
+from dogo.engine.environment import process_bytes
+from dogo.pipelines.base import endless
 
 
 def sync(device: torch.device) -> None:
@@ -100,27 +102,13 @@ def sync_warnings(fn, device: torch.device) -> list[str] | None:
                    if "synchroniz" in str(w.message) and "debug mode is a prototype" not in str(w.message)})
 
 
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-
 def _rss() -> int:
-    return _proc_status("VmRSS")
+    return process_bytes("VmRSS")
 
 
 def _peak_rss() -> int:
     """This process's resident high-water mark (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
-    return _proc_status("VmHWM")
-
-
-def _endless(loader):
-    """Batches epoch after epoch: a benchmark may need more steps than one epoch holds."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+    return process_bytes("VmHWM")
 
 
 def plain_model_step(trainer, batch):
@@ -131,10 +119,8 @@ def plain_model_step(trainer, batch):
     model, device = copy.deepcopy(trainer.model), trainer.ctx.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, fused=True)
-    dt = trainer.precision.dtype
-
     def step() -> None:
-        with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
+        with trainer.precision.autocast(device):
             loss = sum(peer(torch.cat([batch.views[i], batch.views[j]])).float().square().mean()
                        for (i, j), peer in ((model.pairs[name], peer) for name, peer in model.peers.items()))
         loss.backward()
@@ -145,10 +131,10 @@ def plain_model_step(trainer, batch):
 
 def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int) -> tuple[dict, object]:
     """The whole step as training runs it (the loader's batch included) and the engine alone (one batch reused)."""
-    from dogo.engine.train import Trainer
+    from dogo.engine.run.trainer import Trainer
     trainer = Trainer(cfg)
     device, b = trainer.ctx.device, cfg.data.batch_size // trainer.ctx.world_size
-    batches = _endless(trainer.loader)
+    batches = endless(trainer.loader)
     for _ in range(warmup):
         trainer.step(next(batches))
     timing = {"step_with_batch_and_augmentation": _timed(lambda: trainer.step(next(batches)), steps, repeats,
@@ -194,7 +180,7 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     whole = timing["step_with_batch_and_augmentation"]
     fixed = trainer.fixed_batch
     flops_per_image = count_flops(lambda: trainer.step(fixed)) / b
-    batches = _endless(trainer.loader)
+    batches = endless(trainer.loader)
     with OpCounter() as ops:
         trainer.step(next(batches))
     syncs = sync_warnings(lambda: trainer.step(next(batches)), device)

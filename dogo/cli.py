@@ -11,30 +11,30 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dogo.engine import checkpoint, config as config_mod
-from dogo.engine.checkpoint import CheckpointError
-from dogo.engine.config import ConfigError
+from dogo.engine import config as config_mod
 from dogo.engine.environment import device_tag
+from dogo.engine.errors import CheckpointError, ConfigError, DataError
 from dogo.engine.io import write_json
-from dogo.engine.plots import PlotError
-from dogo.pipelines.base import DataError
+from dogo.engine.run import checkpoint
+from dogo.models import BACKBONES
+from dogo.plots import PlotError
 from dogo.pipelines.convert import WRITE_MODES, ConvertOptions, convert, import_ffcv
 
 console = Console()
 
 
 def _load_run(spec: str, overrides: list[str]):
+    """A checkpoint and its run's config, with the overrides applied and the machine's settings (device, precision)
+    resolved for this machine rather than the one it was trained on."""
     path = checkpoint.resolve(spec)
     state = checkpoint.load(path)
     checkpoint.check_finite(state, path)
-    cfg = config_mod.from_dict(state["config"])
-    for o in overrides:
-        config_mod.apply_override(cfg, o)
+    cfg = config_mod.from_dict(state["config"], overrides, this_machine=True)
     return path, state, cfg
 
 
 def cmd_train(args) -> int:
-    from dogo.engine.train import train
+    from dogo.engine.run.trainer import train
     cfg = config_mod.load(args.config, args.overrides)
     if args.dry_run:
         return _dry_run(cfg, args.world_size, args.json)
@@ -44,14 +44,12 @@ def cmd_train(args) -> int:
 
 def _dry_run(cfg, world_size: int, json_out: str | None = None) -> int:
     """The config checked and the step's memory estimated for `world_size` ranks, without training."""
-    from dogo.engine import precision as precision_mod
-    from dogo.engine.distributed import pick_device
-    from dogo.engine.memory import check_fits
-    from dogo.engine.contrastive import kernel_tile
+    from dogo.engine.dist.distributed import pick_device
+    from dogo.engine.precision import Precision
+    from dogo.engine.run.memory import check_fits
     device = pick_device(cfg.device)
-    precision = precision_mod.of_config(cfg, device)
-    cfg.objective.tile = kernel_tile(cfg.objective.tile, device, len(cfg.peers), cfg.data.batch_size)
-    est, limit, warning = check_fits(cfg, world_size, device, precision.dtype, precision.channels_last)
+    precision = Precision.of(cfg)
+    est, limit, warning = check_fits(cfg, world_size, device, precision)
     console.print(warning or f"{cfg.name}: the config is valid; a training step needs about "
                   f"{est.total / 2 ** 30:.1f} GiB per rank ({est.describe()}) of {limit / 2 ** 30:.1f} GiB available "
                   f"on this {'GPU' if device.type == 'cuda' else 'CPU'} at {cfg.data.batch_size // world_size} "
@@ -59,7 +57,7 @@ def _dry_run(cfg, world_size: int, json_out: str | None = None) -> int:
     if json_out:
         from dogo.engine.io import write_json
         write_json(json_out, {
-            "estimate": "memory of one training step per rank (dogo.engine.memory), before anything runs",
+            "estimate": "memory of one training step per rank (dogo.engine.run.memory), before anything runs",
             "config": cfg.name, "world_size": world_size, "batch_per_rank": cfg.data.batch_size // world_size,
             "image_size": cfg.data.image_size, "precision": str(precision.dtype),
             "channels_last": precision.channels_last, "total_gib": est.total / 2 ** 30,
@@ -68,11 +66,11 @@ def _dry_run(cfg, world_size: int, json_out: str | None = None) -> int:
 
 
 def _eval_setup(cfg):
-    from dogo.engine import distributed, precision as precision_mod
-    from dogo.engine.train import build_peers
-    ctx = distributed.init(cfg.device)
-    precision = precision_mod.of_config(cfg, ctx.device)
-    return ctx, precision, build_peers
+    from dogo.engine.dist import distributed
+    from dogo.engine.precision import Precision
+    from dogo.engine.ssl.peers import build_peers
+    ctx = distributed.init(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_min)
+    return ctx, Precision.of(cfg), build_peers
 
 
 def _result_beside(path: Path, name: str) -> Path:
@@ -85,10 +83,10 @@ def _result_beside(path: Path, name: str) -> Path:
 
 
 def cmd_eval_knn(args) -> int:
-    from dogo.engine.evaluate import KnnMonitor
+    from dogo.engine.eval.evaluate import KnnMonitor
     path, state, cfg = _load_run(args.checkpoint, args.overrides)
     ctx, precision, build_peers = _eval_setup(cfg)
-    monitor = KnnMonitor(cfg, ctx, precision.dtype, precision.channels_last)
+    monitor = KnnMonitor(cfg, ctx, precision)
     trained = build_peers(cfg).to(ctx.device)
     for name, peer in trained.peers.items():
         peer.load_state_dict(state["peers"][name])
@@ -118,7 +116,7 @@ def cmd_eval_knn(args) -> int:
 
 
 def cmd_eval_linear(args) -> int:
-    from dogo.engine.evaluate import extract_features, linear_probe
+    from dogo.engine.eval.evaluate import extract_features, linear_probe
     from dogo.pipelines import open_eval_split
     path, state, cfg = _load_run(args.checkpoint, args.overrides)
     if args.peer not in state["peers"]:
@@ -132,8 +130,7 @@ def cmd_eval_linear(args) -> int:
         split = open_eval_split(cfg.data, name, cfg.data.workers)
         num_classes = max(num_classes, len(split.classes))
         feats[name] = extract_features(backbone, split, np.arange(len(split)), batch_size=cfg.eval.batch_size,
-                                       recipe=cfg.augment, ctx=ctx, dtype=precision.dtype,
-                                       channels_last=precision.channels_last)
+                                       recipe=cfg.augment, ctx=ctx, precision=precision)
     result = linear_probe(*feats[cfg.data.train_split], *feats[cfg.data.val_split], num_classes,
                           epochs=args.epochs, lr=args.lr, seed=cfg.seed)
     if ctx.is_main:
@@ -146,46 +143,14 @@ def cmd_eval_table(args) -> int:
     """kNN and linear-probe top-1 of every peer of every run, of the same networks at their random
     initialisation, and of raw pixels, on the first run's evaluation splits; one JSON file."""
     from dogo.engine.environment import environment
-    from dogo.engine.evaluate import extract_features, knn_and_linear, pixel_features
-    from dogo.engine.io import write_json
-    from dogo.pipelines import open_eval_split
+    from dogo.engine.eval.table import comparison_rows
     runs = [_load_run(spec, args.overrides) for spec in args.runs]
     first = runs[0][2]
-    ctx, precision, build_peers = _eval_setup(first)
-    splits = {name: open_eval_split(first.data, name, first.data.workers)
-              for name in (first.data.train_split, first.data.val_split)}
-    positions = {name: np.arange(len(split)) for name, split in splits.items()}
-    num_classes = len(splits[first.data.train_split].classes)
+    ctx, precision, _ = _eval_setup(first)
+    rows, val_images = comparison_rows(runs, ctx, precision, args.epochs)
     ev = first.eval
-
-    def metrics(features_of) -> dict[str, float]:
-        train, val = (features_of(splits[n], positions[n]) for n in (first.data.train_split, first.data.val_split))
-        return knn_and_linear(train, val, num_classes, k=ev.knn_k, temperature=ev.knn_temperature,
-                              probe_epochs=args.epochs, seed=first.seed)
-
-    def of_backbone(backbone):
-        return lambda split, pos: extract_features(backbone, split, pos, batch_size=ev.batch_size, recipe=first.augment,
-                                                   ctx=ctx, dtype=precision.dtype,
-                                                   channels_last=precision.channels_last)
-
-    rows = [{"model": "raw pixels", **metrics(lambda split, pos: pixel_features(
-        split, pos, batch_size=ev.batch_size, recipe=first.augment, device=ctx.device))}]
-    seen_init = set()
-    for path, state, cfg in runs:
-        trained, random_init = build_peers(cfg).to(ctx.device), build_peers(cfg).to(ctx.device)
-        for name, peer in trained.peers.items():
-            peer.load_state_dict(state["peers"][name])
-            p = cfg.peers[name]
-            init_key = (p.arch, p.cifar_stem, cfg.seed)
-            if init_key not in seen_init:
-                seen_init.add(init_key)
-                rows.append({"model": f"{p.arch} random init (seed {cfg.seed})", "arch": p.arch,
-                             **metrics(of_backbone(random_init.peers[name].backbone))})
-            rows.append({"model": f"{cfg.name}/{name}", "arch": p.arch, "objective": cfg.objective.name,
-                         "checkpoint": str(path), "step": state["position"]["step"],
-                         **metrics(of_backbone(peer.backbone))})
     if ctx.is_main:
-        table = Table(title=f"top-1 on {first.data.val_split} ({len(splits[first.data.val_split])} images), "
+        table = Table(title=f"top-1 on {first.data.val_split} ({val_images} images), "
                             f"kNN k={ev.knn_k} T={ev.knn_temperature}, linear probe {args.epochs} epochs")
         for col in ("model", "kNN %", "linear %"):
             table.add_column(col, justify="left" if col == "model" else "right")
@@ -216,10 +181,9 @@ def cmd_export(args) -> int:
         console.print(f"wrote {args.head}: the projection head of peer '{args.peer}' ({len(head)} tensors)",
                       highlight=False)
     peer = cfg.peers[args.peer]
+    backbone = BACKBONES.get(peer.arch, f"peers.{args.peer}.arch")
     console.print(f"wrote {args.out}: the {peer.arch} backbone of peer '{args.peer}' ({len(weights)} tensors)\n"
-                  f"load it with torchvision:  m = torchvision.models.{peer.arch}(); "
-                  f"m.{'fc' if peer.arch.startswith('resnet') else 'classifier'} = torch.nn.Identity(); "
-                  f"m.load_state_dict(torch.load('{args.out}'), strict=True)", highlight=False)
+                  f"load it with its library:  {backbone.export_hint(args.out)}", highlight=False)
     if peer.cifar_stem:
         console.print("this backbone was trained with cifar_stem: first rebuild the stem with "
                       "dogo.models.build_backbone('" + peer.arch + "', cifar_stem=True)", highlight=False)
@@ -228,7 +192,7 @@ def cmd_export(args) -> int:
 
 def cmd_bench_train(args) -> int:
     from dogo.benchmarks.train_step import bench_train
-    from dogo.engine import distributed
+    from dogo.engine.dist import distributed
     cfg = config_mod.load(args.config, args.overrides)
     result = bench_train(cfg, args.warmup, args.steps, args.repeats, args.peak_tflops)
     if distributed.rank() == 0:
@@ -255,8 +219,8 @@ def cmd_bench_train(args) -> int:
 
 def cmd_bench_loss(args) -> int:
     from dogo.benchmarks.loss import bench_loss
-    from dogo.engine.distributed import pick_device
-    device = str(pick_device(args.device))
+    from dogo.engine.dist.distributed import pick_device
+    device = str(pick_device(config_mod.resolve_device(args.device)))
     result = bench_loss(args.views, args.dim, args.tile, args.objective, args.dtype, device, args.repeats,
                         args.max_seconds, log=lambda msg: console.print(msg, highlight=False))
     env = result["environment"]
@@ -283,10 +247,10 @@ def cmd_bench_loss(args) -> int:
 def cmd_bench_pipeline(args) -> int:
     import os
     from dogo.benchmarks.pipeline import bench_pipeline
-    from dogo.engine.distributed import pick_device
+    from dogo.engine.dist.distributed import pick_device
     if args.backend == "ffcv" and not args.beton:
         raise ConfigError("--backend ffcv needs --beton: the --data split converted with `dogo convert`")
-    device = pick_device(args.device)
+    device = pick_device(config_mod.resolve_device(args.device))
     workers = args.workers or os.cpu_count()
     if args.backend == "cifar":
         from dogo.benchmarks.pipeline import bench_cifar
@@ -315,9 +279,9 @@ def cmd_bench_pipeline(args) -> int:
 
 def cmd_bench_recipe(args) -> int:
     from dogo.benchmarks.recipe import bench_recipe
-    from dogo.engine.distributed import pick_device
+    from dogo.engine.dist.distributed import pick_device
     result = bench_recipe(args.size, args.batch, args.repeats, args.compile, args.reference, args.reference_optim,
-                          pick_device(args.device), log=lambda m: console.print(m, highlight=False))
+                          pick_device(config_mod.resolve_device(args.device)), log=lambda m: console.print(m, highlight=False))
     out = Path(args.json or f"benchmarks/results/recipe_{args.size}px_{device_tag(result['environment'])}.json")
     write_json(out, result)
     console.print(f"wrote {out}", highlight=False)
@@ -344,7 +308,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from dogo.engine.plots import plot_bench, plot_runs
+    from dogo.plots import plot_bench, plot_runs
     if args.inputs[0] == "bench":
         if len(args.inputs) == 1:
             raise ConfigError("dogo plot bench needs result files, e.g. benchmarks/results/pipeline_*_cpu2.json")
@@ -356,10 +320,7 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dogo", description="Self-supervised distillation trainer (DoGo, SimCLR).")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
     t.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
     t.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.lr=0.6 peers.r18.tau=0.2")
@@ -370,6 +331,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--json", help="with --dry-run: also write the estimate here")
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint's backbones")
     esub = e.add_subparsers(dest="kind", required=True)
     k = esub.add_parser("knn", help="weighted kNN top-1 of every peer, against its random initialisation")
@@ -394,6 +357,8 @@ def parser() -> argparse.ArgumentParser:
                     help="a config override for every run, e.g. --set data.path=/cifar (repeatable)")
     tb.set_defaults(func=cmd_eval_table)
 
+
+def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write one peer's backbone as a plain torchvision state_dict")
     x.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     x.add_argument("--peer", required=True, help="which peer to export")
@@ -402,6 +367,8 @@ def parser() -> argparse.ArgumentParser:
                    "(with the backbone, a DisCo teacher: teacher.backbone=... teacher.head=...)")
     x.set_defaults(func=cmd_export)
 
+
+def _add_convert(sub) -> None:
     c = sub.add_parser("convert", help="an image-folder split to FFCV's .beton (classes and report beside it)")
     c.add_argument("src", help="image-folder split: SRC/<class_name>/<image>, e.g. /imagenet/train")
     c.add_argument("dst", help="output file, e.g. /data/imagenet_train.beton")
@@ -417,6 +384,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     c.set_defaults(func=cmd_convert)
 
+
+def _add_plot(sub) -> None:
     pl = sub.add_parser("plot", help="training curves of runs, or charts of benchmark results, as a PNG",
                         description="dogo plot RUN [RUN ...]: loss terms per peer, learning rates and kNN top-1 over "
                                     "steps, the runs overlaid (a RUN is a run folder or its metrics.jsonl). "
@@ -426,6 +395,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="PNG to write (default: the first run folder's curves.png, or bench.png)")
     pl.set_defaults(func=cmd_plot)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="throughput benchmarks that write JSON into benchmarks/results/")
     bsub = b.add_subparsers(dest="kind", required=True)
     bt = bsub.add_parser("train", help="training-step images/s per device on synthetic batches")
@@ -457,8 +428,8 @@ def parser() -> argparse.ArgumentParser:
     br.add_argument("--batch", type=int, default=64, help="images per view batch")
     br.add_argument("--repeats", type=int, default=5)
     br.add_argument("--compile", action="store_true", help="also time precision.compile=on (compiles first)")
-    br.add_argument("--reference", help="an earlier pipelines/augment.py (with BatchAugment) to measure beside")
-    br.add_argument("--reference-optim", help="an earlier engine/optim.py to time its LARS step beside")
+    br.add_argument("--reference", help="an earlier pipelines/recipe/device.py (with BatchAugment) to measure beside")
+    br.add_argument("--reference-optim", help="an earlier engine/run/optim.py to time its LARS step beside")
     br.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     br.add_argument("--json", help="output file (default: benchmarks/results/recipe_<size>px_<device>.json)")
     br.set_defaults(func=cmd_bench_recipe)
@@ -481,6 +452,13 @@ def parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", help="output file (default: benchmarks/results/pipeline_<backend>[_<placement>]_"
                                    "<device>.json)")
     bp.set_defaults(func=cmd_bench_pipeline)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dogo", description="Self-supervised distillation trainer (DoGo, SimCLR).")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_export, _add_convert, _add_plot, _add_bench):
+        add(sub)
     return p
 
 

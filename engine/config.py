@@ -1,50 +1,65 @@
-"""Typed, strict configuration: one dataclass per section, YAML in, `key=value` overrides, unknown keys rejected.
+"""Typed, strict configuration: one dataclass per section, YAML in (a file may extend another with `base:`),
+`key=value` overrides, unknown keys rejected, then every `auto` and every default that depends on other keys
+resolved once (`resolve`), before anything is built.
 
 Every error names the offending key (and the file or override it came from) and, for a misspelt key, the nearest
-valid one. The resolved config is what a run writes beside its results and stores in its checkpoints.
+valid one. The resolved config is what a run writes beside its results and stores in its checkpoints; everything
+downstream reads its resolved values and none resolves them again.
+
+A method (peers.NAME.ssl) or a data backend (data.backend) with settings of its own declares them as a dataclass in
+its registry entry; they are the sub-section named after it (peers.r18.mocov2.queue_size, data.ffcv.beton).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import torch
 import yaml
 
+from dogo.engine.errors import ConfigError, suggest
 from dogo.engine.io import atomic_write_text
+from dogo.engine.ssl.contrastive import auto_tile
+from dogo.engine.ssl.methods import METHODS
+from dogo.engine.ssl.objectives import objective_named
+from dogo.models import BACKBONES
+from dogo.pipelines import BACKENDS
 
 
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message says which and what to do."""
 
 
 @dataclass
 class DataConfig:
-    backend: str = "folder"  # where two-view batches come from: a registered backend (dogo.pipelines.BACKENDS)
+    # where two-view batches come from: a registered backend (dogo.pipelines.BACKENDS); its own settings are the
+    # sub-section named after it, e.g. data.ffcv.beton, data.dali.scan
+    backend: str = "folder"
     path: str = "data/shapes64"  # root holding one folder per split (ImageNet layout: train/, val/); cifar: the
     # cifar-10-batches-py or cifar-100-python folder (splits train and test)
-    beton: str = ""  # backend ffcv: the training split as a .beton (dogo convert); evaluation still reads `path`
-    order: Literal["random", "quasi_random"] = "random"  # ffcv: quasi_random reads the file in shuffled blocks
-    os_cache: bool = True  # ffcv: read through the OS page cache (False: FFCV's own process cache)
-    ffcv_image_field: str = "image"  # ffcv: the .beton's RGB image field (stock FFCV scripts may write e.g. 'img')
-    ffcv_label_field: str = "label"  # ffcv: its integer label field (e.g. 'target')
-    dali_hw_decoder_load: float = 0.65  # dali on a GPU: share of the JPEGs given to the hardware decoder
-    # dali: before the first batch every file is checked (DALI can crash or train on garbage on a broken file).
-    # whole: every byte read and every JPEG decoded at 1/8 scale in processes (corrupt data found, also what breaks
-    # no structure); ends: the first 64 kB and the last bytes, nothing decoded (truncation and declared size only: a
-    # much faster start on a dataset already checked, e.g. by dogo convert)
-    dali_scan: Literal["whole", "ends"] = "whole"
     train_split: str = "train"
     val_split: str = "val"  # labelled split the kNN monitor queries
     image_size: int = 64  # side of each training view, pixels
     batch_size: int = 256  # images per step over all ranks (each image yields two views per peer)
     workers: int = 4  # decoding processes per rank; 0 decodes in the training process
-    synthetic_images: int = 2048  # dataset size of the synthetic backend (random pixels, for speed tests)
+
+
+def with_sections(base: type, registry, attribute: str) -> type:
+    """`base` with one more field per registry entry whose `attribute` is a settings dataclass, named after the
+    entry: the sub-sections a method or a backend declares."""
+    extra = [(name, getattr(entry, attribute), field(default_factory=getattr(entry, attribute)))
+             for name, entry in registry.items() if getattr(entry, attribute, None) is not None]
+    cls = dataclasses.make_dataclass(base.__name__, extra, bases=(base,))
+    cls.__module__, cls.__doc__ = __name__, base.__doc__
+    return cls
+
+
+DataConfig = with_sections(DataConfig, BACKENDS, "settings")
 
 
 @dataclass
@@ -75,22 +90,21 @@ class PeerConfig:
     arch: str = "resnet18"  # a registered backbone name (dogo.models.BACKBONES)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
     zero_init_residual: bool = False  # ResNets: each block's last BN starts at zero scale (SimCLR's init)
-    head_hidden: int = 2048  # DisCo widens the student's head to 2048 against the distilling bottleneck
-    head_out: int = 128
-    # The peer's own SSL method (dogo.engine.methods.METHODS). None: the objective's method when it names one
+    # the projection head: hidden width, output (embedding) size, Linear layers; None takes the method's paper
+    # default (simclr, mocov2, simsiam 2048-128 in 2 layers; byol 4096-256; vicreg, barlowtwins 8192-8192-8192)
+    head_hidden: Optional[int] = None
+    head_out: Optional[int] = None
+    head_layers: Optional[int] = None
+    # The peer's own SSL method (dogo.engine.ssl.methods.METHODS). None: the objective's method when it names one
     # (objective.name=simclr, mocov2, ...), else simclr.
     ssl: Optional[str] = None
     tau: Optional[float] = None  # NT-Xent / InfoNCE temperature; None: the method's default (simclr 0.1, mocov2 0.2)
     kl_weight: float = 1.0  # DoGo lambda_k on KL(P_peer || P_k), per-row mean ('batchmean')
-    pred_hidden: int = 512  # simsiam: hidden width of the predictor (SimSiam's bottleneck)
-    momentum: float = 0.999  # mocov2: key encoder EMA momentum (at the start, with the cosine schedule)
-    momentum_schedule: Literal["constant", "cosine"] = "constant"  # cosine: from `momentum` to 1 over the run
-    queue_size: int = 65536  # mocov2: negatives kept; starts as random unit keys (seeded), as MoCo's does
-    # mocov2: false is MoCo v2's own loss (view-1 queries against view-2 keys; every rank's view-2 keys enqueued).
-    # true averages both directions and enqueues both views' keys (the queue turns over twice as fast).
-    moco_symmetric: bool = False
     lr: Optional[float] = None  # per 256 images; None takes optim.lr
     weight_decay: Optional[float] = None  # None takes optim.weight_decay
+
+
+PeerConfig = with_sections(PeerConfig, METHODS, "settings")
 
 
 @dataclass
@@ -165,7 +179,9 @@ class DistributedConfig:
 class CheckpointConfig:
     every_steps: int = 0  # also at every epoch end; 0 means epoch ends only
     keep: int = 3  # newest checkpoints kept
-    resume: str = "auto"  # auto (newest in the run folder, else start fresh) | none | a checkpoint path
+    # latest: the newest checkpoint in the run folder, else a fresh start (auto means the same) | none: a fresh
+    # start, earlier checkpoints set aside | a checkpoint path
+    resume: str = "latest"
 
 
 @dataclass
@@ -189,7 +205,7 @@ class Config:
     name: str = "run"  # the run folder is out_dir/name
     out_dir: str = "runs"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees a GPU
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     peers: dict[str, PeerConfig] = field(default_factory=lambda: {"r18": PeerConfig()})
@@ -209,15 +225,31 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Building and checking
+# Reading
+
+# Keys that moved into a method's or a backend's sub-section: old dotted tail -> new one (peers.NAME.<old>)
+MOVED = {
+    "PeerConfig": {"pred_hidden": "simsiam.pred_hidden", "momentum": "mocov2.momentum",
+                   "momentum_schedule": "mocov2.momentum_schedule", "queue_size": "mocov2.queue_size",
+                   "moco_symmetric": "mocov2.symmetric"},
+    "DataConfig": {"beton": "ffcv.beton", "order": "ffcv.order", "os_cache": "ffcv.os_cache",
+                   "ffcv_image_field": "ffcv.image_field", "ffcv_label_field": "ffcv.label_field",
+                   "dali_hw_decoder_load": "dali.hw_decoder_load", "dali_scan": "dali.scan",
+                   "synthetic_images": "synthetic.images"},
+}
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _suggest(key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
-    return f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+def _unknown(cls: type, key: str, full: str) -> ConfigError:
+    """The error for a key `cls` does not have: where it moved, or the nearest valid key."""
+    moved = MOVED.get(cls.__name__, {}).get(key)
+    if moved:
+        new = full[: len(full) - len(key)] + moved
+        return ConfigError(f"'{full}' has moved into its method's or backend's own section: write '{new}'")
+    return ConfigError(f"unknown key '{full}'" + suggest(str(key), [f.name for f in dataclasses.fields(cls)]))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -282,12 +314,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def build(cls: type, raw: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys with the nearest valid one."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise ConfigError(f"unknown key '{full}'" + _suggest(str(key), names))
+            raise _unknown(cls, str(key), full)
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
@@ -308,33 +339,55 @@ def apply_override(cfg: Config, override: str) -> None:
         last = depth == len(parts) - 1
         if isinstance(node, dict):
             if part not in node:
-                raise ConfigError(f"override '{override}': no entry '{part}' under '{done}'" + _suggest(part, list(node)))
+                raise ConfigError(f"override '{override}': no entry '{part}' under '{done}'" + suggest(part, list(node)))
             if last:
                 node[part] = _coerce(value, type(node[part]), path)
             node = node[part]
             continue
         hints = typing.get_type_hints(type(node))
         if part not in hints:
-            where = f" under '{done}'" if done else ""
-            raise ConfigError(f"override '{override}': unknown key '{part}'{where}" + _suggest(part, list(hints)))
+            raise ConfigError(f"override '{override}': {_unknown(type(node), part, '.'.join(parts[:depth + 1]))}")
         if last:
             setattr(node, part, _coerce(value, hints[part], path))
         node = getattr(node, part)
 
 
+def read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as a dict, with its `base:` (a path relative to the file) read first and overlaid: mappings
+    merge key by key, except `peers`, which a file that sets it replaces whole (its peers are the run's peers)."""
+    if not path.is_file():
+        where = f" (the base of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file {path}{where} does not exist; the shipped ones are in configs/")
+    if path.resolve() in [p.resolve() for p in _chain]:
+        raise ConfigError(f"{path}: its base: chain comes back to itself ({' -> '.join(map(str, (*_chain, path)))})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the path of another config file, got {base!r}")
+    return _overlay(read_yaml(path.parent / base, (*_chain, path)), raw)
+
+
+def _overlay(base: dict, top: dict, key: str = "") -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not (key == "" and k == "peers"):
+            out[k] = _overlay(out[k], v, f"{key}.{k}" if key else k)
+        else:
+            out[k] = v
+    return out
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (None: the defaults), apply overrides, and check the whole for consistency."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    """Load a YAML config (None: the defaults), apply overrides, resolve every `auto` for this machine and check
+    the whole for consistency."""
+    raw = read_yaml(Path(path)) if path is not None else {}
     try:
         cfg = build(Config, raw)
     except ConfigError as exc:
@@ -346,38 +399,115 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def resolve(cfg: Config) -> None:
-    """Fill the defaults that depend on other keys, once, so that the written config says what ran and the step
-    reads resolved values: each peer's method and temperature."""
-    from dogo.engine.methods import method_named
-    from dogo.engine.objectives import objective_named
+# --------------------------------------------------------------------------------------------------------------
+# Resolving: every `auto` and every default that depends on other keys, once
+
+def resolve(cfg: Config) -> Config:
+    """Settle every `auto` for this machine and each peer's method and temperature, in place. Idempotent: a
+    resolved config (a run's config.yaml, a checkpoint's) comes back unchanged."""
+    cfg.device = resolve_device(cfg.device)
+    on_gpu = cfg.device == "cuda"
+    if on_gpu and cfg.objective.tile == "auto" and not torch.cuda.is_available():  # the tile needs the GPU's memory
+        raise ConfigError("device=cuda but torch sees no CUDA device; use device=auto or device=cpu")
+    if cfg.distributed.backend == "auto":
+        cfg.distributed.backend = "nccl" if on_gpu else "gloo"
+    if cfg.precision.dtype == "auto":
+        cfg.precision.dtype = "bf16" if on_gpu else "fp32"  # bf16 is about 2x slower than fp32 on our CPUs
+    if cfg.precision.channels_last == "auto":
+        cfg.precision.channels_last = "on" if on_gpu else "off"
+    if cfg.augment.place == "auto":
+        # on a GPU, batched on the device; on CPUs, per image in uint8 in the loader's workers, which is cheaper
+        # there since the device is the same cores as the model
+        cfg.augment.place = "device" if on_gpu else "workers"
+    if cfg.objective.tile == "auto":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+        cfg.objective.tile = auto_tile(device, len(cfg.peers), cfg.data.batch_size)
+    if cfg.log.tensorboard == "auto":
+        cfg.log.tensorboard = "on" if _tensorboard_installed() else "off"
+    if cfg.checkpoint.resume == "auto":
+        cfg.checkpoint.resume = "latest"
+    if cfg.log.progress == "auto":
+        cfg.log.progress = "on" if sys.stdout.isatty() else "off"
     objective = objective_named(cfg.objective.name)
     for name, peer in cfg.peers.items():
         if objective.method and peer.ssl not in (None, objective.method):
             raise ConfigError(f"peers.{name}.ssl={peer.ssl} conflicts with objective.name={objective.method}; "
                               f"peers with their own SSL methods train together under objective.name=dogo")
         peer.ssl = peer.ssl or objective.method or "simclr"
-        method = method_named(peer.ssl, f"peers.{name}.ssl")
+        method = METHODS.get(peer.ssl, f"peers.{name}.ssl")
         if peer.tau is None:
             peer.tau = method.default_tau
+        hidden, out, layers = method.default_head
+        peer.head_hidden = hidden if peer.head_hidden is None else peer.head_hidden
+        peer.head_out = out if peer.head_out is None else peer.head_out
+        peer.head_layers = layers if peer.head_layers is None else peer.head_layers
+    return cfg
 
+
+def resolve_device(requested: str) -> str:
+    """device=auto: cuda when torch sees a GPU, else cpu (also what the benchmarks' --device auto means)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def resolved_for(device: torch.device, **sections) -> Config:
+    """The defaults, with `sections` (e.g. augment=AugmentConfig(...)), resolved for `device`: for the benchmarks
+    that time a part of the step outside a run."""
+    return resolve(Config(device=device.type, **sections))
+
+
+def _tensorboard_installed() -> bool:
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard writes through it)
+    except ImportError:
+        return False
+    return True
+
+
+def unresolved(cfg: Config) -> list[str]:
+    """The dotted keys that still say 'auto' (empty for a resolved config)."""
+    out = []
+
+    def walk(node, key):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else k)
+        elif node == "auto":
+            out.append(key)
+    walk(to_dict(cfg), "")
+    return out
+
+
+def require_resolved(cfg: Config) -> None:
+    left = unresolved(cfg)
+    if left:
+        raise ValueError(f"the config is not resolved ({', '.join(left)} still auto): build it with "
+                         f"dogo.engine.config.load or pass it through resolve() first")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checking
 
 def check(cfg: Config) -> None:
     """Cross-field checks that single types cannot express."""
-    from dogo.engine.methods import method_named
-    from dogo.engine.objectives import objective_named
-    from dogo.pipelines import backend_named
-    backend_named(cfg.data.backend)
-    _check_finite(to_dict(cfg), "")  # before the range checks, which NaN would pass (NaN < 0 is false)
+    BACKENDS.get(cfg.data.backend, "data.backend")
+    _check_finite(to_dict(cfg, all_sections=True), "")  # before the range checks, which NaN would pass
     objective_named(cfg.objective.name).check(cfg)
+    if cfg.precision.dtype == "fp16" and cfg.device != "cuda":
+        raise ConfigError("precision.dtype=fp16 needs CUDA; use fp32 or bf16 on CPUs")
+    if cfg.distributed.backend == "nccl" and cfg.device != "cuda":
+        raise ConfigError("distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo on CPUs")
+    if cfg.log.tensorboard == "on" and not _tensorboard_installed():
+        raise ConfigError("log.tensorboard=on needs the tensorboard package: install the viz extra "
+                          "(make setup, or pip install -e '.[viz]'), or set log.tensorboard=off")
     positive = {"data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size,
                 "schedule.epochs": cfg.schedule.epochs, "log.every": cfg.log.every, "checkpoint.keep": cfg.checkpoint.keep,
                 "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size}
     if cfg.objective.tile != "auto":
         positive["objective.tile"] = cfg.objective.tile
     for name, peer in cfg.peers.items():
-        positive.update({f"peers.{name}.head_hidden": peer.head_hidden, f"peers.{name}.head_out": peer.head_out,
-                         f"peers.{name}.pred_hidden": peer.pred_hidden})
+        positive.update({f"peers.{name}.{k}": getattr(peer, k) for k in ("head_hidden", "head_out", "head_layers")})
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
@@ -396,23 +526,36 @@ def check(cfg: Config) -> None:
     if cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name:
         raise ConfigError(f"name={cfg.name!r} must be a plain folder name: the run folder is out_dir/name and may "
                           f"not lie outside out_dir (set out_dir to choose where runs go)")
+    _check_sections(cfg)
     for name, peer in cfg.peers.items():
         if peer.tau is not None and peer.tau <= 0:
             raise ConfigError(f"peers.{name}.tau must be positive, got {peer.tau}")
-        method_named(peer.ssl, f"peers.{name}.ssl").check(f"peers.{name}", peer, cfg)
-        if peer.zero_init_residual and not peer.arch.startswith("resnet"):
-            raise ConfigError(f"peers.{name}.zero_init_residual applies to ResNets only, not {peer.arch}")
+        METHODS.get(peer.ssl, f"peers.{name}.ssl").check(f"peers.{name}", peer, cfg)
+        backbone = BACKBONES.get(peer.arch, f"peers.{name}.arch")
+        if peer.zero_init_residual and not backbone.zero_init_residual:
+            raise ConfigError(f"peers.{name}.zero_init_residual: the {peer.arch} backbone has no residual blocks to "
+                              f"start at zero; set it to false")
     _check_recipe(cfg.augment)
     if cfg.data.image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is too small: views of at least {MIN_IMAGE_SIZE} px "
                           f"(the backbones downsample by up to 32 and the blur needs a border)")
-    from dogo.models import BACKBONES
+
+
+def _check_sections(cfg: Config) -> None:
+    """A sub-section set for a method or backend the run does not use is a mistake (it would be ignored)."""
     for name, peer in cfg.peers.items():
-        if peer.arch not in BACKBONES:
-            raise ConfigError(f"peers.{name}.arch: {peer.arch!r} is not a registered backbone"
-                              + _suggest(peer.arch, sorted(BACKBONES)).replace("valid keys", "registered"))
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device: {cfg.device!r} is not one of 'auto', 'cpu', 'cuda'")
+        for section, settings in _sections(peer, METHODS).items():
+            if section != peer.ssl and settings != type(settings)():
+                raise ConfigError(f"peers.{name}.{section} is set but peers.{name} learns with {peer.ssl}: set "
+                                  f"peers.{name}.ssl={section}, or remove the section")
+    for section, settings in _sections(cfg.data, BACKENDS).items():
+        if section != cfg.data.backend and settings != type(settings)():
+            raise ConfigError(f"data.{section} is set but data.backend={cfg.data.backend}: set "
+                              f"data.backend={section}, or remove the section")
+
+
+def _sections(node, registry) -> dict[str, Any]:
+    return {f.name: getattr(node, f.name) for f in dataclasses.fields(node) if f.name in registry}
 
 
 MIN_IMAGE_SIZE = 8
@@ -450,8 +593,19 @@ def _check_recipe(a: AugmentConfig) -> None:
         raise ConfigError(f"augment.std must be positive in every channel, got {a.std}")
 
 
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Config, all_sections: bool = False) -> dict:
+    """The config as plain dicts; a peer keeps only its own method's sub-section and the data only its backend's
+    (unless all_sections)."""
+    out = dataclasses.asdict(cfg)
+    if not all_sections:
+        for name, peer in out["peers"].items():
+            for section in METHODS:
+                if section != peer["ssl"]:
+                    peer.pop(section, None)
+        for section in BACKENDS:
+            if section != cfg.data.backend:
+                out["data"].pop(section, None)
+    return out
 
 
 def dump_text(cfg: Config) -> str:
@@ -471,7 +625,38 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def from_dict(raw: dict) -> Config:
+# What a run resolved for the machine it ran on; evaluating its checkpoint elsewhere resolves them again there.
+MACHINE_KEYS = ("device", "distributed.backend", "precision.dtype", "precision.channels_last", "augment.place",
+                "objective.tile", "log.progress", "log.tensorboard")
+
+
+def from_dict(raw: dict, overrides: list[str] = (), this_machine: bool = False) -> Config:
+    """A stored config (a checkpoint's) with `overrides` applied, resolved; keys that have moved since it was
+    written are moved for it. this_machine: the MACHINE_KEYS go back to auto first (a GPU run's checkpoint evaluated
+    on a CPU), unless an override sets them."""
+    raw = _plain(raw)
+    _move_keys(raw.get("data") or {}, MOVED["DataConfig"])
+    for peer in (raw.get("peers") or {}).values():
+        _move_keys(peer, MOVED["PeerConfig"])
     cfg = build(Config, raw)
-    resolve(cfg)
-    return cfg
+    if this_machine:
+        for key in MACHINE_KEYS:
+            node, _, leaf = key.rpartition(".")
+            setattr(_at(cfg, node), leaf, "auto")
+    for override in overrides:
+        apply_override(cfg, override)
+    return resolve(cfg)
+
+
+def _at(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in filter(None, dotted.split(".")):
+        node = getattr(node, part)
+    return node
+
+
+def _move_keys(node: dict, moved: dict[str, str]) -> None:
+    for old, new in moved.items():
+        if old in node:
+            section, key = new.split(".")
+            node.setdefault(section, {})[key] = node.pop(old)

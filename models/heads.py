@@ -1,4 +1,4 @@
-"""Projection heads and the peer (backbone + head) that every objective trains."""
+"""Projection heads and the peer (backbone + head [+ predictor]) that every objective trains."""
 from __future__ import annotations
 
 import torch
@@ -7,33 +7,51 @@ import torch.nn as nn
 from dogo.models.backbones import build_backbone
 
 
-def projection_head(in_dim: int, hidden: int, out: int, out_bn: bool = False) -> nn.Sequential:
-    """SimCLR's head: Linear-BN-ReLU-Linear. The first Linear has no bias since BN follows it.
+def projection_head(in_dim: int, hidden: int, out: int, out_bn: bool = False, layers: int = 2,
+                    bias: bool = True) -> nn.Sequential:
+    """SimCLR's head: Linear-BN-ReLU-Linear; with layers=3, VICReg's and Barlow Twins' expander
+    Linear-BN-ReLU-Linear-BN-ReLU-Linear. A Linear followed by BN has no bias (BN removes it).
 
     out_bn: SimSiam's projector ends in a BN without affine parameters (its output is whitened per dimension,
-    which SimSiam needs against collapse); its last Linear then has no bias either.
+    which SimSiam needs against collapse). bias: the last Linear's (none with out_bn, nor where the loss
+    normalises it away: VICReg, Barlow Twins).
     """
-    layers = [nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-              nn.Linear(hidden, out, bias=not out_bn)]
+    blocks, width = [], in_dim
+    for _ in range(layers - 1):
+        blocks += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    blocks.append(nn.Linear(width, out, bias=bias and not out_bn))
     if out_bn:
-        layers.append(nn.BatchNorm1d(out, affine=False))
-    return nn.Sequential(*layers)
+        blocks.append(nn.BatchNorm1d(out, affine=False))
+    return nn.Sequential(*blocks)
+
+
+def head_shape(state: dict[str, torch.Tensor]) -> dict:
+    """projection_head's arguments, read from one's state_dict (a DisCo teacher's head file)."""
+    linears = sorted((int(k.split(".")[0]) for k, v in state.items() if k.endswith(".weight") and v.dim() == 2))
+    if not linears:
+        raise ValueError("no Linear weights: not a projection head")
+    last = linears[-1]
+    return {"hidden": state[f"{linears[0]}.weight"].shape[0], "out": state[f"{last}.weight"].shape[0],
+            "layers": len(linears), "out_bn": f"{last + 1}.running_mean" in state, "bias": f"{last}.bias" in state}
 
 
 class Peer(nn.Module):
     """A backbone and its projection head; forward returns the (unnormalised) embeddings.
 
-    A peer whose method has a predictor (SimSiam) also has one (Linear-BN-ReLU-Linear through a pred_hidden
-    bottleneck), applied by the trainer to the embeddings; `forward` stays the embedding, which is what a teacher or the kNN monitor uses.
+    A peer whose method has a predictor (SimSiam, BYOL) carries it (`predictor`, built by the method), applied by
+    the trainer to the embeddings; `forward` stays the embedding, which is what a teacher or the kNN monitor uses.
     """
 
     def __init__(self, arch: str, cifar_stem: bool, head_hidden: int, head_out: int,
-                 zero_init_residual: bool = False, pred_hidden: int = 0, out_bn: bool = False):
+                 zero_init_residual: bool = False, out_bn: bool = False, predictor: nn.Module | None = None,
+                 head_layers: int = 2, head_bias: bool = True):
         super().__init__()
         self.arch = arch
-        self.backbone, self.feature_dim = build_backbone(arch, cifar_stem, zero_init_residual)
-        self.head = projection_head(self.feature_dim, head_hidden, head_out, out_bn)
-        self.predictor = projection_head(head_out, pred_hidden, head_out) if pred_hidden else None
+        self.backbone, self.num_features = build_backbone(arch, cifar_stem, zero_init_residual)
+        self.head = projection_head(self.num_features, head_hidden, head_out, out_bn, head_layers, head_bias)
+        self.embedding_dim = head_out
+        self.predictor = predictor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))

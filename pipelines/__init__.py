@@ -1,76 +1,96 @@
-"""Stored images to device-resident two-view batches. One module per backend, one protocol (base.TwoViewLoader),
-and the registry below: adding a backend is its module (with `make_loader` and `open_eval_split`) and one line."""
+"""Stored images to device-resident two-view batches. One module per backend (pipelines/backends/), one protocol
+(base.TwoViewLoader), and the registry below: adding a backend is its module (with `make_loader` and, if it has
+labelled images of its own, `open_eval_split`), one entry here, and its settings dataclass if it has settings (the
+config's data.<name> sub-section)."""
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from dogo.pipelines.base import DataError, EvalSplit, TwoViewBatch, TwoViewLoader
+from dogo.engine.errors import DataError, Registry
+from dogo.pipelines.base import EvalSplit, TwoViewBatch, TwoViewLoader
 
-__all__ = ["BACKENDS", "DataError", "EvalSplit", "TwoViewBatch", "TwoViewLoader", "backend_named", "build_loader",
-           "open_eval_split", "recipe_place"]
+__all__ = ["BACKENDS", "EvalSplit", "TwoViewBatch", "TwoViewLoader", "build_loader", "open_eval_split"]
+
+
+@dataclass
+class FFCVSettings:
+    beton: str = ""  # the training split as a .beton (dogo convert); evaluation still reads data.path
+    order: Literal["random", "quasi_random"] = "random"  # quasi_random reads the file in shuffled blocks
+    os_cache: bool = True  # read through the OS page cache (False: FFCV's own process cache)
+    image_field: str = "image"  # the .beton's RGB image field (stock FFCV scripts may write e.g. 'img')
+    label_field: str = "label"  # its integer label field (e.g. 'target')
+
+
+@dataclass
+class DALISettings:
+    hw_decoder_load: float = 0.65  # on a GPU: share of the JPEGs given to the hardware decoder
+    # before the first batch every file is checked (DALI can crash or train on garbage on a broken file).
+    # whole: every byte read and every JPEG decoded at 1/8 scale in processes (corrupt data found, also what breaks
+    # no structure); ends: the first 64 kB and the last bytes, nothing decoded (truncation and declared size only: a
+    # much faster start on a dataset already checked, e.g. by dogo convert)
+    scan: Literal["whole", "ends"] = "whole"
+
+
+@dataclass
+class SyntheticSettings:
+    images: int = 2048  # dataset size (random pixels, for speed tests)
 
 
 @dataclass(frozen=True)
 class Backend:
-    module: str  # defines make_loader(data, **common) and open_eval_split(data, split, workers)
+    module: str  # defines make_loader(data, **common) and, unless eval_module says otherwise, open_eval_split
     labelled: bool  # has labelled evaluation images (kNN monitor, linear probe)
     extra: str | None = None  # the pip extra that installs the library it needs
+    settings: type | None = None  # its config sub-section (data.<name>)
+    eval_module: str | None = None  # the module whose open_eval_split reads its evaluation images
 
 
-BACKENDS = {
-    "folder": Backend("dogo.pipelines.folder", labelled=True),
-    "cifar": Backend("dogo.pipelines.cifar", labelled=True),
-    "ffcv": Backend("dogo.pipelines.ffcv_loader", labelled=True, extra="ffcv"),
-    "dali": Backend("dogo.pipelines.dali_loader", labelled=True, extra="dali"),
-    "synthetic": Backend("dogo.pipelines.synthetic", labelled=False),
-}
+_FOLDER = "dogo.pipelines.backends.folder"
+BACKENDS: Registry[Backend] = Registry("data backend")
+BACKENDS.register("folder", Backend(_FOLDER, labelled=True))
+BACKENDS.register("cifar", Backend("dogo.pipelines.backends.cifar", labelled=True))
+BACKENDS.register("ffcv", Backend("dogo.pipelines.backends.ffcv_loader", labelled=True, extra="ffcv",
+                                  settings=FFCVSettings, eval_module=_FOLDER))
+BACKENDS.register("dali", Backend("dogo.pipelines.backends.dali_loader", labelled=True, extra="dali",
+                                  settings=DALISettings, eval_module=_FOLDER))
+BACKENDS.register("synthetic", Backend("dogo.pipelines.backends.synthetic", labelled=False,
+                                       settings=SyntheticSettings))
 
 
-def backend_named(name: str) -> Backend:
-    if name in BACKENDS:
-        return BACKENDS[name]
-    near = difflib.get_close_matches(str(name), list(BACKENDS), n=1, cutoff=0.4)
-    raise DataError(f"data.backend: {name!r} is not one of {', '.join(BACKENDS)}"
-                    + (f"; did you mean '{near[0]}'?" if near else ""))
-
-
-def _module(name: str):
-    backend = backend_named(name)
+def _import(backend_name: str, module: str):
+    backend = BACKENDS.get(backend_name, "data.backend")
     try:
-        return importlib.import_module(backend.module)
+        return importlib.import_module(module)
     except ImportError as exc:
         if backend.extra is None:
             raise
-        raise DataError(f"data.backend={name} needs the {backend.extra} extra ({exc}); run make setup, or "
+        raise DataError(f"data.backend={backend_name} needs the {backend.extra} extra ({exc}); run make setup, or "
                         f"pip install -e '.[{backend.extra}]'") from None
-
-
-def recipe_place(place: str, device: torch.device) -> str:
-    """augment.place: where the recipe after the crop runs. auto: on the device when it is a GPU; in the loader's
-    workers on CPUs, where the device is the same cores as the model and per-image uint8 work is cheaper."""
-    if place == "auto":
-        return "device" if device.type == "cuda" else "workers"
-    return place
 
 
 def build_loader(data, recipe, *, n_views: int, seed: int, rank: int, world_size: int, device: torch.device,
                  dtype: torch.dtype, channels_last: bool, compile_recipe: bool = False) -> TwoViewLoader:
-    """The training loader that `data.backend` names (data: DataConfig; recipe: AugmentConfig; compile_recipe:
-    precision.compile)."""
-    return _module(data.backend).make_loader(
+    """The training loader that `data.backend` names (data: DataConfig; recipe: the resolved AugmentConfig, whose
+    `place` says where the recipe after the crop runs; compile_recipe: precision.compile)."""
+    if recipe.place not in ("device", "workers"):
+        raise ValueError(f"augment.place={recipe.place!r} is not resolved: load the config with "
+                         f"dogo.engine.config.load or resolve() it first")
+    backend = BACKENDS.get(data.backend, "data.backend")
+    return _import(data.backend, backend.module).make_loader(
         data, image_size=data.image_size, global_batch=data.batch_size, n_views=n_views, recipe=recipe,
-        place=recipe_place(recipe.place, device), seed=seed, rank=rank, world_size=world_size, device=device,
+        place=recipe.place, seed=seed, rank=rank, world_size=world_size, device=device,
         dtype=dtype, channels_last=channels_last, compile_recipe=compile_recipe)
 
 
 def open_eval_split(data, split: str, workers: int) -> EvalSplit:
     """A labelled split for kNN and the linear probe, from the backend's own evaluation images."""
-    if not backend_named(data.backend).labelled:
+    backend = BACKENDS.get(data.backend, "data.backend")
+    if not backend.labelled:
         raise DataError(f"data.backend={data.backend} has no labelled images to evaluate on; set "
                         f"eval.knn_every_epochs=0 or train on a backend with labels "
                         f"({', '.join(n for n, b in BACKENDS.items() if b.labelled)})")
-    return _module(data.backend).open_eval_split(data, split, workers)
+    return _import(data.backend, backend.eval_module or backend.module).open_eval_split(data, split, workers)

@@ -12,6 +12,8 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from dogo.engine.errors import DataError
+
 
 def die_with_parent(*_) -> None:
     """In a worker process (a DataLoader worker_init_fn, a converter's writer): die when the process that started it
@@ -26,8 +28,6 @@ def die_with_parent(*_) -> None:
         os._exit(1)
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used as given; the message names the path and what to do."""
 
 
 @dataclass
@@ -229,3 +229,16 @@ class ShardedLoader:
 
     def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
         raise NotImplementedError
+
+
+def endless(loader, batches_of=None):
+    """Batches epoch after epoch (benchmarks may need more steps than one epoch holds): `batches_of(loader, epoch)`
+    gives an epoch's batches; by default set_epoch then iterate."""
+    epoch = 0
+    while True:
+        if batches_of is None:
+            loader.set_epoch(epoch)
+            yield from loader
+        else:
+            yield from batches_of(loader, epoch)
+        epoch += 1

@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from dogo.engine.io import atomic_write_text
-from dogo.pipelines.base import DataError, die_with_parent
+from dogo.engine.errors import DataError
+from dogo.pipelines.base import die_with_parent
 from dogo.pipelines.imagefolder import scan
 from dogo.pipelines.images import TooManyPixels, load_rgb, skip_reason
 

@@ -10,9 +10,9 @@ import torchvision.transforms.v2.functional as TF
 
 from dogo.benchmarks.traffic import recipe_traffic
 from dogo.engine.config import AugmentConfig
-from dogo.pipelines import augment as A, params as P
-from dogo.pipelines.cpu_recipe import CpuRecipe, blur_taps
-from dogo.pipelines.cpu_recipe import crop_and_flip
+from dogo.pipelines.recipe import device as A, params as P
+from dogo.pipelines.recipe.cpu import CpuRecipe, blur_taps
+from dogo.pipelines.recipe.cpu import crop_and_flip
 
 STRONG = AugmentConfig(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, grayscale_p=0.3, solarize_p=0.3)
 
@@ -233,7 +233,7 @@ def test_cpu_blur_at_224_equals_torchvision_within_one_grey_level(sigma):
 
 def test_cpu_hue_equals_torchvision_on_edge_colours():
     """The workers' hue kernel (branch-free) on grey pixels, the g == b seam, primaries and secondaries."""
-    from dogo.pipelines.cpu_recipe import _hue
+    from dogo.pipelines.recipe.cpu import _hue
     colours = np.array([[0, 0, 0], [255, 255, 255], [90, 90, 90], [255, 0, 0], [0, 255, 0], [0, 0, 255],
                         [255, 255, 0], [0, 255, 255], [255, 0, 255], [200, 50, 50], [10, 200, 200], [1, 0, 0],
                         [128, 64, 64], [64, 128, 128]], np.float32)

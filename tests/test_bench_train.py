@@ -5,14 +5,14 @@ import pytest
 
 from dogo.benchmarks.train_step import count_flops, peak_tflops
 from dogo.engine import config as config_mod
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 
 @pytest.mark.slow
 def test_bench_train_writes_flops_mfu_and_ops(tmp_path):
     out = tmp_path / "train.json"
     run_cli("bench", "train", "configs/bench_r18_r50.yaml", "data.image_size=32", "data.batch_size=4",
-            "data.synthetic_images=16", "device=cpu", "--warmup", "1", "--steps", "1", "--repeats", "1",
+            "data.synthetic.images=16", "device=cpu", "--warmup", "1", "--steps", "1", "--repeats", "1",
             "--peak-tflops", "2.0", "--json", str(out))
     r = json.loads(out.read_text())
     assert r["flops_per_image"] > 1e9 and r["ops_per_step"] > 1000
@@ -34,9 +34,9 @@ def test_peak_table_knows_the_common_gpus():
 def test_flops_per_image_of_the_imagenet_dogo_step():
     """R18 + R50 at 224 px, two views each, forward and backward: ~3 x 2 x (1.82 + 4.09) GMAC x 2 FLOP/MAC = 70.9
     GFLOP by the models' published multiply-accumulates; torch's counter gives 69.97 (it skips BN and pooling)."""
-    from dogo.engine.train import Trainer
+    from dogo.engine.run.trainer import Trainer
     cfg = config_mod.load(REPO / "configs" / "bench_r18_r50.yaml",
-                          ["device=cpu", "data.batch_size=2", "data.synthetic_images=2"])
+                          ["device=cpu", "data.batch_size=2", "data.synthetic.images=2"])
     trainer = Trainer(cfg)
     batch = next(iter(trainer.loader))
     per_image = count_flops(lambda: trainer.step(batch)) / 2

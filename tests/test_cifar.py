@@ -10,8 +10,9 @@ import torchvision.transforms.v2.functional as TF
 
 from dogo.engine import config as config_mod
 from dogo.engine.config import AugmentConfig
-from dogo.pipelines import DataError, augment as A, params as P
-from dogo.pipelines.cifar import CifarEvalSplit, CifarLoader, read_split
+from dogo.engine.errors import DataError
+from dogo.pipelines.recipe import device as A, params as P
+from dogo.pipelines.backends.cifar import CifarEvalSplit, CifarLoader, read_split
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-dev"
 
@@ -169,8 +170,8 @@ def test_eval_split_is_the_whole_frame_normalised(cifar):
 
 
 def test_training_with_the_knn_monitor_on_cifar(cifar, tmp_path):
-    from dogo.engine.train import train
-    from tests.conftest import tiny_config
+    from dogo.engine.run.trainer import train
+    from tests.helpers import tiny_config
     raw = tiny_config(cifar, tmp_path, data={"backend": "cifar", "train_split": "train", "val_split": "test",
                                              "image_size": 32, "batch_size": 16},
                       eval={"knn_every_epochs": 1, "knn_k": 5, "batch_size": 32}, schedule={"max_steps": 0})

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from dogo.engine import checkpoint
-from tests.conftest import dogo, tiny_config, write_config
+from dogo.engine.run import checkpoint
+from tests.helpers import dogo, tiny_config, write_config
 
 
 def test_checkpoint_from_another_config_is_refused(shapes, tmp_path, capsys):
@@ -34,7 +34,7 @@ def test_bad_input_is_a_clear_error(shapes, tmp_path, capsys, change, message):
 def test_unknown_key_on_the_command_line(shapes, tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs"))
     assert dogo("train", cfg, "optim.learning_rate=0.1") == 2
-    assert "unknown key 'learning_rate'" in capsys.readouterr().out
+    assert "unknown key 'optim.learning_rate'" in capsys.readouterr().out
 
 
 def test_export_loads_into_torchvision_strictly(shapes, tmp_path):
@@ -46,7 +46,7 @@ def test_export_loads_into_torchvision_strictly(shapes, tmp_path):
     model.fc = torch.nn.Identity()
     model.load_state_dict(torch.load(out), strict=True)
     model.eval()
-    from dogo.engine.train import PeerSet
+    from dogo.engine.ssl.peers import PeerSet
     from dogo.engine.config import from_dict
     state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
     peers = PeerSet(from_dict(state["config"]))
@@ -79,7 +79,7 @@ def test_fresh_start_sets_earlier_checkpoints_aside(shapes, tmp_path):
     # A longer earlier run in the same folder must not stand in for this run's checkpoints (eval, export and
     # resume take the highest step) nor make `keep` prune this run's files.
     from dogo.engine.config import from_dict
-    from dogo.engine.train import train
+    from dogo.engine.run.trainer import train
     cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 4}, checkpoint={"every_steps": 1, "keep": 2})
     train(from_dict(cfg))
     run_dir = tmp_path / "runs" / "t"

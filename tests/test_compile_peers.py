@@ -7,10 +7,10 @@ from dogo.engine import config as config_mod
 
 
 def _trained(tmp_path, compile_mode: str):
-    from dogo.engine.train import Trainer
+    from dogo.engine.run.trainer import Trainer
     cfg = config_mod.from_dict({
         "name": f"c_{compile_mode}", "out_dir": str(tmp_path), "seed": 3, "device": "cpu",
-        "data": {"backend": "synthetic", "synthetic_images": 16, "image_size": 16, "batch_size": 4, "workers": 0},
+        "data": {"backend": "synthetic", "synthetic": {"images": 16}, "image_size": 16, "batch_size": 4, "workers": 0},
         "peers": {"a": {"arch": "resnet18", "head_hidden": 32, "head_out": 16, "cifar_stem": True}},
         "objective": {"name": "simclr"}, "optim": {"name": "sgd", "lr": 0.1},
         "schedule": {"max_steps": 2, "warmup_epochs": 0}, "eval": {"knn_every_epochs": 0},

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dogo.engine.contrastive import contrastive_terms
-from dogo.engine.losses import reference_terms
+from dogo.engine.ssl.contrastive import contrastive_terms
+from dogo.engine.ssl.losses import reference_terms
 
 
 def _embeddings(b, d, n, seed, dtype=torch.float64):
@@ -48,6 +48,20 @@ def test_kernel_equals_straightforward(b, d, tile, taus, tau_kl, dtype, tol):
     assert _rel_err(got, ref) < tol, (got, ref)
     for a, r in zip(g_got, g_ref):
         assert _rel_err(a, r) < tol
+
+
+@pytest.mark.parametrize("taus, tau_kl", [((0.5, 0.2), 0.1), ((None, 0.3), 0.2), ((0.2, 0.4), None)])
+def test_peers_with_different_embedding_sizes(taus, tau_kl):
+    """A BYOL peer (256 wide) beside a SimCLR peer (128), a VICReg expander beside either: each peer's own size."""
+    g = torch.Generator().manual_seed(7)
+    zs = [F.normalize(torch.randn(9, d, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+          for d in (6, 6, 11, 11)]
+    weights = torch.rand(2 + (2 if tau_kl else 0) - sum(t is None for t in taus), generator=g, dtype=torch.float64)
+    got, g_got = _loss_and_grads(lambda: contrastive_terms(zs, taus, tau_kl, 4), zs, weights + 0.5)
+    ref, g_ref = _loss_and_grads(lambda: reference_terms(zs, taus, tau_kl), zs, weights + 0.5)
+    assert _rel_err(got, ref) < 1e-10
+    for a, r in zip(g_got, g_ref):
+        assert _rel_err(a, r) < 1e-10
 
 
 @pytest.mark.parametrize("tile", [1, 3, 16])
@@ -94,7 +108,7 @@ def test_bad_arguments_are_named():
 @pytest.mark.slow
 def test_bench_loss_writes_both_versions(tmp_path):
     import json
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
     out = tmp_path / "loss.json"
     run_cli("bench", "loss", "--views", "64", "256", "--tile", "32", "--repeats", "1", "--json", str(out))
     result = json.loads(out.read_text())

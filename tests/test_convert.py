@@ -9,7 +9,7 @@ from PIL import Image
 
 ffcv = pytest.importorskip("ffcv", reason="the ffcv extra is not installed")
 
-from dogo.pipelines.base import DataError  # noqa: E402
+from dogo.engine.errors import DataError  # noqa: E402
 from dogo.pipelines.convert import ConvertOptions, convert, sidecar  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def test_cli_convert_interrupted_leaves_nothing(shapes, tmp_path):
     import subprocess
     import sys
     import time
-    from tests.conftest import REPO, cli_env, run_cli
+    from tests.helpers import REPO, cli_env, run_cli
     dst = tmp_path / "shapes.beton"
     partial = dst.with_name("shapes.beton.partial")
     for _ in range(3):
@@ -197,7 +197,7 @@ def _converting(src, dst):
     import subprocess
     import sys
     import time
-    from tests.conftest import REPO, cli_env
+    from tests.helpers import REPO, cli_env
     proc = subprocess.Popen([sys.executable, "-m", "dogo", "convert", str(src), str(dst),
                              "--num-workers", "2", "--chunk-size", "1", "--write-mode", "jpg", "--jpeg-quality", "100"],
                             env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -219,7 +219,7 @@ def test_writers_start_with_ctrl_c_blocked_after_the_first_shared_memory_block()
     import subprocess
     import sys
     import textwrap
-    from tests.conftest import REPO, cli_env
+    from tests.helpers import REPO, cli_env
     code = textwrap.dedent("""
         import multiprocessing as mp, signal
         from multiprocessing import shared_memory
@@ -254,7 +254,7 @@ def test_one_ctrl_c_stops_convert_cleanly(big_images, shapes, tmp_path):
     import os
     import signal
     import time
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
     # a small conversion first: on a fresh clone the writers compile their numba kernels, and a conversion whose
     # main process sits in the compiler takes the signal only when it is done writing
     run_cli("convert", str(shapes / "train"), str(tmp_path / "warm.beton"), "--num-workers", "2", "--write-mode", "jpg")
@@ -324,7 +324,7 @@ def test_a_writer_that_fails_ends_the_conversion_with_one_line(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO, cli_env
+    from tests.helpers import REPO, cli_env
     root = tmp_path / "src" / "c"
     root.mkdir(parents=True)
     for i in range(3):
@@ -349,7 +349,7 @@ def test_a_writer_that_fails_ends_the_conversion_with_one_line(tmp_path):
 def test_cli_convert_prints_no_numba_fork_warnings_and_readable_skip_reasons(tmp_path):
     """Issue 32 (also seen): every `dogo convert` printed numba's "Attempted to fork from a non-main thread, the TBB
     library may be in an invalid state" twice, and a zero-byte or foreign file's reason named PIL's BytesIO."""
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
     root = tmp_path / "src" / "c"
     root.mkdir(parents=True)
     _noise(20, 20, 30).save(root / "ok.png")

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 
 def test_contrastive_dot_on_cuda_uses_mm_with_an_fp32_output():
-    """engine/contrastive.py _dot: torch.mm(bf16, bf16, out_dtype=float32) on CUDA (tensor cores, fp32 out)."""
+    """engine/ssl/contrastive.py _dot: torch.mm(bf16, bf16, out_dtype=float32) on CUDA (tensor cores, fp32 out)."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA")
     a = torch.empty(8, 16, dtype=torch.bfloat16, device="meta")
     b = torch.empty(16, 4, dtype=torch.bfloat16, device="meta")
@@ -21,10 +21,10 @@ def test_contrastive_dot_on_cuda_uses_mm_with_an_fp32_output():
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_fused_optimisers_take_the_same_steps_as_foreach(name):
-    """engine/optim.py build_optimizer: fused=True on CUDA; torch's fused kernels also run on CPUs, so the same
+    """engine/run/optim.py build_optimizer: fused=True on CUDA; torch's fused kernels also run on CPUs, so the same
     flags are run here against the foreach ones."""
     from dogo.engine.config import Config
-    from dogo.engine.optim import build_optimizer
+    from dogo.engine.run.optim import build_optimizer
     cfg = Config()
     cfg.optim.name = name
     torch.manual_seed(0)
@@ -45,12 +45,12 @@ def test_fused_optimisers_take_the_same_steps_as_foreach(name):
 
 
 def test_nccl_init_and_ddp_arguments_exist():
-    """engine/distributed.py init: init_process_group(device_id=); engine/train.py: DDP(device_ids=[index]) with
+    """engine/dist/distributed.py init: init_process_group(device_id=); engine/run/trainer.py: DDP(device_ids=[index]) with
     ddp_options (the same options run under gloo in test_runs.py and test_host_sync.py)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from dogo.engine.train import ddp_options
+    from dogo.engine.run.trainer import ddp_options
     assert "device_id" in inspect.signature(dist.init_process_group).parameters
     ddp = inspect.signature(DistributedDataParallel).parameters
     assert "device_ids" in ddp and set(ddp_options(nn.BatchNorm1d(2), sync_bn=True)) <= set(ddp)
@@ -60,7 +60,7 @@ def test_nccl_init_and_ddp_arguments_exist():
 def test_ddp_options_on_a_torch_without_forward_sync_buffers(monkeypatch):
     """torch 2.11 (a GPU machine's own torch) has no forward_sync_buffers: the same switch goes by its old name,
     and nothing the installed DDP lacks is passed."""
-    from dogo.engine import train
+    from dogo.engine.run import trainer as train
 
     class OldDDP:  # DistributedDataParallel.__init__'s keywords in torch 2.11
         def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True,
@@ -76,7 +76,7 @@ def test_ddp_options_on_a_torch_without_forward_sync_buffers(monkeypatch):
 
 
 def test_cuda_runtime_calls_exist():
-    """engine/train.py (set_device, cudnn.benchmark, TF32, RNG state in checkpoints), benchmarks (synchronize,
+    """engine/run/trainer.py (set_device, cudnn.benchmark, TF32, RNG state in checkpoints), benchmarks (synchronize,
     memory statistics, device name), the README's sync debug mode."""
     for name in ("set_device", "synchronize", "mem_get_info", "max_memory_allocated", "reset_peak_memory_stats",
                  "memory_allocated", "get_device_name", "get_rng_state_all", "set_rng_state_all",
@@ -88,7 +88,7 @@ def test_cuda_runtime_calls_exist():
 
 
 def test_grad_scaler_and_autocast_on_cuda_take_our_arguments():
-    """engine/train.py: torch.amp.GradScaler(device_type, enabled=) and torch.autocast('cuda', dtype=bf16/fp16)."""
+    """engine/run/trainer.py: torch.amp.GradScaler(device_type, enabled=) and torch.autocast('cuda', dtype=bf16/fp16)."""
     params = inspect.signature(torch.amp.GradScaler.__init__).parameters
     assert "enabled" in params and "device" in params
     assert "dtype" in inspect.signature(torch.autocast.__init__).parameters
@@ -96,12 +96,12 @@ def test_grad_scaler_and_autocast_on_cuda_take_our_arguments():
 
 
 def test_generators_and_pinned_copies_take_a_device():
-    """pipelines/synthetic.py: torch.Generator(device=...); pipelines/augment.py to_device (the recipe's parameters:
+    """pipelines/backends/synthetic.py: torch.Generator(device=...); pipelines/recipe/device.py to_device (the recipe's parameters:
     Tensor.pin_memory, then .to(device, non_blocking=True)); the loaders: DataLoader(pin_memory=), the FFCV
     backend's host buffer torch.empty(pin_memory=) copied with .to(non_blocking=True)."""
     import numpy as np
 
-    from dogo.pipelines.augment import to_device
+    from dogo.pipelines.recipe.device import to_device
     assert torch.Generator(device=torch.device("cpu")).device.type == "cpu"  # the keyword synthetic passes
     assert "pin_memory" in inspect.signature(torch.utils.data.DataLoader.__init__).parameters
     assert callable(torch.Tensor.pin_memory) and "non_blocking" in torch.Tensor.to.__doc__
@@ -112,7 +112,7 @@ def test_generators_and_pinned_copies_take_a_device():
 
 
 def test_dali_mixed_decoder_takes_the_hardware_load():
-    """pipelines/dali_loader.py: fn.decoders.image(device='mixed', hw_decoder_load=): the argument is in the
+    """pipelines/backends/dali_loader.py: fn.decoders.image(device='mixed', hw_decoder_load=): the argument is in the
     operator's schema (test_dali.py also defines the whole GPU graph)."""
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import backend

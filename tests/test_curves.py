@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, dogo, run_cli, tiny_config, write_config
+from tests.helpers import REPO, dogo, run_cli, tiny_config, write_config
 
 pytest.importorskip("tensorboard", reason="the viz extra is not installed")
 pytest.importorskip("matplotlib", reason="the viz extra is not installed")
@@ -47,8 +47,8 @@ def test_tensorboard_curves_of_a_run_and_its_resume(shapes, tmp_path):
 def test_tensorboard_on_without_the_package_is_a_config_error(monkeypatch):
     import builtins
 
-    from dogo.engine.config import ConfigError
-    from dogo.engine.logger import tensorboard_wanted
+    from dogo.engine.errors import ConfigError
+    from dogo.engine.config import load
     real_import = builtins.__import__
 
     def no_tensorboard(name, *args, **kwargs):
@@ -57,9 +57,10 @@ def test_tensorboard_on_without_the_package_is_a_config_error(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    assert tensorboard_wanted("auto") is False and tensorboard_wanted("off") is False
+    assert load(None, ["log.tensorboard=auto", "objective.name=simclr"]).log.tensorboard == "off"  # resolved once, when loaded
+    assert load(None, ["log.tensorboard=off", "objective.name=simclr"]).log.tensorboard == "off"
     with pytest.raises(ConfigError, match="log.tensorboard=on needs the tensorboard package"):
-        tensorboard_wanted("on")
+        load(None, ["log.tensorboard=on", "objective.name=simclr"])
 
 
 def _non_trivial_png(path: Path, min_bytes: int = 20_000) -> None:
@@ -74,7 +75,7 @@ def _non_trivial_png(path: Path, min_bytes: int = 20_000) -> None:
 
 def _fake_run(root: Path, name: str, seed: int) -> Path:
     """A run folder's metrics.jsonl as MetricsLogger writes it (two peers, kNN events), without training."""
-    from dogo.engine.logger import MetricsLogger
+    from dogo.engine.run.logger import MetricsLogger
     run = root / name
     run.mkdir(parents=True)
     log = MetricsLogger(run, True, 40, 0, 8, 1, progress="off")
@@ -122,7 +123,7 @@ def test_plot_errors_name_the_file(tmp_path, capsys):
 def test_plot_keeps_the_history_of_a_run_resumed_after_a_kill(tmp_path):
     """Issue 32 G4: steps 1-6 logged, killed, resumed from the step-4 checkpoint, steps 5-8 logged: the curve is
     steps 1-8 (5 and 6 from the resumed run), not only the steps after the resume."""
-    from dogo.engine.plots import read_metrics
+    from dogo.plots import read_metrics
     rows = [{"step": s, "epoch": 0, "loss": 10.0 - s} for s in range(1, 7)]
     rows += [{"event": "knn", "step": 2, "top1": {"a": 20.0}}, {"event": "knn", "step": 6, "top1": {"a": 30.0}}]
     rows += [{"event": "resume", "step": 4, "path": "ck"}]

@@ -12,8 +12,8 @@ pytest.importorskip("nvidia.dali")
 
 from dogo.engine.config import AugmentConfig  # noqa: E402
 from dogo.pipelines.base import Shard  # noqa: E402
-from dogo.pipelines.dali_loader import DALILoader  # noqa: E402
-from tests.conftest import run_cli, tiny_config, write_config  # noqa: E402
+from dogo.pipelines.backends.dali_loader import DALILoader  # noqa: E402
+from tests.helpers import run_cli, tiny_config, write_config  # noqa: E402
 
 CPU = torch.device("cpu")
 OFF = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, flip_p=0.0, crop_scale=(1.0, 1.0),
@@ -203,7 +203,7 @@ def test_the_gpu_graph_is_defined_for_every_recipe_option(recipe, out_dtype):
     image mean as contrast_center) is refused here, as it would be on a GPU."""
     from nvidia.dali import types
 
-    from dogo.pipelines.dali_loader import _two_views
+    from dogo.pipelines.backends.dali_loader import _two_views
     pipe = _two_views(files=["unused.jpg"], labels=[0], n_views=2, size=32, recipe=AugmentConfig(**recipe),
                       decoder="mixed", hw_decoder_load=0.65, out_dtype=getattr(types, out_dtype), batch_size=2,
                       num_threads=1, device_id=0, seed=1, prefetch_queue_depth=2)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dogo.engine.config import AugmentConfig
-from dogo.engine.evaluate import knn_predict
-from dogo.pipelines.base import DataError, ReusedBuffers, Shard
-from dogo.pipelines.folder import FolderLoader
+from dogo.engine.eval.evaluate import knn_predict
+from dogo.engine.errors import DataError
+from dogo.pipelines.base import ReusedBuffers, Shard
+from dogo.pipelines.backends.folder import FolderLoader
 from dogo.pipelines.imagefolder import scan
 
 CPU = torch.device("cpu")
@@ -230,7 +231,7 @@ def test_synthetic_backend_makes_this_ranks_rows_only():
     """Each rank draws its own b = B / W images (the synthetic ceiling measures the model, not 8x the pixels), with
     the device recipe's cost; ranks differ, steps differ, a rerun is the same."""
     from dogo.benchmarks.traffic import ByteCounter
-    from dogo.pipelines.synthetic import SyntheticLoader
+    from dogo.pipelines.backends.synthetic import SyntheticLoader
 
     def loader(rank, world):
         return SyntheticLoader(num_images=64, image_size=8, global_batch=8, n_views=2, recipe=AugmentConfig(),

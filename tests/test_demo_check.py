@@ -3,7 +3,7 @@ import copy
 import json
 
 from dogo.benchmarks.demo_check import differences, main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 COMMITTED = REPO / "benchmarks" / "results" / "demo_knn_cpu2.json"
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torchvision
 
-from dogo.engine import checkpoint, config as config_mod
-from dogo.engine.teacher import state_fingerprint
-from tests.conftest import dogo, run_cli, tiny_config, write_config
+from dogo.engine.run import checkpoint
+from dogo.engine import config as config_mod
+from dogo.engine.ssl.teacher import state_fingerprint
+from tests.helpers import dogo, run_cli, tiny_config, write_config
 
 STUDENT = {"s": {"arch": "resnet18", "head_hidden": 64, "head_out": 16, "tau": 0.5}}
 
@@ -30,7 +31,7 @@ def _disco_config(shapes, out_dir, **teacher):
 
 
 def test_teacher_stays_bit_identical_through_training(shapes, teacher_run, tmp_path):
-    from dogo.engine.train import Trainer
+    from dogo.engine.run.trainer import Trainer
     cfg = config_mod.from_dict(_disco_config(shapes, tmp_path, checkpoint=str(teacher_run), peer="b"))
     trainer = Trainer(cfg)
     teacher = trainer.targets.teacher
@@ -92,21 +93,22 @@ def exported(teacher_run, tmp_path_factory):
     ({"checkpoint": "/no/such/run"}, "does not exist"),
     ({"backbone": "BB", "head": "HEAD", "arch": "resnet50"}, "does not match the architecture"),
     ({"backbone": "HEAD", "head": "HEAD", "arch": "resnet18"}, "missing keys: conv1.weight"),
-    ({"backbone": "BB", "head": "BB", "arch": "resnet18"}, "is not a Linear-BN-ReLU-Linear projection head"),
-    ({"backbone": "BB", "head": "HEAD", "arch": "resnet19"}, "unknown backbone 'resnet19'"),
+    ({"backbone": "BB", "head": "BB", "arch": "resnet18"}, "is not a projection head"),
+    ({"backbone": "BB", "head": "HEAD", "arch": "resnet19"}, "teacher.arch: 'resnet19' is not a registered backbone; did you mean 'resnet18'"),
 ])
 def test_bad_teacher_is_a_clear_error(teacher_run, exported, teacher, message):
-    from dogo.engine.config import ConfigError, TeacherConfig
-    from dogo.engine.teacher import load_teacher
+    from dogo.engine.errors import ConfigError
+    from dogo.engine.config import TeacherConfig
+    from dogo.engine.ssl.teacher import load_teacher
     subst = {"RUN": str(teacher_run), "BB": str(exported / "bb.pt"), "HEAD": str(exported / "head.pt")}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_teacher(TeacherConfig(**{k: subst.get(v, v) for k, v in teacher.items()}))
 
 
 def test_embedding_size_mismatch_is_a_config_error(shapes, teacher_run, tmp_path):
-    from dogo.engine.config import ConfigError
-    from dogo.engine.targets import TargetMakers
-    from dogo.engine.train import build_peers
+    from dogo.engine.errors import ConfigError
+    from dogo.engine.ssl.targets import TargetMakers
+    from dogo.engine.run.trainer import build_peers
     cfg = _disco_config(shapes, tmp_path / "runs", checkpoint=str(teacher_run), peer="a")
     cfg["peers"]["s"] = {**STUDENT["s"], "head_out": 8}
     cfg = config_mod.from_dict(cfg)
@@ -121,7 +123,7 @@ def test_mixed_objective_dogo_under_two_gloo_ranks(shapes, tmp_path):
                       **MIXED_PEERS)
     run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)), torchrun_procs=2)
     state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
-    enc = state["targets"]["key_encoders"]
+    enc = state["targets"]["method_states"]
     # 2 steps x the global batch of 8 view-2 keys (MoCo's own form), from both ranks
-    assert enc["a._extra_state"] == {"ptr": 16}
-    assert enc["a.queue"].norm(dim=1).sub(1).abs().max() < 1e-5  # written keys and the random start: unit rows
+    assert enc["a.queue._extra_state"] == {"ptr": 16}
+    assert enc["a.queue.queue"].norm(dim=1).sub(1).abs().max() < 1e-5  # written keys and the random start: unit rows

@@ -1,7 +1,7 @@
 """The linear probe on features whose classes are linearly separable."""
 import torch
 
-from dogo.engine.evaluate import linear_probe, topk_accuracy
+from dogo.engine.eval.evaluate import linear_probe, topk_accuracy
 
 
 def test_linear_probe_separates_separable_features():

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from dogo.engine import checkpoint, config as config_mod
-from dogo.engine.config import ConfigError
-from tests.conftest import tiny_config, write_config
+from dogo.engine.run import checkpoint
+from dogo.engine import config as config_mod
+from dogo.engine.errors import CheckpointError, ConfigError
+from tests.helpers import tiny_config, write_config
 
 
 @pytest.mark.parametrize("override, message", [
@@ -40,18 +41,18 @@ def test_numbers_in_yaml_exponent_form_are_numbers(shapes, tmp_path):
 
 
 def test_a_refused_resume_leaves_the_runs_config_as_it_was(shapes, tmp_path):
-    from dogo.engine.train import train
+    from dogo.engine.run.trainer import train
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, schedule={"max_steps": 2}))
     train(cfg)
     written = (cfg.run_dir / "config.yaml").read_text()
     other = config_mod.from_dict(tiny_config(shapes, tmp_path, schedule={"max_steps": 4}, data={"batch_size": 16}))
-    with pytest.raises(checkpoint.CheckpointError, match="batch_size"):
+    with pytest.raises(CheckpointError, match="batch_size"):
         train(other)
     assert (cfg.run_dir / "config.yaml").read_text() == written
 
 
 def test_half_written_checkpoints_of_a_killed_run_are_removed_at_start(shapes, tmp_path):
-    from dogo.engine.train import train
+    from dogo.engine.run.trainer import train
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, schedule={"max_steps": 1}))
     folder = checkpoint.folder(cfg.run_dir)
     folder.mkdir(parents=True)
@@ -69,8 +70,8 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_and_eval_refuses_a_bad_o
     neither replaced nor pruned, and it stays usable; a checkpoint with NaN weights is refused by eval."""
     import torch
 
-    from dogo.engine.train import train
-    from tests.conftest import run_cli
+    from dogo.engine.run.trainer import train
+    from tests.helpers import run_cli
     good = dict(optim={"name": "sgd", "lr": 0.1}, checkpoint={"every_steps": 1, "keep": 1},
                 schedule={"max_steps": 3, "warmup_epochs": 0})
     train(config_mod.from_dict(tiny_config(shapes, tmp_path, **good)))
@@ -95,14 +96,14 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_and_eval_refuses_a_bad_o
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
     import torch
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "backbone.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="backbone.pt is not a dogo checkpoint .*no config"):
+    with pytest.raises(CheckpointError, match="backbone.pt is not a dogo checkpoint .*no config"):
         checkpoint.load(tmp_path / "backbone.pt")
 
 
 def test_a_resume_applies_a_changed_lr_and_weight_decay_and_says_so(shapes, tmp_path):
     """The optimiser's momenta come from the checkpoint, its settings from the config now: what config.yaml and the
     checkpoint record is what runs, and the log names each change."""
-    from dogo.engine.train import Trainer, train
+    from dogo.engine.run.trainer import Trainer, train
     train(config_mod.from_dict(tiny_config(shapes, tmp_path, schedule={"max_steps": 2})))
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, schedule={"max_steps": 4},
                                            optim={"name": "lars", "lr": 0.05, "weight_decay": 0.01}))
@@ -126,11 +127,11 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(shapes, tmp_path):
     import sys
     import time
 
-    from tests.conftest import REPO, run_cli
+    from tests.helpers import REPO, run_cli
     path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 1}))
     run_dir = tmp_path / "t"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from dogo.engine.checkpoint import RunLock; RunLock(sys.argv[1]); print('held', "
+        "import sys, time; from dogo.engine.run.checkpoint import RunLock; RunLock(sys.argv[1]); print('held', "
         "flush=True); time.sleep(60)"), str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -169,7 +170,7 @@ def test_mid_epoch_resume_is_bit_exact_for_every_backbone(arch, shapes, tmp_path
     tensor and in the torch RNG state (EfficientNet's stochastic depth and MobileNet's dropout draw from it)."""
     import torch
 
-    from dogo.engine.train import Trainer, train
+    from dogo.engine.run.trainer import Trainer, train
 
     # loader worker processes for the first architecture only: their resume does not depend on the backbone, and
     # starting them costs each run a second
@@ -213,7 +214,7 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_leaves_the_previous_on
     import subprocess
     import sys
 
-    from tests.conftest import REPO, cli_env
+    from tests.helpers import REPO, cli_env
     path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 2},
                                                          checkpoint={"every_steps": 1}))
     run_dir = tmp_path / "t"
@@ -249,7 +250,7 @@ def test_a_symlink_loop_in_a_dataset_is_skipped_and_reported(shapes, tmp_path):
     reasons = " ".join(index.skipped)
     assert "loop.jpg" in reasons and "gone.jpg" in reasons and "loopdir" in reasons
     assert "symbolic links" in reasons or "Too many levels" in reasons
-    from dogo.engine.train import train
+    from dogo.engine.run.trainer import train
     cfg = config_mod.from_dict(tiny_config(root.parent, tmp_path / "runs", schedule={"max_steps": 1}))
     train(cfg)
     events = (cfg.run_dir / "metrics.jsonl").read_text()
@@ -258,10 +259,9 @@ def test_a_symlink_loop_in_a_dataset_is_skipped_and_reported(shapes, tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_a_gpu_is_one_line(shapes, tmp_path):
-    from dogo.engine.train import Trainer
-    cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, device="cuda"))
-    with pytest.raises(ConfigError, match="device=cuda was asked for but torch sees no CUDA device"):
-        Trainer(cfg)
+    path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, device="cuda"))
+    with pytest.raises(ConfigError, match="device=cuda but torch sees no CUDA device"):
+        config_mod.load(path)
 
 
 def test_each_undecodable_file_is_counted_once_over_workers_and_epochs(shapes, tmp_path):
@@ -313,8 +313,8 @@ def test_eval_of_a_checkpoint_outside_a_run_folder_writes_beside_it(shapes, tmp_
     was there; a run's checkpoint still writes RUN/knn.json."""
     import shutil
 
-    from dogo.engine.train import train
-    from tests.conftest import run_cli
+    from dogo.engine.run.trainer import train
+    from tests.helpers import run_cli
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1}))
     train(cfg)
     (tmp_path / "elsewhere" / "ck").mkdir(parents=True)
@@ -335,7 +335,7 @@ def test_evaluation_labels_come_from_the_training_splits_class_list(shapes, tmp_
     import shutil
 
     from dogo.pipelines import open_eval_split
-    from dogo.pipelines.base import DataError
+    from dogo.engine.errors import DataError
     root = tmp_path / "data"
     shutil.copytree(shapes / "train", root / "train")
     shutil.copytree(shapes / "val", root / "val")
@@ -360,12 +360,12 @@ def test_a_lock_held_only_by_an_orphan_of_a_killed_run_is_taken_over(shapes, tmp
     import subprocess
     import sys
 
-    from tests.conftest import REPO, run_cli
+    from tests.helpers import REPO, run_cli
     path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 1}))
     run_dir = tmp_path / "t"
     # the "run": takes the lock, forks a child that inherits it (as a DataLoader worker does) and outlives it
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys, time; from dogo.engine.checkpoint import RunLock; RunLock(sys.argv[1])\n"
+        "import os, sys, time; from dogo.engine.run.checkpoint import RunLock; RunLock(sys.argv[1])\n"
         "if os.fork() == 0:\n    time.sleep(60); os._exit(0)\n"
         "print('held', flush=True); time.sleep(60)"), str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -388,7 +388,7 @@ def test_workers_die_with_their_parent(tmp_path):
     import sys
     import time
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     marker = tmp_path / "child.pid"
     parent = subprocess.Popen([sys.executable, "-c", (
         "import os, sys, time\nfrom dogo.pipelines.base import die_with_parent\n"
@@ -418,8 +418,8 @@ def test_file_system_failures_are_one_line_naming_the_file(shapes, tmp_path):
     import subprocess
     import sys
 
-    from dogo.engine.train import train
-    from tests.conftest import REPO, cli_env, run_cli
+    from dogo.engine.run.trainer import train
+    from tests.helpers import REPO, cli_env, run_cli
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1}))
     train(cfg)
     # G6: the metrics file at the size limit, so that the next line cannot be appended
@@ -458,7 +458,7 @@ def test_decoding_the_largest_allowed_image_fits_four_workers_in_a_third_of_24_G
     from PIL import Image
 
     from dogo.pipelines.images import MAX_PIXELS
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     pixels = np.zeros((4000, 5000, 3), np.uint8)
     pixels[::7] = 200
     Image.fromarray(pixels).save(tmp_path / "big.png")
@@ -502,6 +502,6 @@ def test_a_jpeg_with_a_zero_filled_block_is_refused_everywhere(shapes, tmp_path)
     report = convert(root, tmp_path / "t.beton", ConvertOptions(num_workers=1), log=None)
     assert [f["path"] for f in report["skipped_files"]] == [str(bad)] and report["images_written"] == 80
     pytest.importorskip("nvidia.dali", reason="the dali extra is not installed")
-    from dogo.pipelines.dali_loader import _undecodable
+    from dogo.pipelines.backends.dali_loader import _undecodable
     from dogo.pipelines.imagefolder import scan
     assert [p for p, _ in _undecodable(scan(root).paths, 2, whole=True)] == [str(bad)]

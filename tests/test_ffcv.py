@@ -8,10 +8,11 @@ import torch
 pytest.importorskip("ffcv", reason="the ffcv extra is not installed")
 
 from dogo.engine.config import AugmentConfig  # noqa: E402
-from dogo.pipelines.base import DataError, Shard  # noqa: E402
+from dogo.engine.errors import DataError
+from dogo.pipelines.base import Shard  # noqa: E402
 from dogo.pipelines.convert import ConvertOptions, convert  # noqa: E402
 from dogo.pipelines.imagefolder import scan  # noqa: E402
-from tests.conftest import run_cli, tiny_config, write_config  # noqa: E402
+from tests.helpers import run_cli, tiny_config, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def beton(shapes, tmp_path_factory):
 
 
 def _loader(beton, rank=0, world=1, order="random", batch=16, n_views=2, place="device"):
-    from dogo.pipelines.ffcv_loader import FFCVLoader
+    from dogo.pipelines.backends.ffcv_loader import FFCVLoader
     return FFCVLoader(beton, image_size=16, global_batch=batch, n_views=n_views, recipe=AugmentConfig(), place=place,
                       workers=1, order=order, os_cache=True, seed=5, rank=rank, world_size=world,
                       device=torch.device("cpu"), dtype=torch.float32, channels_last=False)
@@ -69,7 +70,7 @@ def test_quasi_random_covers_every_image_each_epoch(beton):
 
 
 def test_missing_or_foreign_beton(tmp_path):
-    from dogo.pipelines.ffcv_loader import open_beton
+    from dogo.pipelines.backends.ffcv_loader import open_beton
     with pytest.raises(DataError, match="dogo convert"):
         open_beton(tmp_path / "none.beton")
     (tmp_path / "junk.beton").write_bytes(b"\0" * 4096)
@@ -79,7 +80,7 @@ def test_missing_or_foreign_beton(tmp_path):
 
 @pytest.mark.slow
 def test_training_run_from_a_beton(beton, shapes, tmp_path):
-    cfg = tiny_config(shapes, tmp_path, data={"backend": "ffcv", "beton": str(beton)},
+    cfg = tiny_config(shapes, tmp_path, data={"backend": "ffcv", "ffcv": {"beton": str(beton)}},
                       schedule={"max_steps": 3})
     run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
     rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
@@ -125,8 +126,8 @@ def test_views_equal_the_folder_backends_for_the_same_pixels(mixed_sizes, place)
     """Crops, flips and (workers placement) the whole recipe come from the images' streams in both backends: on a
     lossless .beton of images of many sizes the FFCV backend's views are the folder backend's, bit for bit (the
     decoded rows of FFCV's buffer hold each image at its own size)."""
-    from dogo.pipelines.folder import FolderLoader
-    from dogo.pipelines.ffcv_loader import FFCVLoader
+    from dogo.pipelines.backends.folder import FolderLoader
+    from dogo.pipelines.backends.ffcv_loader import FFCVLoader
     root, beton = mixed_sizes
     common = dict(image_size=16, global_batch=8, n_views=2, recipe=AugmentConfig(blur_p=0.5, solarize_p=0.2),
                   place=place, seed=11, rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32,
@@ -146,12 +147,12 @@ def test_views_equal_the_folder_backends_for_the_same_pixels(mixed_sizes, place)
 
 def test_a_stock_ffcv_beton_with_other_field_names_and_order(beton, shapes, tmp_path):
     """Stock FFCV scripts name the fields e.g. 'target' and 'img', in any order, with more fields beside them:
-    data.ffcv_image_field / data.ffcv_label_field pick them, and the batches equal those of our own .beton."""
+    data.ffcv.image_field / data.ffcv.label_field pick them, and the batches equal those of our own .beton."""
     from ffcv.fields import FloatField, IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from PIL import Image
 
-    from dogo.pipelines.ffcv_loader import open_beton
+    from dogo.pipelines.backends.ffcv_loader import open_beton
 
     found = scan(shapes / "train")
 
@@ -165,11 +166,11 @@ def test_a_stock_ffcv_beton_with_other_field_names_and_order(beton, shapes, tmp_
     stock = tmp_path / "stock.beton"
     DatasetWriter(str(stock), {"weight": FloatField(), "target": IntField(), "img": RGBImageField(write_mode="jpg")},
                   num_workers=1).from_indexed_dataset(Samples())
-    with pytest.raises(DataError, match="set data.ffcv_image_field"):
+    with pytest.raises(DataError, match="set data.ffcv.image_field"):
         open_beton(stock)
     with pytest.raises(DataError, match="field 'weight' .* is a FloatField"):
         open_beton(stock, "img", "weight")
-    from dogo.pipelines.ffcv_loader import FFCVLoader
+    from dogo.pipelines.backends.ffcv_loader import FFCVLoader
     theirs = FFCVLoader(stock, image_size=16, global_batch=16, n_views=2, recipe=AugmentConfig(), place="device",
                         workers=1,
                         order="quasi_random", os_cache=True, seed=5, rank=0, world_size=1,
@@ -204,8 +205,8 @@ def test_a_beton_declaring_a_huge_image_is_refused_on_open(beton, tmp_path):
 
     from ffcv.reader import Reader
 
-    from dogo.pipelines.base import DataError
-    from dogo.pipelines.ffcv_loader import open_beton
+    from dogo.engine.errors import DataError
+    from dogo.pipelines.backends.ffcv_loader import open_beton
     damaged = tmp_path / "damaged.beton"
     shutil.copy(beton, damaged)
     from ffcv.types import HeaderType

@@ -9,7 +9,7 @@ import venv
 
 import pytest
 
-from tests.conftest import REPO, cli_env
+from tests.helpers import REPO, cli_env
 
 
 def test_make_gpu_check_without_a_gpu_says_so_in_one_line():
@@ -49,5 +49,5 @@ def test_every_step_rehearsed_on_the_cpu(tmp_path):
                 "torchrun SyncBN, SIGTERM", "make demo kNN (trained vs random init)",
                 "device recipe per image per view: eager / compiled", "folder backend, recipe on device: images/s"):
         assert key in summary, summary
-    assert any(k.startswith("loss bf16, 512 views") for k in summary) and "summary" in proc.stdout
+    assert any(k.startswith("loss bf16, 256 views") for k in summary) and "summary" in proc.stdout
     assert not (out / "runs").exists()  # checkpoints are not results

@@ -2,7 +2,7 @@
 
 On this CPU machine the step, the device recipe included (whose operations run on host-known subsets of the batch:
 the same code on every device), runs under a guard that fails on every host synchronisation a GPU would suffer
-(conftest.host_sync_guard). The log step, which reads the averaged terms once every log.every steps, is the one
+(helpers.host_sync_guard). The log step, which reads the averaged terms once every log.every steps, is the one
 allowed exception and is tested as such.
 """
 import os
@@ -14,17 +14,26 @@ import torch.multiprocessing as mp
 from dogo.engine import config as config_mod
 from dogo.models import Peer
 from dogo.benchmarks.train_step import OpCounter
-from tests.conftest import HostSyncError, host_sync_guard
-from tests.conftest import free_port
+from tests.helpers import HostSyncError, host_sync_guard
+from tests.helpers import free_port
 
 HEAD = {"head_hidden": 32, "head_out": 16}
 PEERS = {
     "simclr": {"s": {"arch": "resnet18", **HEAD, "tau": 0.5}},
-    "mocov2": {"m": {"arch": "resnet18", **HEAD, "queue_size": 64}},
-    "simsiam": {"p": {"arch": "resnet18", **HEAD, "pred_hidden": 8}},
+    "mocov2": {"m": {"arch": "resnet18", **HEAD, "mocov2": {"queue_size": 64}}},
+    "simsiam": {"p": {"arch": "resnet18", **HEAD, "simsiam": {"pred_hidden": 8}}},
     "dogo": {"a": {"arch": "resnet18", **HEAD, "tau": 0.5},
-             "b": {"arch": "resnet18", **HEAD, "ssl": "mocov2", "queue_size": 64, "kl_weight": 0.5}},
+             "b": {"arch": "resnet18", **HEAD, "ssl": "mocov2", "mocov2": {"queue_size": 64}, "kl_weight": 0.5}},
     "disco": {"s": {"arch": "resnet18", **HEAD, "ssl": "simclr", "tau": 0.5}},
+    "byol": {"y": {"arch": "resnet18", **HEAD, "byol": {"pred_hidden": 8}}},
+    "vicreg": {"v": {"arch": "resnet18", **HEAD}},
+    "barlowtwins": {"w": {"arch": "resnet18", **HEAD}},
+    # DoGo pairs mixing methods (the objective is the name before the colon)
+    "dogo:byol+simclr": {"y": {"arch": "resnet18", **HEAD, "ssl": "byol", "byol": {"pred_hidden": 8}},
+                         "s": {"arch": "resnet18", **HEAD, "ssl": "simclr", "tau": 0.5}},
+    "dogo:vicreg+barlowtwins": {"v": {"arch": "resnet18", **HEAD, "ssl": "vicreg"},
+                                "w": {"arch": "resnet18", **HEAD, "ssl": "barlowtwins"}},
+    "disco:byol": {"y": {"arch": "resnet18", **HEAD, "ssl": "byol", "byol": {"pred_hidden": 8}}},
 }
 
 
@@ -40,9 +49,9 @@ def teacher_files(tmp_path_factory):
 
 def _config(objective: str, tmp_path, teacher=None, batch=8, tile=4, **extra):
     raw = {"name": "t", "out_dir": str(tmp_path), "seed": 1, "device": "cpu",
-           "data": {"backend": "synthetic", "synthetic_images": 64, "image_size": 16, "batch_size": batch},
+           "data": {"backend": "synthetic", "synthetic": {"images": 64}, "image_size": 16, "batch_size": batch},
            "augment": {"blur_p": 0.5, "solarize_p": 0.2}, "peers": PEERS[objective],
-           "objective": {"name": objective, "tile": tile}, "optim": {"name": "lars", "lr": 0.1},
+           "objective": {"name": objective.split(":")[0], "tile": tile}, "optim": {"name": "lars", "lr": 0.1},
            "schedule": {"max_steps": 4, "warmup_epochs": 0}, "eval": {"knn_every_epochs": 0},
            "log": {"progress": "off", "tensorboard": "off"}, **extra}
     if teacher is not None:
@@ -63,8 +72,8 @@ def _steps(trainer, n: int, guarded: bool):
 
 @pytest.mark.parametrize("objective", list(PEERS))
 def test_training_steps_have_no_host_sync(objective, tmp_path, teacher_files):
-    from dogo.engine.train import Trainer
-    trainer = Trainer(_config(objective, tmp_path, teacher_files if objective == "disco" else None))
+    from dogo.engine.run.trainer import Trainer
+    trainer = Trainer(_config(objective, tmp_path, teacher_files if objective.startswith("disco") else None))
     _steps(trainer, 1, guarded=False)  # the first step creates the optimiser state and the cached constants
     _steps(trainer, 2, guarded=True)
 
@@ -72,8 +81,8 @@ def test_training_steps_have_no_host_sync(objective, tmp_path, teacher_files):
 def test_the_guard_catches_an_item_in_the_step_and_the_log_step(monkeypatch, tmp_path):
     """What the guard is for: an .item() added to the step fails it; the log step's one read is caught too (it is
     the allowed exception: the loop reads there every log.every steps, nowhere else)."""
-    from dogo.engine import train as train_mod
-    from dogo.engine.logger import MetricsLogger
+    from dogo.engine.run import trainer as train_mod
+    from dogo.engine.run.logger import MetricsLogger
     trainer = train_mod.Trainer(_config("simclr", tmp_path))
     _steps(trainer, 1, guarded=False)
     real = train_mod.objective_loss
@@ -97,7 +106,7 @@ def test_the_guard_catches_an_item_in_the_step_and_the_log_step(monkeypatch, tmp
 
 
 def _op_count(objective: str, tmp_path, batch: int, teacher) -> int:
-    from dogo.engine.train import Trainer
+    from dogo.engine.run.trainer import Trainer
     trainer = Trainer(_config(objective, tmp_path / str(batch), teacher, batch=batch, tile=64))
     _steps(trainer, 1, guarded=False)
     batches = iter(trainer.loader)
@@ -106,11 +115,11 @@ def _op_count(objective: str, tmp_path, batch: int, teacher) -> int:
     return len(counter.ops)
 
 
-@pytest.mark.parametrize("objective", ["dogo", "disco"])
+@pytest.mark.parametrize("objective", ["dogo", "disco", "dogo:byol+simclr", "dogo:vicreg+barlowtwins"])
 def test_op_count_of_a_step_does_not_grow_with_the_batch(objective, tmp_path, teacher_files):
     """No Python loop over images in the recipe or the step: 8 and 16 images dispatch the same ops (the kernel's
     tile of 64 holds both batches in one tile)."""
-    teacher = teacher_files if objective == "disco" else None
+    teacher = teacher_files if objective.startswith("disco") else None
     assert _op_count(objective, tmp_path, 8, teacher) == _op_count(objective, tmp_path, 16, teacher)
 
 
@@ -118,9 +127,9 @@ def test_whole_dogo_r18_r50_step_within_its_op_budget(tmp_path):
     """The benchmark's DoGo step (ResNet-18 + ResNet-50, four views), the loader's batch and the device recipe
     included, under bf16 autocast as on a GPU (its weight casts counted): at most 2,300 aten ops (7,945 on the H200
     at commit 1388981, when the recipe launched per run of images)."""
-    from dogo.engine.train import Trainer
+    from dogo.engine.run.trainer import Trainer
     cfg = config_mod.load("configs/bench_r18_r50.yaml", [
-        "device=cpu", "data.image_size=32", "data.batch_size=8", "data.synthetic_images=64", "name=ops",
+        "device=cpu", "data.image_size=32", "data.batch_size=8", "data.synthetic.images=64", "name=ops",
         f"out_dir={tmp_path}", "precision.dtype=bf16", "log.tensorboard=off", "log.progress=off"])
     trainer = Trainer(cfg)
     _steps(trainer, 1, guarded=False)
@@ -131,7 +140,7 @@ def test_whole_dogo_r18_r50_step_within_its_op_budget(tmp_path):
 
 
 def test_op_count_of_the_loss_kernel_grows_only_with_its_tiles():
-    from dogo.engine.contrastive import contrastive_terms
+    from dogo.engine.ssl.contrastive import contrastive_terms
 
     def count(b: int, tile: int) -> int:
         zs = [torch.nn.functional.normalize(torch.randn(b, 8), dim=1).requires_grad_() for _ in range(4)]
@@ -148,7 +157,7 @@ def test_op_count_of_the_loss_kernel_grows_only_with_its_tiles():
 def _ranks_worker(rank: int, world: int, port: int, root: str, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from dogo.engine.train import Trainer
+    from dogo.engine.run.trainer import Trainer
     try:
         from pathlib import Path
         trainer = Trainer(_config("dogo", Path(root), distributed={"sync_bn": True}))
@@ -175,12 +184,11 @@ def test_dogo_steps_under_two_gloo_ranks_with_sync_bn_have_no_host_sync(tmp_path
 def test_auto_tile_on_a_gpu_cuts_the_kernels_ops_at_16384_views_at_least_8x(monkeypatch):
     """objective.tile=auto with an H200's free memory (mem_get_info stood in for): 8,192 images (16,384 views) of a
     DoGo pair take one tile, not the 64 of the CPU tile, counted on CPU tensors with the tile CUDA would use."""
-    from dogo.engine.contrastive import CPU_TILE, contrastive_terms, kernel_tile
+    from dogo.engine.ssl.contrastive import CPU_TILE, auto_tile, contrastive_terms
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (139 * 2 ** 30, 141 * 2 ** 30))
     images = 8192
-    gpu_tile = kernel_tile("auto", torch.device("cuda"), 2, images)
-    assert kernel_tile("auto", torch.device("cpu"), 2, images) == CPU_TILE
-    assert kernel_tile(256, torch.device("cuda"), 2, images) == 256  # an integer is taken as given
+    gpu_tile = auto_tile(torch.device("cuda"), 2, images)
+    assert auto_tile(torch.device("cpu"), 2, images) == CPU_TILE
 
     def ops(tile: int) -> int:
         zs = [torch.nn.functional.normalize(torch.randn(images, 8), dim=1).requires_grad_() for _ in range(4)]

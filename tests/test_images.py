@@ -65,8 +65,8 @@ def test_every_backend_and_convert_read_the_same_pixels(awkward, tmp_path):
     """The folder backend's evaluation images and training crops (whole-image crop, no recipe), and the .beton that
     `dogo convert` writes, hold load_rgb's pixels."""
     from dogo.engine.config import AugmentConfig
-    from dogo.pipelines.cpu_recipe import crop_and_flip
-    from dogo.pipelines.folder import FolderEvalSplit
+    from dogo.pipelines.recipe.cpu import crop_and_flip
+    from dogo.pipelines.backends.folder import FolderEvalSplit
     root = tmp_path / "split" / "a"
     root.mkdir(parents=True)
     for name in ("rotated.jpg", "grey16.png", "cmyk.jpg"):

@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
-from dogo.engine.objectives import objective_loss
-from tests.conftest import free_port
+from dogo.engine.ssl.objectives import objective_loss
+from tests.helpers import free_port
 
 PEERS = {"a": PeerConfig(ssl="simclr", tau=0.2, kl_weight=1.0), "b": PeerConfig(ssl="simclr", tau=0.5, kl_weight=0.5)}
 
@@ -21,7 +21,7 @@ def _inputs(global_b: int):
 def _reference(objective: str, global_b: int):
     leaves = [t.clone().requires_grad_() for t in _inputs(global_b)]
     emb = {"a": (leaves[0], leaves[1]), "b": (leaves[2], leaves[3])}
-    loss, terms = objective_loss(emb, ObjectiveConfig(name=objective), PEERS)
+    loss, terms = objective_loss(emb, ObjectiveConfig(name=objective, tile=1024), PEERS)
     loss.backward()
     return loss.detach(), [t.grad for t in leaves]
 
@@ -30,13 +30,13 @@ def _objective_on_rank(rank: int, world: int, objective: str, global_b: int):
     b = global_b // world
     leaves = [t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in _inputs(global_b)]
     emb = {"a": (leaves[0], leaves[1]), "b": (leaves[2], leaves[3])}
-    loss, _ = objective_loss(emb, ObjectiveConfig(name=objective), PEERS)
+    loss, _ = objective_loss(emb, ObjectiveConfig(name=objective, tile=1024), PEERS)
     loss.backward()
     return loss.detach(), [t.grad for t in leaves]
 
 
 def _bn_on_rank(rank: int, world: int, affine: bool):
-    from dogo.engine.syncbn import AllReduceBatchNorm
+    from dogo.engine.dist.syncbn import AllReduceBatchNorm
     x, w = _bn_inputs()
     b = len(x) // world
     bn = AllReduceBatchNorm(3, affine=affine)
@@ -47,8 +47,8 @@ def _bn_on_rank(rank: int, world: int, affine: bool):
 
 
 def _kernel_on_rank(rank: int, world: int, tau_kl, global_b: int, tile: int):
-    from dogo.engine.contrastive import contrastive_terms
-    from dogo.engine.losses import reference_terms
+    from dogo.engine.ssl.contrastive import contrastive_terms
+    from dogo.engine.ssl.losses import reference_terms
     b = global_b // world
     taus = (0.2, 0.5)
     result = {}
@@ -63,6 +63,20 @@ def _kernel_on_rank(rank: int, world: int, tau_kl, global_b: int, tile: int):
 
 
 OBJECTIVES = ("simclr", "dogo")
+STATISTICS = ("vicreg", "barlowtwins")  # methods whose loss needs statistics over the global batch
+
+
+def _statistics_loss(method: str, z1, z2):
+    peers = {"p": PeerConfig(ssl=method)}
+    return objective_loss({"p": (z1, z2)}, ObjectiveConfig(name=method, tile=1024), peers)[0]
+
+
+def _statistics_on_rank(rank: int, world: int, method: str, global_b: int):
+    b = global_b // world
+    z1, z2 = (t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in _inputs(global_b)[:2])
+    loss = _statistics_loss(method, z1, z2)
+    loss.backward()
+    return loss.detach(), [z1.grad, z2.grad]
 TAUS_KL = (None, 0.1)
 AFFINE = (True, False)  # False: SimSiam's projector output
 
@@ -73,6 +87,7 @@ def _worker(rank: int, world: int, port: int, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out[rank] = {
         "objective": {o: _objective_on_rank(rank, world, o, 6 * world) for o in OBJECTIVES},
+        "statistics": {m: _statistics_on_rank(rank, world, m, 6 * world) for m in STATISTICS},
         # tiles of 4 images over 5 images per rank: tiles straddle rank boundaries and the self-mask diagonal moves
         "kernel": {t: _kernel_on_rank(rank, world, t, 5 * world, 4) for t in TAUS_KL},
         "bn": {a: _bn_on_rank(rank, world, a) for a in AFFINE},
@@ -106,6 +121,25 @@ def test_gloo_ranks_equal_the_global_batch(ranks, objective):
             torch.testing.assert_close(g.double() / world, ref[r * b:(r + 1) * b], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", STATISTICS)
+def test_vicreg_and_barlow_twins_under_gloo_ranks_equal_the_global_batch(ranks, method):
+    """Their variance, covariance and cross-correlation over every rank's embeddings, gathered with the gradient:
+    the mean of the ranks' losses is the whole batch's loss and each rank's gradient (before DDP's averaging) is
+    world x the whole batch's gradient of its rows."""
+    world, out = ranks
+    global_b = 6 * world
+    z1, z2 = (t.clone().requires_grad_() for t in _inputs(global_b)[:2])
+    ref = _statistics_loss(method, z1, z2)
+    ref.backward()
+    got = [out[r]["statistics"][method] for r in range(world)]
+    torch.testing.assert_close(sum(g[0] for g in got) / world, ref.detach(), rtol=1e-10, atol=1e-12)
+    b = global_b // world
+    for r in range(world):
+        for g, leaf in zip(got[r][1], (z1, z2)):
+            torch.testing.assert_close(g / world, leaf.grad[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)
+
+
 def _bn_inputs():
     """12 images: whole shares for 2 and 3 ranks."""
     x = torch.randn(12, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
@@ -134,7 +168,7 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch(ranks, affine
 @pytest.mark.slow
 @pytest.mark.parametrize("tau_kl", TAUS_KL)
 def test_kernel_ranks_equal_the_global_batch(ranks, tau_kl):
-    from dogo.engine.contrastive import contrastive_terms
+    from dogo.engine.ssl.contrastive import contrastive_terms
     world, out = ranks
     global_b = 5 * world
     leaves = [torch.nn.functional.normalize(t, dim=1).requires_grad_() for t in _inputs(global_b)]

@@ -8,21 +8,24 @@ import time
 import pytest
 import torch
 
-from dogo.engine import config as config_mod, memory
-from dogo.engine.config import ConfigError
-from tests.conftest import REPO, cli_env, tiny_config
+from dogo.engine import config as config_mod
+from dogo.engine.precision import Precision
+from dogo.engine.run import memory
+from dogo.engine.errors import ConfigError
+from tests.helpers import REPO, cli_env, tiny_config
 
 MEASURE = r"""
 import json, sys, torch
 from dogo.engine import config as config_mod
-from dogo.engine.memory import estimate
-from dogo.engine.train import Trainer
+from dogo.engine.run.memory import estimate
+from dogo.engine.run.trainer import Trainer
 def status(key):  # VmHWM is this process's own high-water mark (ru_maxrss can keep the parent's across exec)
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 def rss():
     return status("VmRSS")
 cfg = config_mod.load(sys.argv[1], sys.argv[2:])
-est = estimate(cfg, 1, torch.float32, cfg.precision.channels_last == "on").total
+from dogo.engine.precision import Precision
+est = estimate(cfg, 1, Precision.of(cfg)).total
 base = rss()
 trainer = Trainer(cfg)
 batches = iter(trainer.loader)
@@ -36,11 +39,15 @@ print(json.dumps({"estimate": est, "peak": status("VmHWM") - base}))
 @pytest.mark.parametrize("config, overrides", [
     ("bench_r18_r50.yaml", ["data.image_size=64", "data.batch_size=16"]),  # R18 + R50, LARS, 4 views
     ("demo.yaml", ["data.backend=synthetic", "data.batch_size=48"]),  # shared views, AdamW, channels_last
+    # BYOL's target network and predictor, VICReg's 3-layer expander (its paper's 8192 wide)
+    ("bench_r18_r50.yaml", ["data.image_size=64", "data.batch_size=16", "peers.r18.ssl=byol", "peers.r50.ssl=vicreg",
+                            "peers.r18.head_hidden=null", "peers.r18.head_out=null", "peers.r50.head_hidden=null",
+                            "peers.r50.head_out=null"]),
 ])
 def test_estimate_is_within_25_percent_of_the_measured_peak_on_cpu(config, overrides):
     """The resident-memory peak of 3 steps in a fresh process, above what the process held before the trainer."""
     proc = subprocess.run([sys.executable, "-c", MEASURE, str(REPO / "configs" / config), "device=cpu",
-                           "data.synthetic_images=256", *overrides], env=cli_env(), capture_output=True, text=True,
+                           "data.synthetic.images=256", *overrides], env=cli_env(), capture_output=True, text=True,
                           timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -49,12 +56,12 @@ def test_estimate_is_within_25_percent_of_the_measured_peak_on_cpu(config, overr
 
 def test_a_step_that_cannot_fit_is_refused_before_data_is_read(shapes, tmp_path, monkeypatch):
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, data={"batch_size": 64, "image_size": 32}))
-    model = memory.memory_model(cfg, 1, torch.float32, False)
+    model = memory.memory_model(cfg, 1, Precision(torch.float32, False))
     limit = model.at(24).total + 1  # room for 24 images, not 25 or 64
     monkeypatch.setattr(memory, "available_bytes", lambda device: limit)
     assert model.largest_batch(limit) == 24
-    from dogo.engine.train import Trainer
-    monkeypatch.setattr("dogo.engine.train.build_loader", lambda *a, **k: pytest.fail("data was read"))
+    from dogo.engine.run.trainer import Trainer
+    monkeypatch.setattr("dogo.engine.run.trainer.build_loader", lambda *a, **k: pytest.fail("data was read"))
     with pytest.raises(ConfigError, match=r"needs about .* GiB per rank .* lower data.batch_size to at most 24 "
                                           r"\(now 64"):
         Trainer(cfg)
@@ -75,8 +82,8 @@ def test_make_imagenet_stops_within_seconds_with_the_estimate(shapes):
 
 
 def test_out_of_memory_mid_run_is_one_line_and_saves_nothing_new(shapes, tmp_path, monkeypatch):
-    from dogo.engine import checkpoint
-    from dogo.engine.train import Trainer
+    from dogo.engine.run import checkpoint
+    from dogo.engine.run.trainer import Trainer
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, checkpoint={"every_steps": 2}))
     real = Trainer.step
 
@@ -93,7 +100,7 @@ def test_out_of_memory_mid_run_is_one_line_and_saves_nothing_new(shapes, tmp_pat
 
 
 def test_workers_beyond_the_cores_are_clamped_with_a_line(monkeypatch):
-    from dogo.engine.train import usable_workers
+    from dogo.engine.run.trainer import usable_workers
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert usable_workers(2) == (2, None)

@@ -9,13 +9,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dogo.engine.config import ConfigError, ObjectiveConfig, PeerConfig, TeacherConfig
-from dogo.engine.contrastive import contrastive_terms
-from dogo.engine.losses import embedding_distance, mocov2_loss, reference_terms, simsiam_loss
-from dogo.engine.objectives import objective_loss
-from dogo.engine.targets import KeyEncoder, Targets, momentum_at
+from dogo.engine.errors import ConfigError
+
+from dogo.engine.config import ObjectiveConfig, PeerConfig, TeacherConfig
+from dogo.engine.ssl.contrastive import contrastive_terms
+from dogo.engine.ssl.losses import embedding_distance, mocov2_loss, reference_terms, simsiam_loss
+from dogo.engine.ssl.objectives import objective_loss
+from dogo.engine.ssl.methods import MoCoV2Settings
+from dogo.engine.ssl.momentum import KeyQueue, MomentumEncoder, momentum_at
+from dogo.engine.ssl.targets import Targets
 from dogo.models import Peer
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def _rand(*shape, seed, requires_grad=True):
@@ -107,7 +111,7 @@ def test_dogo_with_a_simclr_and_a_simsiam_peer_composes_the_terms():
     b, d = 6, 8
     a1, a2, z1, z2, p1, p2 = (_rand(b, d, seed=40 + i) for i in range(6))
     peers = {"a": PeerConfig(ssl="simclr", tau=0.3, kl_weight=0.7), "b": PeerConfig(ssl="simsiam", kl_weight=0.4)}
-    loss, terms = objective_loss({"a": (a1, a2), "b": (z1, z2, p1, p2)}, ObjectiveConfig(name="dogo", tau_kl=0.2),
+    loss, terms = objective_loss({"a": (a1, a2), "b": (z1, z2, p1, p2)}, ObjectiveConfig(name="dogo", tau_kl=0.2, tile=1024),
                                  peers)
     n = lambda x: F.normalize(x, dim=1)
     ref = reference_terms([n(a1), n(a2), n(p1), n(p2)], (0.3, None), 0.2)
@@ -128,9 +132,9 @@ def test_objective_loss_for_mocov2_and_disco_uses_the_targets():
     q1, q2 = _rand(b, d, seed=50), _rand(b, d, seed=51)
     k2, queue = _unit(b, d, seed=53), _unit(11, d, seed=54)
     t1, t2 = _rand(b, d, seed=55, requires_grad=False), _rand(b, d, seed=56, requires_grad=False)
-    targets = Targets(keys={"s": (None, k2)}, queues={"s": queue}, teacher={"s": (t1, t2)})
+    targets = Targets(method={"s": (None, k2, queue)}, teacher={"s": (t1, t2)})
     peers = {"s": PeerConfig(ssl="mocov2", tau=0.2)}
-    loss, terms = objective_loss({"s": (q1, q2)}, ObjectiveConfig(name="disco", distill_weight=0.3), peers, targets)
+    loss, terms = objective_loss({"s": (q1, q2)}, ObjectiveConfig(name="disco", distill_weight=0.3, tile=1024), peers, targets)
     n = lambda x: F.normalize(x, dim=1)
     moco = mocov2_loss(n(q1), n(q2), None, k2, queue, 0.2)
     dist_ = embedding_distance(q1, t1) + embedding_distance(q2, t2)
@@ -145,7 +149,7 @@ def _tiny_peer(seed):
 
 def test_momentum_update_is_exact_and_follows_its_schedule():
     query = _tiny_peer(0)
-    enc = KeyEncoder(query, queue_size=10)
+    enc = MomentumEncoder(query)
     for a, b in zip(enc.encoder.parameters(), query.parameters()):
         assert torch.equal(a, b) and not a.requires_grad  # MoCo starts the key encoder as a copy
     before = [p.detach().double().clone() for p in enc.encoder.parameters()]
@@ -162,7 +166,7 @@ def test_momentum_update_is_exact_and_follows_its_schedule():
 
 
 def test_queue_is_a_ring_of_the_newest_keys():
-    enc = KeyEncoder(_tiny_peer(0), queue_size=7, seed=3)
+    enc = KeyQueue(7, 8, seed=3)
     start = enc.queue.clone()
     written = []
     for step in range(5):
@@ -177,7 +181,7 @@ def test_queue_is_a_ring_of_the_newest_keys():
             pos = (len(written) - len(written[-7:]) + i) % 7
             assert torch.equal(enc.queue[pos], row)
     state = enc.state_dict()
-    again = KeyEncoder(_tiny_peer(1), queue_size=7)
+    again = KeyQueue(7, 8)
     again.load_state_dict(state)
     assert again.ptr == enc.ptr and torch.equal(again.queue, enc.queue)
 
@@ -187,20 +191,20 @@ SYMMETRIC = (False, True)
 
 def _queue_on_rank(rank, symmetric):
     from dogo.engine.config import Config
-    from dogo.engine.targets import TargetMakers
+    from dogo.engine.ssl.targets import TargetMakers
     cfg = Config()
     cfg.objective.name = "mocov2"
     cfg.peers = {"m": PeerConfig(arch="resnet18", cifar_stem=True, head_hidden=16, head_out=8, ssl="mocov2",
-                                 queue_size=20, moco_symmetric=symmetric)}
+                                 mocov2=MoCoV2Settings(queue_size=20, symmetric=symmetric))}
     torch.manual_seed(rank)  # the peers' weights differ by rank here; the queue's start must not
     peers = torch.nn.ModuleDict({"m": Peer("resnet18", True, 16, 8)})
     makers = TargetMakers(cfg, peers)
-    start = makers.key_encoders["m"].queue.clone()
+    start = makers.states["m"].queue.queue.clone()
     for step in range(4):  # 4 steps x 2 ranks x 3 images x (2 views, or view 2 only) through a queue of 20
         k1, k2 = _unit(3, 8, seed=100 * step + rank).float(), _unit(3, 8, seed=100 * step + 50 + rank).float()
-        makers.after_step(peers, Targets(keys={"m": (k1 if symmetric else None, k2)}), step + 1, 4)
-    enc = makers.key_encoders["m"]
-    return start, enc.queue.clone(), enc.ptr
+        makers.after_step(peers, Targets(method={"m": (k1 if symmetric else None, k2, None)}), step + 1, 4)
+    queue = makers.states["m"].queue
+    return start, queue.queue.clone(), queue.ptr
 
 
 def _queue_worker(rank, world, port, out):
@@ -249,17 +253,17 @@ def test_teacher_config_errors():
         check(cfg)
 
 
-@pytest.mark.parametrize("method", sorted(__import__("dogo.engine.methods", fromlist=["METHODS"]).METHODS))
+@pytest.mark.parametrize("method", sorted(__import__("dogo.engine.ssl.methods", fromlist=["METHODS"]).METHODS))
 def test_every_registered_method_trains_a_step(method, tmp_path):
     """Each method of the registry, alone: one optimiser step on synthetic batches changes every trained parameter,
     its loss term is finite, and its key encoder (if it has one) follows."""
     from dogo.engine import config as config_mod
-    from dogo.engine.methods import METHODS
-    from dogo.engine.train import Trainer
+    from dogo.engine.ssl.methods import METHODS
+    from dogo.engine.run.trainer import Trainer
     raw = {"name": "t", "out_dir": str(tmp_path), "seed": 1, "device": "cpu",
-           "data": {"backend": "synthetic", "synthetic_images": 16, "image_size": 16, "batch_size": 8},
-           "peers": {"p": {"arch": "resnet18", "head_hidden": 16, "head_out": 8, "pred_hidden": 8,
-                           "queue_size": 32}},
+           "data": {"backend": "synthetic", "synthetic": {"images": 16}, "image_size": 16, "batch_size": 8},
+           "peers": {"p": {"arch": "resnet18", "head_hidden": 16, "head_out": 8,
+                           "simsiam": {"pred_hidden": 8}, "mocov2": {"queue_size": 32}}},
            "objective": {"name": method}, "optim": {"name": "sgd", "lr": 0.5},
            "schedule": {"max_steps": 2, "warmup_epochs": 0}, "eval": {"knn_every_epochs": 0},
            "log": {"progress": "off", "tensorboard": "off"}}
@@ -269,4 +273,5 @@ def test_every_registered_method_trains_a_step(method, tmp_path):
     assert torch.isfinite(terms["loss"]) and len(terms) >= 2
     unchanged = [k for k, v in trainer.model.named_parameters() if torch.equal(v, before[k])]
     assert not unchanged, f"{method}: parameters without a gradient: {unchanged[:5]}"
-    assert bool(trainer.targets.key_encoders) == METHODS[method].momentum_encoder
+    assert bool(trainer.targets.states) == (METHODS.get(method, "ssl").make_state(
+        trainer.cfg.peers["p"], trainer.model.peers["p"], 0) is not None)

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
-from dogo.engine.losses import mocov2_loss
-from dogo.engine.objectives import objective_loss
-from dogo.engine.targets import KeyEncoder, Targets
-from dogo.engine.teacher import FrozenTeacher
+from dogo.engine.ssl.losses import mocov2_loss
+from dogo.engine.ssl.objectives import objective_loss
+from dogo.engine.ssl.momentum import KeyQueue
+from dogo.engine.ssl.targets import Targets
+from dogo.engine.ssl.teacher import FrozenTeacher
 from dogo.models import Peer
 
 
@@ -109,11 +110,12 @@ def _tiny_peer(seed):
 
 
 def test_mocov2_queue_starts_random_and_rings_as_the_official_one():
-    enc = KeyEncoder(_tiny_peer(0), queue_size=12, seed=4)
+    enc = KeyQueue(12, 8, seed=4)
     queue = enc.negatives()
     assert queue.shape == (12, 8) and queue.norm(dim=1).sub(1).abs().max() < 1e-6  # unit keys, as MoCo's
-    assert torch.equal(KeyEncoder(_tiny_peer(1), 12, seed=4).queue, queue), "the start depends on the seed alone"
-    assert not torch.equal(KeyEncoder(_tiny_peer(0), 12, seed=5).queue, queue)
+    torch.manual_seed(1)
+    assert torch.equal(KeyQueue(12, 8, seed=4).queue, queue), "the start depends on the seed alone"
+    assert not torch.equal(KeyQueue(12, 8, seed=5).queue, queue)
     enc.double()  # float64 keys, as the port's
     official = OfficialMoCoQueue(enc.queue)
     q = F.normalize(_rand(4, 8, seed=1), dim=1)
@@ -150,8 +152,8 @@ def test_disco_loss_equals_the_official_one():
     queue = F.normalize(_rand(K, d, seed=4), dim=1).detach()
     t1, t2 = (F.normalize(_rand(b, d, seed=s), dim=1).detach() for s in (5, 6))
     peers = {"s": PeerConfig(ssl="mocov2", tau=T)}  # MoCo v2's own form is the default
-    targets = Targets(keys={"s": (None, k2)}, queues={"s": queue}, teacher={"s": (t1, t2)})
-    loss, _ = objective_loss({"s": (s1, s2)}, ObjectiveConfig(name="disco"), peers, targets)
+    targets = Targets(method={"s": (None, k2, queue)}, teacher={"s": (t1, t2)})
+    loss, _ = objective_loss({"s": (s1, s2)}, ObjectiveConfig(name="disco", tile=1024), peers, targets)
     want = official_disco_loss(s1, s2, k2, queue, t1, t2, T)
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
     for got, ref in zip(torch.autograd.grad(loss, (s1, s2)), torch.autograd.grad(want, (s1, s2))):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dogo.engine.config import load
-from dogo.engine.optim import LARS, build_optimizer, lr_factor, param_groups
+from dogo.engine.run.optim import LARS, build_optimizer, lr_factor, param_groups
 from dogo.models import Peer
 
 

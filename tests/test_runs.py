@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from dogo.engine import checkpoint
-from tests.conftest import REPO, cli_env, run_cli, tiny_config, write_config
+from dogo.engine.run import checkpoint
+from tests.helpers import REPO, cli_env, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow  # every test here runs the dogo command in processes of its own
 
@@ -28,7 +28,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
     """Same images, same augmentations, global-batch loss columns, synced BN: the same run on 1 or 2 ranks."""
     # 32 px, not the other tests' 16: at 16 px layer3 and layer4 of the ResNet-18 see 1 x 1 maps, and torch's
     # native fp32 BatchNorm backward (the 1-rank run) is off by up to 4e-3 from a float64 reference in peer a's
-    # gradients, while the 2-rank run (engine/syncbn.py, two-pass statistics) is within 2e-5 of it. At 32 px both
+    # gradients, while the 2-rank run (engine/dist/syncbn.py, two-pass statistics) is within 2e-5 of it. At 32 px both
     # are within 2e-5 and the two runs agree to ~1e-6 after three steps.
     common = {"distributed": {"sync_bn": True}, "schedule": {"max_steps": 3}}
     one = tiny_config(shapes, tmp_path / "w1", **common)
@@ -51,13 +51,23 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
 
 
 # DoGo with a MoCo v2 peer and a SimSiam peer: the key encoder, the queue and the predictor resume too.
-MIXED_PEERS = {"peers": {"a": {"arch": "resnet18", "head_hidden": 32, "head_out": 16, "ssl": "mocov2", "queue_size": 40},
-                         "b": {"arch": "resnet18", "head_hidden": 32, "head_out": 16, "ssl": "simsiam", "pred_hidden": 8}}}
+MIXED_PEERS = {"peers": {"a": {"arch": "resnet18", "head_hidden": 32, "head_out": 16, "ssl": "mocov2", "mocov2": {"queue_size": 40}},
+                         "b": {"arch": "resnet18", "head_hidden": 32, "head_out": 16, "ssl": "simsiam", "simsiam": {"pred_hidden": 8}}}}
 
 
-@pytest.mark.parametrize("objective", ["dogo", "dogo_mocov2_simsiam"])
+_HEAD = {"arch": "resnet18", "head_hidden": 32, "head_out": 16}
+PAIRS = {  # each method's state (momentum encoders, queues, predictors) resumes too
+    "dogo": {},
+    "dogo_mocov2_simsiam": MIXED_PEERS,
+    "dogo_byol_vicreg": {"peers": {"a": {**_HEAD, "ssl": "byol", "byol": {"pred_hidden": 8}},
+                                   "b": {**_HEAD, "ssl": "vicreg"}}},
+    "dogo_barlowtwins_simclr": {"peers": {"a": {**_HEAD, "ssl": "barlowtwins"}, "b": {**_HEAD, "tau": 0.5}}},
+}
+
+
+@pytest.mark.parametrize("objective", list(PAIRS))
 def test_kill_and_resume_is_bit_identical(shapes, tmp_path, objective):
-    extra = MIXED_PEERS if objective == "dogo_mocov2_simsiam" else {}
+    extra = PAIRS[objective]
     straight = write_config(tmp_path / "s.yaml", tiny_config(shapes, tmp_path / "straight", **extra))
     run_cli("train", str(straight))
 
@@ -68,7 +78,7 @@ def test_kill_and_resume_is_bit_identical(shapes, tmp_path, objective):
     # (no clean-up code runs, as with a kill from outside)
     kill_after_checkpoint = (
         "import os, signal, sys\n"
-        "from dogo.engine import checkpoint\n"
+        "from dogo.engine.run import checkpoint\n"
         "save = checkpoint.save\n"
         "def save_then_die(*args, **kwargs):\n"
         "    path = save(*args, **kwargs)\n"
@@ -91,8 +101,8 @@ def test_kill_and_resume_is_bit_identical(shapes, tmp_path, objective):
     assert sa["position"] == sb["position"] == {"step": 6, "epoch": 0, "step_in_epoch": 6}
     for k, state in sa["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"])
-    keys_a, keys_b = sa["targets"]["key_encoders"], sb["targets"]["key_encoders"]
-    assert keys_a.keys() == keys_b.keys() and (objective == "dogo") == (not keys_a)
+    keys_a, keys_b = sa["targets"]["method_states"], sb["targets"]["method_states"]
+    assert keys_a.keys() == keys_b.keys() and ("mocov2" in objective or "byol" in objective) == bool(keys_a)
     for name, t in keys_a.items():
         assert torch.equal(t, keys_b[name]) if isinstance(t, torch.Tensor) else t == keys_b[name], name
 

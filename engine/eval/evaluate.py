@@ -1,0 +1,150 @@
+"""Evaluation of backbone features: the weighted kNN monitor and a linear probe, on a labelled split of any backend
+that has one (pipelines.open_eval_split).
+
+Features are the backbone's pooled penultimate layer in eval mode (BN running statistics), L2-normalised for kNN.
+Under torchrun each rank extracts a strided share of the images and the shares are all-gathered.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dogo.engine.dist.distributed import DistContext, all_gather_rows
+from dogo.engine.precision import Precision
+from dogo.pipelines import EvalSplit, open_eval_split
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, split: EvalSplit, positions: np.ndarray, *, batch_size: int, recipe,
+                     ctx: DistContext, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (n, D) float32, labels (n,)) for split[positions], on every rank; unreadable images dropped."""
+    w = ctx.world_size
+    padded = np.concatenate([positions, np.repeat(positions[-1:], (-len(positions)) % w)])
+    mine = padded[ctx.rank::w]
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    # a bar while features are extracted (the main rank, on a terminal), gone when done
+    console = Console()
+    with Progress(TextColumn("features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=not (ctx.is_main and console.is_terminal)) as bar:
+        task = bar.add_task("features", total=math.ceil(len(mine) / batch_size))
+        for images, y in split.batches(mine, batch_size, ctx.device, recipe, precision.dtype, precision.channels_last):
+            with precision.autocast(ctx.device):
+                feats.append(backbone(images).float())
+            labels.append(y)
+            bar.advance(task)
+    backbone.train(was_training)
+    f, y = torch.cat(feats), torch.cat(labels)
+    if w > 1:
+        # rank r holds padded[r::w]; interleave back to the original order, then drop the padding
+        f = all_gather_rows(f).view(w, -1, f.shape[1]).transpose(0, 1).reshape(-1, f.shape[1])
+        y = all_gather_rows(y).view(w, -1).T.reshape(-1)
+        f, y = f[:len(positions)], y[:len(positions)]
+    keep = y >= 0
+    return f[keep], y[keep]
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                k: int, temperature: float, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN (Wu et al. 2018): each of the k nearest bank features votes exp(cos / T) for its class.
+
+    Returns (n, num_classes) scores; bank and queries are L2-normalised inside.
+    """
+    bank = F.normalize(bank, dim=1)
+    k = min(k, bank.shape[0])
+    out = []
+    for q in F.normalize(queries, dim=1).split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        out.append(votes)
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    top = scores.topk(max(ks), dim=1).indices
+    hits = top == labels.view(-1, 1)
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks if k <= scores.shape[1]}
+
+
+def bank_positions(n: int, limit: int, seed: int) -> np.ndarray:
+    """All positions, or a fixed random subset of `limit` (sorted, for sequential reads)."""
+    if limit <= 0 or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+class KnnMonitor:
+    """kNN top-1 of backbones on (data.train_split as bank, data.val_split as queries)."""
+
+    def __init__(self, cfg, ctx: DistContext, precision: Precision, workers: int | None = None):
+        workers = cfg.data.workers if workers is None else workers
+        self.train_split = open_eval_split(cfg.data, cfg.data.train_split, workers)
+        self.val_split = open_eval_split(cfg.data, cfg.data.val_split, workers)
+        self.bank = bank_positions(len(self.train_split), cfg.eval.knn_bank_images, cfg.seed)
+        self.cfg, self.ctx, self.precision = cfg, ctx, precision
+
+    def _features(self, backbone, split, positions):
+        return extract_features(backbone, split, positions, batch_size=self.cfg.eval.batch_size,
+                                recipe=self.cfg.augment, ctx=self.ctx, precision=self.precision)
+
+    def top1(self, backbone: nn.Module) -> float:
+        bank, bank_y = self._features(backbone, self.train_split, self.bank)
+        queries, y = self._features(backbone, self.val_split, np.arange(len(self.val_split)))
+        scores = knn_predict(bank, bank_y, queries, len(self.train_split.classes), self.cfg.eval.knn_k,
+                             self.cfg.eval.knn_temperature)
+        return topk_accuracy(scores, y, ks=(1,))["top1"]
+
+
+def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                 num_classes: int, epochs: int = 100, lr: float = 1e-3, batch_size: int = 256,
+                 weight_decay: float = 1e-4, seed: int = 0) -> dict[str, float]:
+    """A linear classifier on frozen, standardised features (train statistics); top-1 and top-5 on val, in %."""
+    mean, std = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True).clamp_min(1e-6)
+    train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    clf = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * max(1, len(train_f) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_f), generator=gen).to(train_f.device)
+        for idx in order.split(batch_size):
+            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return topk_accuracy(clf(val_f), val_y)
+
+
+@torch.no_grad()
+def pixel_features(split: EvalSplit, positions: np.ndarray, *, batch_size: int, recipe, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw-pixels baseline: each normalised evaluation image flattened into one feature vector."""
+    feats, labels = [], []
+    for images, y in split.batches(positions, batch_size, device, recipe, torch.float32, False):
+        feats.append(images.flatten(1))
+        labels.append(y)
+    f, y = torch.cat(feats), torch.cat(labels)
+    keep = y >= 0
+    return f[keep], y[keep]
+
+
+def knn_and_linear(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                   num_classes: int, *, k: int, temperature: float, probe_epochs: int, seed: int
+                   ) -> dict[str, float]:
+    """Both evaluations of one set of features: weighted kNN top-1 and a linear probe's top-1, in %."""
+    scores = knn_predict(train[0], train[1], val[0], num_classes, k, temperature)
+    return {"knn_top1": topk_accuracy(scores, val[1], ks=(1,))["top1"],
+            "linear_top1": linear_probe(*train, *val, num_classes, epochs=probe_epochs, seed=seed)["top1"]}

@@ -1,0 +1,356 @@
+"""The training loop: one step forwards every peer, backpropagates the summed loss once, updates all peers."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch.nn.parallel import DistributedDataParallel
+
+from dogo.engine import config as config_mod
+from dogo.engine.config import Config
+from dogo.engine.dist import distributed
+from dogo.engine.dist.syncbn import convert_sync_batchnorm
+from dogo.engine.errors import ConfigError
+from dogo.engine.eval.evaluate import KnnMonitor
+from dogo.engine.precision import Precision
+from dogo.engine.run import checkpoint, memory
+from dogo.engine.run.logger import MetricsLogger
+from dogo.engine.run.optim import build_optimizer, lr_factor, set_lr
+from dogo.engine.run.signals import StopRequest
+from dogo.engine.ssl.objectives import objective_loss
+from dogo.engine.ssl.peers import build_peers
+from dogo.engine.ssl.targets import TargetMakers
+from dogo.pipelines import BACKENDS, TwoViewBatch, build_loader
+
+
+def ddp_options(model: torch.nn.Module, sync_bn: bool) -> dict:
+    """DDP settings that leave the result unchanged and save work: gradients written straight into the all-reduce
+    buckets (no copy, no second gradient buffer), and no broadcast of rank 0's buffers before each forward where
+    every rank's buffers are equal anyway: with SyncBN (running statistics from the all-reduced batch statistics) or
+    with no buffers at all (they are still synchronised once, at the start).
+
+    The switch is `forward_sync_buffers` in the torch we pin, `broadcast_buffers` (the same before each forward)
+    in the torch a GPU machine may already have (2.11 has no forward_sync_buffers): only what the installed DDP
+    accepts is passed.
+
+    Not static_graph, although every step's graph is the same: with it, torch 2.14's reducer reads a value on the
+    host in every backward (aten::_local_scalar_dense; tests/test_host_sync.py, two gloo ranks, found it)."""
+    has_buffers = any(True for _ in model.buffers())
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
+    return {"gradient_as_bucket_view": True, sync: has_buffers and not sync_bn}
+
+
+def usable_workers(requested: int) -> tuple[int, str | None]:
+    """data.workers, at most the cores each rank on this node can have; with a line saying so when clamped."""
+    cores = len(os.sched_getaffinity(0))
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_rank = max(1, cores // ranks_here)
+    if requested <= per_rank:
+        return requested, None
+    return per_rank, (f"data.workers={requested} is more than the {per_rank} core(s) each of the {ranks_here} rank(s) "
+                      f"on this node can use ({cores} cores): using {per_rank}")
+
+
+@dataclass
+class Position:
+    """Where the run is: `step` counts optimiser steps; (epoch, step_in_epoch) is the next batch's place."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        config_mod.require_resolved(cfg)  # every `auto` was settled once, when the config was loaded
+        self.cfg = cfg
+        self.ctx = distributed.init(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_min)
+        self.run_dir = cfg.run_dir
+        self.precision = Precision.of(cfg)
+        self.precision.set_backend_flags(self.ctx.device)
+        self.model = build_peers(cfg)
+        # key encoders copy the peers before SyncBN: MoCo's keys use each rank's own batch statistics
+        self.targets = TargetMakers(cfg, self.model.peers)
+        if cfg.distributed.sync_bn and self.ctx.distributed:
+            self.model = convert_sync_batchnorm(self.model)
+        self.model.to(self.ctx.device, memory_format=self.precision.memory_format)
+        self.targets.to(self.ctx.device, memory_format=self.precision.memory_format)
+        # before any data is read: a step that cannot fit stops here, with the settings that would
+        self.memory_estimate, self.memory_limit, warning = memory.check_fits(
+            cfg, self.ctx.world_size, self.ctx.device, self.precision)
+        workers, note = usable_workers(cfg.data.workers)
+        for line in (warning, note):
+            if line and self.ctx.is_main:
+                Console().print(line, highlight=False)
+        self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), cfg.augment,
+                                   n_views=self.model.n_views, seed=cfg.seed,
+                                   rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
+                                   dtype=self.precision.dtype, channels_last=self.precision.channels_last,
+                                   compile_recipe=cfg.precision.compile in ("on", "peers"))
+        if cfg.precision.compile == "peers":
+            for peer in self.model.peers.values():
+                peer.compile()  # in place: its state_dict keys (checkpoints) are unchanged
+        self.forward = self.model
+        if self.ctx.distributed:
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
+                **ddp_options(self.model, cfg.distributed.sync_bn))
+        self.optimizer = build_optimizer(dict(self.model.peers.items()), cfg, cfg.data.batch_size,
+                                         self.ctx.device)
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision.scaler_enabled)
+        spe = self.loader.steps_per_epoch
+        self.total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else cfg.schedule.epochs * spe
+        self.warmup_steps = round(cfg.schedule.warmup_epochs * spe)
+        self.pos = Position()
+        self._nonfinite: torch.Tensor | None = None  # any step's loss NaN or inf since the start
+        self._finite_until = 0  # the last step verified finite
+        self.resume_changes: list[str] = []  # config keys a resume changed (lr, weight decay, schedule...)
+        self.lock: checkpoint.RunLock | None = None  # the run folder's, held by the main rank while it trains
+        self.knn = None
+        if cfg.eval.knn_every_epochs > 0 and BACKENDS.get(cfg.data.backend, "data.backend").labelled:
+            self.knn = KnnMonitor(cfg, self.ctx, self.precision, workers)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "peers": {name: p.state_dict() for name, p in self.model.peers.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "targets": self.targets.checkpoint_state(),
+            "position": vars(self.pos).copy(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "config": config_mod.to_dict(self.cfg),
+            "world_size": self.ctx.world_size,
+        }
+
+    def save(self) -> Path | None:
+        """The checkpoint of this step, unless its weights or optimiser state diverged: then nothing is written (and
+        so nothing older is pruned) and the run stops naming the newest good checkpoint. Every rank checks (they hold
+        the same weights), so all stop together."""
+        self._require_sane_weights()
+        path = None
+        if self.ctx.is_main:
+            path = checkpoint.save(self.run_dir, self.state_dict(), self.pos.step, self.cfg.checkpoint.keep)
+        distributed.barrier()
+        return path
+
+    def resume(self) -> Path | None:
+        spec = self.cfg.checkpoint.resume
+        if spec == "none":
+            return None
+        path = checkpoint.latest(self.run_dir) if spec == "latest" else Path(spec)
+        if path is None:
+            return None
+        state = checkpoint.load(path)
+        saved = config_mod.to_dict(config_mod.from_dict(state["config"]))  # in today's layout
+        checkpoint.check_compatible(saved, config_mod.to_dict(self.cfg), path)
+        for name, peer in self.model.peers.items():
+            peer.load_state_dict(state["peers"][name])
+        if self.targets.active:
+            self.targets.load_checkpoint_state(state["targets"], path)
+        # the optimiser's state (momenta) comes from the checkpoint; its settings (lr, weight decay, momentum...)
+        # from this run's config, which may have changed them: load_state_dict alone would bring back the old ones
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+        self.resume_changes = checkpoint.changed_settings(saved, config_mod.to_dict(self.cfg))
+        self.scaler.load_state_dict(state["scaler"])
+        self.pos = Position(**state["position"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def step(self, batch: TwoViewBatch) -> dict[str, torch.Tensor]:
+        """One optimiser step over every peer on one batch. No host synchronisation."""
+        set_lr(self.optimizer, lr_factor(self.pos.step, self.total_steps, self.warmup_steps,
+                                         self.cfg.schedule.final_lr_ratio))
+        with self.precision.autocast(self.ctx.device):
+            outputs = self.forward(batch.views)
+            targets = self.targets.make(batch.views, self.model.pairs)
+        loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
+        # a flag on the device, read only at log and checkpoint steps: no host sync here
+        bad = ~torch.isfinite(loss)
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.targets.after_step(self.model.peers, targets, self.pos.step + 1, self.total_steps)
+        return terms
+
+    def guarded_step(self, batch) -> dict[str, torch.Tensor]:
+        """step(), with running out of device memory turned into a one-line error naming the step and what to
+        lower. Nothing is saved on the way out: the last good checkpoint stays the newest."""
+        try:
+            return self.step(batch)
+        except torch.OutOfMemoryError:
+            fits = memory.memory_model(self.cfg, self.ctx.world_size, self.precision).largest_batch(self.memory_limit)
+            raise ConfigError(
+                f"out of {self.ctx.device.type.upper()} memory at step {self.pos.step + 1}: the estimate was "
+                f"{self.memory_estimate.total / 2 ** 30:.1f} GiB per rank of "
+                f"{self.memory_limit / 2 ** 30:.1f} GiB available; "
+                f"lower data.batch_size (now {self.cfg.data.batch_size}; the estimate says {fits} fits), "
+                f"objective.tile (now {self.cfg.objective.tile}), or set precision.dtype=bf16") from None
+
+    def _require_finite(self, record: dict | None = None) -> None:
+        """Stop the run if any step's loss was NaN or inf since the last check (one read of a device flag, agreed
+        over the ranks), naming the steps and the terms; the newest checkpoint stays the last finite one."""
+        if self._nonfinite is None:
+            return
+        if distributed.all_reduce_mean(self._nonfinite.float()).item() == 0:  # read at log/checkpoint steps only
+            self._finite_until = self.pos.step
+            return
+        terms = ", ".join(k for k, v in (record or {}).items() if isinstance(v, float) and not math.isfinite(v))
+        raise ConfigError(
+            f"the loss became NaN or inf between steps {self._finite_until + 1} and {self.pos.step}"
+            + (f" (non-finite: {terms})" if terms else "") + "; the run stopped without saving, so the newest "
+            f"checkpoint is from step {self._finite_until} or before. Lower optim.lr (now {self.cfg.optim.lr}) "
+            f"or set optim.clip_grad_norm, then resume or start afresh")
+
+    def _require_sane_weights(self) -> None:
+        problem = checkpoint.diverged(dict(self.model.peers.state_dict()))
+        if problem is None:
+            state = self.optimizer.state_dict()["state"]
+            problem = checkpoint.diverged({f"optimizer state {k}.{name}": t for k, s in state.items()
+                                           for name, t in s.items() if isinstance(t, torch.Tensor)}, limit=None)
+        if problem:
+            newest = checkpoint.latest(self.run_dir)
+            raise ConfigError(
+                f"the weights diverged by step {self.pos.step}: {problem}; no checkpoint was written for it, so the "
+                f"newest stays {newest or 'none (no earlier checkpoint)'}. Lower optim.lr (now {self.cfg.optim.lr}) "
+                f"or set optim.clip_grad_norm, then resume or start afresh")
+
+    def lrs(self) -> dict[str, float]:
+        return {g["peer"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def evaluate(self, log: MetricsLogger) -> dict[str, float]:
+        results = {}
+        if self.knn is None:
+            return results
+        t0 = time.perf_counter()
+        for name, peer in self.model.peers.items():
+            results[name] = self.knn.top1(peer.backbone)
+        self._eval_seconds += time.perf_counter() - t0
+        trained_for = time.perf_counter() - self._start - self._eval_seconds
+        log.knn(self.pos.step, self.pos.epoch, results, round(trained_for, 1))
+        return results
+
+    def fit(self) -> dict:
+        """Train to `total_steps` (or until SIGTERM/SIGINT), resuming first when the config says so."""
+        try:
+            log = self._open_run()
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+        stop = StopRequest(self.ctx)
+        result = {"stopped": False, "knn_top1": {}}
+        start = self._start = time.perf_counter()
+        self._eval_seconds = 0.0  # time spent in the kNN monitor, left out of the training time it reports
+        self._finite_until = self.pos.step
+        try:
+            while self.pos.step < self.total_steps and not result["stopped"]:
+                self.loader.set_epoch(self.pos.epoch, self.pos.step_in_epoch)
+                for batch in self.loader:
+                    log.add(self.guarded_step(batch))
+                    if self._after_step(batch, log, stop, result):
+                        break
+            if not result["stopped"]:
+                skipped = len(self.loader.skipped)
+                log.event("done", f"finished {self.pos.step} steps in {time.perf_counter() - start:.0f} s"
+                          + (f"; {skipped} undecodable file(s) were skipped" if skipped else ""),
+                          step=self.pos.step, skipped=skipped)
+            return result
+        finally:
+            stop.close()
+            log.close()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _open_run(self) -> MetricsLogger:
+        aside, stale = None, []
+        if self.ctx.is_main:
+            self.lock = checkpoint.RunLock(self.run_dir)  # before anything in the folder is touched
+            stale = checkpoint.remove_stale_temporaries(self.run_dir)
+            if self.cfg.checkpoint.resume == "none":
+                aside = checkpoint.set_aside(self.run_dir, time.strftime("%Y%m%d_%H%M%S"))
+        distributed.barrier()
+        resumed = self.resume()
+        if self.ctx.is_main:  # only once the checkpoint check has passed: a refused resume leaves the old one
+            config_mod.dump(self.cfg, self.run_dir / "config.yaml")
+        log = MetricsLogger(self.run_dir, self.ctx.is_main, self.total_steps, self.pos.step,
+                            self.cfg.data.batch_size, self.ctx.world_size, progress=self.cfg.log.progress == "on",
+                            tensorboard=self.cfg.log.tensorboard == "on",
+                            config_text=config_mod.dump_text(self.cfg))
+        if self.lock is not None and self.lock.taken_over:
+            log.event("lock_taken_over", f"took over the run folder's lock from process {self.lock.taken_over}, "
+                      f"which is no longer running", pid=self.lock.taken_over)
+        if stale:
+            log.event("stale_temporaries", f"removed {len(stale)} half-written checkpoint file(s) left by a killed "
+                      f"run: {', '.join(p.name for p in stale)}", files=[str(p) for p in stale])
+        if aside:
+            log.event("checkpoints_set_aside", f"a fresh start: the earlier checkpoints in this run folder moved to "
+                      f"{aside}", path=str(aside))
+        if resumed:
+            log.event("resume", f"resumed from {resumed} at step {self.pos.step}", path=str(resumed),
+                      step=self.pos.step)
+            if self.resume_changes:
+                log.event("resume_settings", "settings changed since the checkpoint, applied from now on: "
+                          + "; ".join(self.resume_changes), changes=self.resume_changes)
+        return log
+
+    def _after_step(self, batch, log: MetricsLogger, stop: StopRequest, result: dict) -> bool:
+        """Advance the position, then log, checkpoint, evaluate and heed signals. True ends the epoch's loop."""
+        cfg = self.cfg
+        self.pos.step += 1
+        self.pos.step_in_epoch += 1
+        if self.pos.step_in_epoch == self.loader.steps_per_epoch:  # the next batch opens the next epoch
+            self.pos.epoch += 1
+            self.pos.step_in_epoch = 0
+        epoch_end = self.pos.step_in_epoch == 0
+        last = self.pos.step == self.total_steps
+        if batch.skipped:
+            log.event("skipped", f"skipped {len(batch.skipped)} undecodable file(s): {batch.skipped[0]}",
+                      files=batch.skipped)
+        if self.pos.step % cfg.log.every == 0 or last:
+            self._require_finite(log.flush(self.pos.step, self.pos.epoch, self.lrs()))
+        if stop.should_stop():
+            self._require_finite()
+            path = self.save()
+            log.event("stopped", f"stopped by signal at step {self.pos.step}; checkpoint {path}; "
+                                 f"run the same command again to resume", step=self.pos.step)
+            result["stopped"] = True
+            return True
+        every = cfg.checkpoint.every_steps
+        if epoch_end or last or (every and self.pos.step % every == 0):
+            self._require_finite()  # never a checkpoint of diverged weights, so none pruned for one
+            self.save()
+        knn_due = epoch_end and cfg.eval.knn_every_epochs and self.pos.epoch % cfg.eval.knn_every_epochs == 0
+        if knn_due or (last and self.knn):
+            result["knn_top1"] = self.evaluate(log)
+        return last
+
+
+def train(cfg: Config) -> dict:
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.fit()
+        result["run_dir"] = str(trainer.run_dir)
+        result["step"] = trainer.pos.step
+        return result
+    finally:
+        distributed.shutdown()

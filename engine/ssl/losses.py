@@ -1,0 +1,156 @@
+"""The losses as functions of the embeddings; the methods (methods.py) and objectives (objectives.py) combine them.
+
+Shapes: each rank holds b = B/W images; z1, z2 are (b, d) embeddings of the two views. Columns span the global
+batch, rows are this rank's own. At world size 1 no process group is needed.
+
+NT-Xent and DoGo's KL run through the tiled kernel (contrastive.py, via `kernel_terms`). The straightforward
+functions below (gather with gradient, full logits block) are its reference, in the tests and in `dogo bench loss`.
+MoCo v2's InfoNCE, SimSiam's negative cosine and DisCo's embedding distance have no (B x B) block and are computed
+directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dogo.engine.ssl.contrastive import contrastive_terms
+from dogo.engine.dist.distributed import all_gather_rows, gather_with_grad, rank
+
+
+def at_least_fp32(z: torch.Tensor) -> torch.Tensor:
+    """Losses run in fp32 whatever the autocast dtype of the embeddings; fp64 inputs (the tests') stay fp64."""
+    return z if z.dtype == torch.float64 else z.float()
+
+
+def normalize(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows in fp32 (fp64 inputs stay fp64)."""
+    return F.normalize(at_least_fp32(z), dim=1)
+
+
+def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over this rank's 2b rows against all 2B columns; mean over the rows.
+
+    z1, z2: (b, d), L2-normalised. Row i of view 1 has its positive at column B + g(i) and itself at g(i),
+    where g(i) = rank * b + i is the image's global index.
+    """
+    b = z1.shape[0]
+    rows = torch.cat([z1, z2])  # (2b, d)
+    c1, c2 = gather_with_grad(z1), gather_with_grad(z2)
+    cols = torch.cat([c1, c2])  # (2B, d)
+    big_b = c1.shape[0]
+    logits = rows @ cols.T / tau  # (2b, 2B)
+    g = rank() * b + torch.arange(b, device=z1.device)
+    self_col = torch.cat([g, g + big_b])
+    pos_col = torch.cat([g + big_b, g])
+    r = torch.arange(2 * b, device=z1.device)
+    is_self = torch.arange(2 * big_b, device=z1.device) == self_col[:, None]  # built on the device: no copy
+    logits = logits.masked_fill(is_self, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - logits[r, pos_col]).mean()
+
+
+def cross_view_log_softmax(z1: torch.Tensor, z2: torch.Tensor, tau_kl: float, grad: bool = True) -> torch.Tensor:
+    """log P: row-wise log-softmax of this rank's view-1 rows against every view-2 column, (b, B)."""
+    cols = gather_with_grad(z2) if grad else all_gather_rows(z2)
+    return torch.log_softmax(z1 @ cols.T / tau_kl, dim=1)
+
+
+def dogo_kl(log_p_self: torch.Tensor, log_p_peer: torch.Tensor) -> torch.Tensor:
+    """KL(P_peer || P_self) summed over columns, averaged over rows ('batchmean'); P_peer carries no gradient."""
+    log_p_peer = log_p_peer.detach()
+    return (log_p_peer.exp() * (log_p_peer - log_p_self)).sum(dim=1).mean()
+
+
+def reference_terms(zs, taus, tau_kl=None) -> torch.Tensor:
+    """The straightforward version of `contrastive_terms`: same inputs, same layout of terms."""
+    terms = [ntxent(zs[2 * k], zs[2 * k + 1], tau) for k, tau in enumerate(taus) if tau is not None]
+    if tau_kl is not None:
+        log_p = [cross_view_log_softmax(zs[2 * k], zs[2 * k + 1], tau_kl) for k in range(2)]
+        terms += [dogo_kl(log_p[0], log_p[1]), dogo_kl(log_p[1], log_p[0])]
+    return torch.stack(terms)
+
+
+def infonce_with_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    """MoCo's InfoNCE: each query's positive is its own key, its negatives every key in the queue; mean over rows.
+
+    q: (b, d) L2-normalised queries (with gradient); k: (b, d) normalised keys and queue: (K, d), neither with
+    gradient. The (b, 1 + K) logits block is small next to the backbones (b=256, K=65536: 67 MB in fp32).
+    """
+    pos = (q * k).sum(dim=1, keepdim=True)
+    logits = torch.cat([pos, q @ queue.T], dim=1) / tau
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, tau: float, symmetric: bool = False) -> torch.Tensor:
+    """MoCo v2: view 1's queries against view 2's keys and the queue, MoCo's own form (q2 and k1 are unused).
+
+    symmetric (our option): also view 2's queries against view 1's keys, the two directions averaged."""
+    if not symmetric:
+        return infonce_with_queue(q1, k2, queue, tau)
+    return 0.5 * (infonce_with_queue(q1, k2, queue, tau) + infonce_with_queue(q2, k1, queue, tau))
+
+
+def simsiam_loss(z1, z2, p1, p2) -> torch.Tensor:
+    """SimSiam: negative cosine between each view's prediction and the other view's projection, which is
+    detached (the stop-gradient); averaged over both directions and the rows."""
+    cos = lambda p, z: F.cosine_similarity(p, z.detach(), dim=1).mean()
+    return -0.5 * (cos(p1, z2) + cos(p2, z1))
+
+
+def byol_loss(p1, p2, t1, t2) -> torch.Tensor:
+    """BYOL: 2 - 2 cos between each view's prediction and the target network's (normalised, gradient-free)
+    projection of the other view, averaged over the rows, the two directions summed."""
+    cos = lambda p, t: F.cosine_similarity(p, t.detach(), dim=1).mean()
+    return 4 - 2 * (cos(p1, t2) + cos(p2, t1))
+
+
+def _off_diagonal_square_sum(m: torch.Tensor) -> torch.Tensor:
+    """Sum of the squared off-diagonal entries, without a boolean mask (a mask's indexing waits for the host)."""
+    return m.pow(2).sum() - torch.diagonal(m).pow(2).sum()
+
+
+def vicreg_loss(z1, z2, sim_coeff: float, std_coeff: float, cov_coeff: float, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg (Bardes et al., its official main_vicreg.py): sim_coeff * MSE(z1, z2) over this rank's rows, plus over
+    the global batch std_coeff * the mean hinge max(0, 1 - std) of each dimension (both views averaged) and
+    cov_coeff * the squared off-diagonal covariances / d (both views summed)."""
+    invariance = F.mse_loss(z1, z2)
+    g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
+    n, d = g1.shape
+    variance = covariance = 0
+    for g in (g1, g2):
+        g = g - g.mean(dim=0)
+        variance = variance + F.relu(1 - torch.sqrt(g.pow(2).sum(dim=0) / (n - 1) + eps)).mean() / 2
+        covariance = covariance + _off_diagonal_square_sum(g.T @ g / (n - 1)) / d
+    return sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+
+
+def barlow_twins_loss(z1, z2, lambd: float) -> torch.Tensor:
+    """Barlow Twins (Zbontar et al.): each embedding dimension standardised over the global batch (BatchNorm's
+    statistics, eps 1e-5), C = z1^T z2 / N, then sum (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2. Every rank computes
+    the same global loss."""
+    g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
+    n1, n2 = (F.batch_norm(g, None, None, training=True) for g in (g1, g2))
+    c = n1.T @ n2 / g1.shape[0]
+    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * _off_diagonal_square_sum(c)
+
+
+def embedding_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """DisCo's distillation term for one view: squared L2 distance between the L2-normalised student and teacher
+    embeddings, summed over dimensions and over this rank's rows, as DisCo's MSELoss(reduction='sum') over each
+    GPU's batch. The teacher carries no gradient."""
+    return (normalize(student) - normalize(teacher).detach()).pow(2).sum()
+
+
+def kernel_terms(pairs: list[tuple[tuple, tuple]], taus: list, tau_kl: float | None, tile: int) -> torch.Tensor:
+    """The tiled kernel's terms (layout of `contrastive_terms`) for peers given as (own, as_target) embeddings.
+
+    When every peer's own and target embeddings are the same tensors, one walk of the columns computes every term.
+    Otherwise (two SimSiam peers, neither with NT-Xent) each KL term takes a walk of its own, with the partner's
+    target embeddings in the partner's slot; the other term of that walk is left out, so it sends no gradient."""
+    if tau_kl is None or all(a is b for own, target in pairs for a, b in zip(own, target)):
+        return contrastive_terms([normalize(z) for own, _ in pairs for z in own], taus, tau_kl, tile)
+    assert all(tau is None for tau in taus), "distinct KL targets arise only for peers without NT-Xent"
+    kls = []
+    for k in range(2):
+        slots = [pairs[0][0], pairs[1][1]] if k == 0 else [pairs[0][1], pairs[1][0]]
+        kls.append(contrastive_terms([normalize(z) for pair in slots for z in pair], taus, tau_kl, tile)[k])
+    return torch.stack(kls)

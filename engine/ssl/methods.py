@@ -1,0 +1,301 @@
+"""The SSL methods a peer learns with (`peers.NAME.ssl`), looked up by name in METHODS.
+
+A method is one class. It declares its settings (a dataclass: the peer's config sub-section named after the method,
+e.g. peers.r18.mocov2), the projection head and predictor it wants on the peer, what it keeps across steps (its
+state: a momentum encoder, a queue of negatives; built by `make_state`, updated by the trainer's hooks, counted by
+`state_bytes`), its default temperature, which of the peer's embeddings enter DoGo's KL, and its own loss. The config,
+the peers, the memory estimate and the objectives ask the method; none of them compares method names.
+
+A peer's outputs are (z1, z2): its projections of both views, (b, d) each, unnormalised; a method with a predictor
+adds (p1, p2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn as nn
+
+from dogo.engine.dist.distributed import all_gather_rows
+from dogo.engine.errors import ConfigError, Registry
+from dogo.engine.ssl import losses
+from dogo.engine.ssl.momentum import KeyQueue, MomentumEncoder, module_bytes, momentum_at
+from dogo.models import projection_head
+
+
+class MethodState(nn.Module):
+    """What a method keeps across steps for one peer. The trainer calls `targets` under the run's autocast before
+    the loss and `after_step` once the peers are updated; its state_dict goes into checkpoints."""
+
+    def targets(self, v1: torch.Tensor, v2: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def after_step(self, peer: nn.Module, targets: Any, step: int, total_steps: int) -> None:
+        raise NotImplementedError
+
+
+class Method:
+    name: ClassVar[str]
+    settings: ClassVar[type | None] = None  # the dataclass of its config sub-section (peers.NAME.<name>)
+    structural: ClassVar[tuple[str, ...]] = ()  # settings that shape tensors: a resume may not change them
+    default_tau: ClassVar[float | None] = None  # NT-Xent / InfoNCE temperature when peers.NAME.tau is empty
+    # the projection head when peers.NAME.head_* are empty: (hidden, out, Linear layers), as the method's paper
+    default_head: ClassVar[tuple[int, int, int]] = (2048, 128, 2)
+    contrastive: ClassVar[bool] = False  # NT-Xent over the (all-gathered) batch: computed by the tiled kernel
+    whitened_projection: ClassVar[bool] = False  # the projection ends in a BN without affine parameters (SimSiam)
+    projection_bias: ClassVar[bool] = True  # the head's last Linear has a bias
+    kl_on_predictions: ClassVar[bool] = False  # DoGo's KL takes its predictions (SimSiam, BYOL): kl_embeddings
+
+    def check(self, key: str, peer, cfg) -> None:
+        """Raise ConfigError for settings of this peer (`key`: peers.NAME) that the method cannot use."""
+
+    def predictor(self, peer) -> nn.Module | None:
+        """The prediction head on the peer's projection, if the method has one (trained with the peer)."""
+        return None
+
+    def make_state(self, peer_cfg, peer: nn.Module, seed: int) -> MethodState | None:
+        """Its state for one peer, built from the peer at its initial weights; None when it keeps none."""
+        return None
+
+    def state_bytes(self, peer_cfg, peer: nn.Module) -> int:
+        """Bytes its state takes for this peer (`peer` may live on the meta device)."""
+        return 0
+
+    def loss(self, name: str, out: tuple[torch.Tensor, ...], peer, targets: Any) -> dict[str, torch.Tensor]:
+        """The method's own terms outside the tiled kernel, named f'{name}/...'; `targets`: its state's targets."""
+        return {}
+
+    def kl_embeddings(self, out: tuple[torch.Tensor, ...], partner: "Method") -> tuple[tuple, tuple]:
+        """(own, as_target): the two views' embeddings from which DoGo's KL takes this peer's own similarity
+        distribution and the one its partner is pulled towards.
+
+        Projections for both, for a method without a predictor. With a predictor (SimSiam, BYOL), as DoGo's code
+        does for SimSiam (util/train_util.py): its predictions for both; but beside another method with a predictor
+        (the pairing DoGo's code defines for two SimSiam peers), the partner is pulled towards its projections."""
+        if not self.kl_on_predictions:
+            return out[:2], out[:2]
+        predictions = (out[2], out[3])
+        return predictions, (out[:2] if partner.kl_on_predictions else predictions)
+
+
+METHODS: Registry[Method] = Registry("SSL method")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS.register(cls.name, cls())
+    return cls
+
+
+@register_method
+class SimCLR(Method):
+    """NT-Xent over the global batch (SimCLR); the tiled kernel computes it, with DoGo's KL in the same walk."""
+    name = "simclr"
+    default_tau = 0.1  # SimCLR's ImageNet temperature
+    contrastive = True
+
+
+@dataclass
+class MoCoV2Settings:
+    momentum: float = 0.999  # key encoder EMA momentum (at the start, with the cosine schedule)
+    momentum_schedule: Literal["constant", "cosine"] = "constant"  # cosine: from `momentum` to 1 over the run
+    queue_size: int = 65536  # negatives kept; starts as random unit keys (seeded), as MoCo's does
+    # false is MoCo v2's own loss (view-1 queries against view-2 keys; every rank's view-2 keys enqueued).
+    # true averages both directions and enqueues both views' keys (the queue turns over twice as fast).
+    symmetric: bool = False
+
+
+class MoCoState(MethodState):
+    """MoCo's key encoder and queue. Targets: (k1, k2, negatives); k1 is None in MoCo's own one-direction form,
+    which needs view 2's keys only."""
+
+    def __init__(self, peer: nn.Module, settings: MoCoV2Settings, dim: int, seed: int):
+        super().__init__()
+        self.settings = settings
+        self.key_encoder = MomentumEncoder(peer)
+        self.queue = KeyQueue(settings.queue_size, dim, seed)
+
+    def targets(self, v1, v2):
+        if not self.settings.symmetric:
+            return None, self.key_encoder.embed(v2), self.queue.negatives()
+        k1, k2 = self.key_encoder.embed(torch.cat([v1, v2])).chunk(2)  # one forward for both views
+        return k1, k2, self.queue.negatives()
+
+    def after_step(self, peer, targets, step, total_steps):
+        """Enqueue every rank's keys (MoCo: view 2's; both views' in the symmetric form), then follow the peer."""
+        keys = [k for k in targets[:2] if k is not None]
+        gathered = all_gather_rows(torch.cat(keys, dim=1))  # one collective for both views
+        self.queue.enqueue(torch.cat(gathered.chunk(len(keys), dim=1)))  # every rank's view-1 keys, then view-2's
+        s = self.settings
+        self.key_encoder.follow(peer, momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
+
+
+@register_method
+class MoCoV2(Method):
+    """InfoNCE of view-1 queries against the momentum encoder's view-2 keys and a queue of earlier keys (MoCo v2);
+    with peers.NAME.mocov2.symmetric both directions, averaged."""
+    name = "mocov2"
+    settings = MoCoV2Settings
+    structural = ("queue_size",)
+    default_tau = 0.2  # MoCo v2's
+
+    def check(self, key: str, peer, cfg) -> None:
+        s = peer.mocov2
+        if not 0 <= s.momentum < 1:
+            raise ConfigError(f"{key}.mocov2.momentum must be in [0, 1), got {s.momentum}")
+        per_step = (2 if s.symmetric else 1) * cfg.data.batch_size
+        if s.queue_size < per_step:
+            raise ConfigError(f"{key}.mocov2.queue_size={s.queue_size} holds less than one step's keys ({per_step}); "
+                              f"make it larger")
+
+    def make_state(self, peer_cfg, peer, seed):
+        return MoCoState(peer, peer_cfg.mocov2, peer_cfg.head_out, seed)
+
+    def state_bytes(self, peer_cfg, peer):
+        return module_bytes(peer) + peer_cfg.mocov2.queue_size * peer_cfg.head_out * 4
+
+    def loss(self, name, out, peer, targets):
+        k1, k2, queue = targets
+        q1, q2 = losses.normalize(out[0]), losses.normalize(out[1])
+        return {f"{name}/infonce": losses.mocov2_loss(q1, q2, k1, k2, queue, peer.tau, peer.mocov2.symmetric)}
+
+
+@dataclass
+class SimSiamSettings:
+    pred_hidden: int = 512  # hidden width of the predictor (SimSiam's bottleneck)
+
+
+@register_method
+class SimSiam(Method):
+    """Negative cosine between each view's prediction and the other view's projection behind a stop-gradient."""
+    name = "simsiam"
+    settings = SimSiamSettings
+    structural = ("pred_hidden",)
+    whitened_projection = True
+    kl_on_predictions = True
+
+    def check(self, key, peer, cfg):
+        if peer.simsiam.pred_hidden <= 0:
+            raise ConfigError(f"{key}.simsiam.pred_hidden must be positive, got {peer.simsiam.pred_hidden}")
+
+    def predictor(self, peer):
+        return projection_head(peer.head_out, peer.simsiam.pred_hidden, peer.head_out)
+
+    def loss(self, name, out, peer, targets):
+        return {f"{name}/simsiam": losses.simsiam_loss(*(losses.at_least_fp32(x) for x in out))}
+
+
+@dataclass
+class BYOLSettings:
+    pred_hidden: int = 4096  # hidden width of the predictor (BYOL's 4096-256 MLP)
+    momentum: float = 0.996  # target network EMA momentum at the start (BYOL's tau_base)
+    momentum_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: from `momentum` to 1 over the run
+
+
+class BYOLState(MethodState):
+    """BYOL's target network: an EMA copy of the peer's backbone and projection. Targets: its L2-normalised
+    projections of both views (one forward)."""
+
+    def __init__(self, peer: nn.Module, settings: BYOLSettings):
+        super().__init__()
+        self.settings = settings
+        self.target = MomentumEncoder(peer)
+
+    def targets(self, v1, v2):
+        return self.target.embed(torch.cat([v1, v2])).chunk(2)
+
+    def after_step(self, peer, targets, step, total_steps):
+        s = self.settings
+        self.target.follow(peer, momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
+
+
+@register_method
+class BYOL(Method):
+    """Each view's prediction regresses the target network's projection of the other view (2 - 2 cos, both
+    directions summed, as BYOL's loss); the target network follows the peer by EMA."""
+    name = "byol"
+    settings = BYOLSettings
+    structural = ("pred_hidden",)
+    default_head = (4096, 256, 2)
+    kl_on_predictions = True
+
+    def check(self, key, peer, cfg):
+        s = peer.byol
+        if not 0 <= s.momentum < 1:
+            raise ConfigError(f"{key}.byol.momentum must be in [0, 1), got {s.momentum}")
+        if s.pred_hidden <= 0:
+            raise ConfigError(f"{key}.byol.pred_hidden must be positive, got {s.pred_hidden}")
+
+    def predictor(self, peer):
+        return projection_head(peer.head_out, peer.byol.pred_hidden, peer.head_out)
+
+    def make_state(self, peer_cfg, peer, seed):
+        return BYOLState(peer, peer_cfg.byol)
+
+    def state_bytes(self, peer_cfg, peer):
+        predictor = peer.predictor
+        return module_bytes(peer) - (module_bytes(predictor) if predictor is not None else 0)
+
+    def loss(self, name, out, peer, targets):
+        t1, t2 = targets
+        p1, p2 = losses.at_least_fp32(out[2]), losses.at_least_fp32(out[3])
+        return {f"{name}/byol": losses.byol_loss(p1, p2, t1, t2)}
+
+
+@dataclass
+class VICRegSettings:
+    sim_coeff: float = 25.0  # lambda: the invariance (mean squared distance between the views' embeddings)
+    std_coeff: float = 25.0  # mu: the variance hinge (each dimension's std over the global batch at least 1)
+    cov_coeff: float = 1.0  # nu: the covariance (off-diagonal covariances over the global batch towards 0)
+    eps: float = 1e-4  # inside the std's square root
+
+
+@register_method
+class VICReg(Method):
+    """Variance-invariance-covariance regularisation; variance and covariance over the global batch (every rank's
+    embeddings gathered with their gradient), the invariance over this rank's rows (DDP's averaging makes it the
+    global mean)."""
+    name = "vicreg"
+    settings = VICRegSettings
+    default_head = (8192, 8192, 3)
+    projection_bias = False
+
+    def check(self, key, peer, cfg):
+        s = peer.vicreg
+        for k in ("sim_coeff", "std_coeff", "cov_coeff"):
+            if getattr(s, k) < 0:
+                raise ConfigError(f"{key}.vicreg.{k} must be 0 or more, got {getattr(s, k)}")
+        if s.eps <= 0:
+            raise ConfigError(f"{key}.vicreg.eps must be positive, got {s.eps}")
+        if cfg.data.batch_size < 2:
+            raise ConfigError(f"{key}: vicreg needs a global batch of at least 2 images for its variance")
+
+    def loss(self, name, out, peer, targets):
+        s = peer.vicreg
+        z1, z2 = losses.at_least_fp32(out[0]), losses.at_least_fp32(out[1])
+        return {f"{name}/vicreg": losses.vicreg_loss(z1, z2, s.sim_coeff, s.std_coeff, s.cov_coeff, s.eps)}
+
+
+@dataclass
+class BarlowTwinsSettings:
+    lambd: float = 0.0051  # weight of the off-diagonal (redundancy) terms of the cross-correlation
+
+
+@register_method
+class BarlowTwins(Method):
+    """The cross-correlation of the two views' embeddings, each normalised over the global batch (every rank's
+    embeddings gathered with their gradient), pulled towards the identity."""
+    name = "barlowtwins"
+    settings = BarlowTwinsSettings
+    default_head = (8192, 8192, 3)
+    projection_bias = False
+
+    def check(self, key, peer, cfg):
+        if peer.barlowtwins.lambd < 0:
+            raise ConfigError(f"{key}.barlowtwins.lambd must be 0 or more, got {peer.barlowtwins.lambd}")
+        if cfg.data.batch_size < 2:
+            raise ConfigError(f"{key}: barlowtwins needs a global batch of at least 2 images to normalise over")
+
+    def loss(self, name, out, peer, targets):
+        z1, z2 = losses.at_least_fp32(out[0]), losses.at_least_fp32(out[1])
+        return {f"{name}/barlowtwins": losses.barlow_twins_loss(z1, z2, peer.barlowtwins.lambd)}

@@ -1,0 +1,152 @@
+"""Objectives (`objective.name`): how the peers' methods combine into one loss. Every training step goes through
+`objective_loss`.
+
+- a method's name (simclr, mocov2, simsiam, ...: dogo.engine.ssl.methods): every peer learns alone with that method;
+- dogo: two peers, each with its own method, plus each one's KL(P_peer || P_self) over cross-view similarities;
+- disco: students with their own methods, each pulled towards a frozen teacher's embeddings.
+
+An objective declares how many peers it takes, which views each peer sees and whether it needs the teacher; the
+trainer and the config ask it.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+import torch
+
+from dogo.engine.errors import ConfigError, Registry, suggest
+from dogo.engine.ssl import losses
+from dogo.engine.ssl.methods import METHODS, Method
+
+
+class Objective:
+    name: ClassVar[str]
+    peers_needed: ClassVar[int | None] = None  # exactly this many peers, or any number
+    uses_teacher: ClassVar[bool] = False
+    kl: ClassVar[bool] = False  # DoGo's mutual KL between the two peers
+    method: ClassVar[str | None] = None  # the one method every peer learns with, if the objective fixes it
+
+    def check(self, cfg) -> None:
+        n = len(cfg.peers)
+        if self.peers_needed is not None and n != self.peers_needed:
+            raise ConfigError(f"objective.name={self.name} needs exactly {self.peers_needed} peers, the config has "
+                              f"{n}: {', '.join(cfg.peers)}")
+
+    def view_pairs(self, peer_names: list[str], share_views: bool) -> dict[str, tuple[int, int]]:
+        """Which two of the step's views each peer takes: every peer the same pair, unless the objective gives each
+        its own."""
+        return {name: (0, 1) for name in peer_names}
+
+    def extra_terms(self, name: str, out, objective_cfg, targets) -> dict[str, tuple[float, torch.Tensor]]:
+        """Terms the objective adds to peer `name`'s loss: term name -> (weight, value)."""
+        return {}
+
+    def loss(self, outputs: Mapping[str, tuple[torch.Tensor, ...]], objective_cfg, peers, targets=None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        names = list(outputs)
+        methods: dict[str, Method] = {name: METHODS.get(peers[name].ssl, f'peers.{name}.ssl') for name in names}
+        terms: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=outputs[names[0]][0].device)
+
+        # The tiled kernel: every contrastive peer's NT-Xent and, with DoGo, both KL terms in one walk.
+        slots = names if self.kl else [name for name in names if methods[name].contrastive]
+        if slots:
+            if self.kl:
+                partner = {name: slots[1 - k] for k, name in enumerate(slots)}
+                pairs = [methods[name].kl_embeddings(outputs[name], methods[partner[name]]) for name in slots]
+            else:
+                pairs = [(outputs[name][:2],) * 2 for name in slots]
+            taus = [peers[name].tau if methods[name].contrastive else None for name in slots]
+            values = losses.kernel_terms(pairs, taus, objective_cfg.tau_kl if self.kl else None, objective_cfg.tile)
+            ntx = [name for name, tau in zip(slots, taus) if tau is not None]
+            for k, name in enumerate(ntx):
+                terms[f"{name}/ntxent"] = values[k]
+            total = total + values[:len(ntx)].sum()
+            if self.kl:
+                for k, name in enumerate(slots):
+                    terms[f"{name}/kl"] = values[len(ntx) + k]
+                    total = total + peers[name].kl_weight * terms[f"{name}/kl"]
+
+        for name in names:
+            own = targets.method.get(name) if targets is not None else None
+            for key, value in methods[name].loss(name, outputs[name], peers[name], own).items():
+                terms[key] = value
+                total = total + value
+            for key, (weight, value) in self.extra_terms(name, outputs[name], objective_cfg, targets).items():
+                terms[key] = value
+                total = total + weight * value
+
+        terms = {key: value.detach() for key, value in terms.items()}
+        terms["loss"] = total.detach()
+        return total, terms
+
+
+class SingleMethod(Objective):
+    """Every peer alone with one method (objective.name = the method's name)."""
+
+    def __init__(self, method: str):
+        self.name = self.method = method
+
+
+class DoGo(Objective):
+    """Distill on the Go: two peers, each its own method plus kl_weight * KL(P_peer || P_self)."""
+    name = "dogo"
+    peers_needed = 2
+    kl = True
+
+    def view_pairs(self, peer_names, share_views):
+        """DoGo's code feeds each peer its own pair of views; share_views gives both the same pair."""
+        return {name: (0, 1) if share_views else (2 * k, 2 * k + 1) for k, name in enumerate(peer_names)}
+
+
+class DisCo(Objective):
+    """Distilled Contrastive learning: each student's own method plus distill_weight times the squared distance of
+    its normalised embeddings of both views to the frozen teacher's."""
+    name = "disco"
+    uses_teacher = True
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        t = cfg.teacher
+        files = bool(t.backbone or t.head)
+        if bool(t.checkpoint) == files:
+            raise ConfigError("objective.name=disco needs its teacher from exactly one source: teacher.checkpoint=RUN "
+                              "(a dogo run folder or checkpoint; teacher.peer picks the peer), or "
+                              "teacher.backbone=FILE with teacher.head=FILE and teacher.arch=NAME")
+        if files and not (t.backbone and t.head and t.arch):
+            missing = [k for k in ("backbone", "head", "arch") if not getattr(t, k)]
+            raise ConfigError(f"a teacher from state_dict files needs teacher.backbone, teacher.head and teacher.arch; "
+                              f"missing: {', '.join('teacher.' + k for k in missing)}")
+
+    def extra_terms(self, name, out, objective_cfg, targets):
+        t1, t2 = targets.teacher[name]
+        distance = losses.embedding_distance(out[0], t1) + losses.embedding_distance(out[1], t2)
+        return {f"{name}/distill": (objective_cfg.distill_weight, distance)}
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+for _cls in (DoGo, DisCo):
+    OBJECTIVES.register(_cls.name, _cls())
+
+
+def objective_named(name: str) -> Objective:
+    """The objective `objective.name` names: a registered objective (dogo, disco), or a registered method's name."""
+    if name in OBJECTIVES:
+        return OBJECTIVES.get(name, "objective.name")
+    if name in METHODS:
+        return SingleMethod(name)
+    valid = [*METHODS, *OBJECTIVES]
+    raise ConfigError(f"objective.name: {name!r} is not a registered objective or SSL method"
+                      + suggest(name, valid, "registered"))
+
+
+def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective_cfg, peers, targets=None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss to backpropagate and its named terms (detached), for every peer.
+
+    outputs: peer name -> (z1, z2) raw head outputs of this rank's images, (b, d) each, plus (p1, p2) for a method
+    with a predictor. objective_cfg: ObjectiveConfig; peers: name -> resolved PeerConfig (ssl, tau, kl_weight).
+    targets: what the parts without gradient computed for this step (dogo.engine.ssl.targets.Targets): momentum keys
+    and queues, the DisCo teacher's embeddings.
+    """
+    return objective_named(objective_cfg.name).loss(outputs, objective_cfg, peers, targets)

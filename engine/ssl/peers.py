@@ -1,0 +1,51 @@
+"""The peers a run trains: each a backbone, the projection head its method wants and, for a method with one, its
+predictor; all of them in one module (PeerSet) so that one DDP wrapper and one backward cover them."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dogo.engine.ssl.methods import METHODS
+from dogo.engine.ssl.objectives import objective_named
+from dogo.models import Peer
+
+
+def build_peer(peer_cfg) -> Peer:
+    """The network a resolved PeerConfig describes, with what its method asks for (a predictor, a whitened
+    projection)."""
+    method = METHODS.get(peer_cfg.ssl, "ssl")
+    peer = Peer(peer_cfg.arch, peer_cfg.cifar_stem, peer_cfg.head_hidden, peer_cfg.head_out,
+                peer_cfg.zero_init_residual, out_bn=method.whitened_projection, head_layers=peer_cfg.head_layers,
+                head_bias=method.projection_bias)
+    peer.predictor = method.predictor(peer_cfg)  # after the backbone and head: their initial weights per seed
+    return peer
+
+
+class PeerSet(nn.Module):
+    """forward(views) -> {peer: (z1, z2)}: peer k takes views pairs[k]; both views go through it as one batch
+    (one forward per peer, BN statistics over both views as in SimCLR's code). A peer with a predictor also returns
+    its predictions: (z1, z2, p1, p2).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.peers = nn.ModuleDict({name: build_peer(p) for name, p in cfg.peers.items()})
+        self.pairs = objective_named(cfg.objective.name).view_pairs(list(cfg.peers), cfg.objective.share_views)
+
+    @property
+    def n_views(self) -> int:
+        return 2 * len({pair for pair in self.pairs.values()})
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        out = {}
+        for name, peer in self.peers.items():
+            i, j = self.pairs[name]
+            z = peer(torch.cat([views[i], views[j]]))
+            out[name] = z.chunk(2) if peer.predictor is None else (*z.chunk(2), *peer.predictor(z).chunk(2))
+        return out
+
+
+def build_peers(cfg) -> PeerSet:
+    """Peers at their initial weights: the same for a given seed, in training and in evaluation."""
+    torch.manual_seed(cfg.seed)
+    return PeerSet(cfg)

@@ -1,0 +1,88 @@
+"""The parts of a run that make per-step targets without gradient: each peer's method state (a momentum encoder, a
+queue: dogo.engine.ssl.methods) and DisCo's frozen teacher. The trainer calls `make` before the loss and `after_step`
+after the update; the method states go into checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dogo.engine.config import Config
+from dogo.engine.errors import CheckpointError, ConfigError
+from dogo.engine.ssl.methods import METHODS
+from dogo.engine.ssl.objectives import objective_named
+from dogo.engine.ssl.teacher import FrozenTeacher, load_teacher
+
+
+@dataclass
+class Targets:
+    """One step's targets. method: peer -> what its method's state made (e.g. MoCo's keys and negatives);
+    teacher: peer -> (t1, t2), the teacher's embeddings of that peer's views."""
+    method: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class TargetMakers(nn.Module):
+    """The method states of the peers whose method keeps one and, for an objective with a teacher, the teacher.
+    Built from the peers at their initial weights (before SyncBN: MoCo's keys use each rank's own statistics)."""
+
+    def __init__(self, cfg: Config, peers: nn.ModuleDict):
+        super().__init__()
+        self.cfg = cfg
+        states = {}
+        for k, (name, p) in enumerate(cfg.peers.items()):
+            state = METHODS.get(p.ssl, f"peers.{name}.ssl").make_state(p, peers[name], seed=cfg.seed + k)
+            if state is not None:  # each peer's from its own seed, the same on every rank
+                states[name] = state
+        self.states = nn.ModuleDict(states)
+        self.teacher: FrozenTeacher | None = None
+        if objective_named(cfg.objective.name).uses_teacher:
+            self.teacher = load_teacher(cfg.teacher)
+            for name, p in cfg.peers.items():
+                if p.head_out != self.teacher.embedding_dim:
+                    raise ConfigError(
+                        f"peers.{name}.head_out={p.head_out} but the teacher ({self.teacher.source}) embeds in "
+                        f"{self.teacher.embedding_dim} dimensions; DisCo compares the two embeddings, so set "
+                        f"peers.{name}.head_out={self.teacher.embedding_dim}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.states) or self.teacher is not None
+
+    def make(self, views: list[torch.Tensor], pairs: dict[str, tuple[int, int]]) -> Targets:
+        """The method states' targets and the teacher's embeddings of this step's views (call under the run's
+        autocast)."""
+        out = Targets()
+        for name, state in self.states.items():
+            i, j = pairs[name]
+            out.method[name] = state.targets(views[i], views[j])
+        if self.teacher is not None:
+            seen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+            for name in self.cfg.peers:
+                pair = pairs[name]
+                if pair not in seen:  # students that share views share the teacher's forward
+                    seen[pair] = self.teacher.embed_views(views[pair[0]], views[pair[1]])
+                out.teacher[name] = seen[pair]
+        return out
+
+    def after_step(self, peers: nn.ModuleDict, targets: Targets, step: int, total_steps: int) -> None:
+        for name, state in self.states.items():
+            state.after_step(peers[name], targets.method[name], step, total_steps)
+
+    def checkpoint_state(self) -> dict:
+        """What a resume needs: the method states; the teacher only as a fingerprint (it is read from its source
+        again)."""
+        return {"method_states": self.states.state_dict(),
+                "teacher_sha256": self.teacher.sha256 if self.teacher is not None else None}
+
+    def load_checkpoint_state(self, state: dict, path) -> None:
+        if "method_states" not in state:
+            raise CheckpointError(f"{path} was written by an older dogo whose momentum encoders this one cannot read; "
+                                  f"start a new run (checkpoint.resume=none)")
+        self.states.load_state_dict(state["method_states"])
+        if self.teacher is not None and state["teacher_sha256"] != self.teacher.sha256:
+            raise CheckpointError(f"the teacher ({self.teacher.source}) is not the one {path} was trained with: its "
+                                  f"weights have changed; point teacher.* at the original, or start a new run")

@@ -1,0 +1,133 @@
+"""What the tests share: the tiny config, running the CLI in a process or in this one, free ports, and the guard
+that fails on host synchronisation. Imported by the tests (conftest.py holds only pytest's hooks and fixtures)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_config(data_path: Path, out_dir: Path, **sections) -> dict:
+    """A DoGo config small enough for a CPU test: two ResNet-18 peers on 16 px views, batch 8."""
+    cfg = {
+        "name": "t", "out_dir": str(out_dir), "seed": 3, "device": "cpu",
+        "data": {"backend": "folder", "path": str(data_path), "image_size": 16, "batch_size": 8, "workers": 0},
+        "augment": {"blur_p": 0.5},
+        "peers": {"a": {"arch": "resnet18", "head_hidden": 32, "head_out": 16, "tau": 0.5},
+                  "b": {"arch": "resnet18", "head_hidden": 32, "head_out": 16, "tau": 0.5, "kl_weight": 0.5}},
+        "objective": {"name": "dogo"},
+        "optim": {"name": "lars", "lr": 0.5},
+        "schedule": {"epochs": 1, "warmup_epochs": 0.3, "max_steps": 6},
+        "eval": {"knn_every_epochs": 0},
+        "log": {"every": 1, "progress": "off"},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli_env() -> dict:
+    """One thread per process: identical float reductions in every run of a test (bit-exact comparisons)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_cli(*args, check=True, timeout=600, torchrun_procs: int = 0):
+    """Run `dogo ...` in a fresh process (optionally under torchrun with gloo)."""
+    env = cli_env()
+    if torchrun_procs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_procs}",
+               "-m", "dogo", *args]
+    else:
+        cmd = [sys.executable, "-m", "dogo", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dogo(*args) -> int:
+    """Run `dogo ...` in this process (its exit status): no interpreter start-up, for commands whose process
+    boundary is not what the test is about."""
+    from dogo.cli import main
+    return main([str(a) for a in args])
+
+
+class HostSyncError(AssertionError):
+    """Something in the guarded code would make the host wait for a GPU."""
+
+
+def host_sync_guard():
+    """A context that fails on what would synchronise a GPU with the host, on any device (the tests run on the
+    CPU): reading a value (.item(), bool/float/int of a tensor, .tolist(), .numpy(), .cpu()), data-dependent shapes
+    (nonzero, boolean-mask indexing, masked_select), and constants made from host data (torch.tensor, as_tensor,
+    new_tensor), which on a GPU are blocking host-to-device copies. Host arrays (the recipe's parameters, drawn on
+    the host) reach the device through pipelines.augment.to_device only: from pinned memory, asynchronously
+    (tests/test_cuda_calls.py checks that branch's calls)."""
+    import contextlib
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
+             "tensor", "as_tensor", "new_tensor", "masked_select"}
+    aten = {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "lift_fresh_copy"}
+    host_array = [0]  # inside augment.to_device: host memory, then an asynchronous copy from pinned memory
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in reads:
+                raise HostSyncError(f"host synchronisation: {name}")
+            return func(*args, **(kwargs or {}))
+
+    from dogo.pipelines.recipe import device as augment
+    real_to_device = augment.to_device
+
+    def to_device(array, device):
+        host_array[0] += 1
+        try:
+            return real_to_device(array, device)
+        finally:
+            host_array[0] -= 1
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name in aten and not (name.startswith("lift_fresh") and host_array[0]):
+                raise HostSyncError(f"host synchronisation: aten::{name}")
+            if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                       for i in (args[1] if len(args) > 1 else []) if i is not None):
+                raise HostSyncError("host synchronisation: boolean-mask indexing")
+            return func(*args, **(kwargs or {}))
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(Functions())
+    stack.enter_context(Ops())
+    patch = pytest.MonkeyPatch()
+    stack.callback(patch.undo)
+    for module in (augment, *(m for m in _modules_using_to_device())):
+        patch.setattr(module, "to_device", to_device)
+    return stack
+
+
+def _modules_using_to_device():
+    import importlib
+    for name in ("dogo.pipelines.backends.cifar",):
+        yield importlib.import_module(name)
