@@ -11,7 +11,8 @@ NGPU ?= 1
 IMAGENET ?=
 
 .PHONY: setup gpu-check demo demo-check demo-disco test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
-	cifar10-r18-r50 cifar10-r18-r34 cifar10-simclr-r18 cifar10-simclr-r50 cifar10-disco-r18 bench bench-pipeline photos convert clean
+	cifar10-r18-r50 cifar10-r18-r34 cifar10-simclr-r18 cifar10-simclr-r50 cifar10-disco-r18 cifar10-byol-r18 \
+	cifar10-byol-r18-simclr-r50 bench bench-pipeline photos convert clean
 
 setup: $(STAMP)
 
@@ -123,6 +124,14 @@ cifar10-r18-r34: $(STAMP)
 cifar10-simclr-r18: $(STAMP)
 	$(require_cifar)
 	$(call job,configs/cifar10_simclr_r18.yaml,data.path=$(CIFAR))
+
+cifar10-byol-r18: $(STAMP)
+	$(require_cifar)
+	$(call job,configs/cifar10_byol_r18.yaml,data.path=$(CIFAR))
+
+cifar10-byol-r18-simclr-r50: $(STAMP)
+	$(require_cifar)
+	$(call job,configs/cifar10_byol_r18_simclr_r50.yaml,data.path=$(CIFAR))
 
 cifar10-simclr-r50: $(STAMP)
 	$(require_cifar)

@@ -284,6 +284,29 @@ def import_ffcv() -> None:
     import ffcv  # noqa: F401
 
 
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    if dst.suffix != ".beton":
+        raise DataError(f"{dst}: the output should end in .beton")
+    if dst.exists() and not overwrite:
+        raise DataError(f"{dst} already exists; remove it or pass --overwrite")
+    if not dst.parent.is_dir():
+        raise DataError(f"{dst.parent} does not exist; create the output folder first")
+
+
+def _write_sidecars(src: Path, dst: Path, index, labels, bad: dict, written: int, options, seconds: float) -> dict:
+    """DST.classes.json (the class list and counts) and DST.report.json (what was written and left out); the
+    report."""
+    counts = np.bincount(labels, minlength=len(index.classes))
+    atomic_write_text(sidecar(dst, "classes"), json.dumps(
+        {"classes": index.classes, "images_per_class": counts.tolist(), "source": str(src)}, indent=1) + "\n")
+    left_out = [*index.unlisted, *bad.items()]  # what the scan could not list, then what did not decode
+    report = {"source": str(src), "output": str(dst), "images_written": written, "skipped": len(left_out),
+              "skipped_files": [{"path": p, "reason": r} for p, r in left_out], "seconds": round(seconds, 2),
+              "options": {k: getattr(options, k) for k in options.__dataclass_fields__}}
+    atomic_write_text(sidecar(dst, "report"), json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions(), overwrite: bool = False,
             log=print) -> dict:
     """Convert; returns the report (also written beside the output)."""
@@ -294,12 +317,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
 
     options.check()
     src, dst = Path(src), Path(dst)
-    if dst.suffix != ".beton":
-        raise DataError(f"{dst}: the output should end in .beton")
-    if dst.exists() and not overwrite:
-        raise DataError(f"{dst} already exists; remove it or pass --overwrite")
-    if not dst.parent.is_dir():
-        raise DataError(f"{dst.parent} does not exist; create the output folder first")
+    _check_destination(dst, overwrite)
     index = scan(src)
     workers = options.num_workers or os.cpu_count() or 1
     t0 = time.perf_counter()
@@ -342,16 +360,9 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
                         "writing (changed on disk?); nothing was written, run the conversion again")
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())
-    counts = np.bincount(labels, minlength=len(index.classes))
-    atomic_write_text(sidecar(dst, "classes"), json.dumps(
-        {"classes": index.classes, "images_per_class": counts.tolist(), "source": str(src)}, indent=1) + "\n")
-    left_out = [*index.unlisted, *bad.items()]  # what the scan could not list, then what did not decode
-    report = {"source": str(src), "output": str(dst), "images_written": len(paths), "skipped": len(left_out),
-              "skipped_files": [{"path": p, "reason": r} for p, r in left_out],
-              "seconds": round(time.perf_counter() - t0, 2),
-              "options": {k: getattr(options, k) for k in options.__dataclass_fields__}}
-    atomic_write_text(sidecar(dst, "report"), json.dumps(report, indent=1) + "\n")
+    report = _write_sidecars(src, dst, index, labels, bad, len(paths), options, time.perf_counter() - t0)
     os.replace(partial, dst)
+    left_out = report["skipped_files"]
     if log is not None:
         log(f"wrote {len(paths)} images of {len(index.classes)} classes to {dst} in {report['seconds']:.0f} s; "
             f"skipped {len(left_out)} file(s), listed in {sidecar(dst, 'report')}")

@@ -101,3 +101,51 @@ def test_nan_and_inf_are_refused_for_every_float_key(override):
     """Issue 32 C13: range checks written as comparisons let NaN through (NaN < 0 is false)."""
     with pytest.raises(ConfigError, match=r"must be a finite number"):
         load(REPO / "configs" / "demo.yaml", [override])
+
+
+def test_a_config_extends_its_base(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\noptim: {name: sgd, lr: 0.1}\npeers:\n  x: {arch: resnet18}\n"
+                                     "  y: {arch: resnet34}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\noptim: {lr: 0.5}\nobjective: {name: simclr}\n"
+                                     "peers:\n  z: {arch: resnet50}\n")
+    cfg = load(tmp_path / "b.yaml")
+    assert cfg.name == "b" and cfg.optim.name == "sgd" and cfg.optim.lr == 0.5  # sections merge key by key
+    assert list(cfg.peers) == ["z"]  # peers replace the base's whole
+
+
+@pytest.mark.parametrize("files, match", [
+    ({"a.yaml": "base: gone.yaml\n"}, r"gone.yaml \(the base of .*a.yaml\) does not exist"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "chain comes back to itself"),
+    ({"a.yaml": "base: [1]\n"}, "expected the path of another config file"),
+])
+def test_bad_bases_are_named(tmp_path, files, match):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.beton=x.beton", "'data.beton' has moved into its method's or backend's own section: write 'data.ffcv.beton'"),
+    ("peers.r18.queue_size=8", "write 'peers.r18.mocov2.queue_size'"),
+    ("peers.r18.mocov2.queue_size=4096", "peers.r18.mocov2 is set but peers.r18 learns with simclr"),
+    ("data.dali.scan=ends", "data.dali is set but data.backend=folder"),
+])
+def test_sections_belong_to_the_method_or_backend_in_use(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load(None, ["objective.name=simclr", override])
+
+
+def test_a_moved_key_in_a_file_names_the_new_one(tmp_path):
+    path = write_config(tmp_path / "c.yaml", {"peers": {"r18": {"ssl": "simsiam", "pred_hidden": 64}}})
+    with pytest.raises(ConfigError, match="peers.r18.pred_hidden' has moved.*'peers.r18.simsiam.pred_hidden'"):
+        load(path)
+
+
+def test_a_stored_config_in_the_old_layout_loads(tmp_path):
+    """A checkpoint's config written before the sub-sections: its keys are moved for it, nothing is lost."""
+    from dogo.engine.config import from_dict
+    cfg = from_dict({"objective": {"name": "mocov2"}, "peers": {"m": {"queue_size": 512, "moco_symmetric": True}},
+                     "data": {"backend": "synthetic", "synthetic_images": 99}})
+    assert cfg.peers["m"].mocov2.queue_size == 512 and cfg.peers["m"].mocov2.symmetric
+    assert cfg.data.synthetic.images == 99

@@ -119,3 +119,10 @@ def test_a_runs_config_holds_no_auto(config, tmp_path):
             assert node != "auto", f"{config}: {key} is still auto in the run's config.yaml"
     walk(written, "")
     assert config_mod.load(tmp_path / "config.yaml") == cfg
+
+
+def test_the_trainer_takes_only_a_resolved_config():
+    from dogo.engine.config import Config
+    from dogo.engine.run.trainer import Trainer
+    with pytest.raises(ValueError, match="not resolved .*device.*still auto"):
+        Trainer(Config())

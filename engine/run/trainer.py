@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from dogo.engine.errors import ConfigError
 from dogo.engine.eval.evaluate import KnnMonitor
 from dogo.engine.precision import Precision
 from dogo.engine.run import checkpoint, memory
+from dogo.engine.run.guards import DivergenceWatch
 from dogo.engine.run.logger import MetricsLogger
 from dogo.engine.run.optim import build_optimizer, lr_factor, set_lr
 from dogo.engine.run.signals import StopRequest
@@ -109,8 +109,7 @@ class Trainer:
         self.total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else cfg.schedule.epochs * spe
         self.warmup_steps = round(cfg.schedule.warmup_epochs * spe)
         self.pos = Position()
-        self._nonfinite: torch.Tensor | None = None  # any step's loss NaN or inf since the start
-        self._finite_until = 0  # the last step verified finite
+        self.watch = DivergenceWatch(cfg.optim.lr)
         self.resume_changes: list[str] = []  # config keys a resume changed (lr, weight decay, schedule...)
         self.lock: checkpoint.RunLock | None = None  # the run folder's, held by the main rank while it trains
         self.knn = None
@@ -135,7 +134,7 @@ class Trainer:
         """The checkpoint of this step, unless its weights or optimiser state diverged: then nothing is written (and
         so nothing older is pruned) and the run stops naming the newest good checkpoint. Every rank checks (they hold
         the same weights), so all stop together."""
-        self._require_sane_weights()
+        self.watch.require_sane_weights(self.model.peers, self.optimizer, self.pos.step, self.run_dir)
         path = None
         if self.ctx.is_main:
             path = checkpoint.save(self.run_dir, self.state_dict(), self.pos.step, self.cfg.checkpoint.keep)
@@ -179,9 +178,7 @@ class Trainer:
             outputs = self.forward(batch.views)
             targets = self.targets.make(batch.views, self.model.pairs)
         loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
-        # a flag on the device, read only at log and checkpoint steps: no host sync here
-        bad = ~torch.isfinite(loss)
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self.watch.note(loss)  # a flag on the device, read only at log and checkpoint steps
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -205,34 +202,6 @@ class Trainer:
                 f"{self.memory_limit / 2 ** 30:.1f} GiB available; "
                 f"lower data.batch_size (now {self.cfg.data.batch_size}; the estimate says {fits} fits), "
                 f"objective.tile (now {self.cfg.objective.tile}), or set precision.dtype=bf16") from None
-
-    def _require_finite(self, record: dict | None = None) -> None:
-        """Stop the run if any step's loss was NaN or inf since the last check (one read of a device flag, agreed
-        over the ranks), naming the steps and the terms; the newest checkpoint stays the last finite one."""
-        if self._nonfinite is None:
-            return
-        if distributed.all_reduce_mean(self._nonfinite.float()).item() == 0:  # read at log/checkpoint steps only
-            self._finite_until = self.pos.step
-            return
-        terms = ", ".join(k for k, v in (record or {}).items() if isinstance(v, float) and not math.isfinite(v))
-        raise ConfigError(
-            f"the loss became NaN or inf between steps {self._finite_until + 1} and {self.pos.step}"
-            + (f" (non-finite: {terms})" if terms else "") + "; the run stopped without saving, so the newest "
-            f"checkpoint is from step {self._finite_until} or before. Lower optim.lr (now {self.cfg.optim.lr}) "
-            f"or set optim.clip_grad_norm, then resume or start afresh")
-
-    def _require_sane_weights(self) -> None:
-        problem = checkpoint.diverged(dict(self.model.peers.state_dict()))
-        if problem is None:
-            state = self.optimizer.state_dict()["state"]
-            problem = checkpoint.diverged({f"optimizer state {k}.{name}": t for k, s in state.items()
-                                           for name, t in s.items() if isinstance(t, torch.Tensor)}, limit=None)
-        if problem:
-            newest = checkpoint.latest(self.run_dir)
-            raise ConfigError(
-                f"the weights diverged by step {self.pos.step}: {problem}; no checkpoint was written for it, so the "
-                f"newest stays {newest or 'none (no earlier checkpoint)'}. Lower optim.lr (now {self.cfg.optim.lr}) "
-                f"or set optim.clip_grad_norm, then resume or start afresh")
 
     def lrs(self) -> dict[str, float]:
         return {g["peer"]: g["lr"] for g in self.optimizer.param_groups}
@@ -261,7 +230,7 @@ class Trainer:
         result = {"stopped": False, "knn_top1": {}}
         start = self._start = time.perf_counter()
         self._eval_seconds = 0.0  # time spent in the kNN monitor, left out of the training time it reports
-        self._finite_until = self.pos.step
+        self.watch.finite_until = self.pos.step
         try:
             while self.pos.step < self.total_steps and not result["stopped"]:
                 self.loader.set_epoch(self.pos.epoch, self.pos.step_in_epoch)
@@ -327,9 +296,9 @@ class Trainer:
             log.event("skipped", f"skipped {len(batch.skipped)} undecodable file(s): {batch.skipped[0]}",
                       files=batch.skipped)
         if self.pos.step % cfg.log.every == 0 or last:
-            self._require_finite(log.flush(self.pos.step, self.pos.epoch, self.lrs()))
+            self.watch.require_finite(self.pos.step, log.flush(self.pos.step, self.pos.epoch, self.lrs()))
         if stop.should_stop():
-            self._require_finite()
+            self.watch.require_finite(self.pos.step)
             path = self.save()
             log.event("stopped", f"stopped by signal at step {self.pos.step}; checkpoint {path}; "
                                  f"run the same command again to resume", step=self.pos.step)
@@ -337,7 +306,7 @@ class Trainer:
             return True
         every = cfg.checkpoint.every_steps
         if epoch_end or last or (every and self.pos.step % every == 0):
-            self._require_finite()  # never a checkpoint of diverged weights, so none pruned for one
+            self.watch.require_finite(self.pos.step)  # never a checkpoint of diverged weights, so none pruned for one
             self.save()
         knn_due = epoch_end and cfg.eval.knn_every_epochs and self.pos.epoch % cfg.eval.knn_every_epochs == 0
         if knn_due or (last and self.knn):
