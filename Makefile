@@ -12,7 +12,7 @@ IMAGENET ?=
 
 .PHONY: setup gpu-check demo demo-check demo-disco test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
 	cifar10-r18-r50 cifar10-r18-r34 cifar10-simclr-r18 cifar10-simclr-r50 cifar10-disco-r18 cifar10-byol-r18 \
-	cifar10-byol-r18-simclr-r50 bench bench-pipeline photos convert clean
+	cifar10-byol-r18-simclr-r50 cifar10-r18-vits bench bench-pipeline photos convert clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@extras=dev,dali,viz; \
+	@extras=dev,dali,viz,timm; \
 	if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then extras=$$extras,ffcv; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing FFCV's system packages: $(FFCV_APT)"; \
@@ -132,6 +132,10 @@ cifar10-byol-r18: $(STAMP)
 cifar10-byol-r18-simclr-r50: $(STAMP)
 	$(require_cifar)
 	$(call job,configs/cifar10_byol_r18_simclr_r50.yaml,data.path=$(CIFAR))
+
+cifar10-r18-vits: $(STAMP)
+	$(require_cifar)
+	$(call job,configs/cifar10_r18_vits.yaml,data.path=$(CIFAR))
 
 cifar10-simclr-r50: $(STAMP)
 	$(require_cifar)

@@ -16,7 +16,7 @@ from dogo.engine.environment import device_tag
 from dogo.engine.errors import CheckpointError, ConfigError, DataError
 from dogo.engine.io import write_json
 from dogo.engine.run import checkpoint
-from dogo.models import BACKBONES
+from dogo.models import backbone_spec
 from dogo.plots import PlotError
 from dogo.pipelines.convert import WRITE_MODES, ConvertOptions, convert, import_ffcv
 
@@ -172,6 +172,15 @@ def cmd_export(args) -> int:
     path, state, cfg = _load_run(args.checkpoint, [])
     if args.peer not in state["peers"]:
         raise ConfigError(f"--peer {args.peer!r}: the checkpoint has peers {', '.join(state['peers'])}")
+    peer = cfg.peers[args.peer]
+    backbone = backbone_spec(peer.arch, f"peers.{args.peer}.arch")
+    library = args.format or backbone.library
+    if library == "timm" and backbone.library != "timm" and (backbone.timm_name is None or peer.cifar_stem):
+        raise ConfigError(f"--format timm: the {peer.arch} backbone of peer '{args.peer}' has no timm model with its "
+                          f"keys" + (" (its CIFAR stem is not timm's)" if peer.cifar_stem else "")
+                          + "; export it as --format torchvision")
+    if library == "torchvision" and backbone.library == "timm":
+        raise ConfigError(f"--format torchvision: peer '{args.peer}' is a timm model ({peer.arch}); use --format timm")
     prefix = "backbone."
     weights = {k[len(prefix):]: v for k, v in state["peers"][args.peer].items() if k.startswith(prefix)}
     atomic_write(args.out, lambda tmp: torch.save(weights, tmp))
@@ -180,10 +189,9 @@ def cmd_export(args) -> int:
         atomic_write(args.head, lambda tmp: torch.save(head, tmp))
         console.print(f"wrote {args.head}: the projection head of peer '{args.peer}' ({len(head)} tensors)",
                       highlight=False)
-    peer = cfg.peers[args.peer]
-    backbone = BACKBONES.get(peer.arch, f"peers.{args.peer}.arch")
+    hint = backbone.export_hint(args.out, cfg.data.image_size, peer.arch_args, library)
     console.print(f"wrote {args.out}: the {peer.arch} backbone of peer '{args.peer}' ({len(weights)} tensors)\n"
-                  f"load it with its library:  {backbone.export_hint(args.out)}", highlight=False)
+                  f"load it with {library}:  {hint}", highlight=False)
     if peer.cifar_stem:
         console.print("this backbone was trained with cifar_stem: first rebuild the stem with "
                       "dogo.models.build_backbone('" + peer.arch + "', cifar_stem=True)", highlight=False)
@@ -359,12 +367,15 @@ def _add_eval(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    x = sub.add_parser("export", help="write one peer's backbone as a plain torchvision state_dict")
+    x = sub.add_parser("export", help="write one peer's backbone as a plain torchvision or timm state_dict")
     x.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     x.add_argument("--peer", required=True, help="which peer to export")
     x.add_argument("out", help="output .pt file")
     x.add_argument("--head", metavar="OUT", help="also write the peer's projection head's state_dict here "
                    "(with the backbone, a DisCo teacher: teacher.backbone=... teacher.head=...)")
+    x.add_argument("--format", choices=["torchvision", "timm"],
+                   help="the library the state_dict loads into (default: the backbone's own; a torchvision ResNet "
+                        "without the CIFAR stem also loads into timm's ResNet of the same name)")
     x.set_defaults(func=cmd_export)
 
 

@@ -29,7 +29,7 @@ from dogo.engine.io import atomic_write_text
 from dogo.engine.ssl.contrastive import auto_tile
 from dogo.engine.ssl.methods import METHODS
 from dogo.engine.ssl.objectives import objective_named
-from dogo.models import BACKBONES
+from dogo.models import backbone_spec
 from dogo.pipelines import BACKENDS
 
 
@@ -87,7 +87,9 @@ class AugmentConfig:
 
 @dataclass
 class PeerConfig:
-    arch: str = "resnet18"  # a registered backbone name (dogo.models.BACKBONES)
+    # a registered backbone (dogo.models.BACKBONES: resnet18, ...), or timm:<name>, any timm model (the timm extra)
+    arch: str = "resnet18"
+    arch_args: dict[str, Any] = field(default_factory=dict)  # timm: passed to timm.create_model, e.g. {patch_size: 4}
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
     zero_init_residual: bool = False  # ResNets: each block's last BN starts at zero scale (SimCLR's init)
     # the projection head: hidden width, output (embedding) size, Linear layers; None takes the method's paper
@@ -131,7 +133,8 @@ class TeacherConfig:
     peer: str = ""  # which peer of that checkpoint; empty: its only peer
     backbone: str = ""  # or: a torchvision-format backbone state_dict (classifier keys are ignored) ...
     head: str = ""  # ... and its projection head's state_dict (sizes are read from it)
-    arch: str = ""  # with backbone/head files: the backbone's registered name, e.g. resnet50
+    arch: str = ""  # with backbone/head files: the backbone's name, e.g. resnet50 or timm:vit_small_patch16_224
+    arch_args: dict[str, Any] = field(default_factory=dict)  # with a timm arch: its timm.create_model arguments
     cifar_stem: bool = False  # with backbone/head files
     # eval: BatchNorm with the teacher's running statistics (our default). batch: each view's batch statistics, as
     # DisCo's code (model.train() on the teacher too), without updating the running statistics.
@@ -279,6 +282,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return build(tp, value, prefix=key)
+    if origin is dict and args[1] is Any:  # free-form arguments (timm.create_model's), passed on as given
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of argument names to values, got {value!r}")
+        return dict(value)
     if origin is dict:
         if not isinstance(value, dict) or not value:
             raise ConfigError(f"{key}: expected a non-empty mapping of name -> settings, got {value!r}")
@@ -413,8 +420,9 @@ def resolve(cfg: Config) -> Config:
         cfg.distributed.backend = "nccl" if on_gpu else "gloo"
     if cfg.precision.dtype == "auto":
         cfg.precision.dtype = "bf16" if on_gpu else "fp32"  # bf16 is about 2x slower than fp32 on our CPUs
-    if cfg.precision.channels_last == "auto":
-        cfg.precision.channels_last = "on" if on_gpu else "off"
+    if cfg.precision.channels_last == "auto":  # on a GPU, unless a peer's backbone gains nothing from it (a ViT)
+        helps = all(backbone_spec(p.arch, f"peers.{n}.arch").channels_last for n, p in cfg.peers.items())
+        cfg.precision.channels_last = "on" if on_gpu and helps else "off"
     if cfg.augment.place == "auto":
         # on a GPU, batched on the device; on CPUs, per image in uint8 in the loader's workers, which is cheaper
         # there since the device is the same cores as the model
@@ -531,10 +539,16 @@ def check(cfg: Config) -> None:
         if peer.tau is not None and peer.tau <= 0:
             raise ConfigError(f"peers.{name}.tau must be positive, got {peer.tau}")
         METHODS.get(peer.ssl, f"peers.{name}.ssl").check(f"peers.{name}", peer, cfg)
-        backbone = BACKBONES.get(peer.arch, f"peers.{name}.arch")
+        backbone = backbone_spec(peer.arch, f"peers.{name}.arch")
         if peer.zero_init_residual and not backbone.zero_init_residual:
             raise ConfigError(f"peers.{name}.zero_init_residual: the {peer.arch} backbone has no residual blocks to "
                               f"start at zero; set it to false")
+        if peer.cifar_stem and not backbone.cifar_stem:
+            raise ConfigError(f"peers.{name}.cifar_stem applies to the torchvision backbones; give {peer.arch} its "
+                              f"own arguments instead (peers.{name}.arch_args, e.g. a ViT's patch_size)")
+        if peer.arch_args and backbone.library != "timm":
+            raise ConfigError(f"peers.{name}.arch_args are timm.create_model's arguments; {peer.arch} is a "
+                              f"torchvision backbone: remove them")
     _check_recipe(cfg.augment)
     if cfg.data.image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is too small: views of at least {MIN_IMAGE_SIZE} px "

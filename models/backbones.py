@@ -1,12 +1,16 @@
-"""Backbones looked up by name (BACKBONES), each with the contract every part of dogo relies on, so that the heads,
-the memory estimate, the DisCo teacher loader and `dogo export` need no architecture-specific branch.
+"""Backbones by name, each with the contract every part of dogo relies on, so that the heads, the memory estimate,
+the optimiser's groups, the DisCo teacher loader and `dogo export` need no architecture-specific branch.
 
-A backbone maps images (N, 3, H, W) to pooled penultimate features (N, num_features). Its state_dict keys are its
-library's (torchvision's), minus the classifier, so an exported backbone loads into the library's model once the
-classifier is replaced by an identity (see `export_hint`).
+Two kinds of names: the registered torchvision ones (BACKBONES: resnet18, ...), and `timm:<name>` for any model of
+the timm library (the timm extra), created with `num_classes=0`, the view size where the model takes one (ViTs,
+Swin) and the peer's `arch_args` (e.g. a ViT's patch_size). A backbone maps images (N, 3, H, W) to pooled features
+(N, num_features). Its state_dict keys are its library's, minus the classifier, so an exported backbone loads into
+the library's model without its classifier (see `export_hint`).
 """
 from __future__ import annotations
 
+import difflib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,21 +19,44 @@ import torchvision.models as tvm
 
 from dogo.engine.errors import ConfigError, Registry
 
+TIMM = "timm:"
+# timm's transformer families: their one convolution (the patch embedding) gains nothing from channels_last
+_TRANSFORMER_MODULES = ("vision_transformer", "deit", "beit", "eva", "cait", "xcit", "swin_transformer", "levit")
+
 
 @dataclass(frozen=True)
 class Backbone:
-    """What a registered backbone promises."""
-    factory: Callable[[bool, bool], tuple[nn.Module, int]]  # (cifar_stem, zero_init_residual) -> (module, width)
-    classifier: str  # the attribute holding the library model's classifier (replaced by an identity here)
-    library_model: str  # the library's constructor an exported backbone loads into, e.g. torchvision.models.resnet18
+    """What a backbone promises."""
+    # (cifar_stem, zero_init_residual, image_size, arch_args) -> (module, num_features)
+    factory: Callable[[bool, bool, int, dict], tuple[nn.Module, int]]
+    classifier: str  # the library model's classifier: absent here, its keys dropped from a library state_dict
+    library: str  # "torchvision" or "timm": the library an exported backbone loads into
+    library_model: str  # the constructor call that builds the same model without its classifier
+    timm_name: str | None = None  # a timm model with the same state_dict keys (torchvision ResNets: timm's ResNets)
     zero_init_residual: bool = False  # has residual blocks whose last BN can start at zero scale
+    cifar_stem: bool = False  # takes dogo's CIFAR stem (3x3 stride-1 first conv, no max-pool)
     channels_last: bool = True  # convolutions that run faster on channels_last images on GPUs
+    sized: bool = False  # built for the view size (timm's transformers take img_size)
 
     def classifier_keys(self) -> tuple[str, ...]:
         """Prefixes of a full library model's state_dict that are the classifier (dropped when loading one)."""
         return (self.classifier + ".",)
 
-    def export_hint(self, path: str) -> str:
+    @staticmethod
+    def no_weight_decay(module: nn.Module) -> set[str]:
+        """Parameter names that take no weight decay beyond biases and norms: timm's own list (a ViT's position
+        embedding and class token)."""
+        names = getattr(module, "no_weight_decay", None)
+        return set(names()) if callable(names) else set()
+
+    def export_hint(self, path: str, image_size: int, arch_args: dict, library: str | None = None) -> str:
+        """How to load an exported backbone with `library` (default: its own)."""
+        if (library or self.library) == "timm":
+            name = self.library_model if self.library == "timm" else self.timm_name
+            extra = "".join(f", {k}={v!r}" for k, v in arch_args.items())
+            size = f", img_size={image_size}" if self.sized else ""
+            return (f"m = timm.create_model('{name}', num_classes=0{size}{extra}); "
+                    f"m.load_state_dict(torch.load('{path}'), strict=True)")
         return (f"m = {self.library_model}(); m.{self.classifier} = torch.nn.Identity(); "
                 f"m.load_state_dict(torch.load('{path}'), strict=True)")
 
@@ -41,17 +68,61 @@ def register_backbone(name: str, backbone: Backbone) -> Backbone:
     return BACKBONES.register(name, backbone)
 
 
-def build_backbone(name: str, cifar_stem: bool = False, zero_init_residual: bool = False,
-                   key: str = "arch") -> tuple[nn.Module, int]:
-    """(module, num_features) of the registered backbone `name` (`key`: the config key naming it, for errors)."""
-    spec = BACKBONES.get(name, key)
+def backbone_spec(arch: str, key: str = "arch") -> Backbone:
+    """The contract of `arch`: a registered name or timm:<name>; a ConfigError naming `key` otherwise."""
+    if arch.startswith(TIMM):
+        return _timm_spec(arch[len(TIMM):], key)
+    return BACKBONES.get(arch, key)
+
+
+def build_backbone(name: str, cifar_stem: bool = False, zero_init_residual: bool = False, key: str = "arch",
+                   image_size: int = 224, arch_args: dict | None = None) -> tuple[nn.Module, int]:
+    """(module, num_features) of backbone `name` (`key`: the config key naming it, for errors)."""
+    spec = backbone_spec(name, key)
     if zero_init_residual and not spec.zero_init_residual:
         raise ConfigError(f"{key}: the {name} backbone has no residual blocks for zero_init_residual")
-    return spec.factory(cifar_stem, zero_init_residual)
+    if cifar_stem and not spec.cifar_stem:
+        raise ConfigError(f"{key}: cifar_stem applies to the torchvision ResNets, EfficientNet and MobileNet; give a "
+                          f"timm model its own arguments instead (arch_args, e.g. a ViT's patch_size)")
+    if arch_args and spec.library != "timm":
+        raise ConfigError(f"{key}: arch_args are passed to timm.create_model; {name} is a torchvision backbone")
+    return spec.factory(cifar_stem, zero_init_residual, image_size, dict(arch_args or {}))
 
 
-def _resnet(ctor) -> Callable[[bool, bool], tuple[nn.Module, int]]:
-    def factory(cifar_stem: bool, zero_init_residual: bool) -> tuple[nn.Module, int]:
+@functools.lru_cache(maxsize=None)
+def _timm_spec(name: str, key: str) -> Backbone:
+    try:
+        import timm
+        from timm.models import get_pretrained_cfg, model_entrypoint
+    except ImportError:
+        raise ConfigError(f"{key}: timm:{name} needs the timm package: the timm extra (make setup, or "
+                          f"pip install -e '.[timm]')") from None
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.5)
+        raise ConfigError(f"{key}: {name!r} is not a timm model" + (f"; did you mean {', '.join(near)}?" if near
+                          else "; timm.list_models('pattern*') lists them"))
+    cfg = get_pretrained_cfg(name)
+    module = model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+
+    def factory(cifar_stem: bool, zero_init_residual: bool, image_size: int, arch_args: dict):
+        kwargs = {**arch_args, "num_classes": 0}
+        try:
+            net = timm.create_model(name, img_size=image_size, **kwargs)  # ViTs, Swin: built for the view size
+        except TypeError:
+            try:
+                net = timm.create_model(name, **kwargs)  # a model without an input size (a CNN)
+            except TypeError as exc:
+                raise ConfigError(f"{key}: timm.create_model('{name}') does not take arch_args {arch_args}: "
+                                  f"{exc}") from None
+        return net, net.num_features
+
+    transformer = module in _TRANSFORMER_MODULES
+    return Backbone(factory, classifier=(cfg.classifier if cfg and cfg.classifier else "head"), library="timm",
+                    library_model=name, channels_last=not transformer, sized=transformer)
+
+
+def _resnet(ctor) -> Callable[[bool, bool, int, dict], tuple[nn.Module, int]]:
+    def factory(cifar_stem: bool, zero_init_residual: bool, image_size: int, arch_args: dict) -> tuple[nn.Module, int]:
         # zero_init_residual: the last BN of each block starts at zero scale (SimCLR's ResNet does so), so every
         # block starts as the identity and deep ResNets begin learning as fast as shallow ones.
         net = ctor(weights=None, zero_init_residual=zero_init_residual)
@@ -65,9 +136,9 @@ def _resnet(ctor) -> Callable[[bool, bool], tuple[nn.Module, int]]:
     return factory
 
 
-def _classifier_net(ctor, dim_of: Callable[[nn.Module], int]) -> Callable[[bool, bool], tuple[nn.Module, int]]:
+def _classifier_net(ctor, dim_of: Callable[[nn.Module], int]) -> Callable[[bool, bool, int, dict], tuple[nn.Module, int]]:
     """EfficientNet and MobileNet: features -> pool -> classifier; the first conv is features[0][0]."""
-    def factory(cifar_stem: bool, zero_init_residual: bool) -> tuple[nn.Module, int]:
+    def factory(cifar_stem: bool, zero_init_residual: bool, image_size: int, arch_args: dict) -> tuple[nn.Module, int]:
         net = ctor(weights=None)
         dim = dim_of(net)
         net.classifier = nn.Identity()
@@ -79,14 +150,15 @@ def _classifier_net(ctor, dim_of: Callable[[nn.Module], int]) -> Callable[[bool,
 
 for _name, _ctor in [("resnet18", tvm.resnet18), ("resnet34", tvm.resnet34),
                      ("resnet50", tvm.resnet50), ("resnet101", tvm.resnet101)]:
-    register_backbone(_name, Backbone(_resnet(_ctor), classifier="fc", library_model=f"torchvision.models.{_name}",
-                                      zero_init_residual=True))
+    register_backbone(_name, Backbone(_resnet(_ctor), classifier="fc", library="torchvision",
+                                      library_model=f"torchvision.models.{_name}", timm_name=_name,
+                                      zero_init_residual=True, cifar_stem=True))
 
 # EfficientNet's classifier is Dropout-Linear; MobileNetV3's is Linear-Hardswish-Dropout-Linear: the pooled
 # features are what enters the first Linear.
 register_backbone("efficientnet_b0", Backbone(
     _classifier_net(tvm.efficientnet_b0, lambda n: n.classifier[1].in_features), classifier="classifier",
-    library_model="torchvision.models.efficientnet_b0"))
+    library="torchvision", library_model="torchvision.models.efficientnet_b0", cifar_stem=True))
 register_backbone("mobilenet_v3_large", Backbone(
     _classifier_net(tvm.mobilenet_v3_large, lambda n: n.classifier[0].in_features), classifier="classifier",
-    library_model="torchvision.models.mobilenet_v3_large"))
+    library="torchvision", library_model="torchvision.models.mobilenet_v3_large", cifar_stem=True))

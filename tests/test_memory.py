@@ -39,6 +39,9 @@ print(json.dumps({"estimate": est, "peak": status("VmHWM") - base}))
 @pytest.mark.parametrize("config, overrides", [
     ("bench_r18_r50.yaml", ["data.image_size=64", "data.batch_size=16"]),  # R18 + R50, LARS, 4 views
     ("demo.yaml", ["data.backend=synthetic", "data.batch_size=48"]),  # shared views, AdamW, channels_last
+    # a timm ViT peer beside a ResNet-50 (the view size and patch passed to timm)
+    ("demo.yaml", ["data.backend=synthetic", "data.batch_size=48", "peers.r18.arch=timm:vit_tiny_patch16_224",
+                   "peers.r18.cifar_stem=false", "peers.r18.arch_args={patch_size: 4}"]),
     # BYOL's target network and predictor, VICReg's 3-layer expander (its paper's 8192 wide)
     ("bench_r18_r50.yaml", ["data.image_size=64", "data.batch_size=16", "peers.r18.ssl=byol", "peers.r50.ssl=vicreg",
                             "peers.r18.head_hidden=null", "peers.r18.head_out=null", "peers.r50.head_hidden=null",

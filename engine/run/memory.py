@@ -157,11 +157,12 @@ def _target_bytes(cfg: Config) -> int:
     for name, p in cfg.peers.items():
         method = METHODS.get(p.ssl, f"peers.{name}.ssl")
         with torch.device("meta"):
-            peer = build_peer(p)
+            peer = build_peer(p, cfg.data.image_size)
         total += method.state_bytes(p, peer)
     if objective_named(cfg.objective.name).uses_teacher and cfg.teacher.arch:
         with torch.device("meta"):
-            backbone, _ = build_backbone(cfg.teacher.arch, cfg.teacher.cifar_stem, key="teacher.arch")
+            backbone, _ = build_backbone(cfg.teacher.arch, cfg.teacher.cifar_stem, key="teacher.arch",
+                                         image_size=cfg.data.image_size, arch_args=cfg.teacher.arch_args)
         total += module_bytes(backbone)
     return total
 

@@ -75,9 +75,10 @@ class LARS(torch.optim.Optimizer):
                 old.copy_(torch.where(skip, old, new))
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases and normalisation parameters (every tensor of rank <= 1) are never decayed."""
-    return param.ndim <= 1
+def _no_decay(name: str, param: nn.Parameter, listed: set[str]) -> bool:
+    """Biases and normalisation parameters (every tensor of rank <= 1) are never decayed, nor what the backbone's
+    library lists (a ViT's position embedding and class token, as timm's and DINO's optimisers group them)."""
+    return param.ndim <= 1 or name in listed
 
 
 def param_groups(peers: dict[str, nn.Module], cfg, global_batch: int) -> list[dict]:
@@ -88,9 +89,10 @@ def param_groups(peers: dict[str, nn.Module], cfg, global_batch: int) -> list[di
         lr = (peer_cfg.lr if peer_cfg.lr is not None else cfg.optim.lr) * global_batch / 256
         wd = peer_cfg.weight_decay if peer_cfg.weight_decay is not None else cfg.optim.weight_decay
         decay, plain = [], []
+        listed = getattr(module, "no_weight_decay", set())
         for pname, p in module.named_parameters():
             if p.requires_grad:
-                (plain if _no_decay(pname, p) else decay).append(p)
+                (plain if _no_decay(pname, p, listed) else decay).append(p)
         groups.append(dict(params=decay, peer=name, base_lr=lr, lr=lr, weight_decay=wd, lars=True))
         groups.append(dict(params=plain, peer=name, base_lr=lr, lr=lr, weight_decay=0.0, lars=False))
     return groups

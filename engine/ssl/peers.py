@@ -10,13 +10,13 @@ from dogo.engine.ssl.objectives import objective_named
 from dogo.models import Peer
 
 
-def build_peer(peer_cfg) -> Peer:
-    """The network a resolved PeerConfig describes, with what its method asks for (a predictor, a whitened
-    projection)."""
+def build_peer(peer_cfg, image_size: int = 224) -> Peer:
+    """The network a resolved PeerConfig describes for views of `image_size`, with what its method asks for (a
+    predictor, a whitened projection)."""
     method = METHODS.get(peer_cfg.ssl, "ssl")
     peer = Peer(peer_cfg.arch, peer_cfg.cifar_stem, peer_cfg.head_hidden, peer_cfg.head_out,
                 peer_cfg.zero_init_residual, out_bn=method.whitened_projection, head_layers=peer_cfg.head_layers,
-                head_bias=method.projection_bias)
+                head_bias=method.projection_bias, image_size=image_size, arch_args=peer_cfg.arch_args)
     peer.predictor = method.predictor(peer_cfg)  # after the backbone and head: their initial weights per seed
     return peer
 
@@ -29,7 +29,7 @@ class PeerSet(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.peers = nn.ModuleDict({name: build_peer(p) for name, p in cfg.peers.items()})
+        self.peers = nn.ModuleDict({name: build_peer(p, cfg.data.image_size) for name, p in cfg.peers.items()})
         self.pairs = objective_named(cfg.objective.name).view_pairs(list(cfg.peers), cfg.objective.share_views)
 
     @property

@@ -40,7 +40,7 @@ class TargetMakers(nn.Module):
         self.states = nn.ModuleDict(states)
         self.teacher: FrozenTeacher | None = None
         if objective_named(cfg.objective.name).uses_teacher:
-            self.teacher = load_teacher(cfg.teacher)
+            self.teacher = load_teacher(cfg.teacher, cfg.data.image_size)
             for name, p in cfg.peers.items():
                 if p.head_out != self.teacher.embedding_dim:
                     raise ConfigError(

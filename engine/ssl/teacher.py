@@ -20,7 +20,7 @@ from dogo.engine.errors import CheckpointError, ConfigError
 from dogo.engine.config import TeacherConfig, from_dict
 from dogo.engine.io import UnreadableFile, read_torch_file
 from dogo.engine.ssl.peers import build_peer
-from dogo.models import BACKBONES, Peer
+from dogo.models import Peer, backbone_spec
 from dogo.models.heads import head_shape
 
 
@@ -110,14 +110,15 @@ def _from_checkpoint(t: TeacherConfig) -> tuple[Peer, str]:
     if name not in state["peers"]:
         raise ConfigError(f"teacher.peer: {path} holds peers {', '.join(peers)}; "
                           + ("name one with teacher.peer=NAME" if not t.peer else f"there is no '{t.peer}'"))
-    peer_cfg = from_dict(state["config"]).peers[name]
-    peer = build_peer(peer_cfg)
+    run_cfg = from_dict(state["config"])
+    peer_cfg = run_cfg.peers[name]
+    peer = build_peer(peer_cfg, run_cfg.data.image_size)
     _load_into(peer, state["peers"][name], f"teacher peer '{name}' of {path}")
     return peer, f"peer '{name}' ({peer_cfg.arch}) of {path}"
 
 
-def _from_files(t: TeacherConfig) -> tuple[Peer, str]:
-    classifier = BACKBONES.get(t.arch, "teacher.arch").classifier_keys()  # a full library model's state_dict too
+def _from_files(t: TeacherConfig, image_size: int) -> tuple[Peer, str]:
+    classifier = backbone_spec(t.arch, "teacher.arch").classifier_keys()  # a full library model's state_dict too
     backbone = {k: v for k, v in _load_state(t.backbone, "teacher.backbone").items() if not k.startswith(classifier)}
     head = _load_state(t.head, "teacher.head")
     try:
@@ -126,12 +127,13 @@ def _from_files(t: TeacherConfig) -> tuple[Peer, str]:
         raise ConfigError(f"teacher.head: {t.head} is not a projection head (no Linear weights; "
                           f"`dogo export --head` writes one)") from None
     peer = Peer(t.arch, t.cifar_stem, shape["hidden"], shape["out"], out_bn=shape["out_bn"],
-                head_layers=shape["layers"], head_bias=shape["bias"])
+                head_layers=shape["layers"], head_bias=shape["bias"], image_size=image_size, arch_args=t.arch_args)
     _load_into(peer.backbone, backbone, f"teacher.backbone {t.backbone} (as {t.arch})")
     _load_into(peer.head, head, f"teacher.head {t.head}")
     return peer, f"{t.arch} from {t.backbone} and {t.head}"
 
 
-def load_teacher(t: TeacherConfig) -> FrozenTeacher:
-    peer, source = _from_checkpoint(t) if t.checkpoint else _from_files(t)
+def load_teacher(t: TeacherConfig, image_size: int) -> FrozenTeacher:
+    """The teacher for views of `image_size` (a timm ViT teacher from files is built for them)."""
+    peer, source = _from_checkpoint(t) if t.checkpoint else _from_files(t, image_size)
     return FrozenTeacher(peer, source, t.bn)
