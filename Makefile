@@ -77,7 +77,7 @@ test: $(STAMP)
 # torchrun starts the ranks.
 define require_imagenet
 	@if [ -z "$(IMAGENET)" ]; then echo "error: set IMAGENET=/path/to/imagenet (holding train/ and val/ class folders)"; exit 2; fi
-	@$(PY) -m dogo.pipelines.imagefolder "$(IMAGENET)"
+	@$(PY) -m dogo.pipelines.check folder "$(IMAGENET)"
 endef
 
 # $(call job,CONFIG,ARGS): the memory check for NGPU ranks, then the run under torchrun.
@@ -110,7 +110,7 @@ imagenet-disco-r18: $(STAMP)
 CIFAR ?=
 define require_cifar
 	@if [ -z "$(CIFAR)" ]; then echo "error: set CIFAR=/path/to/cifar-10-batches-py (the python version, unpacked)"; exit 2; fi
-	@$(PY) -m dogo.pipelines.backends.cifar "$(CIFAR)"
+	@$(PY) -m dogo.pipelines.check cifar "$(CIFAR)"
 endef
 
 cifar10-r18-r50: $(STAMP)

@@ -1,5 +1,5 @@
 """One split of an image-folder dataset (torchvision's ImageFolder layout: root/class_name/image.jpg, ImageNet's
-train/ and val/): listing it, and `python -m dogo.pipelines.imagefolder ROOT`, the check make runs before a job."""
+train/ and val/): listing it (`python -m dogo.pipelines.check folder ROOT` counts it before a job)."""
 from __future__ import annotations
 
 import os
@@ -103,25 +103,3 @@ def scan(root: str | Path, classes: list[str] | None = None) -> ImageFolderIndex
                       f"(their labels are kept): {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}",
                       stacklevel=2)
     return ImageFolderIndex(root, classes, paths, np.asarray(labels, dtype=np.int64), unlisted)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Check the splits before a long run starts; exit 2 with the reason."""
-    import argparse
-    p = argparse.ArgumentParser(description="Check an image-folder dataset (ImageNet layout) and count it.")
-    p.add_argument("root")
-    p.add_argument("--splits", nargs="+", default=["train", "val"])
-    a = p.parse_args(argv)
-    try:
-        for split in a.splits:
-            index = scan(Path(a.root) / split)
-            print(f"{index.root}: {len(index):,} images in {len(index.classes):,} classes"
-                  + (f"; {len(index.skipped)} entries skipped, the first: {index.skipped[0]}" if index.skipped else ""))
-    except DataError as exc:
-        print(f"error: {exc}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -220,10 +220,10 @@ def test_knn_predicts_by_weighted_nearest_neighbours():
 
 
 def test_dataset_check_command(shapes, tmp_path, capsys):
-    from dogo.pipelines.imagefolder import main
-    assert main([str(shapes)]) == 0
+    from dogo.pipelines.check import main
+    assert main(["folder", str(shapes)]) == 0
     assert "80 images in 10 classes" in capsys.readouterr().out
-    assert main([str(tmp_path / "imagenet")]) == 2
+    assert main(["folder", str(tmp_path / "imagenet")]) == 2
     assert "ROOT/train/<class_name>" in capsys.readouterr().out
 
 

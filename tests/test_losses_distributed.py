@@ -63,18 +63,28 @@ def _kernel_on_rank(rank: int, world: int, tau_kl, global_b: int, tile: int):
 
 
 OBJECTIVES = ("simclr", "dogo")
-STATISTICS = ("vicreg", "barlowtwins")  # methods whose loss needs statistics over the global batch
+# VICReg and Barlow Twins need statistics over the global batch; BYOL's per-row loss is checked beside them
+STATISTICS = ("vicreg", "barlowtwins", "byol")
 
 
-def _statistics_loss(method: str, z1, z2):
+def _statistics_loss(method: str, z1, z2, targets=None):
+    from dogo.engine.ssl.targets import Targets
     peers = {"p": PeerConfig(ssl=method)}
-    return objective_loss({"p": (z1, z2)}, ObjectiveConfig(name=method, tile=1024), peers)[0]
+    outputs = (z1, z2, z1 * 1.5, z2 - 0.5) if method == "byol" else (z1, z2)  # BYOL: predictions too
+    t = Targets(method={"p": targets}) if targets is not None else None
+    return objective_loss({"p": outputs}, ObjectiveConfig(name=method, tile=1024), peers, t)[0]
+
+
+def _byol_targets(global_b: int):
+    t1, t2 = _inputs(global_b)[2:]
+    return torch.nn.functional.normalize(t1, dim=1), torch.nn.functional.normalize(t2, dim=1)
 
 
 def _statistics_on_rank(rank: int, world: int, method: str, global_b: int):
     b = global_b // world
     z1, z2 = (t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in _inputs(global_b)[:2])
-    loss = _statistics_loss(method, z1, z2)
+    targets = tuple(t[rank * b:(rank + 1) * b] for t in _byol_targets(global_b)) if method == "byol" else None
+    loss = _statistics_loss(method, z1, z2, targets)
     loss.backward()
     return loss.detach(), [z1.grad, z2.grad]
 TAUS_KL = (None, 0.1)
@@ -123,14 +133,14 @@ def test_gloo_ranks_equal_the_global_batch(ranks, objective):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", STATISTICS)
-def test_vicreg_and_barlow_twins_under_gloo_ranks_equal_the_global_batch(ranks, method):
+def test_vicreg_barlow_twins_and_byol_under_gloo_ranks_equal_the_global_batch(ranks, method):
     """Their variance, covariance and cross-correlation over every rank's embeddings, gathered with the gradient:
     the mean of the ranks' losses is the whole batch's loss and each rank's gradient (before DDP's averaging) is
     world x the whole batch's gradient of its rows."""
     world, out = ranks
     global_b = 6 * world
     z1, z2 = (t.clone().requires_grad_() for t in _inputs(global_b)[:2])
-    ref = _statistics_loss(method, z1, z2)
+    ref = _statistics_loss(method, z1, z2, _byol_targets(global_b) if method == "byol" else None)
     ref.backward()
     got = [out[r]["statistics"][method] for r in range(world)]
     torch.testing.assert_close(sum(g[0] for g in got) / world, ref.detach(), rtol=1e-10, atol=1e-12)

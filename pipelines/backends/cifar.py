@@ -192,21 +192,10 @@ def open_eval_split(data, split: str, workers: int) -> CifarEvalSplit:
     return CifarEvalSplit(data.path, split, data.image_size)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dogo.pipelines.backends.cifar PATH`: read both splits before a long run starts; exit 2 with the reason."""
-    import argparse
-    p = argparse.ArgumentParser(description="Check a CIFAR-10/100 python-format folder and count it.")
-    p.add_argument("path")
-    a = p.parse_args(argv)
-    try:
-        for split in ("train", "test"):
-            data = read_split(a.path, split)
-            print(f"{data.source} {split}: {len(data):,} images in {len(data.classes)} classes")
-    except DataError as exc:
-        print(f"error: {exc}")
-        return 2
-    return 0
+SPLITS = ("train", "test")  # what `python -m dogo.pipelines.check cifar PATH` reads
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def describe_split(path: str, split: str) -> str:
+    """One line counting a split (the data check before a long run); DataError when it cannot be read."""
+    data = read_split(path, split)
+    return f"{data.source} {split}: {len(data):,} images in {len(data.classes)} classes"

@@ -256,3 +256,13 @@ def open_eval_split(data, split: str, workers: int) -> FolderEvalSplit:
     otherwise number its classes differently): the folder, FFCV and DALI backends' evaluation images."""
     classes = class_folders(Path(data.path) / data.train_split)
     return FolderEvalSplit(Path(data.path) / split, data.image_size, workers, classes)
+
+
+SPLITS = ("train", "val")  # what `python -m dogo.pipelines.check folder ROOT` reads
+
+
+def describe_split(root: str, split: str) -> str:
+    """One line counting a split (the data check before a long run); DataError when it cannot be read."""
+    index = scan(Path(root) / split)
+    return (f"{index.root}: {len(index):,} images in {len(index.classes):,} classes"
+            + (f"; {len(index.skipped)} entries skipped, the first: {index.skipped[0]}" if index.skipped else ""))
