@@ -21,9 +21,14 @@ class DataError(ValueError):
     """A dataset that cannot be used as given; the message names the path and what to do."""
 
 
+def close_names(name: str, valid: list[str], n: int = 1, cutoff: float = 0.4) -> list[str]:
+    """The `n` valid names nearest to `name` (difflib's ratio of at least `cutoff`), nearest first."""
+    return difflib.get_close_matches(str(name), valid, n=n, cutoff=cutoff)
+
+
 def suggest(name: str, valid: list[str], noun: str = "valid keys") -> str:
     """'; did you mean X?' for the nearest valid name, else the list of all of them."""
-    near = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.4)
+    near = close_names(name, valid)
     return f"; did you mean '{near[0]}'?" if near else f"; {noun}: {', '.join(valid)}"
 
 

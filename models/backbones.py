@@ -9,7 +9,6 @@ the library's model without its classifier (see `export_hint`).
 """
 from __future__ import annotations
 
-import difflib
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +16,7 @@ from typing import Callable
 import torch.nn as nn
 import torchvision.models as tvm
 
-from dogo.engine.errors import ConfigError, Registry
+from dogo.engine.errors import ConfigError, Registry, close_names
 
 TIMM = "timm:"
 # timm's transformer families: their one convolution (the patch embedding) gains nothing from channels_last
@@ -98,7 +97,7 @@ def _timm_spec(name: str, key: str) -> Backbone:
         raise ConfigError(f"{key}: timm:{name} needs the timm package: the timm extra (make setup, or "
                           f"pip install -e '.[timm]')") from None
     if not timm.is_model(name):
-        near = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.5)
+        near = close_names(name, timm.list_models(), n=3, cutoff=0.5)
         raise ConfigError(f"{key}: {name!r} is not a timm model" + (f"; did you mean {', '.join(near)}?" if near
                           else "; timm.list_models('pattern*') lists them"))
     cfg = get_pretrained_cfg(name)

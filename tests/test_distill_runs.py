@@ -102,7 +102,7 @@ def test_bad_teacher_is_a_clear_error(teacher_run, exported, teacher, message):
     from dogo.engine.ssl.teacher import load_teacher
     subst = {"RUN": str(teacher_run), "BB": str(exported / "bb.pt"), "HEAD": str(exported / "head.pt")}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        load_teacher(TeacherConfig(**{k: subst.get(v, v) for k, v in teacher.items()}))
+        load_teacher(TeacherConfig(**{k: subst.get(v, v) for k, v in teacher.items()}), image_size=32)
 
 
 def test_embedding_size_mismatch_is_a_config_error(shapes, teacher_run, tmp_path):

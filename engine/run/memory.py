@@ -140,6 +140,7 @@ def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryMo
         "gradients": params * (2 if world_size > 1 else 1),  # DDP keeps its own gradient buckets
         "optimizer": params * _optimizer_state_factor(cfg),
         "targets": _target_bytes(cfg),
+        "method losses": sum(METHODS.get(p.ssl, f"peers.{n}.ssl").loss_bytes(p) for n, p in cfg.peers.items()),
     }
     return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4,
                        model.n_views * 3 * s ** 2 * elem)

@@ -62,6 +62,10 @@ class Method:
         """Bytes its state takes for this peer (`peer` may live on the meta device)."""
         return 0
 
+    def loss_bytes(self, peer_cfg) -> int:
+        """Bytes its own loss holds at its peak beyond the embeddings (e.g. a d x d matrix and its gradient)."""
+        return 0
+
     def loss(self, name: str, out: tuple[torch.Tensor, ...], peer, targets: Any) -> dict[str, torch.Tensor]:
         """The method's own terms outside the tiled kernel, named f'{name}/...'; `targets`: its state's targets."""
         return {}
@@ -270,6 +274,9 @@ class VICReg(Method):
         if cfg.data.batch_size < 2:
             raise ConfigError(f"{key}: vicreg needs a global batch of at least 2 images for its variance")
 
+    def loss_bytes(self, peer_cfg):
+        return 6 * peer_cfg.head_out ** 2 * 4  # fp32 covariances, squares and gradients: 6.1-6.4 d^2 measured on CPU
+
     def loss(self, name, out, peer, targets):
         s = peer.vicreg
         z1, z2 = losses.at_least_fp32(out[0]), losses.at_least_fp32(out[1])
@@ -295,6 +302,9 @@ class BarlowTwins(Method):
             raise ConfigError(f"{key}.barlowtwins.lambd must be 0 or more, got {peer.barlowtwins.lambd}")
         if cfg.data.batch_size < 2:
             raise ConfigError(f"{key}: barlowtwins needs a global batch of at least 2 images to normalise over")
+
+    def loss_bytes(self, peer_cfg):
+        return 5 * peer_cfg.head_out ** 2 * 4  # the fp32 cross-correlation, its square and gradients: 5.1-5.3 d^2
 
     def loss(self, name, out, peer, targets):
         z1, z2 = losses.at_least_fp32(out[0]), losses.at_least_fp32(out[1])
