@@ -21,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@extras=dev,dali,viz,timm; \
+	@extras=dev,dali,viz,timm,wandb; \
 	if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then extras=$$extras,ffcv; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing FFCV's system packages: $(FFCV_APT)"; \

@@ -91,7 +91,7 @@ def cmd_eval_knn(args) -> int:
     for name, peer in trained.peers.items():
         peer.load_state_dict(state["peers"][name])
     random_init = build_peers(cfg).to(ctx.device)  # the run's own starting weights (same seed)
-    table = Table(title=f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) on "
+    table = Table(title=f"kNN top-1, protocol {config_mod.knn_protocol_name(cfg.eval)}, on "
                         f"{Path(cfg.data.path) / cfg.data.val_split}, step {state['position']['step']}")
     for col in ("peer", "arch", "trained %", "random init %", "gain (points)"):
         table.add_column(col, justify="right" if "%" in col or "gain" in col else "left")
@@ -108,15 +108,18 @@ def cmd_eval_knn(args) -> int:
         out = Path(args.json) if args.json else _result_beside(path, "knn.json")
         write_json(out, {
             "evaluation": "knn_top1_vs_random_init", "checkpoint": str(path), "step": state["position"]["step"],
-            "config": cfg.name, "data": str(Path(cfg.data.path) / cfg.data.val_split), "k": cfg.eval.knn_k,
-            "temperature": cfg.eval.knn_temperature, "peers": {n: {"arch": cfg.peers[n].arch, **r} for n, r in rows.items()},
+            "config": cfg.name, "data": str(Path(cfg.data.path) / cfg.data.val_split),
+            "knn_protocol": cfg.eval.knn_protocol, "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
+            "peers": {n: {"arch": cfg.peers[n].arch, **r} for n, r in rows.items()},
             "environment": environment(ctx.device)})
         console.print(f"wrote {out}", highlight=False)
     return 0
 
 
 def cmd_eval_linear(args) -> int:
-    from dogo.engine.eval.evaluate import extract_features, linear_probe
+    from dogo.engine.environment import environment
+    from dogo.engine.eval.evaluate import extract_features
+    from dogo.engine.eval.linear import fast_probe, standard_probe
     from dogo.pipelines import open_eval_split
     path, state, cfg = _load_run(args.checkpoint, args.overrides)
     if args.peer not in state["peers"]:
@@ -125,17 +128,30 @@ def cmd_eval_linear(args) -> int:
     model = build_peers(cfg).to(ctx.device)
     model.peers[args.peer].load_state_dict(state["peers"][args.peer])
     backbone = model.peers[args.peer].backbone
-    feats, num_classes = {}, 0
-    for name in (cfg.data.train_split, cfg.data.val_split):
-        split = open_eval_split(cfg.data, name, cfg.data.workers)
-        num_classes = max(num_classes, len(split.classes))
-        feats[name] = extract_features(backbone, split, np.arange(len(split)), batch_size=cfg.eval.batch_size,
-                                       recipe=cfg.augment, ctx=ctx, precision=precision)
-    result = linear_probe(*feats[cfg.data.train_split], *feats[cfg.data.val_split], num_classes,
-                          epochs=args.epochs, lr=args.lr, seed=cfg.seed)
+    splits = {name: open_eval_split(cfg.data, name, cfg.data.workers)
+              for name in (cfg.data.train_split, cfg.data.val_split)}
+    train, val = splits[cfg.data.train_split], splits[cfg.data.val_split]
+    if args.protocol == "standard":
+        result = standard_probe(backbone, train, val, recipe=cfg.augment, ctx=ctx, precision=precision,
+                                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=cfg.seed)
+    else:
+        feats = {name: extract_features(backbone, split, np.arange(len(split)), batch_size=cfg.eval.batch_size,
+                                        recipe=cfg.augment, ctx=ctx, precision=precision)
+                 for name, split in splits.items()}
+        result = fast_probe(*feats[cfg.data.train_split], *feats[cfg.data.val_split], len(train.classes),
+                            epochs=args.epochs, lr=args.lr or 1e-3, batch_size=args.batch_size, seed=cfg.seed)
     if ctx.is_main:
-        console.print(f"linear probe on frozen {cfg.peers[args.peer].arch} features of peer '{args.peer}' "
-                      f"({path}): " + ", ".join(f"{k} {v:.2f}%" for k, v in result.items()))
+        console.print(f"linear probe ({args.protocol} protocol, {args.epochs} epochs) on frozen "
+                      f"{cfg.peers[args.peer].arch} features of peer '{args.peer}' ({path}): "
+                      + ", ".join(f"{k} {v:.2f}%" for k, v in result.items()), highlight=False)
+        out = Path(args.json) if args.json else _result_beside(path, f"linear_{args.peer}_{args.protocol}.json")
+        write_json(out, {
+            "evaluation": "linear_probe", "protocol": args.protocol, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "checkpoint": str(path), "step": state["position"]["step"],
+            "config": cfg.name, "peer": args.peer, "arch": cfg.peers[args.peer].arch,
+            "data": str(Path(cfg.data.path)), "train_split": cfg.data.train_split, "val_split": cfg.data.val_split,
+            **result, "environment": environment(ctx.device)})
+        console.print(f"wrote {out}", highlight=False)
     return 0
 
 
@@ -147,11 +163,11 @@ def cmd_eval_table(args) -> int:
     runs = [_load_run(spec, args.overrides) for spec in args.runs]
     first = runs[0][2]
     ctx, precision, _ = _eval_setup(first)
-    rows, val_images = comparison_rows(runs, ctx, precision, args.epochs)
+    rows, val_images = comparison_rows(runs, ctx, precision, args.epochs, args.protocol)
     ev = first.eval
     if ctx.is_main:
-        table = Table(title=f"top-1 on {first.data.val_split} ({val_images} images), "
-                            f"kNN k={ev.knn_k} T={ev.knn_temperature}, linear probe {args.epochs} epochs")
+        table = Table(title=f"top-1 on {first.data.val_split} ({val_images} images), kNN "
+                            f"{config_mod.knn_protocol_name(ev)}, linear probe {args.protocol} {args.epochs} epochs")
         for col in ("model", "kNN %", "linear %"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for r in rows:
@@ -160,8 +176,9 @@ def cmd_eval_table(args) -> int:
         if args.json:
             write_json(args.json, {
                 "evaluation": "knn_and_linear_probe_top1", "data": first.data.path,
-                "train_split": first.data.train_split, "val_split": first.data.val_split, "k": ev.knn_k,
-                "temperature": ev.knn_temperature, "probe_epochs": args.epochs, "rows": rows,
+                "train_split": first.data.train_split, "val_split": first.data.val_split,
+                "knn_protocol": ev.knn_protocol, "k": ev.knn_k, "temperature": ev.knn_temperature,
+                "linear_protocol": args.protocol, "probe_epochs": args.epochs, "rows": rows,
                 "environment": environment(ctx.device)})
             console.print(f"wrote {args.json}", highlight=False)
     return 0
@@ -305,7 +322,7 @@ def cmd_convert(args) -> int:
     options = ConvertOptions(max_resolution=args.max_resolution, write_mode=args.write_mode,
                              jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
                              smart_threshold=args.smart_threshold, num_workers=args.num_workers,
-                             chunk_size=args.chunk_size, strict=args.strict)
+                             chunk_size=args.chunk_size, strict=args.strict, labels=args.labels)
     try:
         convert(args.src, args.dst, options, overwrite=args.overwrite,
                 log=lambda msg: console.print(msg, highlight=False))
@@ -315,8 +332,39 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_plot_features(args) -> int:
+    """A 2-D map (t-SNE, UMAP or PCA) of one peer's backbone features of the val split, coloured by class."""
+    from dogo.engine.eval.evaluate import extract_features
+    from dogo.pipelines import open_eval_split
+    from dogo.plots import embed_2d, plot_feature_map
+    if len(args.inputs) != 2:
+        raise ConfigError("dogo plot features takes one run: dogo plot features RUN [--peer NAME] [--method tsne]")
+    path, state, cfg = _load_run(args.inputs[1], args.overrides)
+    peer = args.peer or next(iter(state["peers"]))
+    if peer not in state["peers"]:
+        raise ConfigError(f"--peer {peer!r}: the checkpoint has peers {', '.join(state['peers'])}")
+    ctx, precision, build_peers = _eval_setup(cfg)
+    model = build_peers(cfg).to(ctx.device)
+    model.peers[peer].load_state_dict(state["peers"][peer])
+    split = open_eval_split(cfg.data, cfg.data.val_split, cfg.data.workers)
+    features, labels = extract_features(model.peers[peer].backbone, split, np.arange(len(split)),
+                                        batch_size=cfg.eval.batch_size, recipe=cfg.augment, ctx=ctx,
+                                        precision=precision)
+    if not ctx.is_main:
+        return 0
+    coords = embed_2d(features.cpu().numpy(), args.method, cfg.seed)
+    out = Path(args.out) if args.out else _result_beside(path, f"features_{peer}_{args.method}.png")
+    title = (f"{cfg.name}/{peer} ({cfg.peers[peer].arch}), step {state['position']['step']}: {args.method} of "
+             f"{len(labels)} {cfg.data.val_split} images")
+    plot_feature_map(coords, labels.cpu().numpy(), split.classes, title, out)
+    console.print(f"wrote {out}", highlight=False)
+    return 0
+
+
 def cmd_plot(args) -> int:
     from dogo.plots import plot_bench, plot_runs
+    if args.inputs[0] == "features":
+        return cmd_plot_features(args)
     if args.inputs[0] == "bench":
         if len(args.inputs) == 1:
             raise ConfigError("dogo plot bench needs result files, e.g. benchmarks/results/pipeline_*_cpu2.json")
@@ -349,17 +397,28 @@ def _add_eval(sub) -> None:
     k.add_argument("--json", help="write the table here (default: RUN/knn.json for a run's checkpoint, else "
                                   "CKPT.knn.json beside the file)")
     k.set_defaults(func=cmd_eval_knn)
-    lin = esub.add_parser("linear", help="linear probe on frozen features: top-1 and top-5")
+    lin = esub.add_parser("linear", help="linear probe on a frozen backbone: top-1 and top-5",
+                          description="standard (default): SGD, momentum 0.9, lr 0.1 x batch/256, cosine, on "
+                          "randomly cropped and flipped images through the frozen backbone, as solo-learn's and "
+                          "lightly's tables; fast: AdamW on cached, unaugmented, standardised features (minutes, not "
+                          "comparable with other tools). Writes JSON naming the protocol.")
     lin.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     lin.add_argument("--peer", required=True, help="which peer's backbone to probe")
-    lin.add_argument("--epochs", type=int, default=100, help="passes over the cached training features")
-    lin.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the linear layer")
+    lin.add_argument("--protocol", choices=("standard", "fast"), default="standard", help="see above")
+    lin.add_argument("--epochs", type=int, default=100, help="passes over the training split")
+    lin.add_argument("--batch-size", type=int, default=256, help="the probe's global batch")
+    lin.add_argument("--lr", type=float, default=None,
+                     help="standard: SGD's (default 0.1 x batch/256); fast: AdamW's (default 1e-3)")
+    lin.add_argument("--json", help="write the result here (default: RUN/linear_PEER_PROTOCOL.json for a run's "
+                                    "checkpoint, else beside the file)")
     lin.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=/imagenet")
     lin.set_defaults(func=cmd_eval_linear)
 
     tb = esub.add_parser("table", help="kNN and linear probe of runs' peers, their random init and raw pixels")
     tb.add_argument("runs", nargs="+", help="checkpoint files or run folders (their newest checkpoints)")
-    tb.add_argument("--epochs", type=int, default=100, help="linear probe: passes over the cached features")
+    tb.add_argument("--protocol", choices=("standard", "fast"), default="fast",
+                    help="the linear probe's (dogo eval linear --help); fast by default: one feature pass per model")
+    tb.add_argument("--epochs", type=int, default=100, help="linear probe: passes over the training split")
     tb.add_argument("--json", help="write the table here as JSON")
     tb.add_argument("--set", dest="overrides", action="append", default=[],
                     help="a config override for every run, e.g. --set data.path=/cifar (repeatable)")
@@ -392,18 +451,29 @@ def _add_convert(sub) -> None:
     c.add_argument("--num-workers", type=int, default=0, help="processes (0: one per core)")
     c.add_argument("--chunk-size", type=int, default=100, help="images per unit of work of a writer process [100]")
     c.add_argument("--strict", action="store_true", help="the first bad file is an error (default: skip and report)")
+    c.add_argument("--labels", choices=("folders", "none"), default="folders",
+                   help="folders: SRC/<class_name>/<image>; none: every image under SRC at any depth, unlabelled "
+                        "(label -1; train with data.labels=none) [folders]")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     c.set_defaults(func=cmd_convert)
 
 
 def _add_plot(sub) -> None:
-    pl = sub.add_parser("plot", help="training curves of runs, or charts of benchmark results, as a PNG",
+    pl = sub.add_parser("plot", help="training curves of runs, charts of benchmark results, or a map of features",
                         description="dogo plot RUN [RUN ...]: loss terms per peer, learning rates and kNN top-1 over "
                                     "steps, the runs overlaid (a RUN is a run folder or its metrics.jsonl). "
-                                    "dogo plot bench RESULT.json ...: bar charts of dogo bench results.")
-    pl.add_argument("inputs", nargs="+", metavar="RUN | bench RESULT.json",
-                    help="run folders or metrics.jsonl files; or the word bench followed by result JSON files")
-    pl.add_argument("--out", help="PNG to write (default: the first run folder's curves.png, or bench.png)")
+                                    "dogo plot bench RESULT.json ...: bar charts of dogo bench results. "
+                                    "dogo plot features RUN [--peer NAME] [--method tsne|umap|pca]: a 2-D map of a "
+                                    "peer's val features coloured by class (RUN/features_PEER_METHOD.png).")
+    pl.add_argument("inputs", nargs="+", metavar="RUN | bench RESULT.json | features RUN",
+                    help="run folders or metrics.jsonl files; the word bench and result JSON files; or the word "
+                         "features and one run folder or checkpoint")
+    pl.add_argument("--out", help="PNG to write (default: the first run folder's curves.png, bench.png, or "
+                                  "RUN/features_PEER_METHOD.png)")
+    pl.add_argument("--peer", help="features: which peer (default: the first)")
+    pl.add_argument("--method", choices=("tsne", "umap", "pca"), default="tsne", help="features: the map [tsne]")
+    pl.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="features: a config override, e.g. --set data.path=/cifar (repeatable)")
     pl.set_defaults(func=cmd_plot)
 
 

@@ -219,3 +219,50 @@ def plot_bench(paths: list[str | Path], out: str | Path) -> Path:
         ax = fig.add_subplot(gs[row, :])
         (_pipeline_chart if kind == "pipeline" else _train_chart)(ax, results)
     return _save(fig, Path(out))
+
+
+# ---- feature maps ------------------------------------------------------------------------------------------------
+
+MAP_METHODS = ("tsne", "umap", "pca")
+
+
+def embed_2d(features, method: str, seed: int = 0):
+    """(n, 2) coordinates of (n, D) features: PCA and t-SNE from scikit-learn, UMAP from umap-learn; the features
+    are L2-normalised first (the geometry kNN sees)."""
+    import numpy as np
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if method not in MAP_METHODS:
+        raise PlotError(f"--method {method!r}: one of {', '.join(MAP_METHODS)}")
+    try:
+        if method == "umap":
+            import umap
+            return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
+        from sklearn.decomposition import PCA
+        from sklearn.manifold import TSNE
+    except ImportError as exc:
+        raise PlotError(f"dogo plot features --method {method} needs {exc.name}: install the viz extra "
+                        f"(make setup, or pip install -e '.[viz]')") from None
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(x)
+    # perplexity must stay below the number of points; 30 is t-SNE's usual value
+    return TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30.0, (len(x) - 1) / 3)).fit_transform(x)
+
+
+def plot_feature_map(coords, labels, classes: list[str], title: str, out: str | Path) -> Path:
+    """A scatter of 2-D coordinates coloured by class, with the class names in the legend (up to 20 of them)."""
+    import numpy as np
+    plt = _pyplot()
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(8, 7), layout="constrained")
+    cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+    for c in np.unique(labels):
+        at = labels == c
+        ax.scatter(coords[at, 0], coords[at, 1], s=6, color=cmap(int(c) % cmap.N), alpha=0.8,
+                   label=classes[int(c)] if len(classes) <= 20 else None)
+    if len(classes) <= 20:
+        ax.legend(markerscale=3, fontsize=8, loc="best")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    return _save(fig, Path(out))

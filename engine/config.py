@@ -12,6 +12,7 @@ its registry entry; they are the sub-section named after it (peers.r18.mocov2.qu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -44,6 +45,10 @@ class DataConfig:
     # cifar-10-batches-py or cifar-100-python folder (splits train and test)
     train_split: str = "train"
     val_split: str = "val"  # labelled split the kNN monitor queries
+    # folders: the training split's class folders name the labels (ImageFolder's layout); none: every image at any
+    # depth under the training split, unlabelled (folder and dali backends; ffcv: a .beton converted with --labels
+    # none); evaluation then needs a labelled dataset named on its command line
+    labels: Literal["folders", "none"] = "folders"
     image_size: int = 64  # side of each training view, pixels
     batch_size: int = 256  # images per step over all ranks (each image yields two views per peer)
     workers: int = 4  # decoding processes per rank; 0 decodes in the training process
@@ -190,9 +195,16 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     knn_every_epochs: int = 1  # kNN monitor at epoch ends; 0 turns it off
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    # the weighted kNN's k and temperature: dino (k=20, T=0.07: DINO's and solo-learn's), lightly (k=200, T=0.1:
+    # lightly's CIFAR benchmark), or custom (set knn_k and knn_temperature); every kNN result names it
+    knn_protocol: Literal["dino", "lightly", "custom"] = "dino"
+    knn_k: Optional[int] = None  # set by the protocol unless custom
+    knn_temperature: Optional[float] = None  # set by the protocol unless custom
     knn_bank_images: int = 0  # train images in the kNN feature bank; 0 takes the whole split
+    # a linear classifier per peer on detached backbone features, trained beside SSL (its own SGD, momentum 0.9);
+    # train top-1 in the log lines, val top-1 at every epoch end; the peers train bit-identically with it on or off
+    online_probe: Literal["off", "on"] = "off"
+    online_probe_lr: float = 0.1
     batch_size: int = 256  # per rank, for feature extraction
 
 
@@ -201,6 +213,11 @@ class LogConfig:
     every: int = 20  # steps between metric lines (the only host syncs in the hot loop)
     progress: Literal["auto", "on", "off"] = "auto"  # rich progress bar; auto: when stdout is a terminal
     tensorboard: Literal["auto", "on", "off"] = "auto"  # event files in RUN/tb; auto: when tensorboard is installed
+    # Weights & Biases (the wandb extra): the same scalars as TensorBoard and the resolved config; offline writes
+    # RUN/wandb for `wandb sync` later, online needs `wandb login`; a resumed run continues the same W&B run
+    wandb: Literal["off", "online", "offline"] = "off"
+    wandb_project: str = "dogo"
+    wandb_entity: str = ""  # the W&B team or user; empty: your default entity
 
 
 @dataclass
@@ -436,6 +453,7 @@ def resolve(cfg: Config) -> Config:
         cfg.checkpoint.resume = "latest"
     if cfg.log.progress == "auto":
         cfg.log.progress = "on" if sys.stdout.isatty() else "off"
+    _resolve_knn(cfg.eval)
     objective = objective_named(cfg.objective.name)
     for name, peer in cfg.peers.items():
         if objective.method and peer.ssl not in (None, objective.method):
@@ -450,6 +468,50 @@ def resolve(cfg: Config) -> Config:
         peer.head_out = out if peer.head_out is None else peer.head_out
         peer.head_layers = layers if peer.head_layers is None else peer.head_layers
     return cfg
+
+
+def _check_labels(cfg: Config) -> None:
+    """Evaluation during training needs labels: unlabelled training data or a backend without labelled images
+    cannot feed the kNN monitor or the online probe."""
+    backend = BACKENDS.get(cfg.data.backend, "data.backend")
+    if cfg.data.labels == "none" and not backend.unlabelled_training:
+        raise ConfigError(f"data.labels=none: data.backend={cfg.data.backend} has no unlabelled mode; it applies to "
+                          + ", ".join(n for n, b in BACKENDS.items() if b.unlabelled_training))
+    wanted = [k for k, on in (("eval.knn_every_epochs", cfg.eval.knn_every_epochs > 0),
+                              ("eval.online_probe=on", cfg.eval.online_probe == "on")) if on]
+    if not wanted:
+        return
+    if cfg.data.labels == "none":
+        raise ConfigError(f"data.labels=none: {' and '.join(wanted)} need labelled images; set "
+                          f"eval.knn_every_epochs=0 eval.online_probe=off, and evaluate the run afterwards on a "
+                          f"labelled dataset: dogo eval knn RUN data.path=LABELLED data.labels=folders")
+    if cfg.eval.online_probe == "on" and not backend.labelled:
+        raise ConfigError(f"eval.online_probe=on: data.backend={cfg.data.backend} has no labels to train it on; "
+                          f"set eval.online_probe=off")
+
+
+KNN_PROTOCOLS = {"dino": (20, 0.07), "lightly": (200, 0.1)}
+
+
+def _resolve_knn(ev: EvalConfig) -> None:
+    """The kNN protocol's k and temperature; a preset with a different k or temperature set beside it is an error
+    (a result would name one protocol and have used another)."""
+    if ev.knn_protocol == "custom":
+        if ev.knn_k is None or ev.knn_temperature is None:
+            raise ConfigError("eval.knn_protocol=custom needs eval.knn_k and eval.knn_temperature; or name a preset: "
+                              + ", ".join(f"{n} (k={k}, T={t})" for n, (k, t) in KNN_PROTOCOLS.items()))
+        return
+    k, t = KNN_PROTOCOLS[ev.knn_protocol]
+    for key, value, preset in (("knn_k", ev.knn_k, k), ("knn_temperature", ev.knn_temperature, t)):
+        if value is not None and value != preset:
+            raise ConfigError(f"eval.{key}={value} differs from eval.knn_protocol={ev.knn_protocol} ({key} {preset}); "
+                              f"set eval.knn_protocol=custom to use your own")
+    ev.knn_k, ev.knn_temperature = k, t
+
+
+def knn_protocol_name(ev: EvalConfig) -> str:
+    """How a result names its kNN protocol, e.g. 'dino (k=20, T=0.07)'."""
+    return f"{ev.knn_protocol} (k={ev.knn_k}, T={ev.knn_temperature})"
 
 
 def resolve_device(requested: str) -> str:
@@ -506,12 +568,17 @@ def check(cfg: Config) -> None:
         raise ConfigError("precision.dtype=fp16 needs CUDA; use fp32 or bf16 on CPUs")
     if cfg.distributed.backend == "nccl" and cfg.device != "cuda":
         raise ConfigError("distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo on CPUs")
+    if cfg.log.wandb != "off" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"log.wandb={cfg.log.wandb} needs the wandb package: install the wandb extra "
+                          f"(make setup, or pip install -e '.[wandb]'), or set log.wandb=off")
     if cfg.log.tensorboard == "on" and not _tensorboard_installed():
         raise ConfigError("log.tensorboard=on needs the tensorboard package: install the viz extra "
                           "(make setup, or pip install -e '.[viz]'), or set log.tensorboard=off")
+    _check_labels(cfg)
     positive = {"data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size,
                 "schedule.epochs": cfg.schedule.epochs, "log.every": cfg.log.every, "checkpoint.keep": cfg.checkpoint.keep,
-                "eval.knn_k": cfg.eval.knn_k, "eval.batch_size": cfg.eval.batch_size}
+                "eval.knn_k": cfg.eval.knn_k, "eval.knn_temperature": cfg.eval.knn_temperature,
+                "eval.batch_size": cfg.eval.batch_size}
     if cfg.objective.tile != "auto":
         positive["objective.tile"] = cfg.objective.tile
     for name, peer in cfg.peers.items():
@@ -652,14 +719,30 @@ def from_dict(raw: dict, overrides: list[str] = (), this_machine: bool = False) 
     _move_keys(raw.get("data") or {}, MOVED["DataConfig"])
     for peer in (raw.get("peers") or {}).values():
         _move_keys(peer, MOVED["PeerConfig"])
+    _name_knn_protocol(raw.get("eval") or {})
     cfg = build(Config, raw)
+    if cfg.eval.knn_protocol != "custom":  # the preset's k and T, filled in by resolve: an override may change it
+        cfg.eval.knn_k = cfg.eval.knn_temperature = None
     if this_machine:
         for key in MACHINE_KEYS:
             node, _, leaf = key.rpartition(".")
             setattr(_at(cfg, node), leaf, "auto")
     for override in overrides:
         apply_override(cfg, override)
+    keys = {o.partition("=")[0].strip() for o in overrides}
+    if "eval.knn_protocol" in keys and cfg.eval.knn_protocol != "custom":  # a preset named now brings its own k, T
+        cfg.eval.knn_k = None if "eval.knn_k" not in keys else cfg.eval.knn_k
+        cfg.eval.knn_temperature = None if "eval.knn_temperature" not in keys else cfg.eval.knn_temperature
     return resolve(cfg)
+
+
+def _name_knn_protocol(ev: dict) -> None:
+    """A config written before eval.knn_protocol: the preset its k and temperature match, else custom."""
+    if "knn_protocol" in ev or ("knn_k" not in ev and "knn_temperature" not in ev):
+        return
+    given = (ev.get("knn_k", 20), ev.get("knn_temperature", 0.07))  # the defaults then
+    ev["knn_protocol"] = next((n for n, preset in KNN_PROTOCOLS.items() if preset == given), "custom")
+    ev["knn_k"], ev["knn_temperature"] = given
 
 
 def _at(cfg: Config, dotted: str) -> Any:

@@ -47,16 +47,17 @@ class Backend:
     extra: str | None = None  # the pip extra that installs the library it needs
     settings: type | None = None  # its config sub-section (data.<name>)
     eval_module: str | None = None  # the module whose open_eval_split reads its evaluation images
+    unlabelled_training: bool = False  # trains from images without labels (data.labels=none)
 
 
 _FOLDER = "dogo.pipelines.backends.folder"
 BACKENDS: Registry[Backend] = Registry("data backend")
-BACKENDS.register("folder", Backend(_FOLDER, labelled=True))
+BACKENDS.register("folder", Backend(_FOLDER, labelled=True, unlabelled_training=True))
 BACKENDS.register("cifar", Backend("dogo.pipelines.backends.cifar", labelled=True))
 BACKENDS.register("ffcv", Backend("dogo.pipelines.backends.ffcv_loader", labelled=True, extra="ffcv",
-                                  settings=FFCVSettings, eval_module=_FOLDER))
+                                  settings=FFCVSettings, eval_module=_FOLDER, unlabelled_training=True))
 BACKENDS.register("dali", Backend("dogo.pipelines.backends.dali_loader", labelled=True, extra="dali",
-                                  settings=DALISettings, eval_module=_FOLDER))
+                                  settings=DALISettings, eval_module=_FOLDER, unlabelled_training=True))
 BACKENDS.register("synthetic", Backend("dogo.pipelines.backends.synthetic", labelled=False,
                                        settings=SyntheticSettings))
 

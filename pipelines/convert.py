@@ -49,6 +49,7 @@ class ConvertOptions:
     num_workers: int = 0  # 0: one per core
     chunk_size: int = 100  # images per unit of work handed to a writer process
     strict: bool = False  # the first bad file is an error that names it
+    labels: str = "folders"  # folders: SRC/<class>/<image>; none: every image under SRC at any depth, label -1
 
     def check(self) -> None:
         if self.write_mode not in WRITE_MODES:
@@ -61,6 +62,8 @@ class ConvertOptions:
             raise DataError(f"--compress-probability must be within 0..1, got {self.compress_probability}")
         if self.chunk_size < 1:
             raise DataError(f"--chunk-size must be positive, got {self.chunk_size}")
+        if self.labels not in ("folders", "none"):
+            raise DataError(f"--labels must be folders or none, got {self.labels!r}")
 
 
 def _worker_dies_with_parent() -> None:
@@ -296,7 +299,7 @@ def _check_destination(dst: Path, overwrite: bool) -> None:
 def _write_sidecars(src: Path, dst: Path, index, labels, bad: dict, written: int, options, seconds: float) -> dict:
     """DST.classes.json (the class list and counts) and DST.report.json (what was written and left out); the
     report."""
-    counts = np.bincount(labels, minlength=len(index.classes))
+    counts = np.bincount(labels[labels >= 0], minlength=len(index.classes))  # unlabelled (-1): no class
     atomic_write_text(sidecar(dst, "classes"), json.dumps(
         {"classes": index.classes, "images_per_class": counts.tolist(), "source": str(src)}, indent=1) + "\n")
     left_out = [*index.unlisted, *bad.items()]  # what the scan could not list, then what did not decode
@@ -318,7 +321,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
     options.check()
     src, dst = Path(src), Path(dst)
     _check_destination(dst, overwrite)
-    index = scan(src)
+    index = scan(src, labels=options.labels)
     workers = options.num_workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     bad, largest = _interruptible(lambda: _check_all(index.paths, workers, options.strict, log))

@@ -63,13 +63,15 @@ def class_folders(root: str | Path) -> list[str]:
     return _entries(root, [])[0]
 
 
-def scan(root: str | Path, classes: list[str] | None = None) -> ImageFolderIndex:
+def scan(root: str | Path, classes: list[str] | None = None, labels: str = "folders") -> ImageFolderIndex:
     """List the images of one split; clear errors for a missing, empty or malformed folder. classes: the label list
     to use (the training split's, for an evaluation split), which must hold every class folder here; None: this
-    split's own sorted class folders."""
+    split's own sorted class folders. labels="none" (data.labels): every image at any depth, unlabelled."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist; {EXPECTED_LAYOUT}")
+    if labels == "none":
+        return _scan_unlabelled(root)
     unlisted: list[tuple[str, str]] = []
     folders, loose = _entries(root, unlisted)
     if not folders:
@@ -103,3 +105,24 @@ def scan(root: str | Path, classes: list[str] | None = None) -> ImageFolderIndex
                       f"(their labels are kept): {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}",
                       stacklevel=2)
     return ImageFolderIndex(root, classes, paths, np.asarray(labels, dtype=np.int64), unlisted)
+
+
+def _scan_unlabelled(root: Path) -> ImageFolderIndex:
+    """Every image under `root` at any depth, in sorted path order, label -1 (no classes). Symbolic links to
+    folders are not followed (a loop would never end); unreadable entries are reported as skipped."""
+    unlisted: list[tuple[str, str]] = []
+    paths = []
+
+    def walk(folder: Path) -> None:
+        dirs, files = _entries(folder, unlisted)
+        paths.extend(str(folder / f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        for d in dirs:
+            if (folder / d).is_symlink():
+                unlisted.append((str(folder / d), "a symbolic link to a folder (not followed)"))
+            else:
+                walk(folder / d)
+    walk(root)
+    if not paths:
+        raise DataError(f"{root} (data.labels=none) holds no images with extensions {', '.join(IMAGE_EXTENSIONS)} "
+                        f"at any depth")
+    return ImageFolderIndex(root, [], paths, np.full(len(paths), -1, dtype=np.int64), unlisted)

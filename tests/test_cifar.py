@@ -174,7 +174,7 @@ def test_training_with_the_knn_monitor_on_cifar(cifar, tmp_path):
     from tests.helpers import tiny_config
     raw = tiny_config(cifar, tmp_path, data={"backend": "cifar", "train_split": "train", "val_split": "test",
                                              "image_size": 32, "batch_size": 16},
-                      eval={"knn_every_epochs": 1, "knn_k": 5, "batch_size": 32}, schedule={"max_steps": 0})
+                      eval={"knn_every_epochs": 1, "knn_protocol": "custom", "knn_k": 5, "knn_temperature": 0.07, "batch_size": 32}, schedule={"max_steps": 0})
     raw["peers"] = {"a": {"arch": "resnet18", "head_hidden": 16, "head_out": 8, "tau": 0.5}}
     raw["objective"] = {"name": "simclr"}
     train(config_mod.from_dict(raw))

@@ -59,17 +59,28 @@ def test_export_loads_into_torchvision_strictly(shapes, tmp_path):
 
 def test_eval_commands_print_knn_table_and_linear_probe(shapes, tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 2},
-                                                       eval={"knn_every_epochs": 1, "knn_k": 5}))
+                                                       eval={"knn_every_epochs": 1, "knn_protocol": "custom",
+                                                             "knn_k": 5, "knn_temperature": 0.07}))
     assert dogo("train", cfg) == 0
     capsys.readouterr()
-    assert dogo("eval", "knn", tmp_path / "runs" / "t", "log.progress=off") == 0
+    run = tmp_path / "runs" / "t"
+    assert dogo("eval", "knn", run, "log.progress=off") == 0
     knn = capsys.readouterr().out
-    assert "random init" in knn and "resnet18" in knn
-    table = json.loads((tmp_path / "runs" / "t" / "knn.json").read_text())
+    assert "random init" in knn and "resnet18" in knn and "custom (k=5, T=0.07)" in knn
+    table = json.loads((run / "knn.json").read_text())
     assert set(table["peers"]) == {"a", "b"} and 0 <= table["peers"]["a"]["trained"] <= 100
-    assert dogo("eval", "linear", tmp_path / "runs" / "t", "--peer", "b", "--epochs", "2") == 0
-    lin = capsys.readouterr().out
-    assert "top1" in lin and "top5" in lin
+    assert table["knn_protocol"] == "custom" and table["k"] == 5
+    # a preset named on the command line replaces the run's k and T
+    assert dogo("eval", "knn", run, "eval.knn_protocol=lightly", "--json", tmp_path / "lightly.json") == 0
+    lightly = json.loads((tmp_path / "lightly.json").read_text())
+    assert (lightly["knn_protocol"], lightly["k"], lightly["temperature"]) == ("lightly", 200, 0.1)
+    for protocol in ("standard", "fast"):
+        assert dogo("eval", "linear", run, "--peer", "b", "--epochs", "2", "--batch-size", "16",
+                    "--protocol", protocol) == 0
+        lin = capsys.readouterr().out
+        assert "top1" in lin and "top5" in lin and f"{protocol} protocol" in lin
+        result = json.loads((run / f"linear_b_{protocol}.json").read_text())
+        assert result["protocol"] == protocol and 0 <= result["top1"] <= result["top5"] <= 100
     events = [json.loads(l) for l in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
     knn_events = [e for e in events if e.get("event") == "knn"]
     assert knn_events and set(knn_events[-1]["top1"]) == {"a", "b"}
@@ -95,3 +106,18 @@ def test_fresh_start_sets_earlier_checkpoints_aside(shapes, tmp_path):
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == earlier
     events = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "checkpoints_set_aside" for e in events)
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
+def test_plot_features_maps_the_val_split(shapes, tmp_path, method):
+    pytest.importorskip("sklearn", reason="the viz extra is not installed")
+    if method == "umap":
+        pytest.importorskip("umap", reason="umap-learn is not installed")
+    from dogo.engine.config import from_dict
+    from dogo.engine.run.trainer import train
+    train(from_dict(tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1})))
+    run = tmp_path / "runs" / "t"
+    assert dogo("plot", "features", run, "--peer", "b", "--method", method) == 0
+    png = run / f"features_b_{method}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert dogo("plot", "features", run, "--peer", "c") == 2  # a clear error, not a traceback

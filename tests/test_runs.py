@@ -30,7 +30,9 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
     # native fp32 BatchNorm backward (the 1-rank run) is off by up to 4e-3 from a float64 reference in peer a's
     # gradients, while the 2-rank run (engine/dist/syncbn.py, two-pass statistics) is within 2e-5 of it. At 32 px both
     # are within 2e-5 and the two runs agree to ~1e-6 after three steps.
-    common = {"distributed": {"sync_bn": True}, "schedule": {"max_steps": 3}}
+    # the online probe on: its classifiers' gradients are averaged over the ranks, so they match too
+    common = {"distributed": {"sync_bn": True}, "schedule": {"max_steps": 3},
+              "eval": {"knn_every_epochs": 0, "online_probe": "on"}}
     one = tiny_config(shapes, tmp_path / "w1", **common)
     one["data"]["image_size"] = 32
     two = dict(one, out_dir=str(tmp_path / "w2"))
@@ -39,7 +41,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
     m1, m2 = metrics(tmp_path / "w1" / "t"), metrics(tmp_path / "w2" / "t")
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
     for a, b in zip(m1, m2):
-        for key in ("loss", "a/ntxent", "a/kl", "b/ntxent", "b/kl"):
+        for key in ("loss", "a/ntxent", "a/kl", "b/ntxent", "b/kl", "probe/a/loss", "probe/b/loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
     # The pieces are exact to ~1e-6 (tests/test_losses_distributed.py: losses, gradients, synced BN) and the views
     # equal; only the summation order of 1 and 2 ranks differs.
@@ -48,6 +50,10 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
         for name, t in p1[peer].items():
             if t.is_floating_point():
                 torch.testing.assert_close(p2[peer][name], t, rtol=1e-4, atol=2e-5, msg=f"{peer}.{name}")
+    c1, c2 = (checkpoint.load(checkpoint.latest(tmp_path / w / "t"))["online_probe"]["classifiers"]
+              for w in ("w1", "w2"))
+    for name, t in c1.items():
+        torch.testing.assert_close(c2[name], t, rtol=1e-4, atol=1e-5, msg=f"online probe {name}")
 
 
 # DoGo with a MoCo v2 peer and a SimSiam peer: the key encoder, the queue and the predictor resume too.

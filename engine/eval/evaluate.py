@@ -1,5 +1,5 @@
-"""Evaluation of backbone features: the weighted kNN monitor and a linear probe, on a labelled split of any backend
-that has one (pipelines.open_eval_split).
+"""Evaluation of backbone features: extraction, the weighted kNN and its monitor, top-k accuracy, raw pixels; on a
+labelled split of any backend that has one (pipelines.open_eval_split). The linear probes are in linear.py.
 
 Features are the backbone's pooled penultimate layer in eval mode (BN running statistics), L2-normalised for kNN.
 Under torchrun each rank extracts a strided share of the images and the shares are all-gathered.
@@ -83,7 +83,8 @@ def bank_positions(n: int, limit: int, seed: int) -> np.ndarray:
 
 
 class KnnMonitor:
-    """kNN top-1 of backbones on (data.train_split as bank, data.val_split as queries)."""
+    """kNN top-1 of backbones on (data.train_split as bank, data.val_split as queries); the val features also serve
+    the online probe."""
 
     def __init__(self, cfg, ctx: DistContext, precision: Precision, workers: int | None = None):
         workers = cfg.data.workers if workers is None else workers
@@ -96,36 +97,16 @@ class KnnMonitor:
         return extract_features(backbone, split, positions, batch_size=self.cfg.eval.batch_size,
                                 recipe=self.cfg.augment, ctx=self.ctx, precision=self.precision)
 
-    def top1(self, backbone: nn.Module) -> float:
+    def val_features(self, backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._features(backbone, self.val_split, np.arange(len(self.val_split)))
+
+    def top1(self, backbone: nn.Module, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+        """kNN top-1 (%); `val`: the val split's features when already extracted (the online probe's)."""
         bank, bank_y = self._features(backbone, self.train_split, self.bank)
-        queries, y = self._features(backbone, self.val_split, np.arange(len(self.val_split)))
+        queries, y = val if val is not None else self.val_features(backbone)
         scores = knn_predict(bank, bank_y, queries, len(self.train_split.classes), self.cfg.eval.knn_k,
                              self.cfg.eval.knn_temperature)
         return topk_accuracy(scores, y, ks=(1,))["top1"]
-
-
-def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
-                 num_classes: int, epochs: int = 100, lr: float = 1e-3, batch_size: int = 256,
-                 weight_decay: float = 1e-4, seed: int = 0) -> dict[str, float]:
-    """A linear classifier on frozen, standardised features (train statistics); top-1 and top-5 on val, in %."""
-    mean, std = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True).clamp_min(1e-6)
-    train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    clf = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
-    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * max(1, len(train_f) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        order = torch.randperm(len(train_f), generator=gen).to(train_f.device)
-        for idx in order.split(batch_size):
-            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    with torch.no_grad():
-        return topk_accuracy(clf(val_f), val_y)
 
 
 @torch.no_grad()
@@ -139,12 +120,3 @@ def pixel_features(split: EvalSplit, positions: np.ndarray, *, batch_size: int, 
     f, y = torch.cat(feats), torch.cat(labels)
     keep = y >= 0
     return f[keep], y[keep]
-
-
-def knn_and_linear(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                   num_classes: int, *, k: int, temperature: float, probe_epochs: int, seed: int
-                   ) -> dict[str, float]:
-    """Both evaluations of one set of features: weighted kNN top-1 and a linear probe's top-1, in %."""
-    scores = knn_predict(train[0], train[1], val[0], num_classes, k, temperature)
-    return {"knn_top1": topk_accuracy(scores, val[1], ks=(1,))["top1"],
-            "linear_top1": linear_probe(*train, *val, num_classes, epochs=probe_epochs, seed=seed)["top1"]}

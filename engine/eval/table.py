@@ -5,33 +5,43 @@ from __future__ import annotations
 import numpy as np
 
 from dogo.engine.dist.distributed import DistContext
-from dogo.engine.eval.evaluate import extract_features, knn_and_linear, pixel_features
+import torch.nn as nn
+
+from dogo.engine.eval.evaluate import extract_features, knn_predict, pixel_features, topk_accuracy
+from dogo.engine.eval.linear import fast_probe, standard_probe
 from dogo.engine.precision import Precision
 from dogo.engine.ssl.peers import build_peers
 from dogo.pipelines import open_eval_split
 
 
-def comparison_rows(runs: list[tuple], ctx: DistContext, precision: Precision, probe_epochs: int
-                    ) -> tuple[list[dict], int]:
+def comparison_rows(runs: list[tuple], ctx: DistContext, precision: Precision, probe_epochs: int,
+                    protocol: str = "fast") -> tuple[list[dict], int]:
     """(rows, images in the val split). runs: (checkpoint path, checkpoint state, its resolved config) each; the
-    first run's data and eval settings are everyone's."""
+    first run's data and eval settings are everyone's; `protocol`: the linear probe's (engine.eval.linear)."""
     first = runs[0][2]
     data, ev = first.data, first.eval
     splits = {name: open_eval_split(data, name, data.workers) for name in (data.train_split, data.val_split)}
     positions = {name: np.arange(len(split)) for name, split in splits.items()}
     num_classes = len(splits[data.train_split].classes)
 
-    def metrics(features_of) -> dict[str, float]:
-        train, val = (features_of(splits[n], positions[n]) for n in (data.train_split, data.val_split))
-        return knn_and_linear(train, val, num_classes, k=ev.knn_k, temperature=ev.knn_temperature,
-                              probe_epochs=probe_epochs, seed=first.seed)
+    def metrics(backbone: nn.Module) -> dict[str, float]:
+        """kNN (the config's protocol) on cached features, and the linear probe (`protocol`)."""
+        def features(name):
+            if isinstance(backbone, nn.Flatten):  # raw pixels: in fp32, whatever the autocast dtype
+                return pixel_features(splits[name], positions[name], batch_size=ev.batch_size, recipe=first.augment,
+                                      device=ctx.device)
+            return extract_features(backbone, splits[name], positions[name], batch_size=ev.batch_size,
+                                    recipe=first.augment, ctx=ctx, precision=precision)
+        train, val = features(data.train_split), features(data.val_split)
+        knn = topk_accuracy(knn_predict(*train, val[0], num_classes, ev.knn_k, ev.knn_temperature), val[1], ks=(1,))
+        if protocol == "fast":
+            linear = fast_probe(*train, *val, num_classes, epochs=probe_epochs, seed=first.seed)
+        else:
+            linear = standard_probe(backbone, splits[data.train_split], splits[data.val_split], recipe=first.augment,
+                                    ctx=ctx, precision=precision, epochs=probe_epochs, seed=first.seed)
+        return {"knn_top1": knn["top1"], "linear_top1": linear["top1"], "linear_top5": linear.get("top5")}
 
-    def of_backbone(backbone):
-        return lambda split, pos: extract_features(backbone, split, pos, batch_size=ev.batch_size, recipe=first.augment,
-                                                   ctx=ctx, precision=precision)
-
-    rows = [{"model": "raw pixels", **metrics(lambda split, pos: pixel_features(
-        split, pos, batch_size=ev.batch_size, recipe=first.augment, device=ctx.device))}]
+    rows = [{"model": "raw pixels", **metrics(nn.Flatten())}]
     seen_init = set()
     for path, state, cfg in runs:
         trained, random_init = build_peers(cfg).to(ctx.device), build_peers(cfg).to(ctx.device)
@@ -42,8 +52,8 @@ def comparison_rows(runs: list[tuple], ctx: DistContext, precision: Precision, p
             if init_key not in seen_init:
                 seen_init.add(init_key)
                 rows.append({"model": f"{p.arch} random init (seed {cfg.seed})", "arch": p.arch,
-                             **metrics(of_backbone(random_init.peers[name].backbone))})
+                             **metrics(random_init.peers[name].backbone)})
             rows.append({"model": f"{cfg.name}/{name}", "arch": p.arch, "objective": cfg.objective.name,
                          "checkpoint": str(path), "step": state["position"]["step"],
-                         **metrics(of_backbone(peer.backbone))})
+                         **metrics(peer.backbone)})
     return rows, len(splits[data.val_split])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
+import string
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dogo.engine.dist.distributed import all_reduce_mean
+from dogo.engine.io import atomic_write_text
 
 
 class TensorBoardLog:
@@ -35,12 +38,51 @@ class TensorBoardLog:
         self.writer.close()
 
 
+class WandbLog:
+    """A Weights & Biases run (log.wandb: online or offline; offline writes RUN/wandb/offline-run-*, uploaded later
+    with `wandb sync`): the same scalars as TensorBoard at the same steps, and the resolved config. The run's W&B id
+    is kept in RUN/wandb_run_id, so a resumed run continues the same W&B run; a fresh start makes a new one. W&B keeps
+    a step's first value: what a stopped run logged after its checkpoint's step stays, where TensorBoard purges it."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, run_dir: Path, start_step: int, config: dict, mode: str, project: str, entity: str,
+                 name: str):
+        import wandb
+        id_file = Path(run_dir) / self.ID_FILE
+        fresh = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+        run_id = id_file.read_text().strip() if start_step and id_file.is_file() else fresh
+        atomic_write_text(id_file, run_id + "\n")
+        self.run = wandb.init(mode=mode, dir=str(run_dir), id=run_id, resume="allow", project=project,
+                              entity=entity or None, name=name, config=config,
+                              settings=wandb.Settings(silent=True, console="off"))
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        self.run.log({prefix + k: v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_sinks(run_dir: Path, is_main: bool, start_step: int, log_cfg, config: dict, config_text: str) -> list:
+    """The scalar sinks the main rank writes besides metrics.jsonl: TensorBoard and W&B, as log.* asks."""
+    if not is_main:
+        return []
+    sinks: list = []
+    if log_cfg.tensorboard == "on":
+        sinks.append(TensorBoardLog(run_dir, start_step, config_text))
+    if log_cfg.wandb != "off":
+        sinks.append(WandbLog(run_dir, start_step, config, log_cfg.wandb, log_cfg.wandb_project,
+                              log_cfg.wandb_entity, config.get("name", Path(run_dir).name)))
+    return sinks
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, images_per_step: int,
-                 world_size: int, progress: bool = False, tensorboard: bool = False, config_text: str = ""):
+                 world_size: int, progress: bool = False, sinks: list | None = None):
         self.is_main = is_main
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = TensorBoardLog(run_dir, start_step, config_text) if is_main and tensorboard else None
+        self.sinks = sinks or []  # TensorBoardLog, WandbLog: scalars(values, step, prefix), close()
         self.images_per_step, self.world_size = images_per_step, world_size
         self.console = Console(file=sys.stdout)
         show = progress  # log.progress, resolved by the config (on when stdout is a terminal)
@@ -80,8 +122,8 @@ class MetricsLogger:
         self._sums, self._steps, self._t0 = {}, 0, time.perf_counter()
         if self.is_main:
             self._write(record)
-            if self.tb is not None:
-                self.tb.scalars({k: v for k, v in record.items() if k not in ("step", "epoch")}, step)
+            for sink in self.sinks:
+                sink.scalars({k: v for k, v in record.items() if k not in ("step", "epoch")}, step)
             terms = "  ".join([f"{k} {record[k]:.4f}" for k in keys] + [f"lr/{k} {v:.3g}" for k, v in lrs.items()])
             if self.progress is not None:
                 self.progress.update(self.task, epoch=epoch, speed=f"{speed:.1f}", terms=terms)
@@ -100,8 +142,15 @@ class MetricsLogger:
         excluded), and a curve per peer in TensorBoard."""
         self.event("knn", "kNN top-1: " + ", ".join(f"{n} {v:.2f}%" for n, v in top1.items()), step=step,
                    epoch=epoch, top1=top1, train_seconds=train_seconds)
-        if self.tb is not None:
-            self.tb.scalars(top1, step, prefix="knn_top1/")
+        for sink in self.sinks:
+            sink.scalars(top1, step, prefix="knn_top1/")
+
+    def online_probe(self, step: int, epoch: int, top1: dict[str, float]) -> None:
+        """The online probe's val top-1 of every peer: an event line and a curve per peer in TensorBoard."""
+        self.event("online_probe", "online probe val top-1: " + ", ".join(f"{n} {v:.2f}%" for n, v in top1.items()),
+                   step=step, epoch=epoch, top1=top1)
+        for sink in self.sinks:
+            sink.scalars(top1, step, prefix="online_probe_top1/")
 
     def _write(self, record: dict) -> None:
         # NaN and inf are not JSON: written as null, and named, so that every line stays readable
@@ -117,5 +166,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()

@@ -18,10 +18,11 @@ from dogo.engine.dist import distributed
 from dogo.engine.dist.syncbn import convert_sync_batchnorm
 from dogo.engine.errors import ConfigError
 from dogo.engine.eval.evaluate import KnnMonitor
+from dogo.engine.eval.online import OnlineProbe
 from dogo.engine.precision import Precision
 from dogo.engine.run import checkpoint, memory
 from dogo.engine.run.guards import DivergenceWatch
-from dogo.engine.run.logger import MetricsLogger
+from dogo.engine.run.logger import MetricsLogger, open_sinks
 from dogo.engine.run.optim import build_optimizer, lr_factor, set_lr
 from dogo.engine.run.signals import StopRequest
 from dogo.engine.ssl.objectives import objective_loss
@@ -112,9 +113,13 @@ class Trainer:
         self.watch = DivergenceWatch(cfg.optim.lr)
         self.resume_changes: list[str] = []  # config keys a resume changed (lr, weight decay, schedule...)
         self.lock: checkpoint.RunLock | None = None  # the run folder's, held by the main rank while it trains
-        self.knn = None
-        if cfg.eval.knn_every_epochs > 0 and BACKENDS.get(cfg.data.backend, "data.backend").labelled:
+        self.knn, self.probe = None, None  # the val split's evaluations: kNN monitor, online probe
+        labelled = BACKENDS.get(cfg.data.backend, "data.backend").labelled and cfg.data.labels == "folders"
+        if (cfg.eval.knn_every_epochs > 0 or cfg.eval.online_probe == "on") and labelled:
             self.knn = KnnMonitor(cfg, self.ctx, self.precision, workers)
+        if cfg.eval.online_probe == "on":
+            self.probe = OnlineProbe(self.model.peers, len(self.knn.train_split.classes), cfg.eval.online_probe_lr,
+                                     cfg.seed, self.ctx.device, self.ctx.distributed)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -123,6 +128,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "targets": self.targets.checkpoint_state(),
+            **({"online_probe": self.probe.state_dict()} if self.probe else {}),
             "position": vars(self.pos).copy(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -155,6 +161,8 @@ class Trainer:
             peer.load_state_dict(state["peers"][name])
         if self.targets.active:
             self.targets.load_checkpoint_state(state["targets"], path)
+        if self.probe and "online_probe" in state:  # a probe turned on at a resume starts from scratch
+            self.probe.load_state_dict(state["online_probe"])
         # the optimiser's state (momenta) comes from the checkpoint; its settings (lr, weight decay, momentum...)
         # from this run's config, which may have changed them: load_state_dict alone would bring back the old ones
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -175,7 +183,11 @@ class Trainer:
         set_lr(self.optimizer, lr_factor(self.pos.step, self.total_steps, self.warmup_steps,
                                          self.cfg.schedule.final_lr_ratio))
         with self.precision.autocast(self.ctx.device):
+            if self.probe:
+                self.probe.capturing = True  # the backbones' features of this forward, for the online probe
             outputs = self.forward(batch.views)
+            if self.probe:
+                self.probe.capturing = False
             targets = self.targets.make(batch.views, self.model.pairs)
         loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
         self.watch.note(loss)  # a flag on the device, read only at log and checkpoint steps
@@ -187,6 +199,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.targets.after_step(self.model.peers, targets, self.pos.step + 1, self.total_steps)
+        if self.probe:
+            terms = {**terms, **self.probe.step(batch.labels)}
         return terms
 
     def guarded_step(self, batch) -> dict[str, torch.Tensor]:
@@ -206,17 +220,24 @@ class Trainer:
     def lrs(self) -> dict[str, float]:
         return {g["peer"]: g["lr"] for g in self.optimizer.param_groups}
 
-    def evaluate(self, log: MetricsLogger) -> dict[str, float]:
-        results = {}
-        if self.knn is None:
-            return results
+    def evaluate(self, log: MetricsLogger, knn: bool, probe: bool) -> dict[str, float]:
+        """At an epoch end: the kNN monitor's and the online probe's val top-1 of every peer, from one extraction of
+        the val split's features per peer; returns the kNN's."""
+        knn_top1, probe_top1 = {}, {}
         t0 = time.perf_counter()
         for name, peer in self.model.peers.items():
-            results[name] = self.knn.top1(peer.backbone)
+            val = self.knn.val_features(peer.backbone)
+            if knn:
+                knn_top1[name] = self.knn.top1(peer.backbone, val)
+            if probe:
+                probe_top1[name] = self.probe.top1(name, *val)
         self._eval_seconds += time.perf_counter() - t0
-        trained_for = time.perf_counter() - self._start - self._eval_seconds
-        log.knn(self.pos.step, self.pos.epoch, results, round(trained_for, 1))
-        return results
+        trained_for = round(time.perf_counter() - self._start - self._eval_seconds, 1)
+        if knn:
+            log.knn(self.pos.step, self.pos.epoch, knn_top1, trained_for)
+        if probe:
+            log.online_probe(self.pos.step, self.pos.epoch, probe_top1)
+        return knn_top1
 
     def fit(self) -> dict:
         """Train to `total_steps` (or until SIGTERM/SIGINT), resuming first when the config says so."""
@@ -261,10 +282,11 @@ class Trainer:
         resumed = self.resume()
         if self.ctx.is_main:  # only once the checkpoint check has passed: a refused resume leaves the old one
             config_mod.dump(self.cfg, self.run_dir / "config.yaml")
+        sinks = open_sinks(self.run_dir, self.ctx.is_main, self.pos.step, self.cfg.log, config_mod.to_dict(self.cfg),
+                           config_mod.dump_text(self.cfg))
         log = MetricsLogger(self.run_dir, self.ctx.is_main, self.total_steps, self.pos.step,
                             self.cfg.data.batch_size, self.ctx.world_size, progress=self.cfg.log.progress == "on",
-                            tensorboard=self.cfg.log.tensorboard == "on",
-                            config_text=config_mod.dump_text(self.cfg))
+                            sinks=sinks)
         if self.lock is not None and self.lock.taken_over:
             log.event("lock_taken_over", f"took over the run folder's lock from process {self.lock.taken_over}, "
                       f"which is no longer running", pid=self.lock.taken_over)
@@ -308,9 +330,12 @@ class Trainer:
         if epoch_end or last or (every and self.pos.step % every == 0):
             self.watch.require_finite(self.pos.step)  # never a checkpoint of diverged weights, so none pruned for one
             self.save()
-        knn_due = epoch_end and cfg.eval.knn_every_epochs and self.pos.epoch % cfg.eval.knn_every_epochs == 0
-        if knn_due or (last and self.knn):
-            result["knn_top1"] = self.evaluate(log)
+        knn_on = self.knn is not None and cfg.eval.knn_every_epochs > 0
+        knn_due = knn_on and ((epoch_end and self.pos.epoch % cfg.eval.knn_every_epochs == 0) or last)
+        probe_due = self.probe is not None and (epoch_end or last)
+        if knn_due or probe_due:
+            knn_top1 = self.evaluate(log, knn_due, probe_due)
+            result["knn_top1"] = knn_top1 or result["knn_top1"]
         return last
 
 

@@ -141,8 +141,8 @@ class DALILoader(ShardedLoader):
 
     def __init__(self, root: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, workers: int,
                  hw_decoder_load: float, seed: int, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, scan_whole: bool = True):
-        index = scan(root)
+                 dtype: torch.dtype, channels_last: bool, scan_whole: bool = True, labels: str = "folders"):
+        index = scan(root, labels=labels)
         # Undecodable files are left out (and reported), as the other backends skip them.
         bad = dict(_undecodable(index.paths, len(os.sched_getaffinity(0)), scan_whole))
         if bad:
@@ -239,4 +239,5 @@ def make_loader(data, *, place: str, compile_recipe: bool, **common) -> DALILoad
     """The registry's entry: the image folder data.path/data.train_split, every view made in DALI (augment.place
     does not apply: DALI keeps its own pipeline)."""
     return DALILoader(Path(data.path) / data.train_split, workers=data.workers,
-                      hw_decoder_load=data.dali.hw_decoder_load, scan_whole=data.dali.scan == "whole", **common)
+                      hw_decoder_load=data.dali.hw_decoder_load, scan_whole=data.dali.scan == "whole",
+                      labels=data.labels, **common)

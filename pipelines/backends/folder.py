@@ -155,8 +155,8 @@ class FolderLoader(ShardedLoader):
 
     def __init__(self, root: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, place: str,
                  workers: int, seed: int, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, compile_recipe: bool = False):
-        self.index = scan(root)
+                 channels_last: bool, compile_recipe: bool = False, labels: str = "folders"):
+        self.index = scan(root, labels=labels)
         super().__init__(len(self.index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                          where=str(root))
         self._report = self.note_skipped(self.index.skipped)  # entries the scan could not list: on the first batch
@@ -248,7 +248,7 @@ class FolderEvalSplit:
 
 def make_loader(data, **common) -> FolderLoader:
     """The registry's entry (dogo.pipelines.BACKENDS): the training split of data.path."""
-    return FolderLoader(Path(data.path) / data.train_split, workers=data.workers, **common)
+    return FolderLoader(Path(data.path) / data.train_split, workers=data.workers, labels=data.labels, **common)
 
 
 def open_eval_split(data, split: str, workers: int) -> FolderEvalSplit:
