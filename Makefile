@@ -10,7 +10,7 @@ DEMO_DATA := data/shapes64
 NGPU ?= 1
 IMAGENET ?=
 
-.PHONY: setup gpu-check demo demo-check demo-disco test imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
+.PHONY: setup gpu-check demo demo-check demo-disco test docs imagenet-r18-r50 imagenet-simclr-r18 imagenet-simclr-r50 imagenet-disco-r18 \
 	cifar10-r18-r50 cifar10-r18-r34 cifar10-simclr-r18 cifar10-simclr-r50 cifar10-disco-r18 cifar10-byol-r18 \
 	cifar10-byol-r18-simclr-r50 cifar10-r18-vits bench bench-pipeline photos convert clean
 
@@ -72,6 +72,10 @@ demo-disco: $(STAMP) $(DEMO_DATA)
 # train, torchrun, gloo ranks) give each a fixed thread count and a free port, so they can share the machine.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# docs/config.md from the config dataclasses' comments (tests/test_docs.py fails when it is stale)
+docs: $(STAMP)
+	$(PY) docs/config_doc.py
 
 # A missing or malformed dataset, or a step that cannot fit in memory, stops here with what to change, before
 # torchrun starts the ranks.

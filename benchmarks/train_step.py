@@ -154,7 +154,7 @@ def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int) -> tuple[dic
 
 
 # H100 SXM: dense bf16 peak and HBM3 bandwidth (data sheet); ResNet training at MLPerf-grade efficiency reaches
-# about 17% of the peak (the figure the README's FLOP model uses)
+# about 17% of the peak (docs/gpu.md, The FLOP model)
 H100 = {"name": "H100 SXM", "peak_tflops": 989.0, "bandwidth_tb_per_s": 3.35, "model_efficiency": 0.17}
 
 

@@ -23,6 +23,83 @@ from dogo.pipelines.convert import WRITE_MODES, ConvertOptions, convert, import_
 console = Console()
 
 
+# What each subcommand does, in full: its --help description (docs/commands.md lists the subcommands)
+DESCRIPTIONS = {
+    'train': (
+        'trains; the run folder out_dir/name gets config.yaml (resolved), metrics.jsonl and checkpoints/ (and '
+        "tb/, see log.tensorboard). With --dry-run: checks the config and estimates one step's memory per "
+        'rank for N ranks, then exits: 0 when it fits, 2 with a one-line error naming the estimate, what the '
+        "device has and the largest data.batch_size that fits (make's ImageNet targets run it before "
+        'torchrun)'
+    ),
+    'eval knn': (
+        "weighted kNN top-1 of every peer's backbone against the same architecture at its random "
+        "initialisation (the run's own seed); a progress bar on a terminal while features are extracted; the "
+        'table goes to RUN/knn.json, or beside a checkpoint file outside a run folder (CKPT.knn.json), or to '
+        "--json. Every split is labelled by the training split's class folders"
+    ),
+    'eval linear': (
+        'a linear probe on the frozen backbone, top-1 and top-5 on the val split. standard (default; '
+        "solo-learn's and lightly's tables): SGD momentum 0.9, lr 0.1 x B/256, cosine, 100 epochs on randomly "
+        'cropped (scale 0.08-1) and flipped training images through the backbone in eval mode. fast: AdamW on '
+        'cached, unaugmented, standardised features (one feature pass; not comparable with other tools). JSON '
+        'naming the protocol in RUN/linear_PEER_PROTOCOL.json'
+    ),
+    'eval table': (
+        "one table for several runs: every peer's kNN top-1 (the config's eval.knn_protocol) and linear-probe "
+        'top-1 (fast by default), next to the same architecture at random initialisation and to raw pixels; '
+        'the JSON names both protocols'
+    ),
+    'convert': (
+        "an image-folder split to FFCV's .beton, options with FFCV's meanings; labels are the sorted class "
+        "folders (as ImageFolder), or with --labels none every image at any depth, label -1; FFCV's page is "
+        "sized to the largest image; files that do not decode (libjpeg's corrupt-data warnings included), "
+        'entries that cannot be listed and images beside the class folders are skipped and reported; '
+        'DST.classes.json (class names, counts) and DST.report.json (skipped files and why) beside it; '
+        'written as DST.partial and renamed when complete, so an interrupted conversion leaves nothing under '
+        'DST'
+    ),
+    'export': (
+        "one peer's backbone as a plain state_dict of its library (torchvision, or timm for a timm: peer; a "
+        "torchvision ResNet without the CIFAR stem also as timm's ResNet), with the line that loads it; "
+        '--head also writes its projection head (with the backbone, a DisCo teacher from files)'
+    ),
+    'plot': (
+        "dogo plot RUN [RUN ...]: training curves from each run's metrics.jsonl (a run folder or the file "
+        'itself): one panel per loss term with a line per peer, the total, learning rates, kNN top-1; several '
+        'runs overlaid by name (e.g. DoGo R18 vs SimCLR R18); default output RUN/curves.png. dogo plot bench '
+        "RESULT.json ...: charts of dogo bench results: pipeline (images/s per backend with the same run's "
+        'torchvision and decode-only bars), loss (time and peak memory against views, log axes, kernel and '
+        'straightforward), train (images/s per configuration, median and min-max). dogo plot features RUN: a '
+        "2-D map of a peer's val-split backbone features (L2-normalised) coloured by class: t-SNE and PCA "
+        'from scikit-learn, UMAP from umap-learn (viz extra); RUN/features_PEER_METHOD.png'
+    ),
+    'bench train': (
+        'images/s per device of the training step (warm-up, synchronised timing, repeats, median and spread, '
+        "environment), FLOPs per image, achieved TFLOP/s, MFU against the device's peak, aten ops per step, "
+        "and on CUDA the host syncs torch's sync debug mode reports (docs/gpu.md)"
+    ),
+    'bench recipe': (
+        "the recipe and the optimiser step alone: the device recipe's bytes moved per image per view (counted "
+        "op by op as a GPU runs it) and its time eager and compiled, the CPU-worker recipe's time per image "
+        "per view on one core, and the LARS step's time and aten ops for the ImageNet DoGo peers; with the "
+        'reference files, the same figures for earlier code in the same run'
+    ),
+    'bench loss': (
+        'time (forward + backward) and peak memory of the contrastive kernel against the straightforward '
+        'gather-with-gradient loss, each in a fresh process; where the straightforward version cannot fit it '
+        'says so and reports the kernel against its least possible footprint'
+    ),
+    'bench pipeline': (
+        'two-view images/s of the backend (full recipe, where --placement puts it; auto: workers on a CPU, '
+        'the device on a GPU) with, in the same run on the same cores, the decode-only ceiling (each image '
+        'decoded once, nothing else) and a torchvision DataLoader applying the recipe per image with '
+        'transforms.v2, and the ratios, every contender measured in each of --repeats (5) interleaved passes; '
+        "for ffcv also FFCV's own read and decode of every image alone (ffcv_decode_only, no crop)"
+    ),
+}
+
+
 def _load_run(spec: str, overrides: list[str]):
     """A checkpoint and its run's config, with the overrides applied and the machine's settings (device, precision)
     resolved for this machine rather than the one it was trained on."""
@@ -377,7 +454,8 @@ def cmd_plot(args) -> int:
 
 
 def _add_train(sub) -> None:
-    t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
+    t = sub.add_parser("train", help="train from a YAML config with key=value overrides",
+                       description=DESCRIPTIONS["train"])
     t.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
     t.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.lr=0.6 peers.r18.tau=0.2")
     t.add_argument("--dry-run", action="store_true",
@@ -391,20 +469,18 @@ def _add_train(sub) -> None:
 def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint's backbones")
     esub = e.add_subparsers(dest="kind", required=True)
-    k = esub.add_parser("knn", help="weighted kNN top-1 of every peer, against its random initialisation")
+    k = esub.add_parser("knn", help="weighted kNN top-1 of every peer, against its random initialisation",
+                        description=DESCRIPTIONS["eval knn"])
     k.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     k.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=/imagenet eval.knn_k=200")
     k.add_argument("--json", help="write the table here (default: RUN/knn.json for a run's checkpoint, else "
                                   "CKPT.knn.json beside the file)")
     k.set_defaults(func=cmd_eval_knn)
     lin = esub.add_parser("linear", help="linear probe on a frozen backbone: top-1 and top-5",
-                          description="standard (default): SGD, momentum 0.9, lr 0.1 x batch/256, cosine, on "
-                          "randomly cropped and flipped images through the frozen backbone, as solo-learn's and "
-                          "lightly's tables; fast: AdamW on cached, unaugmented, standardised features (minutes, not "
-                          "comparable with other tools). Writes JSON naming the protocol.")
+                          description=DESCRIPTIONS["eval linear"])
     lin.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     lin.add_argument("--peer", required=True, help="which peer's backbone to probe")
-    lin.add_argument("--protocol", choices=("standard", "fast"), default="standard", help="see above")
+    lin.add_argument("--protocol", choices=("standard", "fast"), default="standard", help="see above [standard]")
     lin.add_argument("--epochs", type=int, default=100, help="passes over the training split")
     lin.add_argument("--batch-size", type=int, default=256, help="the probe's global batch")
     lin.add_argument("--lr", type=float, default=None,
@@ -414,7 +490,8 @@ def _add_eval(sub) -> None:
     lin.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=/imagenet")
     lin.set_defaults(func=cmd_eval_linear)
 
-    tb = esub.add_parser("table", help="kNN and linear probe of runs' peers, their random init and raw pixels")
+    tb = esub.add_parser("table", help="kNN and linear probe of runs' peers, their random init and raw pixels",
+                         description=DESCRIPTIONS["eval table"])
     tb.add_argument("runs", nargs="+", help="checkpoint files or run folders (their newest checkpoints)")
     tb.add_argument("--protocol", choices=("standard", "fast"), default="fast",
                     help="the linear probe's (dogo eval linear --help); fast by default: one feature pass per model")
@@ -426,7 +503,8 @@ def _add_eval(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    x = sub.add_parser("export", help="write one peer's backbone as a plain torchvision or timm state_dict")
+    x = sub.add_parser("export", help="write one peer's backbone as a plain torchvision or timm state_dict",
+                       description=DESCRIPTIONS["export"])
     x.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     x.add_argument("--peer", required=True, help="which peer to export")
     x.add_argument("out", help="output .pt file")
@@ -439,7 +517,8 @@ def _add_export(sub) -> None:
 
 
 def _add_convert(sub) -> None:
-    c = sub.add_parser("convert", help="an image-folder split to FFCV's .beton (classes and report beside it)")
+    c = sub.add_parser("convert", help="an image-folder split to FFCV's .beton (classes and report beside it)",
+                       description=DESCRIPTIONS["convert"])
     c.add_argument("src", help="image-folder split: SRC/<class_name>/<image>, e.g. /imagenet/train")
     c.add_argument("dst", help="output file, e.g. /data/imagenet_train.beton")
     c.add_argument("--max-resolution", type=int, help="longer side at most this many pixels (default: keep)")
@@ -460,11 +539,7 @@ def _add_convert(sub) -> None:
 
 def _add_plot(sub) -> None:
     pl = sub.add_parser("plot", help="training curves of runs, charts of benchmark results, or a map of features",
-                        description="dogo plot RUN [RUN ...]: loss terms per peer, learning rates and kNN top-1 over "
-                                    "steps, the runs overlaid (a RUN is a run folder or its metrics.jsonl). "
-                                    "dogo plot bench RESULT.json ...: bar charts of dogo bench results. "
-                                    "dogo plot features RUN [--peer NAME] [--method tsne|umap|pca]: a 2-D map of a "
-                                    "peer's val features coloured by class (RUN/features_PEER_METHOD.png).")
+                        description=DESCRIPTIONS["plot"])
     pl.add_argument("inputs", nargs="+", metavar="RUN | bench RESULT.json | features RUN",
                     help="run folders or metrics.jsonl files; the word bench and result JSON files; or the word "
                          "features and one run folder or checkpoint")
@@ -480,7 +555,8 @@ def _add_plot(sub) -> None:
 def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="throughput benchmarks that write JSON into benchmarks/results/")
     bsub = b.add_subparsers(dest="kind", required=True)
-    bt = bsub.add_parser("train", help="training-step images/s per device on synthetic batches")
+    bt = bsub.add_parser("train", help="training-step images/s per device on synthetic batches",
+                         description=DESCRIPTIONS["bench train"])
     bt.add_argument("config", help="YAML config, e.g. configs/bench_r18_r50.yaml")
     bt.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. data.image_size=64")
     bt.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN autotuning)")
@@ -491,7 +567,8 @@ def _add_bench(sub) -> None:
                          "name (H100 989, A100 312, ...); none on CPUs")
     bt.add_argument("--json", help="output file (default: benchmarks/results/train_<name>_<size>px_<device>.json)")
     bt.set_defaults(func=cmd_bench_train)
-    bl = bsub.add_parser("loss", help="time and peak memory of the contrastive kernel vs the straightforward loss")
+    bl = bsub.add_parser("loss", help="time and peak memory of the contrastive kernel vs the straightforward loss",
+                         description=DESCRIPTIONS["bench loss"])
     bl.add_argument("--views", type=int, nargs="+", default=[4096, 16384, 65536], help="2N, both views counted")
     bl.add_argument("--dim", type=int, default=128, help="embedding size d")
     bl.add_argument("--tile", type=lambda v: v if v == "auto" else int(v), default="auto",
@@ -504,7 +581,8 @@ def _add_bench(sub) -> None:
     bl.add_argument("--max-seconds", type=float, default=60.0, help="... unless they have taken this long already")
     bl.add_argument("--json", help="output file (default: benchmarks/results/loss_<objective>_<device>.json)")
     bl.set_defaults(func=cmd_bench_loss)
-    br = bsub.add_parser("recipe", help="the recipe (bytes moved, time; device and CPU-worker) and the LARS step alone")
+    br = bsub.add_parser("recipe", help="the recipe (bytes moved, time; device and CPU-worker) and the LARS step alone",
+                         description=DESCRIPTIONS["bench recipe"])
     br.add_argument("--size", type=int, default=224, help="view side, px")
     br.add_argument("--batch", type=int, default=64, help="images per view batch")
     br.add_argument("--repeats", type=int, default=5)
@@ -514,7 +592,8 @@ def _add_bench(sub) -> None:
     br.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     br.add_argument("--json", help="output file (default: benchmarks/results/recipe_<size>px_<device>.json)")
     br.set_defaults(func=cmd_bench_recipe)
-    bp = bsub.add_parser("pipeline", help="two-view images/s of a backend vs the decode-only ceiling and torchvision")
+    bp = bsub.add_parser("pipeline", help="two-view images/s of a backend vs the decode-only ceiling and torchvision",
+                         description=DESCRIPTIONS["bench pipeline"])
     bp.add_argument("--backend", choices=["folder", "ffcv", "dali", "cifar"], required=True,
                     help="cifar: --data is a CIFAR python folder; the views are 32 px unless --size says otherwise")
     bp.add_argument("--data", default="data/photos500/train",

@@ -41,9 +41,10 @@ class DataConfig:
     # where two-view batches come from: a registered backend (dogo.pipelines.BACKENDS); its own settings are the
     # sub-section named after it, e.g. data.ffcv.beton, data.dali.scan
     backend: str = "folder"
-    path: str = "data/shapes64"  # root holding one folder per split (ImageNet layout: train/, val/); cifar: the
+    # the dataset root, one folder per split, each class_name/image.jpg (ImageNet's layout: train/, val/); cifar: the
     # cifar-10-batches-py or cifar-100-python folder (splits train and test)
-    train_split: str = "train"
+    path: str = "data/shapes64"
+    train_split: str = "train"  # the split folder SSL trains on (and the kNN bank and probes' training images)
     val_split: str = "val"  # labelled split the kNN monitor queries
     # folders: the training split's class folders name the labels (ImageFolder's layout); none: every image at any
     # depth under the training split, unlabelled (folder and dali backends; ffcv: a .beton converted with --labels
@@ -75,19 +76,19 @@ class AugmentConfig:
     place: Literal["auto", "device", "workers"] = "auto"
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_p: float = 0.2
+    flip_p: float = 0.5  # horizontal flip probability
+    jitter_p: float = 0.8  # colour jitter probability; its four operations in a random order per image
+    brightness: float = 0.4  # colour jitter strengths (torchvision's ColorJitter): brightness ...
+    contrast: float = 0.4  # ... contrast ...
+    saturation: float = 0.4  # ... saturation ...
+    hue: float = 0.1  # ... and hue (at most 0.5)
+    grayscale_p: float = 0.2  # grayscale probability
     blur_p: float = 0.5  # 0 for 32 px images, as SimCLR does on CIFAR
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range, drawn per image
     blur_kernel_fraction: float = 0.1  # kernel side as a fraction of the view side (made odd)
-    solarize_p: float = 0.0
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    solarize_p: float = 0.0  # solarisation probability
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalisation mean (ImageNet's)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalisation standard deviation (ImageNet's)
 
 
 @dataclass
@@ -100,8 +101,8 @@ class PeerConfig:
     # the projection head: hidden width, output (embedding) size, Linear layers; None takes the method's paper
     # default (simclr, mocov2, simsiam 2048-128 in 2 layers; byol 4096-256; vicreg, barlowtwins 8192-8192-8192)
     head_hidden: Optional[int] = None
-    head_out: Optional[int] = None
-    head_layers: Optional[int] = None
+    head_out: Optional[int] = None  # the embedding size (see head_hidden)
+    head_layers: Optional[int] = None  # Linear layers: Linear-BN-ReLU blocks, then a Linear (see head_hidden)
     # The peer's own SSL method (dogo.engine.ssl.methods.METHODS). None: the objective's method when it names one
     # (objective.name=simclr, mocov2, ...), else simclr.
     ssl: Optional[str] = None
@@ -148,7 +149,7 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["lars", "sgd", "adamw"] = "lars"
+    name: Literal["lars", "sgd", "adamw"] = "lars"  # fused on CUDA, foreach on CPUs
     lr: float = 0.3  # learning rate per 256 images; scaled linearly by the global batch
     weight_decay: float = 1e-6  # never applied to biases and norm parameters
     momentum: float = 0.9  # lars and sgd
@@ -160,9 +161,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 100
+    epochs: int = 100  # passes over the training split
     warmup_epochs: float = 10.0  # linear warm-up from 0, then cosine to final_lr_ratio x lr
-    final_lr_ratio: float = 0.0
+    final_lr_ratio: float = 0.0  # the cosine's end as a fraction of the peak learning rate
     max_steps: int = 0  # if > 0, the run (and its schedule) is this many steps instead of `epochs`
 
 
@@ -180,7 +181,7 @@ class PrecisionConfig:
 class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     sync_bn: bool = False  # batch statistics over all ranks (SimCLR's global BN)
-    timeout_min: float = 30.0
+    timeout_min: float = 30.0  # collective timeout, minutes: a rank that stops answering ends the run
 
 
 @dataclass
@@ -204,7 +205,7 @@ class EvalConfig:
     # a linear classifier per peer on detached backbone features, trained beside SSL (its own SGD, momentum 0.9);
     # train top-1 in the log lines, val top-1 at every epoch end; the peers train bit-identically with it on or off
     online_probe: Literal["off", "on"] = "off"
-    online_probe_lr: float = 0.1
+    online_probe_lr: float = 0.1  # the online probe's SGD learning rate (constant)
     batch_size: int = 256  # per rank, for feature extraction
 
 
@@ -216,15 +217,15 @@ class LogConfig:
     # Weights & Biases (the wandb extra): the same scalars as TensorBoard and the resolved config; offline writes
     # RUN/wandb for `wandb sync` later, online needs `wandb login`; a resumed run continues the same W&B run
     wandb: Literal["off", "online", "offline"] = "off"
-    wandb_project: str = "dogo"
+    wandb_project: str = "dogo"  # the W&B project the run goes to
     wandb_entity: str = ""  # the W&B team or user; empty: your default entity
 
 
 @dataclass
 class Config:
     name: str = "run"  # the run folder is out_dir/name
-    out_dir: str = "runs"
-    seed: int = 0
+    out_dir: str = "runs"  # parent of the run folder
+    seed: int = 0  # initial weights, data order and every augmentation parameter derive from it
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees a GPU
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

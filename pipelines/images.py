@@ -7,8 +7,8 @@ declares more than MAX_PIXELS is refused from its header, before anything is dec
 truncated or corrupt one raises one of DECODE_ERRORS with the reason.
 
 A JPEG's bytes are checked first (structural_problem: libjpeg decodes random corruption with only a warning).
-JPEGs in RGB or grey go through torchvision.io.decode_jpeg (libjpeg-turbo, 1.6x PIL's decode here:
-benchmarks/results/decode_cpu2.json); it gives PIL's pixels bit for bit (tests/test_images.py) and refuses
+JPEGs in RGB or grey go through torchvision.io.decode_jpeg (libjpeg-turbo, faster than PIL's decode on our CPU);
+it gives PIL's pixels bit for bit (tests/test_images.py) and refuses
 corrupt data as PIL does. Everything else goes through PIL.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every CUDA-only branch, checked on this CPU machine so that a renamed argument fails here and not on a user's GPU:
 the same function run with the device as a parameter where the library allows it, else the call checked against
-the installed library's signature or schema. The README's GPU section lists each branch with its test here. (The
+the installed library's signature or schema. docs/gpu.md lists each branch with its test here. (The
 DALI mixed decoder's graph is defined for every recipe option in test_dali.py.)
 """
 import inspect
@@ -77,7 +77,7 @@ def test_ddp_options_on_a_torch_without_forward_sync_buffers(monkeypatch):
 
 def test_cuda_runtime_calls_exist():
     """engine/run/trainer.py (set_device, cudnn.benchmark, TF32, RNG state in checkpoints), benchmarks (synchronize,
-    memory statistics, device name), the README's sync debug mode."""
+    memory statistics, device name), docs/gpu.md's sync debug mode."""
     for name in ("set_device", "synchronize", "mem_get_info", "max_memory_allocated", "reset_peak_memory_stats",
                  "memory_allocated", "get_device_name", "get_rng_state_all", "set_rng_state_all",
                  "set_sync_debug_mode"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CIFAR-10 study on a small real split (the dev set: 1,522 train, 761 test photos), as the README reports it:
+# The CIFAR-10 study on a small real split (the dev set: 1,522 train, 761 test photos), as benchmarks/results/README.md reports it:
 #   1. SimCLR ResNet-18 for 30 minutes of training on our 2-core CPU (18 epochs), kNN monitored every 2 epochs;
 #   2. SimCLR ResNet-18 and DoGo ResNet-18 + ResNet-34 (KL weight 0.1 per row for each peer), 3 seeds each, at equal
 #      steps (4 epochs);

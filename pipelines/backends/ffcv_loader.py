@@ -59,7 +59,7 @@ class WholeImageDecoder(SimpleRGBImageDecoder):
     as the folder backend makes them (cpu_recipe.crop_and_flip: bilinear, OpenCV): FFCV's RandomResizedCrop
     decoder draws its boxes from its own generator, decodes once per view and resizes with OpenCV's area filter
     (0.4 ms per view on large crops here): with our crops the backend went from 7.2x to 11.1x torchvision
-    (benchmarks/results/pipeline_ffcv_workers_cpu2.json, README)."""
+    (benchmarks/results/pipeline_ffcv_workers_cpu2.json)."""
 
     def declare_state_and_memory(self, previous_state):
         heights, widths = self.metadata["height"], self.metadata["width"]

@@ -7,9 +7,9 @@ Gaussian blur (OpenCV's separable filter, reflect-101 borders as torchvision) an
 the ones the device recipe would draw for the same image (params.py), so a run's statistics do not depend on where
 the recipe runs; the device then only normalises (one operation).
 
-Measured on one core of our CPU machine at 224 px (benchmarks/results/recipe_cpu_ops_cpu2.json): numba kernels on
-channel planes beat OpenCV's float HSV round trip (the hue) 3x and a fused per-pixel kernel 8x; OpenCV's
-separable filter beats its GaussianBlur 3.5x for a 23-tap kernel; cv2.resize (bilinear) beats PIL's 6x.
+Each kernel was chosen by timing the alternatives on our CPU at 224 px (numba on channel planes over OpenCV's float
+HSV round trip and over one fused per-pixel kernel; OpenCV's separable filter over its GaussianBlur; cv2.resize over
+PIL's); the recipe's time today is in benchmarks/results/recipe_cpu_workers_224px_cpu2.json.
 """
 from __future__ import annotations
 
