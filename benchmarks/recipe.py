@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -94,10 +95,10 @@ def _cpu_recipe(recipe, size, repeats) -> dict:
 
 def _lars(optim_module, repeats) -> dict:
     from dogo.benchmarks.train_step import OpCounter
-    from dogo.engine.config import PeerConfig, resolved_for
+    from dogo.engine import config as config_mod
     from dogo.engine.ssl.peers import build_peer
-    cfg = resolved_for(torch.device("cpu"), peers={"r18": PeerConfig(arch="resnet18", ssl="simclr", tau=0.1),
-                                                   "r50": PeerConfig(arch="resnet50", ssl="simclr", tau=0.1)})
+    # the peers of the ImageNet DoGo config, whose LARS step this times
+    cfg = config_mod.load(Path(__file__).resolve().parents[1] / "configs" / "imagenet_r18_r50.yaml", ["device=cpu"])
     torch.manual_seed(0)
     peers = {name: build_peer(p) for name, p in cfg.peers.items()}
     for module in peers.values():

@@ -108,7 +108,7 @@ def test_fresh_start_sets_earlier_checkpoints_aside(shapes, tmp_path):
     assert any(e.get("event") == "checkpoints_set_aside" for e in events)
 
 
-@pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
+@pytest.mark.parametrize("method", ["pca", "tsne", pytest.param("umap", marks=pytest.mark.slow)])  # umap: numba compiles
 def test_plot_features_maps_the_val_split(shapes, tmp_path, method):
     pytest.importorskip("sklearn", reason="the viz extra is not installed")
     if method == "umap":

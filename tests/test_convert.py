@@ -315,6 +315,7 @@ def test_a_photo_over_ffcvs_default_page_is_stored_raw(tmp_path):
     assert report["images_written"] == 2 and sorted(zip(h.tolist(), w.tolist())) == [(30, 40), (1500, 2000)]
 
 
+@pytest.mark.slow
 def test_a_writer_that_fails_ends_the_conversion_with_one_line(tmp_path):
     """Issue 32 B3: a writer process that cannot write (here a file-size limit, as a full disk) ends the
     conversion with one line naming the cause: no hang, nothing under the output's name, no .partial, no leaked
@@ -346,6 +347,7 @@ def test_a_writer_that_fails_ends_the_conversion_with_one_line(tmp_path):
     assert set(os.listdir("/dev/shm")) <= shm_before
 
 
+@pytest.mark.slow
 def test_cli_convert_prints_no_numba_fork_warnings_and_readable_skip_reasons(tmp_path):
     """Issue 32 (also seen): every `dogo convert` printed numba's "Attempted to fork from a non-main thread, the TBB
     library may be in an invalid state" twice, and a zero-byte or foreign file's reason named PIL's BytesIO."""

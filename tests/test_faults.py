@@ -308,6 +308,7 @@ def test_images_beside_the_class_folders_are_named_and_reported(shapes, tmp_path
     assert {f["path"].rsplit("/", 1)[1] for f in written["skipped_files"]} == {"stray.jpg", "gone.jpg", "loop.jpg"}
 
 
+@pytest.mark.slow
 def test_eval_of_a_checkpoint_outside_a_run_folder_writes_beside_it(shapes, tmp_path):
     """Issue 32 G9: `dogo eval knn /path/ck/my.pt` wrote /path/knn.json (the file's grandparent), replacing what
     was there; a run's checkpoint still writes RUN/knn.json."""
@@ -352,6 +353,7 @@ def test_evaluation_labels_come_from_the_training_splits_class_list(shapes, tmp_
         open_eval_split(data, "val", 0)
 
 
+@pytest.mark.slow
 def test_a_lock_held_only_by_an_orphan_of_a_killed_run_is_taken_over(shapes, tmp_path):
     """Issue 32 D1b: kill -9 of a run left its DataLoader worker holding the inherited lock for seconds, and a
     resume then was refused. The lock names the main process; once that process is dead the lock is taken over."""
@@ -381,6 +383,7 @@ def test_a_lock_held_only_by_an_orphan_of_a_killed_run_is_taken_over(shapes, tmp
         subprocess.run(["pkill", "-f", str(run_dir)], check=False)
 
 
+@pytest.mark.slow
 def test_workers_die_with_their_parent(tmp_path):
     """die_with_parent (the DataLoader workers' init, convert's writers): a worker whose parent is killed with -9
     is gone at once, instead of lingering with the run's files open."""
@@ -409,6 +412,7 @@ def test_workers_die_with_their_parent(tmp_path):
     pytest.fail("the worker outlived its killed parent")
 
 
+@pytest.mark.slow
 def test_file_system_failures_are_one_line_naming_the_file(shapes, tmp_path):
     """Issue 32 G6 and G7: metrics.jsonl that cannot grow (a full disk; here a file-size limit, as tmpfs mounts are
     not allowed everywhere), an out_dir that is a file, an export destination inside a file: exit 2 and one line
@@ -447,6 +451,7 @@ def test_file_system_failures_are_one_line_naming_the_file(shapes, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in out and "afile" in out, out
 
 
+@pytest.mark.slow
 def test_decoding_the_largest_allowed_image_fits_four_workers_in_a_third_of_24_GB(tmp_path):
     """Issue 32 A14b: a 20000 x 20000 PNG at the old 400 M-pixel limit peaked at 7.75 GB in load_rgb (a whole-image
     copy per step), so 4 workers could exceed a 24 GB machine. The peak per pixel, measured on a 20 M-pixel PNG in a
