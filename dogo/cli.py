@@ -14,6 +14,7 @@ from rich.table import Table
 from dogo.engine import config as config_mod
 from dogo.engine.environment import device_tag
 from dogo.engine.errors import CheckpointError, ConfigError, DataError
+from dogo.engine.eval.linear import PROTOCOLS as PROBE_PROTOCOLS
 from dogo.engine.io import write_json
 from dogo.engine.run import checkpoint
 from dogo.models import backbone_spec
@@ -480,7 +481,7 @@ def _add_eval(sub) -> None:
                           description=DESCRIPTIONS["eval linear"])
     lin.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
     lin.add_argument("--peer", required=True, help="which peer's backbone to probe")
-    lin.add_argument("--protocol", choices=("standard", "fast"), default="standard", help="see above [standard]")
+    lin.add_argument("--protocol", choices=PROBE_PROTOCOLS, default="standard", help="see above [standard]")
     lin.add_argument("--epochs", type=int, default=100, help="passes over the training split")
     lin.add_argument("--batch-size", type=int, default=256, help="the probe's global batch")
     lin.add_argument("--lr", type=float, default=None,
@@ -493,7 +494,7 @@ def _add_eval(sub) -> None:
     tb = esub.add_parser("table", help="kNN and linear probe of runs' peers, their random init and raw pixels",
                          description=DESCRIPTIONS["eval table"])
     tb.add_argument("runs", nargs="+", help="checkpoint files or run folders (their newest checkpoints)")
-    tb.add_argument("--protocol", choices=("standard", "fast"), default="fast",
+    tb.add_argument("--protocol", choices=PROBE_PROTOCOLS, default="fast",
                     help="the linear probe's (dogo eval linear --help); fast by default: one feature pass per model")
     tb.add_argument("--epochs", type=int, default=100, help="linear probe: passes over the training split")
     tb.add_argument("--json", help="write the table here as JSON")

@@ -722,18 +722,19 @@ def from_dict(raw: dict, overrides: list[str] = (), this_machine: bool = False) 
         _move_keys(peer, MOVED["PeerConfig"])
     _name_knn_protocol(raw.get("eval") or {})
     cfg = build(Config, raw)
-    if cfg.eval.knn_protocol != "custom":  # the preset's k and T, filled in by resolve: an override may change it
-        cfg.eval.knn_k = cfg.eval.knn_temperature = None
     if this_machine:
         for key in MACHINE_KEYS:
             node, _, leaf = key.rpartition(".")
             setattr(_at(cfg, node), leaf, "auto")
     for override in overrides:
         apply_override(cfg, override)
+    # a preset's k and T are resolve's to fill in (the stored ones came from the stored preset); only values given
+    # on this command line stay, to be checked against the preset
     keys = {o.partition("=")[0].strip() for o in overrides}
-    if "eval.knn_protocol" in keys and cfg.eval.knn_protocol != "custom":  # a preset named now brings its own k, T
-        cfg.eval.knn_k = None if "eval.knn_k" not in keys else cfg.eval.knn_k
-        cfg.eval.knn_temperature = None if "eval.knn_temperature" not in keys else cfg.eval.knn_temperature
+    if cfg.eval.knn_protocol != "custom":
+        for key in ("knn_k", "knn_temperature"):
+            if f"eval.{key}" not in keys:
+                setattr(cfg.eval, key, None)
     return resolve(cfg)
 
 

@@ -10,10 +10,10 @@ Under torchrun each rank's classifier gradients are all-reduced (one collective 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dogo.engine.dist.distributed import all_reduce_mean
 from dogo.engine.eval.evaluate import topk_accuracy
 from dogo.engine.eval.linear import classifier
 
@@ -52,9 +52,8 @@ class OnlineProbe:
         loss.backward()
         if self.distributed:
             grads = [p.grad for p in self.classifiers.parameters()]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            for g, mean in zip(grads, flat.div_(dist.get_world_size()).split([g.numel() for g in grads])):
+            flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))  # one collective for all of them
+            for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(mean.view_as(g))
         self.optimizer.step()
         return terms

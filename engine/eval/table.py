@@ -3,10 +3,9 @@ networks at their random initialisation, and of raw pixels, all on the first run
 from __future__ import annotations
 
 import numpy as np
-
-from dogo.engine.dist.distributed import DistContext
 import torch.nn as nn
 
+from dogo.engine.dist.distributed import DistContext
 from dogo.engine.eval.evaluate import extract_features, knn_predict, pixel_features, topk_accuracy
 from dogo.engine.eval.linear import fast_probe, standard_probe
 from dogo.engine.precision import Precision
