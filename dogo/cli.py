@@ -18,7 +18,7 @@ from dogo.engine.eval.linear import PROTOCOLS as PROBE_PROTOCOLS
 from dogo.engine.io import write_json
 from dogo.engine.run import checkpoint
 from dogo.models import backbone_spec
-from dogo.plots import PlotError
+from dogo.plots import MAP_METHODS, PlotError
 from dogo.pipelines.convert import WRITE_MODES, ConvertOptions, convert, import_ffcv
 
 console = Console()
@@ -547,7 +547,7 @@ def _add_plot(sub) -> None:
     pl.add_argument("--out", help="PNG to write (default: the first run folder's curves.png, bench.png, or "
                                   "RUN/features_PEER_METHOD.png)")
     pl.add_argument("--peer", help="features: which peer (default: the first)")
-    pl.add_argument("--method", choices=("tsne", "umap", "pca"), default="tsne", help="features: the map [tsne]")
+    pl.add_argument("--method", choices=MAP_METHODS, default="tsne", help="features: the map [tsne]")
     pl.add_argument("--set", dest="overrides", action="append", default=[],
                     help="features: a config override, e.g. --set data.path=/cifar (repeatable)")
     pl.set_defaults(func=cmd_plot)

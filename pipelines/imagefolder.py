@@ -108,8 +108,9 @@ def scan(root: str | Path, classes: list[str] | None = None, labels: str = "fold
 
 
 def _scan_unlabelled(root: Path) -> ImageFolderIndex:
-    """Every image under `root` at any depth, in sorted path order, label -1 (no classes). Symbolic links to
-    folders are not followed (a loop would never end); unreadable entries are reported as skipped."""
+    """Every image under `root` at any depth, label -1 (no classes), in a fixed order: depth first, each folder's
+    entries sorted. Symbolic links to folders are not followed (a loop would never end); unreadable entries are
+    reported as skipped."""
     unlisted: list[tuple[str, str]] = []
     paths = []
 
