@@ -9,7 +9,7 @@ pytest.importorskip("wandb", reason="the wandb extra is not installed")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 from dogo.engine import config as config_mod  # noqa: E402
-from tests.helpers import tiny_config  # noqa: E402
+from tests.helpers import run_cli, tiny_config, write_config  # noqa: E402
 
 BLOCK, HEADER = 32768, 7  # the .wandb file: LevelDB's log format after a 7-byte header (':W&B', magic, version)
 
@@ -45,6 +45,7 @@ def history(records) -> dict[int, dict]:
     return out
 
 
+@pytest.mark.slow  # the resume runs the dogo command in a process of its own
 def test_an_offline_run_holds_the_scalars_and_config_and_resumes_the_same_run(shapes, tmp_path):
     from dogo.engine.run.trainer import train
     raw = tiny_config(shapes, tmp_path, log={"every": 2, "progress": "off", "wandb": "offline"},
@@ -67,8 +68,9 @@ def test_an_offline_run_holds_the_scalars_and_config_and_resumes_the_same_run(sh
                                              else r.config.update if r.WhichOneof("record_type") == "config" else [])}
     assert {"data", "peers", "objective", "optim"} <= keys
 
-    # resumed to step 6: the same W&B id, a second offline folder of it, the steps after the first run's
-    train(config_mod.from_dict(dict(raw, schedule={"max_steps": 6, "epochs": 1})))
+    # resumed to step 6 in a process of its own, as a rerun of the command is: the same W&B id, a second offline
+    # folder of it, the steps after the first run's (two W&B runs of one id in one process share W&B's service)
+    run_cli("train", str(write_config(tmp_path / "c.yaml", dict(raw, schedule={"max_steps": 6, "epochs": 1}))))
     assert (run / "wandb_run_id").read_text().strip() == run_id
     folders = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(folders) == 2
