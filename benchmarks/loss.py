@@ -1,7 +1,8 @@
 """Time (forward plus backward) and peak memory of the contrastive loss: the tiled kernel against the straightforward
 gather-with-gradient version, at growing numbers of views.
 
-Each (version, size) runs in a fresh process, so one measurement's allocations never inflate another's peak.
+Each (version, size) runs in a fresh process, so one measurement's allocations never inflate another's peak: forked
+from a fork server that imported torch once (a measurement pays its device's start, not another import).
 Peak memory is what the loss adds on top of its inputs: on CUDA from the caching allocator's peak counter, on CPU
 from the process's resident-set high-water mark (reset through /proc/self/clear_refs just before the loss; glibc
 returns large blocks to the system on free, so the mark follows the live tensors).
@@ -82,7 +83,8 @@ def _measure(version: str, views: int, dim: int, tile: int, objective: str, dtyp
 
 
 def _in_fresh_process(*args) -> dict:
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")  # the server imports and never touches a device, so its forks start clean
+    ctx.set_forkserver_preload([__name__])
     queue = ctx.Queue()
     proc = ctx.Process(target=_measure, args=(*args, queue))
     proc.start()

@@ -18,6 +18,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fork_server():
+    """multiprocessing's fork server for this pytest process: one interpreter that imports torch and the engine
+    once, from which each process the tests ask for is forked in a fraction of a second instead of importing them
+    again (seconds each). Not forked from this process itself: after a backward pass here, torch refuses autograd
+    in a fork, and a fork after a multi-threaded OpenMP region hangs."""
+    import torch.multiprocessing as mp
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "dogo.engine.run.trainer", "tests.helpers"])
+    return context
+
+
+def gloo_ranks(worker, world: int, *args) -> dict:
+    """worker(rank, world, port, *args, out) in `world` real processes that form a gloo group (forked from the fork
+    server); returns what each rank put in out[rank]."""
+    import torch.multiprocessing as mp
+    fork_server()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(worker, args=(world, free_port(), *args, out), nprocs=world, start_method="forkserver")
+        return dict(out)
+
+
+def in_a_process_of_its_own(fn, *args):
+    """fn(*args) in a process forked from the fork server, with a heap of its own (for a memory peak): its value,
+    or its exception raised here."""
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=fork_server()) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def tiny_config(data_path: Path, out_dir: Path, **sections) -> dict:
     """A DoGo config small enough for a CPU test: two ResNet-18 peers on 16 px views, batch 8."""
     cfg = {
@@ -63,9 +93,17 @@ def run_cli(*args, check=True, timeout=600, torchrun_procs: int = 0):
 
 def dogo(*args) -> int:
     """Run `dogo ...` in this process (its exit status): no interpreter start-up, for commands whose process
-    boundary is not what the test is about."""
+    boundary is not what the test is about. On one intra-op thread, as run_cli's processes (cli_env), so that
+    the two give bit-identical runs."""
+    import torch
+
     from dogo.cli import main
-    return main([str(a) for a in args])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
 
 
 class HostSyncError(AssertionError):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, dogo, run_cli, tiny_config, write_config
+from tests.helpers import REPO, dogo, tiny_config, write_config
 
 pytest.importorskip("tensorboard", reason="the viz extra is not installed")
 pytest.importorskip("matplotlib", reason="the viz extra is not installed")
@@ -24,7 +24,7 @@ def test_tensorboard_curves_of_a_run_and_its_resume(shapes, tmp_path):
     cfg = tiny_config(shapes, tmp_path, schedule={"max_steps": 3}, eval={"knn_every_epochs": 1},
                       log={"every": 1, "progress": "off", "tensorboard": "on"})
     path = write_config(tmp_path / "c.yaml", cfg)
-    run_cli("train", str(path))
+    assert dogo("train", str(path)) == 0
     run_dir = tmp_path / "t"
     scalars, acc = _events(run_dir)
     for tag in ("loss", "a/ntxent", "b/ntxent", "a/kl", "b/kl", "lr/a", "lr/b", "images_per_s", "knn_top1/a",
@@ -39,7 +39,7 @@ def test_tensorboard_curves_of_a_run_and_its_resume(shapes, tmp_path):
     np.testing.assert_allclose([v for _, v in scalars["loss"]], [r["loss"] for r in steps], rtol=1e-6)
 
     # a resumed run (3 more steps) continues the same curves: steps 1..6, each once
-    run_cli("train", str(path), "schedule.max_steps=6")
+    assert dogo("train", str(path), "schedule.max_steps=6") == 0
     scalars, _ = _events(run_dir)
     assert [s for s, _ in scalars["a/ntxent"]] == [1, 2, 3, 4, 5, 6]
 
@@ -106,7 +106,7 @@ def test_plot_bench_charts_of_the_committed_results(tmp_path):
                    if json.loads(p.read_text()).get("benchmark") in ("pipeline", "contrastive_loss", "train_step"))
     assert any("pipeline" in f for f in files) and any("loss" in f for f in files)
     out = tmp_path / "bench.png"
-    run_cli("plot", "bench", *files, "--out", str(out))
+    assert dogo("plot", "bench", *files, "--out", str(out)) == 0
     _non_trivial_png(out)
 
 

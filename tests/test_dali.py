@@ -13,7 +13,7 @@ pytest.importorskip("nvidia.dali")
 from dogo.engine.config import AugmentConfig  # noqa: E402
 from dogo.pipelines.base import Shard  # noqa: E402
 from dogo.pipelines.backends.dali_loader import DALILoader  # noqa: E402
-from tests.helpers import run_cli, tiny_config, write_config  # noqa: E402
+from tests.helpers import dogo, tiny_config, write_config  # noqa: E402
 
 CPU = torch.device("cpu")
 OFF = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, flip_p=0.0, crop_scale=(1.0, 1.0),
@@ -164,7 +164,7 @@ def test_undecodable_files_are_left_out_and_reported(shapes, tmp_path):
 def test_dogo_trains_from_the_dali_backend(shapes, tmp_path):
     cfg = tiny_config(shapes, tmp_path / "runs", data={"backend": "dali", "workers": 2},
                       schedule={"max_steps": 3})
-    run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert dogo("train", str(write_config(tmp_path / "c.yaml", cfg))) == 0
     records = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in steps)
@@ -175,9 +175,9 @@ def test_dogo_trains_from_the_dali_backend(shapes, tmp_path):
 def test_bench_pipeline_dali(shapes, tmp_path):
     import json
     out = tmp_path / "bench.json"
-    run_cli("bench", "pipeline", "--backend", "dali", "--data", str(shapes / "train"), "--size", "24", "--batch", "8",
-            "--batches", "2", "--warmup", "1", "--repeats", "1", "--workers", "1", "--device", "cpu",
-            "--json", str(out))
+    assert dogo("bench", "pipeline", "--backend", "dali", "--data", shapes / "train", "--size", "24", "--batch", "8",
+                "--batches", "2", "--warmup", "1", "--repeats", "1", "--workers", "1", "--device", "cpu",
+                "--json", out) == 0
     r = json.loads(out.read_text())
     assert r["backend"] == "dali" and r["backend_two_views"]["images_per_s"] > 0
     assert r["ratio_to_torchvision"] == pytest.approx(r["backend_two_views"]["images_per_s"]

@@ -54,8 +54,8 @@ def test_teacher_stays_bit_identical_through_training(shapes, teacher_run, tmp_p
 
 @pytest.mark.slow
 def test_disco_from_a_run_and_from_exported_files(shapes, teacher_run, tmp_path):
-    run_cli("train", str(write_config(tmp_path / "d.yaml", _disco_config(
-        shapes, tmp_path / "ckpt", checkpoint=str(teacher_run), peer="b"))))
+    assert dogo("train", str(write_config(tmp_path / "d.yaml", _disco_config(
+        shapes, tmp_path / "ckpt", checkpoint=str(teacher_run), peer="b")))) == 0
     state = checkpoint.load(checkpoint.latest(tmp_path / "ckpt" / "disco"))
     teacher_state = checkpoint.load(checkpoint.latest(teacher_run))["peers"]["b"]
     assert state["targets"]["teacher_sha256"] == state_fingerprint(teacher_state)
@@ -63,10 +63,10 @@ def test_disco_from_a_run_and_from_exported_files(shapes, teacher_run, tmp_path)
     assert [l["step"] for l in lines if "s/distill" in l] == [1, 2, 3]
 
     # the same teacher as plain files: backbone in torchvision's format plus the head
-    run_cli("export", str(teacher_run), "--peer", "b", str(tmp_path / "bb.pt"), "--head", str(tmp_path / "head.pt"))
+    assert dogo("export", teacher_run, "--peer", "b", tmp_path / "bb.pt", "--head", tmp_path / "head.pt") == 0
     files = _disco_config(shapes, tmp_path / "files", backbone=str(tmp_path / "bb.pt"),
                           head=str(tmp_path / "head.pt"), arch="resnet18")
-    run_cli("train", str(write_config(tmp_path / "f.yaml", files)))
+    assert dogo("train", str(write_config(tmp_path / "f.yaml", files))) == 0
     by_files = checkpoint.load(checkpoint.latest(tmp_path / "files" / "disco"))
     assert by_files["targets"]["teacher_sha256"] == state["targets"]["teacher_sha256"]
     # same teacher, same seed, same data: the same student
@@ -74,7 +74,7 @@ def test_disco_from_a_run_and_from_exported_files(shapes, teacher_run, tmp_path)
         assert torch.equal(v, by_files["peers"]["s"][k]), k
 
     # the student's backbone loads into torchvision
-    run_cli("export", str(tmp_path / "ckpt" / "disco"), "--peer", "s", str(tmp_path / "student.pt"))
+    assert dogo("export", str(tmp_path / "ckpt" / "disco"), "--peer", "s", str(tmp_path / "student.pt")) == 0
     model = torchvision.models.resnet18()
     model.fc = torch.nn.Identity()
     model.load_state_dict(torch.load(tmp_path / "student.pt"), strict=True)

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from dogo.engine import config as config_mod
@@ -15,7 +14,7 @@ from dogo.engine.eval.evaluate import topk_accuracy
 from dogo.engine.eval.linear import crop_and_flip, fast_probe, standard_probe
 from dogo.engine.precision import Precision
 from dogo.pipelines import open_eval_split
-from tests.helpers import free_port
+from tests.helpers import gloo_ranks
 
 
 def test_linear_probe_separates_separable_features():
@@ -98,8 +97,7 @@ def _probe_on_rank(rank, world, port, data, out):
 
 @pytest.mark.slow
 def test_standard_probe_on_two_gloo_ranks_equals_one(colours):
-    out = mp.Manager().dict()
-    mp.spawn(_probe_on_rank, args=(2, free_port(), colours, out), nprocs=2)
+    out = gloo_ranks(_probe_on_rank, 2, colours)
     one = _probe(colours, epochs=4)
     for rank in (0, 1):
         for k in one:  # the gradients' sums differ in order only: the same predictions up to an image

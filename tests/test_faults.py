@@ -64,14 +64,14 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed_at_start(shapes, t
 
 
 @pytest.mark.slow
-def test_a_diverging_run_keeps_its_last_good_checkpoint_and_eval_refuses_a_bad_one(shapes, tmp_path):
+def test_a_diverging_run_keeps_its_last_good_checkpoint_and_eval_refuses_a_bad_one(shapes, tmp_path, capsys):
     """Issue 32 E1/E2: a good run (SGD, lr 0.1, keep=1), then the same run resumed at optim.lr=1e36: the weights
     reach ~1e34 while every loss is still finite. No checkpoint of diverged weights is written, so the good one is
     neither replaced nor pruned, and it stays usable; a checkpoint with NaN weights is refused by eval."""
     import torch
 
     from dogo.engine.run.trainer import train
-    from tests.helpers import run_cli
+    from tests.helpers import dogo
     good = dict(optim={"name": "sgd", "lr": 0.1}, checkpoint={"every_steps": 1, "keep": 1},
                 schedule={"max_steps": 3, "warmup_epochs": 0})
     train(config_mod.from_dict(tiny_config(shapes, tmp_path, **good)))
@@ -82,15 +82,15 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_and_eval_refuses_a_bad_o
     kept = checkpoint.all_checkpoints(cfg.run_dir)
     assert [p.name for p in kept] == ["step_000000003.pt"], kept
     checkpoint.check_finite(checkpoint.load(kept[0]), kept[0])
-    assert run_cli("eval", "knn", str(cfg.run_dir), check=False).returncode == 0
+    assert dogo("eval", "knn", cfg.run_dir) == 0
     # a checkpoint whose weights are NaN (from before this check existed, or edited) is refused
     state = checkpoint.load(kept[-1])
     name = next(iter(state["peers"]["a"]))
     state["peers"]["a"][name] = torch.full_like(state["peers"]["a"][name], float("nan"))
     bad = tmp_path / "nan.pt"
     torch.save(state, bad)
-    proc = run_cli("eval", "knn", str(bad), check=False)
-    assert proc.returncode == 2 and "non-finite" in proc.stdout
+    capsys.readouterr()
+    assert dogo("eval", "knn", bad) == 2 and "non-finite" in capsys.readouterr().out
 
 
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
@@ -120,14 +120,15 @@ def test_a_resume_applies_a_changed_lr_and_weight_decay_and_says_so(shapes, tmp_
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_busy_run_folder_is_refused(shapes, tmp_path):
+def test_a_second_run_into_a_busy_run_folder_is_refused(shapes, tmp_path, capsys):
     """Two runs into one folder: the second is refused while the first holds the folder's lock; once the first
-    process is gone (killed: the kernel drops its lock), the next run takes the lock over and says so."""
+    process is gone (killed: the kernel drops its lock), the next run takes the lock over and says so. The holder
+    is a process of its own; the runs after it run in this one."""
     import subprocess
     import sys
     import time
 
-    from tests.helpers import REPO, run_cli
+    from tests.helpers import REPO, dogo
     path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 1}))
     run_dir = tmp_path / "t"
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -135,20 +136,21 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(shapes, tmp_path):
         "flush=True); time.sleep(60)"), str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = run_cli("train", str(path), check=False, timeout=120)
-        said = " ".join(proc.stdout.split())
-        assert proc.returncode == 2 and f"is in use by another dogo run (process {holder.pid})" in said, said
+        capsys.readouterr()
+        code = dogo("train", path)
+        said = " ".join(capsys.readouterr().out.split())
+        assert code == 2 and f"is in use by another dogo run (process {holder.pid})" in said, said
         assert not (run_dir / "metrics.jsonl").exists(), "the refused run wrote nothing"
     finally:
         holder.kill()
         holder.wait()
     time.sleep(0.2)
-    run_cli("train", str(path))
+    assert dogo("train", path) == 0
     import json
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "lock_taken_over", "pid": str(holder.pid)} in events
     # a run that finished cleanly hands the folder on without a takeover line
-    run_cli("train", str(path), "checkpoint.resume=none")
+    assert dogo("train", path, "checkpoint.resume=none") == 0
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events if e.get("event") == "lock_taken_over"] == ["lock_taken_over"], events
 
@@ -214,15 +216,14 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_leaves_the_previous_on
     import subprocess
     import sys
 
-    from tests.helpers import REPO, cli_env
+    from tests.helpers import REPO, cli_env, dogo
     path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 2},
                                                          checkpoint={"every_steps": 1}))
     run_dir = tmp_path / "t"
     limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
                "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
                "from dogo.cli import main; sys.exit(main(sys.argv[1:]))")
-    subprocess.run([sys.executable, "-m", "dogo", "train", str(path), "schedule.max_steps=1"], cwd=REPO,
-                   env=cli_env(), check=True, capture_output=True, timeout=300)
+    assert dogo("train", path, "schedule.max_steps=1") == 0  # the limited run below needs a process of its own
     first = checkpoint.latest(run_dir)
     proc = subprocess.run([sys.executable, "-c", limited, "train", str(path)], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=300)
@@ -315,7 +316,7 @@ def test_eval_of_a_checkpoint_outside_a_run_folder_writes_beside_it(shapes, tmp_
     import shutil
 
     from dogo.engine.run.trainer import train
-    from tests.helpers import run_cli
+    from tests.helpers import dogo
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1}))
     train(cfg)
     (tmp_path / "elsewhere" / "ck").mkdir(parents=True)
@@ -323,9 +324,9 @@ def test_eval_of_a_checkpoint_outside_a_run_folder_writes_beside_it(shapes, tmp_
     shutil.copy(checkpoint.latest(cfg.run_dir), mine)
     keep = tmp_path / "elsewhere" / "knn.json"
     keep.write_text("someone else's")
-    run_cli("eval", "knn", str(mine))
+    assert dogo("eval", "knn", mine) == 0
     assert keep.read_text() == "someone else's" and (mine.parent / "my.knn.json").is_file()
-    run_cli("eval", "knn", str(cfg.run_dir))
+    assert dogo("eval", "knn", cfg.run_dir) == 0
     assert (cfg.run_dir / "knn.json").is_file()
 
 
@@ -362,7 +363,7 @@ def test_a_lock_held_only_by_an_orphan_of_a_killed_run_is_taken_over(shapes, tmp
     import subprocess
     import sys
 
-    from tests.helpers import REPO, run_cli
+    from tests.helpers import REPO, dogo
     path = write_config(tmp_path / "c.yaml", tiny_config(shapes, tmp_path, schedule={"max_steps": 1}))
     run_dir = tmp_path / "t"
     # the "run": takes the lock, forks a child that inherits it (as a DataLoader worker does) and outlives it
@@ -374,8 +375,7 @@ def test_a_lock_held_only_by_an_orphan_of_a_killed_run_is_taken_over(shapes, tmp
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     try:
-        proc = run_cli("train", str(path), check=False, timeout=120)
-        assert proc.returncode == 0, proc.stdout
+        assert dogo("train", path) == 0
         events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert {"event": "lock_taken_over", "pid": str(holder.pid)} in events
     finally:
@@ -413,7 +413,7 @@ def test_workers_die_with_their_parent(tmp_path):
 
 
 @pytest.mark.slow
-def test_file_system_failures_are_one_line_naming_the_file(shapes, tmp_path):
+def test_file_system_failures_are_one_line_naming_the_file(shapes, tmp_path, capsys):
     """Issue 32 G6 and G7: metrics.jsonl that cannot grow (a full disk; here a file-size limit, as tmpfs mounts are
     not allowed everywhere), an out_dir that is a file, an export destination inside a file: exit 2 and one line
     naming the file and what to do, no traceback."""
@@ -423,7 +423,7 @@ def test_file_system_failures_are_one_line_naming_the_file(shapes, tmp_path):
     import sys
 
     from dogo.engine.run.trainer import train
-    from tests.helpers import REPO, cli_env, run_cli
+    from tests.helpers import REPO, cli_env, dogo
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 1}))
     train(cfg)
     # G6: the metrics file at the size limit, so that the next line cannot be appended
@@ -443,12 +443,14 @@ def test_file_system_failures_are_one_line_naming_the_file(shapes, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in out and "metrics.jsonl: File too large" in out, out
     # G7: out_dir is a file; an export into a path whose folder is a file
     (tmp_path / "afile").write_text("x")
-    proc = run_cli("train", str(path), f"out_dir={tmp_path / 'afile'}", check=False)
-    out = " ".join(proc.stdout.split())
-    assert proc.returncode == 2 and "Traceback" not in out and "afile" in out and "choose another path" in out, out
-    proc = run_cli("export", str(cfg.run_dir), "--peer", "a", str(tmp_path / "afile" / "bb.pt"), check=False)
-    out = " ".join(proc.stdout.split())
-    assert proc.returncode == 2 and "Traceback" not in out and "afile" in out, out
+    # (the size limit needed a process of its own; these two run in this one)
+    capsys.readouterr()
+    code = dogo("train", path, f"out_dir={tmp_path / 'afile'}")
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and "afile" in out and "choose another path" in out, out
+    code = dogo("export", cfg.run_dir, "--peer", "a", tmp_path / "afile" / "bb.pt")
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and "afile" in out, out
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from dogo.engine.errors import DataError
 from dogo.pipelines.base import Shard  # noqa: E402
 from dogo.pipelines.convert import ConvertOptions, convert  # noqa: E402
 from dogo.pipelines.imagefolder import scan  # noqa: E402
-from tests.helpers import run_cli, tiny_config, write_config  # noqa: E402
+from tests.helpers import dogo, tiny_config, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_missing_or_foreign_beton(tmp_path):
 def test_training_run_from_a_beton(beton, shapes, tmp_path):
     cfg = tiny_config(shapes, tmp_path, data={"backend": "ffcv", "ffcv": {"beton": str(beton)}},
                       schedule={"max_steps": 3})
-    run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert dogo("train", str(write_config(tmp_path / "c.yaml", cfg))) == 0
     rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in steps)
@@ -91,9 +91,9 @@ def test_training_run_from_a_beton(beton, shapes, tmp_path):
 @pytest.mark.slow
 def test_bench_pipeline_writes_all_three_rates(shapes, beton, tmp_path):
     out = tmp_path / "bench.json"
-    run_cli("bench", "pipeline", "--backend", "ffcv", "--data", str(shapes / "train"), "--beton", str(beton),
-            "--size", "24", "--batch", "8", "--batches", "2", "--warmup", "0", "--repeats", "2", "--workers", "1",
-            "--device", "cpu", "--json", str(out))
+    assert dogo("bench", "pipeline", "--backend", "ffcv", "--data", shapes / "train", "--beton", beton,
+                "--size", "24", "--batch", "8", "--batches", "2", "--warmup", "0", "--repeats", "2", "--workers", "1",
+                "--device", "cpu", "--json", out) == 0
     r = json.loads(out.read_text())
     rates = {k: r[k]["images_per_s"] for k in ("decode_only_ceiling", "torchvision", "backend_two_views",
                                                 "ffcv_decode_only")}

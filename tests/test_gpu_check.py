@@ -21,9 +21,9 @@ def test_make_gpu_check_without_a_gpu_says_so_in_one_line():
 
 
 def _interpreter_with_torch_only(where) -> str:
-    """A fresh virtual environment that sees this one's packages (torch among them) through a path file, but has
-    no dogo installed: what a GPU machine's own python is to the check."""
-    venv.create(where, with_pip=True)
+    """A fresh virtual environment that sees this one's packages (torch and pip among them) through a path file,
+    but has no dogo installed: what a GPU machine's own python is to the check."""
+    venv.create(where)
     packages = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
     target = next((where / "lib").glob("python*/site-packages"))
     (target / "torch_from_elsewhere.pth").write_text(packages + "\n")

@@ -4,11 +4,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
 from dogo.engine.ssl.objectives import objective_loss
-from tests.helpers import free_port
+from tests.helpers import gloo_ranks
 
 PEERS = {"a": PeerConfig(ssl="simclr", tau=0.2, kl_weight=1.0), "b": PeerConfig(ssl="simclr", tau=0.5, kl_weight=0.5)}
 
@@ -109,9 +108,7 @@ def _worker(rank: int, world: int, port: int, out):
 def ranks(request):
     """(world, what each rank computed) from real gloo processes."""
     world = request.param
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, free_port(), out), nprocs=world)
-    return world, dict(out)
+    return world, gloo_ranks(_worker, world)
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dogo.engine.errors import ConfigError
@@ -19,7 +18,7 @@ from dogo.engine.ssl.methods import MoCoV2Settings
 from dogo.engine.ssl.momentum import KeyQueue, MomentumEncoder, momentum_at
 from dogo.engine.ssl.targets import Targets
 from dogo.models import Peer
-from tests.helpers import free_port
+from tests.helpers import gloo_ranks
 
 
 def _rand(*shape, seed, requires_grad=True):
@@ -216,9 +215,7 @@ def _queue_worker(rank, world, port, out):
 
 @pytest.fixture(scope="module")
 def queues_of_two_ranks():
-    out = mp.Manager().dict()
-    mp.spawn(_queue_worker, args=(2, free_port(), out), nprocs=2)
-    return dict(out)
+    return gloo_ranks(_queue_worker, 2)
 
 
 @pytest.mark.slow

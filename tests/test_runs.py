@@ -1,5 +1,4 @@
-"""Whole runs through the `dogo` command in processes of their own: distributed equivalence, kill and resume,
-signals, export, evaluation."""
+"""Whole runs through the `dogo` command: distributed equivalence under torchrun, kill and resume, signals."""
 import json
 import signal
 import subprocess
@@ -10,9 +9,9 @@ import pytest
 import torch
 
 from dogo.engine.run import checkpoint
-from tests.helpers import REPO, cli_env, run_cli, tiny_config, write_config
+from tests.helpers import REPO, cli_env, dogo, fork_server, run_cli, tiny_config, write_config
 
-pytestmark = pytest.mark.slow  # every test here runs the dogo command in processes of its own
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def metrics(run_dir):
@@ -36,7 +35,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
     one = tiny_config(shapes, tmp_path / "w1", **common)
     one["data"]["image_size"] = 32
     two = dict(one, out_dir=str(tmp_path / "w2"))
-    run_cli("train", str(write_config(tmp_path / "one.yaml", one)))
+    assert dogo("train", write_config(tmp_path / "one.yaml", one)) == 0  # the one-process run in this one
     run_cli("train", str(write_config(tmp_path / "two.yaml", two)), torchrun_procs=2)
     m1, m2 = metrics(tmp_path / "w1" / "t"), metrics(tmp_path / "w2" / "t")
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
@@ -71,32 +70,39 @@ PAIRS = {  # each method's state (momentum encoders, queues, predictors) resumes
 }
 
 
+def _train_and_die_at_the_first_checkpoint(config_path: str) -> None:
+    """`dogo train CONFIG` in a process that SIGKILLs itself the moment its first checkpoint stands: a kill at a
+    known point, with no race, and no clean-up code run (as with a kill from outside)."""
+    import os
+
+    from dogo.cli import main
+    torch.set_num_threads(1)  # as the runs in the test's process (tests/helpers.py: dogo)
+    save = checkpoint.save
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save = save_then_die
+    main(["train", config_path])
+
+
 @pytest.mark.parametrize("objective", list(PAIRS))
 def test_kill_and_resume_is_bit_identical(shapes, tmp_path, objective):
     extra = PAIRS[objective]
+    # the killed run in a process of its own, the straight run and the resume in this one
     straight = write_config(tmp_path / "s.yaml", tiny_config(shapes, tmp_path / "straight", **extra))
-    run_cli("train", str(straight))
+    assert dogo("train", straight) == 0
 
     resumed_cfg = tiny_config(shapes, tmp_path / "resumed", checkpoint={"every_steps": 3}, **extra)
     resumed = write_config(tmp_path / "r.yaml", resumed_cfg)
     ckpt3 = tmp_path / "resumed" / "t" / "checkpoints" / "step_000000003.pt"
-    # SIGKILL at a known point, with no race: the process kills itself the moment its step-3 checkpoint stands
-    # (no clean-up code runs, as with a kill from outside)
-    kill_after_checkpoint = (
-        "import os, signal, sys\n"
-        "from dogo.engine.run import checkpoint\n"
-        "save = checkpoint.save\n"
-        "def save_then_die(*args, **kwargs):\n"
-        "    path = save(*args, **kwargs)\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "checkpoint.save = save_then_die\n"
-        "from dogo.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
-    proc = subprocess.run([sys.executable, "-c", kill_after_checkpoint, "train", str(resumed)], cwd=REPO,
-                          env=cli_env(), capture_output=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL
+    killed = fork_server().Process(target=_train_and_die_at_the_first_checkpoint, args=(str(resumed),))
+    killed.start()
+    killed.join(600)
+    assert killed.exitcode == -signal.SIGKILL
     assert checkpoint.latest(tmp_path / "resumed" / "t") == ckpt3
-    run_cli("train", str(resumed))  # resume: auto
+    assert dogo("train", resumed) == 0  # resume: auto
 
     a, b = final_peers(tmp_path / "straight" / "t"), final_peers(tmp_path / "resumed" / "t")
     for peer in a:

@@ -9,7 +9,7 @@ import pytest
 from dogo.engine import config as config_mod
 from dogo.engine.errors import DataError
 from dogo.pipelines.imagefolder import scan
-from tests.helpers import run_cli, tiny_config, write_config
+from tests.helpers import dogo, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_training_from_an_unlabelled_folder(loose, tmp_path):
     root, _ = loose
     cfg = tiny_config(root, tmp_path, schedule={"max_steps": 3})
     cfg["data"]["labels"] = "none"
-    run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert dogo("train", str(write_config(tmp_path / "c.yaml", cfg))) == 0
     rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in steps)
@@ -71,6 +71,6 @@ def test_convert_an_unlabelled_folder_and_train_from_it(loose, tmp_path):
     assert classes["classes"] == [] and classes["images_per_class"] == []
     cfg = tiny_config(root, tmp_path, schedule={"max_steps": 2})
     cfg["data"].update(backend="ffcv", labels="none", ffcv={"beton": str(beton)})
-    run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert dogo("train", str(write_config(tmp_path / "c.yaml", cfg))) == 0
     rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]

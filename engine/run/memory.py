@@ -3,6 +3,7 @@
 The estimate is the sum of
 - what stays: the peers' parameters, gradients and optimiser state (DDP's gradient buckets when distributed), MoCo's
   key encoders and queues, the DisCo teacher;
+- the methods' d x d loss temporaries (VICReg, Barlow Twins) where they exceed the gradients, which they precede;
 - what grows with the batch: the activations autograd saves for the backward pass, counted by running the peers'
   forward on the meta device (no memory, no compute) with a hook on every saved tensor, at the configured
   precision and memory format, plus the step's input views;
@@ -140,10 +141,19 @@ def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryMo
         "gradients": params * (2 if world_size > 1 else 1),  # DDP keeps its own gradient buckets
         "optimizer": params * _optimizer_state_factor(cfg),
         "targets": _target_bytes(cfg),
-        "method losses": sum(METHODS.get(p.ssl, f"peers.{n}.ssl").loss_bytes(p) for n, p in cfg.peers.items()),
+        "method losses": _method_loss_bytes(cfg, params, world_size),
     }
     return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4,
                        model.n_views * 3 * s ** 2 * elem)
+
+
+def _method_loss_bytes(cfg: Config, params: int, world_size: int) -> int:
+    """The methods' d x d loss temporaries (VICReg's covariances, Barlow Twins' cross-correlation) beyond the step's
+    gradients: they are alive in the loss's forward and backward, before any parameter gradient of the step exists,
+    and on one rank the previous step's gradients are freed first (zero_grad(set_to_none=True)), so the two never
+    coexist. DDP's gradient buckets stay allocated: there they add up."""
+    loss_bytes = sum(METHODS.get(p.ssl, f"peers.{n}.ssl").loss_bytes(p) for n, p in cfg.peers.items())
+    return loss_bytes if world_size > 1 else max(0, loss_bytes - params)
 
 
 def estimate(cfg: Config, world_size: int, precision: Precision) -> MemoryEstimate:
