@@ -18,22 +18,19 @@ def _peak_of_two_steps(config: str, overrides: list[str]) -> dict:
     """The estimate, and the resident-memory peak of 2 training steps above what the process held before the
     trainer (VmHWM reset to the resident set first); the second step runs with all the step keeps (optimiser state,
     momentum encoders) allocated."""
+    from dogo.engine.environment import process_bytes
     from dogo.engine.run.memory import estimate
     from dogo.engine.run.trainer import Trainer
-
-    def status(key):
-        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
     torch.set_num_threads(1)  # as the CLI tests' processes (cli_env)
     cfg = config_mod.load(config, overrides)
     est = estimate(cfg, 1, Precision.of(cfg)).total
     Path("/proc/self/clear_refs").write_text("5")
-    base = status("VmRSS")
+    base = process_bytes("VmRSS")
     trainer = Trainer(cfg)
     batches = iter(trainer.loader)
     for _ in range(2):
         trainer.step(next(batches))
-    return {"estimate": est, "peak": status("VmHWM") - base}
+    return {"estimate": est, "peak": process_bytes("VmHWM") - base}
 
 
 @pytest.mark.slow
