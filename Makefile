@@ -53,7 +53,7 @@ endif
 demo: $(STAMP) $(DEMO_DATA)
 	$(DEMO_ENV) $(DOGO) train configs/demo.yaml checkpoint.resume=none
 	$(DEMO_ENV) $(DOGO) eval knn runs/demo
-	$(DOGO) plot runs/demo --out runs/demo/curves.png
+	$(DOGO) plot curves runs/demo --out runs/demo/curves.png
 
 # make demo, then its table against the committed result file (on a CPU: equal to the printed 2 decimals).
 demo-check: demo

@@ -222,7 +222,7 @@ demo() {
   "${DOGO[@]}" train configs/demo.yaml checkpoint.resume=none out_dir="$OUT/runs" device=$DEVICE $DEMO_STEPS \
     data.path="$DEMO_DATA" &&
   "${DOGO[@]}" eval knn "$OUT/runs/demo" device=$DEVICE --json "$OUT/demo_knn.json" &&
-  "${DOGO[@]}" plot "$OUT/runs/demo" --out "$OUT/demo_curves.png"
+  "${DOGO[@]}" plot curves "$OUT/runs/demo" --out "$OUT/demo_curves.png"
 }
 step demo $T_DEMO demo
 

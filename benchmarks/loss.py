@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from dogo.engine.environment import available_bytes, process_bytes
-from dogo.engine.ssl.contrastive import auto_tile
+from dogo.core.environment import available_bytes, process_bytes
+from dogo.engine.config.resolve import auto_tile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -96,7 +96,7 @@ def _in_fresh_process(*args) -> dict:
 
 def bench_loss(views: list[int], dim: int, tile: int, objective: str, dtype: str, device: str, repeats: int,
                max_seconds: float, goal_views: int = 65536, log=print) -> dict:
-    from dogo.engine.environment import environment
+    from dogo.core.environment import environment
     dev = torch.device(device)
     rows = []
     for n in views:
@@ -143,3 +143,24 @@ def _goal(rows: list[dict], goal_views: int) -> dict:
     goal["time_ratios"] = timed
     goal["time_met"] = bool(timed) and all(v <= 1.2 for v in timed.values())
     return goal
+
+
+COLUMNS = ("views", "kernel s", "kernel peak", "straightforward s", "straightforward peak", "memory", "time")
+
+
+def table_rows(result: dict) -> list[tuple[str, ...]]:
+    """The rows of `dogo bench loss`'s table (COLUMNS), one per view count."""
+    def gib(x):
+        return f"{x / 2 ** 30:.3f} GiB"
+    rows = []
+    for r in result["results"]:
+        k, s = r["kernel"], r["straightforward"]
+        rows.append((
+            str(r["views"]), f"{k['seconds_median']:.3f}" if "seconds_median" in k else k.get("failed", "-"),
+            gib(k["peak_bytes"]) if "peak_bytes" in k else "-",
+            f"{s['seconds_median']:.3f}" if "seconds_median" in s else "would not fit",
+            gib(s["peak_bytes"]) if "peak_bytes" in s else f">= {gib(r['straightforward_lower_bound_bytes'])}",
+            f"{r['memory_ratio']:.4f}" if "memory_ratio" in r else
+            (f"<= {r['memory_ratio_vs_lower_bound']:.4f}" if "memory_ratio_vs_lower_bound" in r else "-"),
+            f"{r['time_ratio']:.2f}x" if "time_ratio" in r else "-"))
+    return rows

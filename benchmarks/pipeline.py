@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from dogo.benchmarks.train_step import sync
-from dogo.engine.environment import environment
+from dogo.core.environment import environment
 from dogo.engine.config import AugmentConfig, DataConfig, resolved_for
-from dogo.engine.precision import Precision
+from dogo.core.precision import Precision
 from dogo.pipelines import build_loader
 from dogo.pipelines.base import endless
 from dogo.pipelines.recipe.device import blur_kernel_size
@@ -265,3 +265,14 @@ def bench_cifar(path: Path, size: int, batch: int, batches: int, warmup: int, re
     result["ratio_to_torchvision"] = rate / result["torchvision"]["images_per_s"]
     result["environment"] = environment(device)
     return result
+
+
+def summary(result: dict, backend: str, size: int) -> str:
+    """The line `dogo bench pipeline` prints for a result."""
+    if backend == "cifar":
+        return (f"cifar: {result['backend_two_views']['images_per_s']:.1f} images/s (two views at {size} px) "
+                f"= {result['ratio_to_folder']:.1f}x the folder backend, {result['ratio_to_torchvision']:.1f}x "
+                f"torchvision")
+    return (f"{backend} ({result['placement']}): {result['backend_two_views']['images_per_s']:.1f} images/s (two "
+            f"views at {size} px) = {result['ratio_to_torchvision']:.2f}x torchvision, "
+            f"{result['ratio_to_decode_ceiling']:.2f}x the decode-only ceiling; goal met: {result['goal_met']}")

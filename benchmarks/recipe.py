@@ -1,13 +1,14 @@
 """The recipe and the optimiser step measured on their own: `dogo bench recipe`.
 
-- device recipe (augment.DeviceRecipe) on uint8 crops: bytes moved per image per view as a GPU runs it (float16
+- device recipe (recipe.device.DeviceRecipe) on uint8 crops: bytes moved per image per view as a GPU runs it (float16
   work, counted op by op: benchmarks/traffic.py), and its time per image per view on this machine's device, eager
   and with precision.compile;
-- CPU-worker recipe (cpu_recipe.CpuRecipe): time per image per view on one core, crop included;
+- CPU-worker recipe (recipe.cpu.CpuRecipe): time per image per view on one core, crop included;
 - the LARS step over the parameters of the ImageNet DoGo peers (ResNet-18 + ResNet-50): time and aten ops;
-- with --reference FILE (an earlier pipelines/recipe/device.py with BatchAugment, e.g. from `git show
-  f5eabc4:pipelines/recipe/device.py`) and --reference-optim FILE (an earlier engine/run/optim.py): the same figures for
-  that code, measured in the same run, so before and after stand side by side.
+- with --reference FILE (an earlier device recipe with BatchAugment, e.g. `git show f5eabc4:pipelines/augment.py
+  > /tmp/augment_f5eabc4.py`) and --reference-optim FILE (an earlier optimiser module, e.g. `git show
+  f5eabc4:engine/optim.py > /tmp/optim_f5eabc4.py`): the same figures for that code, measured in the same run, so
+  before and after stand side by side.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from dogo.engine.config import AugmentConfig
-from dogo.engine.environment import environment
+from dogo.core.environment import environment
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 1) -> dict:

@@ -14,8 +14,8 @@ import time
 import torch
 
 from dogo.engine.config import Config, to_dict
-from dogo.engine.environment import environment
-from dogo.engine.environment import process_bytes
+from dogo.core.environment import environment
+from dogo.core.environment import process_bytes
 from dogo.pipelines.base import endless
 
 
@@ -218,3 +218,23 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
         result["ratio_to_synthetic_ceiling"] = (whole["images_per_s_median"]
                                                 / ceiling["step_with_batch_and_augmentation"]["images_per_s_median"])
     return result
+
+
+def summary(result: dict, name: str) -> str:
+    """The line `dogo bench train` prints for a result."""
+    env = result["environment"]
+    w, e, c = (result[k] for k in ("step_with_batch_and_augmentation", "engine_only", "plain_model_ceiling"))
+    ratios = result["ratios"]
+    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak: --peak-tflops)"
+    line = (f"{name} on {env['gpu'] or 'CPU'}: {w['images_per_s_median']:.1f} images/s per device "
+            f"(whole step; {e['images_per_s_median']:.1f} engine only; {c['images_per_s_median']:.1f} "
+            f"plain-model ceiling; whole/engine {ratios['whole_to_engine']:.3f}, whole/ceiling "
+            f"{ratios['whole_to_ceiling']:.3f}, engine/ceiling {ratios['engine_to_ceiling']:.3f}); "
+            f"{result['flops_per_image'] / 1e9:.2f} GFLOP per image, {result['tflops']:.3f} TFLOP/s, "
+            f"MFU {mfu}, {result['ops_per_step']} ops per step; memory estimate "
+            f"{result['memory']['estimate_bytes'] / 2 ** 30:.2f} GiB, measured "
+            f"{result['memory']['measured_peak_bytes'] / 2 ** 30:.2f} GiB")
+    if "synthetic_ceiling" in result:
+        line += (f"; {result['ratio_to_synthetic_ceiling']:.2f}x the synthetic-data ceiling of "
+                 f"{result['synthetic_ceiling']['images_per_s_median']:.1f} images/s")
+    return line

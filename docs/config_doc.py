@@ -2,8 +2,8 @@
 `python docs/config_doc.py --check` fails when a field has no comment or the file is stale (tests/test_docs.py).
 
 A field's documentation is the block of comment lines directly above it plus its trailing comment; the default is
-read from the dataclass itself. Per-method (peers.NAME.<method>) and per-backend (data.<backend>) sub-sections come
-from the registries, as the config builds them.
+read from the dataclass itself. Per-method (peers.NAME.<method>) and per-backend (data.<backend>) sub-sections are
+the schema's SECTION fields, listed after their parent's keys.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ OUT = Path(__file__).with_name("config.md")
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """{field: its comment text} from the source of the class that declares the fields (a base for with_sections)."""
+    """{field: its comment text} from the source of the class that declares the fields."""
     names = {f.name for f in dataclasses.fields(cls)}
-    lines = inspect.getsource(cls).splitlines()  # a with_sections class is found by name: its base's source
+    lines = inspect.getsource(cls).splitlines()
     out: dict[str, str] = {}
     above: list[str] = []
     for line in lines[1:]:
@@ -103,8 +103,8 @@ def render() -> tuple[str, list[str]]:
     table = rows(Config, "", missing)
     lines = ["# Configuration keys", "",
              "Every key of a dogo config, its default and what it does; generated from the comments of the config "
-             "dataclasses (`engine/config.py`, the methods' settings in `engine/ssl/methods.py`, the backends' in "
-             "`pipelines/__init__.py`) by `python docs/config_doc.py` (`make docs`); do not edit by hand. A config "
+             "dataclasses (`engine/config/schema.py`, with the methods' and the backends' own settings) by "
+             "`python docs/config_doc.py` (`make docs`); do not edit by hand. A config "
              "file sets any of them in YAML; `key=value` on the command line overrides it (see the README's "
              "Configuration). `auto` values are settled once when the config is loaded, and the run's "
              "`config.yaml` records what they became.", "",

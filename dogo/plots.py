@@ -9,7 +9,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from dogo.engine.io import atomic_write
+from dogo.core.io import atomic_write
 
 
 class PlotError(ValueError):

@@ -5,7 +5,7 @@ Two kinds of names: the registered torchvision ones (BACKBONES: resnet18, ...), 
 the timm library (the timm extra), created with `num_classes=0`, the view size where the model takes one (ViTs,
 Swin) and the peer's `arch_args` (e.g. a ViT's patch_size). A backbone maps images (N, 3, H, W) to pooled features
 (N, num_features). Its state_dict keys are its library's, minus the classifier, so an exported backbone loads into
-the library's model without its classifier (see `export_hint`).
+the library's model without its classifier (see `Backbone.load_lines`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Callable
 import torch.nn as nn
 import torchvision.models as tvm
 
-from dogo.engine.errors import ConfigError, Registry, close_names
+from dogo.core.errors import ConfigError, close_names
+from dogo.core.registry import BACKBONES
 
 TIMM = "timm:"
 # timm's transformer families: their one convolution (the patch embedding) gains nothing from channels_last
@@ -36,6 +37,8 @@ class Backbone:
     cifar_stem: bool = False  # takes dogo's CIFAR stem (3x3 stride-1 first conv, no max-pool)
     channels_last: bool = True  # convolutions that run faster on channels_last images on GPUs
     sized: bool = False  # built for the view size (timm's transformers take img_size)
+    # the CIFAR stem (when cifar_stem), as plain torch statements on the library's model `m`: what export prints
+    cifar_stem_code: str = ""
 
     def classifier_keys(self) -> tuple[str, ...]:
         """Prefixes of a full library model's state_dict that are the classifier (dropped when loading one)."""
@@ -48,36 +51,26 @@ class Backbone:
         names = getattr(module, "no_weight_decay", None)
         return set(names()) if callable(names) else set()
 
-    def export_hint(self, path: str, image_size: int, arch_args: dict, library: str | None = None) -> str:
-        """How to load an exported backbone with `library` (default: its own)."""
+    def load_lines(self, path: str, image_size: int, arch_args: dict, library: str | None = None,
+                   cifar_stem: bool = False) -> list[str]:
+        """Python statements that load an exported backbone with `library` (default: its own) alone, one per line
+        (each line runs as pasted): the library's model, dogo's CIFAR stem rebuilt if it was trained with it, no
+        classifier, then the weights, strictly."""
         if (library or self.library) == "timm":
             name = self.library_model if self.library == "timm" else self.timm_name
             extra = "".join(f", {k}={v!r}" for k, v in arch_args.items())
             size = f", img_size={image_size}" if self.sized else ""
-            return (f"m = timm.create_model('{name}', num_classes=0{size}{extra}); "
-                    f"m.load_state_dict(torch.load('{path}'), strict=True)")
-        return (f"m = {self.library_model}(); m.{self.classifier} = torch.nn.Identity(); "
-                f"m.load_state_dict(torch.load('{path}'), strict=True)")
-
-
-BACKBONES: Registry[Backbone] = Registry("backbone")
-
-
-def register_backbone(name: str, backbone: Backbone) -> Backbone:
-    return BACKBONES.register(name, backbone)
-
-
-def backbone_spec(arch: str, key: str = "arch") -> Backbone:
-    """The contract of `arch`: a registered name or timm:<name>; a ConfigError naming `key` otherwise."""
-    if arch.startswith(TIMM):
-        return _timm_spec(arch[len(TIMM):], key)
-    return BACKBONES.get(arch, key)
+            return ["import timm, torch", f"m = timm.create_model('{name}', num_classes=0{size}{extra})",
+                    f"m.load_state_dict(torch.load('{path}'), strict=True)"]
+        return ["import torch, torchvision", f"m = {self.library_model}()",
+                *([self.cifar_stem_code] if cifar_stem else []), f"m.{self.classifier} = torch.nn.Identity()",
+                f"m.load_state_dict(torch.load('{path}'), strict=True)"]
 
 
 def build_backbone(name: str, cifar_stem: bool = False, zero_init_residual: bool = False, key: str = "arch",
                    image_size: int = 224, arch_args: dict | None = None) -> tuple[nn.Module, int]:
     """(module, num_features) of backbone `name` (`key`: the config key naming it, for errors)."""
-    spec = backbone_spec(name, key)
+    spec = BACKBONES.get(name, key)
     if zero_init_residual and not spec.zero_init_residual:
         raise ConfigError(f"{key}: the {name} backbone has no residual blocks for zero_init_residual")
     if cifar_stem and not spec.cifar_stem:
@@ -120,6 +113,9 @@ def _timm_spec(name: str, key: str) -> Backbone:
                     library_model=name, channels_last=not transformer, sized=transformer)
 
 
+BACKBONES.register_family(TIMM, _timm_spec)
+
+
 def _resnet(ctor) -> Callable[[bool, bool, int, dict], tuple[nn.Module, int]]:
     def factory(cifar_stem: bool, zero_init_residual: bool, image_size: int, arch_args: dict) -> tuple[nn.Module, int]:
         # zero_init_residual: the last BN of each block starts at zero scale (SimCLR's ResNet does so), so every
@@ -133,6 +129,12 @@ def _resnet(ctor) -> Callable[[bool, bool, int, dict], tuple[nn.Module, int]]:
             net.maxpool = nn.Identity()
         return net, dim
     return factory
+
+
+# the stems of _resnet and _classifier_net as plain torch statements (Backbone.cifar_stem_code)
+_RESNET_CIFAR_STEM = ("m.conv1 = torch.nn.Conv2d(3, m.conv1.out_channels, kernel_size=3, stride=1, padding=1, "
+                      "bias=False); m.maxpool = torch.nn.Identity()")
+_FEATURES_CIFAR_STEM = "m.features[0][0].stride = (1, 1)"
 
 
 def _classifier_net(ctor, dim_of: Callable[[nn.Module], int]) -> Callable[[bool, bool, int, dict], tuple[nn.Module, int]]:
@@ -149,15 +151,17 @@ def _classifier_net(ctor, dim_of: Callable[[nn.Module], int]) -> Callable[[bool,
 
 for _name, _ctor in [("resnet18", tvm.resnet18), ("resnet34", tvm.resnet34),
                      ("resnet50", tvm.resnet50), ("resnet101", tvm.resnet101)]:
-    register_backbone(_name, Backbone(_resnet(_ctor), classifier="fc", library="torchvision",
+    BACKBONES.register(_name, Backbone(_resnet(_ctor), classifier="fc", library="torchvision",
                                       library_model=f"torchvision.models.{_name}", timm_name=_name,
-                                      zero_init_residual=True, cifar_stem=True))
+                                      zero_init_residual=True, cifar_stem=True, cifar_stem_code=_RESNET_CIFAR_STEM))
 
 # EfficientNet's classifier is Dropout-Linear; MobileNetV3's is Linear-Hardswish-Dropout-Linear: the pooled
 # features are what enters the first Linear.
-register_backbone("efficientnet_b0", Backbone(
+BACKBONES.register("efficientnet_b0", Backbone(
     _classifier_net(tvm.efficientnet_b0, lambda n: n.classifier[1].in_features), classifier="classifier",
-    library="torchvision", library_model="torchvision.models.efficientnet_b0", cifar_stem=True))
-register_backbone("mobilenet_v3_large", Backbone(
+    library="torchvision", library_model="torchvision.models.efficientnet_b0", cifar_stem=True,
+    cifar_stem_code=_FEATURES_CIFAR_STEM))
+BACKBONES.register("mobilenet_v3_large", Backbone(
     _classifier_net(tvm.mobilenet_v3_large, lambda n: n.classifier[0].in_features), classifier="classifier",
-    library="torchvision", library_model="torchvision.models.mobilenet_v3_large", cifar_stem=True))
+    library="torchvision", library_model="torchvision.models.mobilenet_v3_large", cifar_stem=True,
+    cifar_stem_code=_FEATURES_CIFAR_STEM))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dogo.models.backbones import backbone_spec, build_backbone
+from dogo.core.registry import BACKBONES
+from dogo.models.backbones import build_backbone
 
 
 def projection_head(in_dim: int, hidden: int, out: int, out_bn: bool = False, layers: int = 2,
@@ -51,7 +52,7 @@ class Peer(nn.Module):
         self.backbone, self.num_features = build_backbone(arch, cifar_stem, zero_init_residual,
                                                           image_size=image_size, arch_args=arch_args)
         # parameters the backbone's library keeps out of weight decay (a ViT's position embedding, class token)
-        self.no_weight_decay = {f"backbone.{n}" for n in backbone_spec(arch).no_weight_decay(self.backbone)}
+        self.no_weight_decay = {f"backbone.{n}" for n in BACKBONES.get(arch, "arch").no_weight_decay(self.backbone)}
         self.head = projection_head(self.num_features, head_hidden, head_out, out_bn, head_layers, head_bias)
         self.embedding_dim = head_out
         self.predictor = predictor

@@ -1,43 +1,19 @@
 """Stored images to device-resident two-view batches. One module per backend (pipelines/backends/), one protocol
-(base.TwoViewLoader), and the registry below: adding a backend is its module (with `make_loader` and, if it has
-labelled images of its own, `open_eval_split`), one entry here, and its settings dataclass if it has settings (the
-config's data.<name> sub-section)."""
+(base.TwoViewLoader), and the entries below in dogo.core.registry.BACKENDS: adding a backend is its module (with
+`make_loader` and, if it has labelled images of its own, `open_eval_split`), one entry here, and its settings, if it
+has any, as the config's data.<name> sub-section (engine/config/schema.py)."""
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from dogo.engine.errors import DataError, Registry
+from dogo.core.errors import DataError
+from dogo.core.registry import BACKENDS
 from dogo.pipelines.base import EvalSplit, TwoViewBatch, TwoViewLoader
 
-__all__ = ["BACKENDS", "EvalSplit", "TwoViewBatch", "TwoViewLoader", "build_loader", "open_eval_split"]
-
-
-@dataclass
-class FFCVSettings:
-    beton: str = ""  # the training split as a .beton (dogo convert); evaluation still reads data.path
-    order: Literal["random", "quasi_random"] = "random"  # quasi_random reads the file in shuffled blocks
-    os_cache: bool = True  # read through the OS page cache (False: FFCV's own process cache)
-    image_field: str = "image"  # the .beton's RGB image field (stock FFCV scripts may write e.g. 'img')
-    label_field: str = "label"  # its integer label field (e.g. 'target')
-
-
-@dataclass
-class DALISettings:
-    hw_decoder_load: float = 0.65  # on a GPU: share of the JPEGs given to the hardware decoder
-    # before the first batch every file is checked (DALI can crash or train on garbage on a broken file).
-    # whole: every byte read and every JPEG decoded at 1/8 scale in processes (corrupt data found, also what breaks
-    # no structure); ends: the first 64 kB and the last bytes, nothing decoded (truncation and declared size only: a
-    # much faster start on a dataset already checked, e.g. by dogo convert)
-    scan: Literal["whole", "ends"] = "whole"
-
-
-@dataclass
-class SyntheticSettings:
-    images: int = 2048  # dataset size (random pixels, for speed tests)
+__all__ = ["EvalSplit", "TwoViewBatch", "TwoViewLoader", "build_loader", "open_eval_split"]
 
 
 @dataclass(frozen=True)
@@ -45,21 +21,18 @@ class Backend:
     module: str  # defines make_loader(data, **common) and, unless eval_module says otherwise, open_eval_split
     labelled: bool  # has labelled evaluation images (kNN monitor, linear probe)
     extra: str | None = None  # the pip extra that installs the library it needs
-    settings: type | None = None  # its config sub-section (data.<name>)
     eval_module: str | None = None  # the module whose open_eval_split reads its evaluation images
     unlabelled_training: bool = False  # trains from images without labels (data.labels=none)
 
 
 _FOLDER = "dogo.pipelines.backends.folder"
-BACKENDS: Registry[Backend] = Registry("data backend")
 BACKENDS.register("folder", Backend(_FOLDER, labelled=True, unlabelled_training=True))
 BACKENDS.register("cifar", Backend("dogo.pipelines.backends.cifar", labelled=True))
 BACKENDS.register("ffcv", Backend("dogo.pipelines.backends.ffcv_loader", labelled=True, extra="ffcv",
-                                  settings=FFCVSettings, eval_module=_FOLDER, unlabelled_training=True))
+                                  eval_module=_FOLDER, unlabelled_training=True))
 BACKENDS.register("dali", Backend("dogo.pipelines.backends.dali_loader", labelled=True, extra="dali",
-                                  settings=DALISettings, eval_module=_FOLDER, unlabelled_training=True))
-BACKENDS.register("synthetic", Backend("dogo.pipelines.backends.synthetic", labelled=False,
-                                       settings=SyntheticSettings))
+                                  eval_module=_FOLDER, unlabelled_training=True))
+BACKENDS.register("synthetic", Backend("dogo.pipelines.backends.synthetic", labelled=False))
 
 
 def _import(backend_name: str, module: str):
@@ -95,3 +68,16 @@ def open_eval_split(data, split: str, workers: int) -> EvalSplit:
                         f"eval.knn_every_epochs=0 or train on a backend with labels "
                         f"({', '.join(n for n, b in BACKENDS.items() if b.labelled)})")
     return _import(data.backend, backend.eval_module or backend.module).open_eval_split(data, split, workers)
+
+
+def describe_data(data, needs_val: bool) -> list[str]:
+    """Lines counting the splits a run will read (data: DataConfig), opening each as training and evaluation will:
+    a DataError names what cannot be read. needs_val: the val split is read too (the kNN monitor, the online probe).
+    A backend without a data check says so in its line."""
+    backend = BACKENDS.get(data.backend, "data.backend")
+    module = _import(data.backend, backend.eval_module or backend.module)
+    if not hasattr(module, "describe_split"):
+        return [f"data.backend={data.backend}: no data to check"]
+    splits = [data.train_split] + ([data.val_split] if needs_val else [])
+    unlabelled = {"labels": "none"} if data.labels == "none" else {}  # the training split only (checks.py)
+    return [module.describe_split(data.path, split, **unlabelled) for split in splits]

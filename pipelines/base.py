@@ -12,7 +12,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from dogo.engine.errors import DataError
+from dogo.core.errors import DataError
 
 
 def die_with_parent(*_) -> None:

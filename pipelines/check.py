@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from dogo.engine.errors import DataError
-from dogo.pipelines import BACKENDS
+from dogo.core.errors import DataError
+from dogo.core.registry import BACKENDS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,8 @@ Every image is stored as the training backends decode it (pipelines.images: upri
 huge JPEGs decoded at the smallest DCT scale that still covers --max-resolution. Labels are the sorted
 class-folder names' indices.
 
-The .beton is written as DST.partial and renamed when complete; the class list (DST.classes.json) and the report
-of skipped files (DST.report.json) stand beside it.
+The .beton is written as DST.partial and renamed when complete; the class list (NAME.classes.json, NAME: DST without .beton)
+and the report of skipped files (NAME.report.json) stand beside it.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dogo.engine.io import atomic_write_text
-from dogo.engine.errors import DataError
+from dogo.core.io import atomic_write_text
+from dogo.core.errors import DataError
 from dogo.pipelines.base import die_with_parent
 from dogo.pipelines.imagefolder import scan
 from dogo.pipelines.images import TooManyPixels, load_rgb, skip_reason
@@ -215,7 +215,7 @@ class _WriterWatch:
 
 
 def sidecar(dst: Path, kind: str) -> Path:
-    """DST.classes.json / DST.report.json beside DST.beton."""
+    """NAME.classes.json / NAME.report.json beside NAME.beton (DST without its suffix)."""
     return dst.with_name(dst.stem + f".{kind}.json")
 
 
@@ -279,12 +279,17 @@ def _stop_writers(writer, queues: list) -> None:
 
 
 def import_ffcv() -> None:
-    """Import FFCV for converting (ImportError when it is not installed). Importing FFCV starts numba's TBB
+    """Import FFCV for converting (a DataError saying how to install it when it is not installed). Importing FFCV starts numba's TBB
     threading layer, which warns at every fork from a thread other than the main one, and the converter forks from
     one (_interruptible); it runs no parallel kernel, so numba's plain layer is chosen first."""
-    import numba
-    numba.config.THREADING_LAYER = "workqueue"
-    import ffcv  # noqa: F401
+    try:
+        import numba
+        numba.config.THREADING_LAYER = "workqueue"
+        import ffcv  # noqa: F401
+    except ImportError as exc:
+        raise DataError(f"dogo convert needs FFCV ({exc}); install it with `pip install dogo[ffcv]` after its system "
+                        "packages (apt-get install libturbojpeg0-dev libopencv-dev pkg-config), or run make setup") \
+            from None
 
 
 def _check_destination(dst: Path, overwrite: bool) -> None:
@@ -297,7 +302,7 @@ def _check_destination(dst: Path, overwrite: bool) -> None:
 
 
 def _write_sidecars(src: Path, dst: Path, index, labels, bad: dict, written: int, options, seconds: float) -> dict:
-    """DST.classes.json (the class list and counts) and DST.report.json (what was written and left out); the
+    """NAME.classes.json (the class list and counts) and NAME.report.json (what was written and left out); the
     report."""
     counts = np.bincount(labels[labels >= 0], minlength=len(index.classes))  # unlabelled (-1): no class
     atomic_write_text(sidecar(dst, "classes"), json.dumps(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dogo.engine.errors import DataError
+from dogo.core.errors import DataError
 from dogo.pipelines.images import IMAGE_EXTENSIONS
 
 EXPECTED_LAYOUT = """expected the image-folder layout (as torchvision's ImageFolder and ImageNet):

@@ -10,7 +10,7 @@ import torchvision.transforms.v2.functional as TF
 
 from dogo.engine import config as config_mod
 from dogo.engine.config import AugmentConfig
-from dogo.engine.errors import DataError
+from dogo.core.errors import DataError
 from dogo.pipelines.recipe import device as A, params as P
 from dogo.pipelines.backends.cifar import CifarEvalSplit, CifarLoader, read_split
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from dogo.engine.run import checkpoint
+from dogo.core import checkpoint_files
 from tests.helpers import dogo, tiny_config, write_config
 
 
@@ -48,7 +48,7 @@ def test_export_loads_into_torchvision_strictly(shapes, tmp_path):
     model.eval()
     from dogo.engine.ssl.peers import PeerSet
     from dogo.engine.config import from_dict
-    state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
+    state = checkpoint_files.load(checkpoint_files.latest(tmp_path / "runs" / "t"))
     peers = PeerSet(from_dict(state["config"]))
     peers.peers["a"].load_state_dict(state["peers"]["a"])
     backbone = peers.peers["a"].backbone.eval()
@@ -94,14 +94,14 @@ def test_fresh_start_sets_earlier_checkpoints_aside(shapes, tmp_path):
     cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 4}, checkpoint={"every_steps": 1, "keep": 2})
     train(from_dict(cfg))
     run_dir = tmp_path / "runs" / "t"
-    earlier = {p.name: p.read_bytes() for p in checkpoint.all_checkpoints(run_dir)}
+    earlier = {p.name: p.read_bytes() for p in checkpoint_files.all_checkpoints(run_dir)}
     assert sorted(earlier) == ["step_000000003.pt", "step_000000004.pt"]
     cfg["schedule"]["max_steps"] = 2
     cfg["checkpoint"]["resume"] = "none"
     train(from_dict(cfg))
-    assert [p.name for p in checkpoint.all_checkpoints(run_dir)] == ["step_000000001.pt", "step_000000002.pt"]
-    assert checkpoint.load(checkpoint.latest(run_dir))["position"]["step"] == 2
-    (aside,) = [p for p in checkpoint.folder(run_dir).iterdir() if p.is_dir()]
+    assert [p.name for p in checkpoint_files.all_checkpoints(run_dir)] == ["step_000000001.pt", "step_000000002.pt"]
+    assert checkpoint_files.load(checkpoint_files.latest(run_dir))["position"]["step"] == 2
+    (aside,) = [p for p in checkpoint_files.folder(run_dir).iterdir() if p.is_dir()]
     assert aside.name.startswith("previous_")
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == earlier
     events = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]

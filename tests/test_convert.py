@@ -9,7 +9,7 @@ from PIL import Image
 
 ffcv = pytest.importorskip("ffcv", reason="the ffcv extra is not installed")
 
-from dogo.engine.errors import DataError  # noqa: E402
+from dogo.core.errors import DataError  # noqa: E402
 from dogo.pipelines.convert import ConvertOptions, convert, sidecar  # noqa: E402
 
 

@@ -47,7 +47,7 @@ def test_tensorboard_curves_of_a_run_and_its_resume(shapes, tmp_path):
 def test_tensorboard_on_without_the_package_is_a_config_error(monkeypatch):
     import builtins
 
-    from dogo.engine.errors import ConfigError
+    from dogo.core.errors import ConfigError
     from dogo.engine.config import load
     real_import = builtins.__import__
 
@@ -94,7 +94,7 @@ def _fake_run(root: Path, name: str, seed: int) -> Path:
 def test_plot_two_runs_overlaid(tmp_path):
     a, b = _fake_run(tmp_path, "dogo_r18", 0), _fake_run(tmp_path, "simclr_r18", 1)
     out = tmp_path / "pics" / "curves.png"
-    assert dogo("plot", a, b / "metrics.jsonl", "--out", out) == 0
+    assert dogo("plot", "curves", a, b / "metrics.jsonl", "--out", out) == 0
     _non_trivial_png(out)
     assert not list(out.parent.glob("*.tmp")), "a temporary file was left beside the picture"
 
@@ -113,7 +113,7 @@ def test_plot_bench_charts_of_the_committed_results(tmp_path):
 def test_plot_errors_name_the_file(tmp_path, capsys):
     said = lambda: " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     (tmp_path / "empty").mkdir()
-    assert dogo("plot", tmp_path / "empty") == 2
+    assert dogo("plot", "curves", tmp_path / "empty") == 2
     assert "empty: no metrics.jsonl there" in said()
     (tmp_path / "x.json").write_text('{"benchmark": "other"}')
     assert dogo("plot", "bench", tmp_path / "x.json") == 2

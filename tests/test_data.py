@@ -7,7 +7,7 @@ import torch
 
 from dogo.engine.config import AugmentConfig
 from dogo.engine.eval.evaluate import knn_predict
-from dogo.engine.errors import DataError
+from dogo.core.errors import DataError
 from dogo.pipelines.base import ReusedBuffers, Shard
 from dogo.pipelines.backends.folder import FolderLoader
 from dogo.pipelines.imagefolder import scan

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from dogo.engine.run import checkpoint
+from dogo.core import checkpoint_files
 from dogo.engine import config as config_mod
 from dogo.engine.ssl.teacher import state_fingerprint
 from tests.helpers import dogo, run_cli, tiny_config, write_config
@@ -35,7 +35,7 @@ def test_teacher_stays_bit_identical_through_training(shapes, teacher_run, tmp_p
     cfg = config_mod.from_dict(_disco_config(shapes, tmp_path, checkpoint=str(teacher_run), peer="b"))
     trainer = Trainer(cfg)
     teacher = trainer.targets.teacher
-    saved = checkpoint.load(checkpoint.latest(teacher_run))["peers"]["b"]
+    saved = checkpoint_files.load(checkpoint_files.latest(teacher_run))["peers"]["b"]
     before = {k: v.clone() for k, v in teacher.peer.state_dict().items()}
     for k, v in before.items():
         assert torch.equal(v, saved[k]), f"teacher {k} differs from its checkpoint"
@@ -56,8 +56,8 @@ def test_teacher_stays_bit_identical_through_training(shapes, teacher_run, tmp_p
 def test_disco_from_a_run_and_from_exported_files(shapes, teacher_run, tmp_path):
     assert dogo("train", str(write_config(tmp_path / "d.yaml", _disco_config(
         shapes, tmp_path / "ckpt", checkpoint=str(teacher_run), peer="b")))) == 0
-    state = checkpoint.load(checkpoint.latest(tmp_path / "ckpt" / "disco"))
-    teacher_state = checkpoint.load(checkpoint.latest(teacher_run))["peers"]["b"]
+    state = checkpoint_files.load(checkpoint_files.latest(tmp_path / "ckpt" / "disco"))
+    teacher_state = checkpoint_files.load(checkpoint_files.latest(teacher_run))["peers"]["b"]
     assert state["targets"]["teacher_sha256"] == state_fingerprint(teacher_state)
     lines = [json.loads(l) for l in (tmp_path / "ckpt" / "disco" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "s/distill" in l] == [1, 2, 3]
@@ -67,7 +67,7 @@ def test_disco_from_a_run_and_from_exported_files(shapes, teacher_run, tmp_path)
     files = _disco_config(shapes, tmp_path / "files", backbone=str(tmp_path / "bb.pt"),
                           head=str(tmp_path / "head.pt"), arch="resnet18")
     assert dogo("train", str(write_config(tmp_path / "f.yaml", files))) == 0
-    by_files = checkpoint.load(checkpoint.latest(tmp_path / "files" / "disco"))
+    by_files = checkpoint_files.load(checkpoint_files.latest(tmp_path / "files" / "disco"))
     assert by_files["targets"]["teacher_sha256"] == state["targets"]["teacher_sha256"]
     # same teacher, same seed, same data: the same student
     for k, v in state["peers"]["s"].items():
@@ -97,7 +97,7 @@ def exported(teacher_run, tmp_path_factory):
     ({"backbone": "BB", "head": "HEAD", "arch": "resnet19"}, "teacher.arch: 'resnet19' is not a registered backbone; did you mean 'resnet18'"),
 ])
 def test_bad_teacher_is_a_clear_error(teacher_run, exported, teacher, message):
-    from dogo.engine.errors import ConfigError
+    from dogo.core.errors import ConfigError
     from dogo.engine.config import TeacherConfig
     from dogo.engine.ssl.teacher import load_teacher
     subst = {"RUN": str(teacher_run), "BB": str(exported / "bb.pt"), "HEAD": str(exported / "head.pt")}
@@ -106,7 +106,7 @@ def test_bad_teacher_is_a_clear_error(teacher_run, exported, teacher, message):
 
 
 def test_embedding_size_mismatch_is_a_config_error(shapes, teacher_run, tmp_path):
-    from dogo.engine.errors import ConfigError
+    from dogo.core.errors import ConfigError
     from dogo.engine.ssl.targets import TargetMakers
     from dogo.engine.run.trainer import build_peers
     cfg = _disco_config(shapes, tmp_path / "runs", checkpoint=str(teacher_run), peer="a")
@@ -122,7 +122,7 @@ def test_mixed_objective_dogo_under_two_gloo_ranks(shapes, tmp_path):
     cfg = tiny_config(shapes, tmp_path / "runs", schedule={"max_steps": 2}, distributed={"sync_bn": True},
                       **MIXED_PEERS)
     run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)), torchrun_procs=2)
-    state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
+    state = checkpoint_files.load(checkpoint_files.latest(tmp_path / "runs" / "t"))
     enc = state["targets"]["method_states"]
     # 2 steps x the global batch of 8 view-2 keys (MoCo's own form), from both ranks
     assert enc["a.queue._extra_state"] == {"ptr": 16}

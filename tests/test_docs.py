@@ -12,7 +12,9 @@ from tests.helpers import REPO
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "results" / "README.md"]
 SECTIONS = ["Two commands", "Install", "Train", "Evaluate, export, plot", "Data", "Methods", "Configuration",
             "Layout", "Results", "Development"]
-TOP = ("benchmarks/", "configs/", "docs/", "engine/", "pipelines/", "models/", "tests/", "dogo/", ".ci/")
+TOP = ("benchmarks/", "configs/", "core/", "docs/", "engine/", "pipelines/", "models/", "tests/", "dogo/", ".ci/")
+SOURCE = [p for folder in ("core", "engine", "pipelines", "models", "dogo", "benchmarks")
+          for p in sorted((REPO / folder).rglob("*.py"))]
 
 
 def test_readme_is_short_and_in_order():
@@ -34,6 +36,8 @@ def _named_paths(text: str) -> set[str]:
     out = set()
     for t in tokens:
         t = t.strip(".,;:()'\"")
+        if re.fullmatch(r".+\.py:\w+\.\w+", t):  # file.py:Class.method: the class is what the file defines
+            t = t.rsplit(".", 1)[0]
         if "<" in t or "NAME" in t:  # a placeholder (gpu_<device>_<date>, RUN/features_PEER_...)
             continue
         if t.startswith(TOP) or t in ("Makefile", "pyproject.toml"):
@@ -55,10 +59,21 @@ def _exists(relative: str, base) -> bool:
     return False
 
 
+def _exists_with_symbol(token: str, base) -> bool:
+    """path, or path.py:Name where the file defines Name (a class, a function or a module-level name)."""
+    path, _, symbol = token.partition(":")
+    if not _exists(path.rstrip("/"), base):
+        return False
+    if not symbol:
+        return True
+    text = next((root / path).read_text() for root in (REPO, base) if (root / path).is_file())
+    return re.search(rf"^(class|def) {re.escape(symbol)}\b|^{re.escape(symbol)}\b.*=", text, flags=re.M) is not None
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_path_named_in_the_docs_exists(doc):
     text = doc.read_text()
-    missing = sorted(p for p in _named_paths(text) if not _exists(p.rstrip("/"), doc.parent))
+    missing = sorted(p for p in _named_paths(text) if not _exists_with_symbol(p, doc.parent))
     assert not missing, f"{doc.relative_to(REPO)} names paths that do not exist: {missing}"
     targets = set(re.findall(r"^([a-z0-9][a-z0-9-]*):", (REPO / "Makefile").read_text(), flags=re.M))
     code = " ".join(re.findall(r"`([^`]+)`", text) + re.findall(r"```.*?```", text, flags=re.S))
@@ -95,9 +110,9 @@ def test_the_slurm_script_builds_one_torchrun_per_node(tmp_path):
 
 
 def test_every_subcommand_is_listed_and_described():
-    """docs/commands.md names every dogo subcommand, and each one's --help carries its full description."""
+    """docs/commands.md names every dogo subcommand, and each one's --help carries a description of its own."""
     import argparse
-    from dogo.cli import DESCRIPTIONS, parser
+    from dogo.cli import parser
     listed = (REPO / "docs" / "commands.md").read_text()
 
     def walk(p, prefix):
@@ -108,7 +123,100 @@ def test_every_subcommand_is_listed_and_described():
                 return
         yield prefix.strip(), p
     commands = dict(walk(parser(), ""))
-    assert len(commands) == 11, sorted(commands)
+    assert len(commands) == 14, sorted(commands)
+    descriptions = [sub.description for sub in commands.values()]
     for name, sub in commands.items():
         assert f"dogo {name}" in listed, name
-        assert sub.description and sub.description in DESCRIPTIONS.values(), name
+        assert sub.description and len(sub.description) > 80 and descriptions.count(sub.description) == 1, name
+
+
+def _docstrings(path) -> str:
+    """The module's, classes' and functions' docstrings of a source file, joined."""
+    import ast
+    tree = ast.parse(path.read_text())
+    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]
+    return "\n".join(filter(None, (ast.get_docstring(n) for n in nodes)))
+
+
+def _prose() -> list[tuple[str, str]]:
+    """(where, text) of every document and every source file's docstrings."""
+    return [(str(d.relative_to(REPO)), d.read_text()) for d in DOCS] + \
+           [(str(p.relative_to(REPO)), _docstrings(p)) for p in SOURCE]
+
+
+def _resolves(dotted: str) -> bool:
+    """dogo.a.b.c: the longest importable module prefix, then attributes."""
+    import importlib
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            node = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(node, attr):
+                return False
+            node = getattr(node, attr)
+        return True
+    return False
+
+
+def test_every_dogo_name_in_the_docs_and_docstrings_exists():
+    """A dotted dogo.* name in prose is a module or an attribute of one, as the tree has it today."""
+    wrong = sorted({f"{where}: {name}" for where, text in _prose()
+                    for name in re.findall(r"\bdogo(?:\.[A-Za-z_]\w*)+", text)
+                    if not _resolves(name.rstrip("."))})
+    assert wrong == []
+
+
+def test_every_python_file_named_in_the_docs_and_docstrings_exists():
+    """A bare file name (augment.py) in prose is a file of the tree (code moved: the prose must follow)."""
+    files = {p.name for p in REPO.rglob("*.py") if ".venv" not in p.parts}
+    wrong = sorted({f"{where}: {name}" for where, text in _prose()
+                    for name in re.findall(r"(?<![\w/.-])([a-z_][a-z0-9_]*\.py)\b", text)
+                    if name not in files | EXTERNAL_FILES})
+    assert wrong == []
+
+
+FILE_SUFFIXES = {"py", "md", "yaml", "json", "jsonl", "png", "pt", "beton", "sh"}  # augment.py is a file, not a key
+EXTERNAL_FILES = {"main_vicreg.py", "main_dino.py", "main_simsiam.py", "main_moco.py", "builder.py",
+                  "train_util.py"}  # the papers' official code, named where we follow it
+
+
+def _config_keys_named(text: str) -> set[str]:
+    """Backticked dotted config keys (`optim.lr`, `peers.r18.mocov2.queue_size=4096`), values stripped."""
+    from dogo.engine.config import Config
+    import dataclasses
+    sections = {f.name for f in dataclasses.fields(Config)}
+    out = set()
+    for span in re.findall(r"`([^`]+)`", text):
+        for token in span.split():
+            key = token.split("=", 1)[0].rstrip(":,;")
+            if re.fullmatch(r"[a-z_]+(\.[A-Za-z0-9_]+)+", key) and key.split(".")[0] in sections and \
+                    key.rsplit(".", 1)[-1] not in FILE_SUFFIXES:
+                out.add(key)
+    return out
+
+
+def test_every_config_key_named_in_the_docs_is_a_key():
+    """Backticked config keys in the docs load through the config's schema (a moved or renamed key is stale)."""
+    from dogo.engine.config import schema_keys
+    valid = set(schema_keys())
+    wrong = []
+    for doc in DOCS:
+        for key in _config_keys_named(doc.read_text()):
+            parts = key.split(".")
+            if parts[0] == "peers" and len(parts) > 2:
+                parts[1] = "NAME"  # any peer's name
+            normal = ".".join(parts)
+            if normal not in valid and not any(k.startswith(normal + ".") for k in valid):
+                wrong.append(f"{doc.relative_to(REPO)}: {key}")
+    assert wrong == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_image_shows_where_the_document_is_rendered(doc):
+    """An image link resolves from the document's own folder, as GitHub renders it."""
+    images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", doc.read_text())
+    missing = [i for i in images if not i.startswith("http") and not (doc.parent / i).is_file()]
+    assert not missing, f"{doc.relative_to(REPO)}: {missing}"

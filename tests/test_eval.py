@@ -12,7 +12,7 @@ from dogo.engine import config as config_mod
 from dogo.engine.dist.distributed import DistContext
 from dogo.engine.eval.evaluate import topk_accuracy
 from dogo.engine.eval.linear import crop_and_flip, fast_probe, standard_probe
-from dogo.engine.precision import Precision
+from dogo.core.precision import Precision
 from dogo.pipelines import open_eval_split
 from tests.helpers import gloo_ranks
 

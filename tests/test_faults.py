@@ -4,9 +4,10 @@ import os
 
 import pytest
 
+from dogo.core import checkpoint_files
 from dogo.engine.run import checkpoint
 from dogo.engine import config as config_mod
-from dogo.engine.errors import CheckpointError, ConfigError
+from dogo.core.errors import CheckpointError, ConfigError
 from tests.helpers import tiny_config, write_config
 
 
@@ -54,7 +55,7 @@ def test_a_refused_resume_leaves_the_runs_config_as_it_was(shapes, tmp_path):
 def test_half_written_checkpoints_of_a_killed_run_are_removed_at_start(shapes, tmp_path):
     from dogo.engine.run.trainer import train
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, schedule={"max_steps": 1}))
-    folder = checkpoint.folder(cfg.run_dir)
+    folder = checkpoint_files.folder(cfg.run_dir)
     folder.mkdir(parents=True)
     stale = folder / ".step_000000003.pt.k2j4x.tmp"  # what atomic_write leaves when killed mid-write
     stale.write_bytes(b"half a checkpoint")
@@ -79,12 +80,12 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_and_eval_refuses_a_bad_o
                                                                 "schedule": {"max_steps": 8, "warmup_epochs": 0}}))
     with pytest.raises(ConfigError, match=r"the weights diverged by step 4: .*no checkpoint was written for it, so the newest stays .*step_000000003"):
         train(cfg)
-    kept = checkpoint.all_checkpoints(cfg.run_dir)
+    kept = checkpoint_files.all_checkpoints(cfg.run_dir)
     assert [p.name for p in kept] == ["step_000000003.pt"], kept
-    checkpoint.check_finite(checkpoint.load(kept[0]), kept[0])
+    checkpoint_files.check_finite(checkpoint_files.load(kept[0]), kept[0])
     assert dogo("eval", "knn", cfg.run_dir) == 0
     # a checkpoint whose weights are NaN (from before this check existed, or edited) is refused
-    state = checkpoint.load(kept[-1])
+    state = checkpoint_files.load(kept[-1])
     name = next(iter(state["peers"]["a"]))
     state["peers"]["a"][name] = torch.full_like(state["peers"]["a"][name], float("nan"))
     bad = tmp_path / "nan.pt"
@@ -97,7 +98,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
     import torch
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "backbone.pt")
     with pytest.raises(CheckpointError, match="backbone.pt is not a dogo checkpoint .*no config"):
-        checkpoint.load(tmp_path / "backbone.pt")
+        checkpoint_files.load(tmp_path / "backbone.pt")
 
 
 def test_a_resume_applies_a_changed_lr_and_weight_decay_and_says_so(shapes, tmp_path):
@@ -161,7 +162,7 @@ RESUME_ARCHS = ["resnet18", "efficientnet_b0", "mobilenet_v3_large"]
 
 
 def test_every_registered_backbone_family_is_in_the_resume_test():
-    from dogo.models import BACKBONES
+    from dogo.core.registry import BACKBONES
     families = {arch.rstrip("0123456789").split("_")[0] for arch in RESUME_ARCHS}
     assert all(name.rstrip("0123456789").split("_")[0] in families for name in BACKBONES)
 
@@ -201,8 +202,8 @@ def test_mid_epoch_resume_is_bit_exact_for_every_backbone(arch, shapes, tmp_path
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     train(one_peer("resumed"))
-    a = checkpoint.load(checkpoint.latest(straight.run_dir))
-    b = checkpoint.load(checkpoint.latest(first.run_dir))
+    a = checkpoint_files.load(checkpoint_files.latest(straight.run_dir))
+    b = checkpoint_files.load(checkpoint_files.latest(first.run_dir))
     assert a["position"] == b["position"] and a["position"]["step_in_epoch"] == 4
     for name, t in a["peers"]["a"].items():
         assert torch.equal(t, b["peers"]["a"][name]), f"{arch}: {name} differs after the resume"
@@ -224,15 +225,15 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_leaves_the_previous_on
                "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
                "from dogo.cli import main; sys.exit(main(sys.argv[1:]))")
     assert dogo("train", path, "schedule.max_steps=1") == 0  # the limited run below needs a process of its own
-    first = checkpoint.latest(run_dir)
+    first = checkpoint_files.latest(run_dir)
     proc = subprocess.run([sys.executable, "-c", limited, "train", str(path)], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=300)
     said = " ".join(proc.stdout.split())
     assert proc.returncode == 2 and "could not write checkpoint" in said and "step_000000002.pt" in said, said
     assert f"the newest checkpoint is still {first}" in said
-    assert checkpoint.latest(run_dir) == first
-    checkpoint.load(first)  # still a whole checkpoint
-    assert not list(checkpoint.folder(run_dir).glob(".*.tmp"))
+    assert checkpoint_files.latest(run_dir) == first
+    checkpoint_files.load(first)  # still a whole checkpoint
+    assert not list(checkpoint_files.folder(run_dir).glob(".*.tmp"))
 
 
 def test_a_symlink_loop_in_a_dataset_is_skipped_and_reported(shapes, tmp_path):
@@ -321,7 +322,7 @@ def test_eval_of_a_checkpoint_outside_a_run_folder_writes_beside_it(shapes, tmp_
     train(cfg)
     (tmp_path / "elsewhere" / "ck").mkdir(parents=True)
     mine = tmp_path / "elsewhere" / "ck" / "my.pt"
-    shutil.copy(checkpoint.latest(cfg.run_dir), mine)
+    shutil.copy(checkpoint_files.latest(cfg.run_dir), mine)
     keep = tmp_path / "elsewhere" / "knn.json"
     keep.write_text("someone else's")
     assert dogo("eval", "knn", mine) == 0
@@ -337,7 +338,7 @@ def test_evaluation_labels_come_from_the_training_splits_class_list(shapes, tmp_
     import shutil
 
     from dogo.pipelines import open_eval_split
-    from dogo.engine.errors import DataError
+    from dogo.core.errors import DataError
     root = tmp_path / "data"
     shutil.copytree(shapes / "train", root / "train")
     shutil.copytree(shapes / "val", root / "val")

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("ffcv", reason="the ffcv extra is not installed")
 
 from dogo.engine.config import AugmentConfig  # noqa: E402
-from dogo.engine.errors import DataError
+from dogo.core.errors import DataError
 from dogo.pipelines.base import Shard  # noqa: E402
 from dogo.pipelines.convert import ConvertOptions, convert  # noqa: E402
 from dogo.pipelines.imagefolder import scan  # noqa: E402
@@ -205,7 +205,7 @@ def test_a_beton_declaring_a_huge_image_is_refused_on_open(beton, tmp_path):
 
     from ffcv.reader import Reader
 
-    from dogo.engine.errors import DataError
+    from dogo.core.errors import DataError
     from dogo.pipelines.backends.ffcv_loader import open_beton
     damaged = tmp_path / "damaged.beton"
     shutil.copy(beton, damaged)

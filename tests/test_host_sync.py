@@ -185,7 +185,8 @@ def test_auto_tile_on_a_gpu_cuts_the_kernels_ops_at_16384_views_at_least_8x(monk
     prim::device queries, left out of the count)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from dogo.engine.ssl.contrastive import CPU_TILE, auto_tile, contrastive_terms
+    from dogo.engine.config.resolve import CPU_TILE, auto_tile
+    from dogo.engine.ssl.contrastive import contrastive_terms
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (139 * 2 ** 30, 141 * 2 ** 30))
     images = 8192
     gpu_tile = auto_tile(torch.device("cuda"), 2, images)

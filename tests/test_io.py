@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from dogo.engine.io import atomic_write, atomic_write_text
+from dogo.core.io import atomic_write, atomic_write_text
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dogo.engine import config as config_mod
-from dogo.engine.precision import Precision
+from dogo.core.precision import Precision
 from dogo.engine.run import memory
-from dogo.engine.errors import ConfigError
+from dogo.core.errors import ConfigError
 from tests.helpers import REPO, cli_env, in_a_process_of_its_own, tiny_config
 
 
@@ -18,7 +18,7 @@ def _peak_of_two_steps(config: str, overrides: list[str]) -> dict:
     """The estimate, and the resident-memory peak of 2 training steps above what the process held before the
     trainer (VmHWM reset to the resident set first); the second step runs with all the step keeps (optimiser state,
     momentum encoders) allocated."""
-    from dogo.engine.environment import process_bytes
+    from dogo.core.environment import process_bytes
     from dogo.engine.run.memory import estimate
     from dogo.engine.run.trainer import Trainer
     torch.set_num_threads(1)  # as the CLI tests' processes (cli_env)
@@ -80,7 +80,7 @@ def test_make_imagenet_stops_within_seconds_with_the_estimate(shapes):
 
 
 def test_out_of_memory_mid_run_is_one_line_and_saves_nothing_new(shapes, tmp_path, monkeypatch):
-    from dogo.engine.run import checkpoint
+    from dogo.core import checkpoint_files
     from dogo.engine.run.trainer import Trainer
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path, checkpoint={"every_steps": 2}))
     real = Trainer.step
@@ -94,7 +94,7 @@ def test_out_of_memory_mid_run_is_one_line_and_saves_nothing_new(shapes, tmp_pat
     trainer = Trainer(cfg)
     with pytest.raises(ConfigError, match=r"out of CPU memory at step 3: .* lower data.batch_size \(now 8"):
         trainer.fit()
-    assert [p.name for p in checkpoint.all_checkpoints(cfg.run_dir)] == ["step_000000002.pt"]
+    assert [p.name for p in checkpoint_files.all_checkpoints(cfg.run_dir)] == ["step_000000002.pt"]
 
 
 def test_workers_beyond_the_cores_are_clamped_with_a_line(monkeypatch):

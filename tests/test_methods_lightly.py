@@ -68,7 +68,7 @@ def test_barlow_twins_loss_equals_lightlys(seed, lambd):
 def test_byol_target_network_follows_byols_formula():
     """BYOL: xi <- tau xi + (1 - tau) theta, with tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2."""
     from dogo.engine.config import PeerConfig, resolve
-    from dogo.engine.ssl.methods import METHODS
+    from dogo.core.registry import METHODS
     from dogo.engine.ssl.peers import build_peer
     from dogo.engine import config as config_mod
     cfg = config_mod.Config(objective=ObjectiveConfig(name="byol"),

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from dogo.models import BACKBONES, Peer, build_backbone
+from dogo.core.registry import BACKBONES
+from dogo.models import Peer, build_backbone
 
 
 @pytest.mark.parametrize("cifar_stem", [False, True])

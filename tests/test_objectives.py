@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dogo.engine.errors import ConfigError
+from dogo.core.errors import ConfigError
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig, TeacherConfig
 from dogo.engine.ssl.contrastive import contrastive_terms
@@ -255,7 +255,7 @@ def test_every_registered_method_trains_a_step(method, tmp_path):
     """Each method of the registry, alone: one optimiser step on synthetic batches changes every trained parameter,
     its loss term is finite, and its key encoder (if it has one) follows."""
     from dogo.engine import config as config_mod
-    from dogo.engine.ssl.methods import METHODS
+    from dogo.core.registry import METHODS
     from dogo.engine.run.trainer import Trainer
     raw = {"name": "t", "out_dir": str(tmp_path), "seed": 1, "device": "cpu",
            "data": {"backend": "synthetic", "synthetic": {"images": 16}, "image_size": 16, "batch_size": 8},
@@ -264,7 +264,7 @@ def test_every_registered_method_trains_a_step(method, tmp_path):
            "objective": {"name": method}, "optim": {"name": "sgd", "lr": 0.5},
            "schedule": {"max_steps": 2, "warmup_epochs": 0}, "eval": {"knn_every_epochs": 0},
            "log": {"progress": "off", "tensorboard": "off"}}
-    trainer = Trainer(config_mod.from_dict(raw))
+    trainer = Trainer(config_mod.stored(raw))
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     terms = trainer.step(next(iter(trainer.loader)))
     assert torch.isfinite(terms["loss"]) and len(terms) >= 2

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dogo.engine import config as config_mod
-from dogo.engine.errors import ConfigError
-from dogo.engine.run import checkpoint
+from dogo.core.errors import ConfigError
+from dogo.core import checkpoint_files
 from tests.helpers import host_sync_guard, tiny_config
 
 
@@ -53,7 +53,7 @@ def test_val_top1_at_every_epoch_end_and_the_probe_resumes(shapes, tmp_path):
     first = dict(raw, schedule={"epochs": 1, "max_steps": 0, "warmup_epochs": 0})
     train(config_mod.from_dict(first))
     run = tmp_path / "t"
-    after_one = checkpoint.load(checkpoint.latest(run))["online_probe"]["classifiers"]
+    after_one = checkpoint_files.load(checkpoint_files.latest(run))["online_probe"]["classifiers"]
     train(config_mod.from_dict(raw))
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     probes = [e for e in events if e.get("event") == "online_probe"]
@@ -63,7 +63,7 @@ def test_val_top1_at_every_epoch_end_and_the_probe_resumes(shapes, tmp_path):
     resumed = [e for e in events if e.get("event") == "resume"]
     assert resumed and resumed[0]["step"] == 10
     # the second run continued from the first's classifiers, not from a fresh initialisation
-    final = checkpoint.load(checkpoint.latest(run))["online_probe"]["classifiers"]
+    final = checkpoint_files.load(checkpoint_files.latest(run))["online_probe"]["classifiers"]
     assert not torch.equal(final["a.weight"], after_one["a.weight"])
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from dogo.core import checkpoint_files
 from dogo.engine.run import checkpoint
 from tests.helpers import REPO, cli_env, dogo, fork_server, run_cli, tiny_config, write_config
 
@@ -20,7 +21,7 @@ def metrics(run_dir):
 
 
 def final_peers(run_dir):
-    return checkpoint.load(checkpoint.latest(run_dir))["peers"]
+    return checkpoint_files.load(checkpoint_files.latest(run_dir))["peers"]
 
 
 def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_path):
@@ -49,7 +50,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
         for name, t in p1[peer].items():
             if t.is_floating_point():
                 torch.testing.assert_close(p2[peer][name], t, rtol=1e-4, atol=2e-5, msg=f"{peer}.{name}")
-    c1, c2 = (checkpoint.load(checkpoint.latest(tmp_path / w / "t"))["online_probe"]["classifiers"]
+    c1, c2 = (checkpoint_files.load(checkpoint_files.latest(tmp_path / w / "t"))["online_probe"]["classifiers"]
               for w in ("w1", "w2"))
     for name, t in c1.items():
         torch.testing.assert_close(c2[name], t, rtol=1e-4, atol=1e-5, msg=f"online probe {name}")
@@ -101,15 +102,15 @@ def test_kill_and_resume_is_bit_identical(shapes, tmp_path, objective):
     killed.start()
     killed.join(600)
     assert killed.exitcode == -signal.SIGKILL
-    assert checkpoint.latest(tmp_path / "resumed" / "t") == ckpt3
+    assert checkpoint_files.latest(tmp_path / "resumed" / "t") == ckpt3
     assert dogo("train", resumed) == 0  # resume: auto
 
     a, b = final_peers(tmp_path / "straight" / "t"), final_peers(tmp_path / "resumed" / "t")
     for peer in a:
         for name, t in a[peer].items():
             assert torch.equal(t, b[peer][name]), f"{peer}.{name} differs after resume"
-    sa = checkpoint.load(checkpoint.latest(tmp_path / "straight" / "t"))
-    sb = checkpoint.load(checkpoint.latest(tmp_path / "resumed" / "t"))
+    sa = checkpoint_files.load(checkpoint_files.latest(tmp_path / "straight" / "t"))
+    sb = checkpoint_files.load(checkpoint_files.latest(tmp_path / "resumed" / "t"))
     assert sa["position"] == sb["position"] == {"step": 6, "epoch": 0, "step_in_epoch": 6}
     for k, state in sa["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"])
@@ -132,5 +133,5 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shapes, tmp_path, sig):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "stopped by signal" in out
-    state = checkpoint.load(checkpoint.latest(tmp_path / "runs" / "t"))
+    state = checkpoint_files.load(checkpoint_files.latest(tmp_path / "runs" / "t"))
     assert 1 <= state["position"]["step"] < 10_000

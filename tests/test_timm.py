@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dogo.engine import config as config_mod
-from dogo.engine.errors import ConfigError
+from dogo.core.errors import ConfigError
 from tests.helpers import dogo
 
 timm = pytest.importorskip("timm", reason="the timm extra")
@@ -61,9 +61,9 @@ def test_a_timm_peer_resumes_bit_for_bit(tmp_path):
     train(config_mod.from_dict(_config(tmp_path / "resumed", name, args, schedule={
         "max_steps": 2, "warmup_epochs": 0, "final_lr_ratio": 1.0})))  # a constant lr: the same first 2 steps
     train(config_mod.from_dict(_config(tmp_path / "resumed", name, args)))
-    from dogo.engine.run import checkpoint
-    a = checkpoint.load(checkpoint.latest(tmp_path / "straight" / "t"))
-    b = checkpoint.load(checkpoint.latest(tmp_path / "resumed" / "t"))
+    from dogo.core import checkpoint_files
+    a = checkpoint_files.load(checkpoint_files.latest(tmp_path / "straight" / "t"))
+    b = checkpoint_files.load(checkpoint_files.latest(tmp_path / "resumed" / "t"))
     assert a["position"] == b["position"] and a["position"]["step"] == 4
     for k, v in a["peers"]["p"].items():
         assert torch.equal(v, b["peers"]["p"][k]), k
@@ -79,8 +79,8 @@ def test_export_format_timm_loads_back_into_timm(name, tmp_path, capsys):
     sizes = {"img_size": 32} if name.startswith("vit") else {}
     model = timm.create_model(name, num_classes=0, **sizes, **MODELS[name])
     model.load_state_dict(torch.load(out), strict=True)
-    from dogo.engine.run import checkpoint
-    state = checkpoint.load(checkpoint.latest(tmp_path / "t"))["peers"]["p"]
+    from dogo.core import checkpoint_files
+    state = checkpoint_files.load(checkpoint_files.latest(tmp_path / "t"))["peers"]["p"]
     assert all(torch.equal(v, state[f"backbone.{k}"]) for k, v in model.state_dict().items())
 
 
@@ -139,6 +139,6 @@ def test_timm_missing_is_a_clear_error(monkeypatch):
     backbones._timm_spec.cache_clear()
     try:
         with pytest.raises(ConfigError, match="needs the timm package: the timm extra"):
-            backbones.backbone_spec("timm:resnet18", "peers.r18.arch")
+            backbones.BACKBONES.get("timm:resnet18", "peers.r18.arch")
     finally:
         backbones._timm_spec.cache_clear()

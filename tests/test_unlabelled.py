@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dogo.engine import config as config_mod
-from dogo.engine.errors import DataError
+from dogo.core.errors import ConfigError, DataError
 from dogo.pipelines.imagefolder import scan
 from tests.helpers import dogo, tiny_config, write_config
 
@@ -55,7 +55,7 @@ def test_the_kNN_monitor_on_unlabelled_data_says_what_to_do(loose, tmp_path):
     root, _ = loose
     raw = tiny_config(root, tmp_path, eval={"knn_every_epochs": 1})
     raw["data"]["labels"] = "none"
-    with pytest.raises(config_mod.ConfigError, match="dogo eval knn RUN data.path=LABELLED data.labels=folders"):
+    with pytest.raises(ConfigError, match="dogo eval knn RUN data.path=LABELLED data.labels=folders"):
         config_mod.check(config_mod.from_dict(raw))
 
 

@@ -79,7 +79,7 @@ def test_an_offline_run_holds_the_scalars_and_config_and_resumes_the_same_run(sh
 
 def test_wandb_off_writes_nothing_and_a_missing_package_is_a_clear_error(shapes, tmp_path, monkeypatch):
     import importlib.util
-    from dogo.engine.errors import ConfigError
+    from dogo.core.errors import ConfigError
     cfg = config_mod.from_dict(tiny_config(shapes, tmp_path))
     assert cfg.log.wandb == "off"
     real = importlib.util.find_spec

@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from dogo.engine import config as config_mod
-from dogo.engine.environment import environment
-from dogo.engine.io import write_json
+from dogo.core.environment import environment
+from dogo.core.io import write_json
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dogo.engine.errors import ConfigError
+from dogo.core.errors import ConfigError
 
 
 @dataclass

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dogo.engine.dist.distributed import DistContext, all_gather_rows
-from dogo.engine.precision import Precision
+from dogo.core.precision import Precision
 from dogo.pipelines import EvalSplit, open_eval_split
 
 

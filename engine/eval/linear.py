@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dogo.engine.dist.distributed import DistContext
 from dogo.engine.eval.evaluate import extract_features, topk_accuracy
-from dogo.engine.precision import Precision
+from dogo.core.precision import Precision
 from dogo.pipelines import EvalSplit
 from dogo.pipelines.recipe.device import resized_crops
 from dogo.pipelines.recipe.params import FLIP, crop_boxes, stream_keys, uniforms

@@ -8,7 +8,7 @@ import torch.nn as nn
 from dogo.engine.dist.distributed import DistContext
 from dogo.engine.eval.evaluate import extract_features, knn_predict, pixel_features, topk_accuracy
 from dogo.engine.eval.linear import fast_probe, standard_probe
-from dogo.engine.precision import Precision
+from dogo.core.precision import Precision
 from dogo.engine.ssl.peers import build_peers
 from dogo.pipelines import open_eval_split
 

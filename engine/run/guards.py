@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from dogo.engine.dist import distributed
-from dogo.engine.errors import ConfigError
-from dogo.engine.run import checkpoint
+from dogo.core.errors import ConfigError
+from dogo.core import checkpoint_files
 
 
 class DivergenceWatch:
@@ -39,13 +39,13 @@ class DivergenceWatch:
             f"or set optim.clip_grad_norm, then resume or start afresh")
 
     def require_sane_weights(self, peers: torch.nn.Module, optimizer, step: int, run_dir: Path) -> None:
-        problem = checkpoint.diverged(dict(peers.state_dict()))
+        problem = checkpoint_files.diverged(dict(peers.state_dict()))
         if problem is None:
             state = optimizer.state_dict()["state"]
-            problem = checkpoint.diverged({f"optimizer state {k}.{name}": t for k, s in state.items()
+            problem = checkpoint_files.diverged({f"optimizer state {k}.{name}": t for k, s in state.items()
                                            for name, t in s.items() if isinstance(t, torch.Tensor)}, limit=None)
         if problem:
-            newest = checkpoint.latest(run_dir)
+            newest = checkpoint_files.latest(run_dir)
             raise ConfigError(
                 f"the weights diverged by step {step}: {problem}; no checkpoint was written for it, so the "
                 f"newest stays {newest or 'none (no earlier checkpoint)'}. Lower optim.lr (now {self.lr}) "

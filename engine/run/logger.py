@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dogo.engine.dist.distributed import all_reduce_mean
-from dogo.engine.io import atomic_write_text
+from dogo.core.io import atomic_write_text
 
 
 class TensorBoardLog:

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from dogo.engine.config import Config
-from dogo.engine.environment import available_bytes
-from dogo.engine.errors import ConfigError
-from dogo.engine.precision import Precision
-from dogo.engine.ssl.methods import METHODS
+from dogo.core.environment import available_bytes
+from dogo.core.errors import ConfigError
+from dogo.core.precision import Precision
+from dogo.core.registry import METHODS
 from dogo.engine.ssl.momentum import module_bytes
-from dogo.engine.ssl.objectives import objective_named
+from dogo.core.registry import OBJECTIVES
 from dogo.engine.ssl.peers import PeerSet, build_peer
 from dogo.models import build_backbone
 
@@ -170,7 +170,7 @@ def _target_bytes(cfg: Config) -> int:
         with torch.device("meta"):
             peer = build_peer(p, cfg.data.image_size)
         total += method.state_bytes(p, peer)
-    if objective_named(cfg.objective.name).uses_teacher and cfg.teacher.arch:
+    if OBJECTIVES.get(cfg.objective.name, "objective.name").uses_teacher and cfg.teacher.arch:
         with torch.device("meta"):
             backbone, _ = build_backbone(cfg.teacher.arch, cfg.teacher.cifar_stem, key="teacher.arch",
                                          image_size=cfg.data.image_size, arch_args=cfg.teacher.arch_args)

@@ -16,10 +16,11 @@ from dogo.engine import config as config_mod
 from dogo.engine.config import Config
 from dogo.engine.dist import distributed
 from dogo.engine.dist.syncbn import convert_sync_batchnorm
-from dogo.engine.errors import ConfigError
+from dogo.core.errors import ConfigError
 from dogo.engine.eval.evaluate import KnnMonitor
 from dogo.engine.eval.online import OnlineProbe
-from dogo.engine.precision import Precision
+from dogo.core.precision import Precision
+from dogo.core import checkpoint_files
 from dogo.engine.run import checkpoint, memory
 from dogo.engine.run.guards import DivergenceWatch
 from dogo.engine.run.logger import MetricsLogger, open_sinks
@@ -28,7 +29,8 @@ from dogo.engine.run.signals import StopRequest
 from dogo.engine.ssl.objectives import objective_loss
 from dogo.engine.ssl.peers import build_peers
 from dogo.engine.ssl.targets import TargetMakers
-from dogo.pipelines import BACKENDS, TwoViewBatch, build_loader
+from dogo.core.registry import BACKENDS
+from dogo.pipelines import TwoViewBatch, build_loader
 
 
 def ddp_options(model: torch.nn.Module, sync_bn: bool) -> dict:
@@ -151,11 +153,11 @@ class Trainer:
         spec = self.cfg.checkpoint.resume
         if spec == "none":
             return None
-        path = checkpoint.latest(self.run_dir) if spec == "latest" else Path(spec)
+        path = checkpoint_files.latest(self.run_dir) if spec == "latest" else Path(spec)
         if path is None:
             return None
-        state = checkpoint.load(path)
-        saved = config_mod.to_dict(config_mod.from_dict(state["config"]))  # in today's layout
+        state = checkpoint_files.load(path)
+        saved = config_mod.to_dict(config_mod.stored(state["config"]))  # in today's layout
         checkpoint.check_compatible(saved, config_mod.to_dict(self.cfg), path)
         for name, peer in self.model.peers.items():
             peer.load_state_dict(state["peers"][name])

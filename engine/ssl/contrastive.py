@@ -34,24 +34,6 @@ class KernelSpec:
     tile: int  # images per tile, along the rows and along the columns
 
 
-CPU_TILE = 1024  # images; on a CPU the tiles' launches are cheap next to their arithmetic
-GPU_TILE_SHARE = 1 / 8  # of the free device memory, for the kernel's live blocks
-GPU_TILE_RANGE = (1024, 32768)
-
-
-def auto_tile(device: torch.device, peers: int, global_batch: int) -> int:
-    """objective.tile=auto, resolved by the config: on CUDA, the largest power of two whose live blocks (about four
-    (2 tile x 2 tile) fp32 blocks per peer, engine/run/memory.py) fit GPU_TILE_SHARE of the free memory, so that
-    16,384 views take a handful of tiles (each tile is tens of launches: small tiles are launch-bound); on CPUs,
-    CPU_TILE. Never more than the global batch."""
-    if device.type != "cuda":
-        return min(CPU_TILE, global_batch)
-    free, _ = torch.cuda.mem_get_info(device)
-    fitting = int((GPU_TILE_SHARE * free / (64 * max(peers, 1))) ** 0.5)
-    tile = 1 << max(fitting, 1).bit_length() - 1
-    return min(max(GPU_TILE_RANGE[0], min(tile, GPU_TILE_RANGE[1])), global_batch)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate in float32 for bf16/fp16/fp32 embeddings, in float64 for float64 ones (the tests' exact mode)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

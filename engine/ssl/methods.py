@@ -1,7 +1,7 @@
-"""The SSL methods a peer learns with (`peers.NAME.ssl`), looked up by name in METHODS.
+"""The SSL methods a peer learns with (`peers.NAME.ssl`), registered in dogo.core.registry.METHODS.
 
-A method is one class. It declares its settings (a dataclass: the peer's config sub-section named after the method,
-e.g. peers.r18.mocov2), the projection head and predictor it wants on the peer, what it keeps across steps (its
+A method is one class. Its settings, if it has any, are the peer's config sub-section named after it (declared in
+engine/config/schema.py, e.g. peers.r18.mocov2). It declares the projection head and predictor it wants on the peer, what it keeps across steps (its
 state: a momentum encoder, a queue of negatives; built by `make_state`, updated by the trainer's hooks, counted by
 `state_bytes`), its default temperature, which of the peer's embeddings enter DoGo's KL, and its own loss. The config,
 the peers, the memory estimate and the objectives ask the method; none of them compares method names.
@@ -11,14 +11,15 @@ adds (p1, p2).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from dogo.engine.dist.distributed import all_gather_rows
-from dogo.engine.errors import ConfigError, Registry
+from dogo.core.errors import ConfigError
+from dogo.core.registry import METHODS
+from dogo.engine.config.schema import BYOLSettings, MoCoV2Settings
 from dogo.engine.ssl import losses
 from dogo.engine.ssl.momentum import KeyQueue, MomentumEncoder, module_bytes, momentum_at
 from dogo.models import projection_head
@@ -37,7 +38,6 @@ class MethodState(nn.Module):
 
 class Method:
     name: ClassVar[str]
-    settings: ClassVar[type | None] = None  # the dataclass of its config sub-section (peers.NAME.<name>)
     structural: ClassVar[tuple[str, ...]] = ()  # settings that shape tensors: a resume may not change them
     default_tau: ClassVar[float | None] = None  # NT-Xent / InfoNCE temperature when peers.NAME.tau is empty
     # the projection head when peers.NAME.head_* are empty: (hidden, out, Linear layers), as the method's paper
@@ -83,30 +83,11 @@ class Method:
         return predictions, (out[:2] if partner.kl_on_predictions else predictions)
 
 
-METHODS: Registry[Method] = Registry("SSL method")
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    METHODS.register(cls.name, cls())
-    return cls
-
-
-@register_method
 class SimCLR(Method):
     """NT-Xent over the global batch (SimCLR); the tiled kernel computes it, with DoGo's KL in the same walk."""
     name = "simclr"
     default_tau = 0.1  # SimCLR's ImageNet temperature
     contrastive = True
-
-
-@dataclass
-class MoCoV2Settings:
-    momentum: float = 0.999  # key encoder EMA momentum (at the start, with the cosine schedule)
-    momentum_schedule: Literal["constant", "cosine"] = "constant"  # cosine: from `momentum` to 1 over the run
-    queue_size: int = 65536  # negatives kept; starts as random unit keys (seeded), as MoCo's does
-    # false is MoCo v2's own loss (view-1 queries against view-2 keys; every rank's view-2 keys enqueued).
-    # true averages both directions and enqueues both views' keys (the queue turns over twice as fast).
-    symmetric: bool = False
 
 
 class MoCoState(MethodState):
@@ -134,12 +115,10 @@ class MoCoState(MethodState):
         self.key_encoder.follow(peer, momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
 
 
-@register_method
 class MoCoV2(Method):
     """InfoNCE of view-1 queries against the momentum encoder's view-2 keys and a queue of earlier keys (MoCo v2);
     with peers.NAME.mocov2.symmetric both directions, averaged."""
     name = "mocov2"
-    settings = MoCoV2Settings
     structural = ("queue_size",)
     default_tau = 0.2  # MoCo v2's
 
@@ -164,16 +143,9 @@ class MoCoV2(Method):
         return {f"{name}/infonce": losses.mocov2_loss(q1, q2, k1, k2, queue, peer.tau, peer.mocov2.symmetric)}
 
 
-@dataclass
-class SimSiamSettings:
-    pred_hidden: int = 512  # hidden width of the predictor (SimSiam's bottleneck)
-
-
-@register_method
 class SimSiam(Method):
     """Negative cosine between each view's prediction and the other view's projection behind a stop-gradient."""
     name = "simsiam"
-    settings = SimSiamSettings
     structural = ("pred_hidden",)
     whitened_projection = True
     kl_on_predictions = True
@@ -187,13 +159,6 @@ class SimSiam(Method):
 
     def loss(self, name, out, peer, targets):
         return {f"{name}/simsiam": losses.simsiam_loss(*(losses.at_least_fp32(x) for x in out))}
-
-
-@dataclass
-class BYOLSettings:
-    pred_hidden: int = 4096  # hidden width of the predictor (BYOL's 4096-256 MLP)
-    momentum: float = 0.996  # target network EMA momentum at the start (BYOL's tau_base)
-    momentum_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: from `momentum` to 1 over the run
 
 
 class BYOLState(MethodState):
@@ -213,12 +178,10 @@ class BYOLState(MethodState):
         self.target.follow(peer, momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
 
 
-@register_method
 class BYOL(Method):
     """Each view's prediction regresses the target network's projection of the other view (2 - 2 cos, both
     directions summed, as BYOL's loss); the target network follows the peer by EMA."""
     name = "byol"
-    settings = BYOLSettings
     structural = ("pred_hidden",)
     default_head = (4096, 256, 2)
     kl_on_predictions = True
@@ -246,21 +209,11 @@ class BYOL(Method):
         return {f"{name}/byol": losses.byol_loss(p1, p2, t1, t2)}
 
 
-@dataclass
-class VICRegSettings:
-    sim_coeff: float = 25.0  # lambda: the invariance (mean squared distance between the views' embeddings)
-    std_coeff: float = 25.0  # mu: the variance hinge (each dimension's std over the global batch at least 1)
-    cov_coeff: float = 1.0  # nu: the covariance (off-diagonal covariances over the global batch towards 0)
-    eps: float = 1e-4  # inside the std's square root
-
-
-@register_method
 class VICReg(Method):
     """Variance-invariance-covariance regularisation; variance and covariance over the global batch (every rank's
     embeddings gathered with their gradient), the invariance over this rank's rows (DDP's averaging makes it the
     global mean)."""
     name = "vicreg"
-    settings = VICRegSettings
     default_head = (8192, 8192, 3)
     projection_bias = False
 
@@ -283,17 +236,10 @@ class VICReg(Method):
         return {f"{name}/vicreg": losses.vicreg_loss(z1, z2, s.sim_coeff, s.std_coeff, s.cov_coeff, s.eps)}
 
 
-@dataclass
-class BarlowTwinsSettings:
-    lambd: float = 0.0051  # weight of the off-diagonal (redundancy) terms of the cross-correlation
-
-
-@register_method
 class BarlowTwins(Method):
     """The cross-correlation of the two views' embeddings, each normalised over the global batch (every rank's
     embeddings gathered with their gradient), pulled towards the identity."""
     name = "barlowtwins"
-    settings = BarlowTwinsSettings
     default_head = (8192, 8192, 3)
     projection_bias = False
 
@@ -309,3 +255,7 @@ class BarlowTwins(Method):
     def loss(self, name, out, peer, targets):
         z1, z2 = losses.at_least_fp32(out[0]), losses.at_least_fp32(out[1])
         return {f"{name}/barlowtwins": losses.barlow_twins_loss(z1, z2, peer.barlowtwins.lambd)}
+
+
+for _method in (SimCLR, MoCoV2, SimSiam, BYOL, VICReg, BarlowTwins):
+    METHODS.register(_method.name, _method())

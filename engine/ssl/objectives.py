@@ -14,9 +14,10 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from dogo.engine.errors import ConfigError, Registry, suggest
+from dogo.core.errors import ConfigError
+from dogo.core.registry import METHODS, OBJECTIVES
 from dogo.engine.ssl import losses
-from dogo.engine.ssl.methods import METHODS, Method
+from dogo.engine.ssl.methods import Method
 
 
 class Objective:
@@ -124,20 +125,9 @@ class DisCo(Objective):
         return {f"{name}/distill": (objective_cfg.distill_weight, distance)}
 
 
-OBJECTIVES: Registry[Objective] = Registry("objective")
-for _cls in (DoGo, DisCo):
-    OBJECTIVES.register(_cls.name, _cls())
-
-
-def objective_named(name: str) -> Objective:
-    """The objective `objective.name` names: a registered objective (dogo, disco), or a registered method's name."""
-    if name in OBJECTIVES:
-        return OBJECTIVES.get(name, "objective.name")
-    if name in METHODS:
-        return SingleMethod(name)
-    valid = [*METHODS, *OBJECTIVES]
-    raise ConfigError(f"objective.name: {name!r} is not a registered objective or SSL method"
-                      + suggest(name, valid, "registered"))
+# objective.name: dogo, disco, or any method's name (every peer alone with that method)
+for _objective in (*(SingleMethod(name) for name in METHODS), DoGo(), DisCo()):
+    OBJECTIVES.register(_objective.name, _objective)
 
 
 def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective_cfg, peers, targets=None
@@ -149,4 +139,4 @@ def objective_loss(outputs: Mapping[str, tuple[torch.Tensor, ...]], objective_cf
     targets: what the parts without gradient computed for this step (dogo.engine.ssl.targets.Targets): momentum keys
     and queues, the DisCo teacher's embeddings.
     """
-    return objective_named(objective_cfg.name).loss(outputs, objective_cfg, peers, targets)
+    return OBJECTIVES.get(objective_cfg.name, "objective.name").loss(outputs, objective_cfg, peers, targets)

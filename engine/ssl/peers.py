@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dogo.engine.ssl.methods import METHODS
-from dogo.engine.ssl.objectives import objective_named
+from dogo.core.registry import METHODS, OBJECTIVES
 from dogo.models import Peer
 
 
@@ -30,7 +29,8 @@ class PeerSet(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.peers = nn.ModuleDict({name: build_peer(p, cfg.data.image_size) for name, p in cfg.peers.items()})
-        self.pairs = objective_named(cfg.objective.name).view_pairs(list(cfg.peers), cfg.objective.share_views)
+        objective = OBJECTIVES.get(cfg.objective.name, "objective.name")
+        self.pairs = objective.view_pairs(list(cfg.peers), cfg.objective.share_views)
 
     @property
     def n_views(self) -> int:

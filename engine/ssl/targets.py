@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 
 from dogo.engine.config import Config
-from dogo.engine.errors import CheckpointError, ConfigError
-from dogo.engine.ssl.methods import METHODS
-from dogo.engine.ssl.objectives import objective_named
+from dogo.core.errors import CheckpointError, ConfigError
+from dogo.core.registry import METHODS, OBJECTIVES
 from dogo.engine.ssl.teacher import FrozenTeacher, load_teacher
 
 
@@ -39,7 +38,7 @@ class TargetMakers(nn.Module):
                 states[name] = state
         self.states = nn.ModuleDict(states)
         self.teacher: FrozenTeacher | None = None
-        if objective_named(cfg.objective.name).uses_teacher:
+        if OBJECTIVES.get(cfg.objective.name, "objective.name").uses_teacher:
             self.teacher = load_teacher(cfg.teacher, cfg.data.image_size)
             for name, p in cfg.peers.items():
                 if p.head_out != self.teacher.embedding_dim:

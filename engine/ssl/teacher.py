@@ -15,12 +15,13 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dogo.engine.run import checkpoint
-from dogo.engine.errors import CheckpointError, ConfigError
-from dogo.engine.config import TeacherConfig, from_dict
-from dogo.engine.io import UnreadableFile, read_torch_file
+from dogo.core import checkpoint_files
+from dogo.core.errors import CheckpointError, ConfigError
+from dogo.engine.config import TeacherConfig, stored
+from dogo.core.io import UnreadableFile, read_torch_file
 from dogo.engine.ssl.peers import build_peer
-from dogo.models import Peer, backbone_spec
+from dogo.core.registry import BACKBONES
+from dogo.models import Peer
 from dogo.models.heads import head_shape
 
 
@@ -100,9 +101,9 @@ def _load_into(module: nn.Module, state: dict, what: str) -> None:
 
 def _from_checkpoint(t: TeacherConfig) -> tuple[Peer, str]:
     try:
-        path = checkpoint.resolve(t.checkpoint)
-        state = checkpoint.load(path)
-        checkpoint.check_finite(state, path)
+        path = checkpoint_files.resolve(t.checkpoint)
+        state = checkpoint_files.load(path)
+        checkpoint_files.check_finite(state, path)
     except CheckpointError as exc:
         raise ConfigError(f"teacher.checkpoint: {exc}") from None
     peers = list(state["peers"])
@@ -110,7 +111,7 @@ def _from_checkpoint(t: TeacherConfig) -> tuple[Peer, str]:
     if name not in state["peers"]:
         raise ConfigError(f"teacher.peer: {path} holds peers {', '.join(peers)}; "
                           + ("name one with teacher.peer=NAME" if not t.peer else f"there is no '{t.peer}'"))
-    run_cfg = from_dict(state["config"])
+    run_cfg = stored(state["config"])
     peer_cfg = run_cfg.peers[name]
     peer = build_peer(peer_cfg, run_cfg.data.image_size)
     _load_into(peer, state["peers"][name], f"teacher peer '{name}' of {path}")
@@ -118,7 +119,7 @@ def _from_checkpoint(t: TeacherConfig) -> tuple[Peer, str]:
 
 
 def _from_files(t: TeacherConfig, image_size: int) -> tuple[Peer, str]:
-    classifier = backbone_spec(t.arch, "teacher.arch").classifier_keys()  # a full library model's state_dict too
+    classifier = BACKBONES.get(t.arch, "teacher.arch").classifier_keys()  # a full library model's state_dict too
     backbone = {k: v for k, v in _load_state(t.backbone, "teacher.backbone").items() if not k.startswith(classifier)}
     head = _load_state(t.head, "teacher.head")
     try:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from dogo.pipelines.recipe import params as P
 from dogo.pipelines.recipe.device import DeviceRecipe, normalise, plan, resized_crops, to_device
-from dogo.engine.errors import DataError
+from dogo.core.errors import DataError
 from dogo.pipelines.base import ShardedLoader, TwoViewBatch
 
 SIDE = 32

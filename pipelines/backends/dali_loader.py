@@ -31,8 +31,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from dogo.pipelines.recipe.device import blur_kernel_size
-from dogo.engine.errors import DataError
-from dogo.engine.precision import memory_format
+from dogo.core.errors import DataError
+from dogo.core.precision import memory_format
 from dogo.pipelines.base import ShardedLoader, TwoViewBatch, die_with_parent
 from dogo.pipelines.imagefolder import scan
 from dogo.pipelines.images import DECODE_ERRORS, load_rgb, structural_problem

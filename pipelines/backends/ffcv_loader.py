@@ -1,10 +1,10 @@
 """FFCV backend: two-view batches from a .beton file (`dogo convert`).
 
 FFCV's threads read and decode each image once, whole (WholeImageDecoder); right after, on the host, a thread pool
-makes every view from it as the folder backend does (cpu_recipe.write_views: crop box and flip from the image's
+makes every view from it as the folder backend does (recipe.cpu.write_views: crop box and flip from the image's
 parameter stream, bilinear resize by OpenCV), so both backends give the same views of the same pixels. With
-augment.place=workers the rest of the recipe runs there too, in uint8 (cpu_recipe.py: numba and OpenCV release the
-GIL); with augment.place=device the crops are written in the device recipe's sorted order and the recipe runs
+augment.place=workers the rest of the recipe runs there too, in uint8 (recipe/cpu.py: numba and OpenCV release the
+GIL); with augment.place=device the crops are written in the batch's order and the recipe runs
 batched on the device (augment.DeviceRecipe). The order is ours, not FFCV's: a TraversalOrder that serves this
 rank's rows of each global batch of `Shard`, so every world size sees the same images per step (as the folder
 backend) and a resumed run starts at its step. `data.ffcv.order: quasi_random` keeps the global batches random but
@@ -35,7 +35,7 @@ from ffcv.transforms import Squeeze, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
 from dogo.pipelines.recipe.device import DeviceRecipe, normalise
-from dogo.engine.errors import DataError
+from dogo.core.errors import DataError
 from dogo.pipelines.base import ReusedBuffers, Shard, ShardedLoader, TwoViewBatch, prefetched
 from dogo.pipelines.recipe.cpu import CpuRecipe, draw_views, write_views
 from dogo.pipelines.images import MAX_PIXELS
@@ -56,7 +56,7 @@ class BlockShard(Shard):
 class WholeImageDecoder(SimpleRGBImageDecoder):
     """Each image decoded once, whole, into its row of a (batch, max_h * max_w * 3) uint8 buffer (FFCV's
     SimpleRGBImageDecoder, for images of any size). The crops are ours, made on the host from the images' streams
-    as the folder backend makes them (cpu_recipe.crop_and_flip: bilinear, OpenCV): FFCV's RandomResizedCrop
+    as the folder backend makes them (recipe.cpu.crop_and_flip: bilinear, OpenCV): FFCV's RandomResizedCrop
     decoder draws its boxes from its own generator, decodes once per view and resizes with OpenCV's area filter
     (0.4 ms per view on large crops here): with our crops the backend went from 7.2x to 11.1x torchvision
     (benchmarks/results/pipeline_ffcv_workers_cpu2.json)."""

@@ -2,10 +2,10 @@
 
 DataLoader workers fetch a batch at a time: each decodes its images (pipelines.images), draws every view's
 parameters from the images' streams (params.py) and makes the crop and flip (OpenCV, bilinear). Then either
-- augment.place=workers: the whole recipe runs there too, per image in uint8 (cpu_recipe.py), and the device only
-  normalises; or
-- augment.place=device: the worker writes each view's crops in the device recipe's sorted order (augment.plan),
-  and the rest of the recipe runs batched on the device (augment.DeviceRecipe).
+- augment.place=workers: the whole recipe runs there too, per image in uint8 (pipelines/recipe/cpu.py), and the
+  device only normalises; or
+- augment.place=device: the worker writes each view's crops in the batch's order with each view's plan
+  (recipe.device.plan), and the rest of the recipe runs batched on the device (recipe.device.DeviceRecipe).
 Parameters depend on (seed, epoch, image, view) only: not on the worker, the rank or the placement.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dogo.pipelines.recipe.device import DeviceRecipe, normalise
-from dogo.engine.errors import DataError
+from dogo.core.errors import DataError
 from dogo.pipelines.base import ShardedLoader, TwoViewBatch, die_with_parent
 from dogo.pipelines.recipe.cpu import CpuRecipe, draw_views, write_views
 from dogo.pipelines.imagefolder import ImageFolderIndex, class_folders, scan
@@ -261,8 +261,9 @@ def open_eval_split(data, split: str, workers: int) -> FolderEvalSplit:
 SPLITS = ("train", "val")  # what `python -m dogo.pipelines.check folder ROOT` reads
 
 
-def describe_split(root: str, split: str) -> str:
+def describe_split(root: str, split: str, labels: str = "folders") -> str:
     """One line counting a split (the data check before a long run); DataError when it cannot be read."""
-    index = scan(Path(root) / split)
-    return (f"{index.root}: {len(index):,} images in {len(index.classes):,} classes"
+    index = scan(Path(root) / split, labels=labels)
+    return (f"{index.root}: {len(index):,} images" + (f" in {len(index.classes):,} classes" if index.classes else
+                                                      ", unlabelled")
             + (f"; {len(index.skipped)} entries skipped, the first: {index.skipped[0]}" if index.skipped else ""))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dogo.engine.precision import memory_format
+from dogo.core.precision import memory_format
 from dogo.pipelines.recipe import params as P
 
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)

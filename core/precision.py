@@ -1,5 +1,5 @@
 """Which dtype and memory format the step runs in, and the backend flags that go with them: one object for the
-trainer, evaluation and the benchmarks, built from the resolved config (engine/config.py settles `auto`)."""
+trainer, evaluation and the benchmarks, built from the resolved config (engine/config/resolve.py settles `auto`)."""
 from __future__ import annotations
 
 import contextlib

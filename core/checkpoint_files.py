@@ -1,0 +1,84 @@
+"""Checkpoint files: where a run keeps them, which is the newest, and reading one (a dogo checkpoint is a dict of
+its config, its peers' weights and its position, written by engine/run/checkpoint.py). Used wherever a trained run
+is read: resuming, evaluating, exporting, a DisCo teacher."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from dogo.core.errors import CheckpointError
+from dogo.core.io import UnreadableFile, read_torch_file
+
+_NAME = re.compile(r"^step_(\d{9})\.pt$")
+
+
+def folder(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    d = folder(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = all_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve(spec: str | Path) -> Path:
+    """A checkpoint file, or a run folder standing for its newest checkpoint."""
+    path = Path(spec)
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"run folder {path} has no checkpoints under {folder(path)}; train it first or "
+                                  f"give a checkpoint file")
+        return found
+    return path
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        state = read_torch_file(path, "dogo checkpoint")
+    except UnreadableFile as exc:
+        raise CheckpointError(str(exc)) from None
+    missing = [k for k in ("config", "peers", "position") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a dogo checkpoint (it has no {', '.join(missing)}): give a run folder "
+                              f"or a file from its checkpoints/ (an exported backbone is a plain state_dict; a DisCo "
+                              f"teacher takes it as teacher.backbone)")
+    return state
+
+
+# No trained network's weight or BatchNorm statistic comes near this; a diverging one passes it within a few steps
+# (at optim.lr=1e36 the weights reached 4.9e34 while every loss was still finite).
+ABSURD_WEIGHT = 1e15
+
+
+def diverged(named: Mapping[str, torch.Tensor], limit: float | None = ABSURD_WEIGHT) -> str | None:
+    """The name of the first floating tensor holding NaN or inf (or, with `limit`, a magnitude above it), or None.
+    One reduction per tensor, then one read: meant for checkpoint and evaluation time, not the training step."""
+    names = [n for n, t in named.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return None
+    peaks = torch.stack([t.detach().abs().amax().float() for t in (named[n] for n in names)])
+    bad = ~torch.isfinite(peaks) if limit is None else ~(peaks <= limit)  # NaN fails every comparison
+    found = bad.nonzero()
+    return None if not len(found) else f"{names[int(found[0])]} (|x| up to {float(peaks[int(found[0])]):.3g})"
+
+
+def check_finite(state: dict, path: Path) -> None:
+    """Refuse weights with NaN, inf or absurd magnitudes: a run that diverged must not be evaluated, exported or
+    distilled from."""
+    for peer, tensors in state["peers"].items():
+        name = diverged(tensors)
+        if name:
+            raise CheckpointError(f"{path}: peer '{peer}' holds non-finite or absurdly large values ({name}); its "
+                                  f"training diverged. Use an earlier checkpoint")

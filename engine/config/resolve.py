@@ -1,0 +1,142 @@
+"""Resolution: every `auto` and every default that depends on other keys, settled once for this machine before
+anything is built (STYLE.md: resolve once, at the bottom). The run's config.yaml records what was settled.
+
+Reads the registries (dogo.core.registry) for each method's defaults and each backbone's contract; imports nothing
+above the config.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from dogo.core.errors import ConfigError
+from dogo.core.registry import BACKBONES, METHODS, OBJECTIVES
+from dogo.engine.config.loading import to_dict
+from dogo.engine.config.schema import KNN_PROTOCOLS, Config, EvalConfig
+
+# objective.tile=auto: the contrastive kernel's tile, in images
+CPU_TILE = 1024  # on a CPU the tiles' launches are cheap next to their arithmetic
+GPU_TILE_SHARE = 1 / 8  # of the free device memory, for the kernel's live blocks
+GPU_TILE_RANGE = (1024, 32768)
+
+
+def auto_tile(device: torch.device, peers: int, global_batch: int) -> int:
+    """objective.tile=auto: on CUDA, the largest power of two whose live blocks (about four (2 tile x 2 tile) fp32
+    blocks per peer, engine/run/memory.py) fit GPU_TILE_SHARE of the free memory, so that 16,384 views take a
+    handful of tiles (each tile is tens of launches: small tiles are launch-bound); on CPUs, CPU_TILE. Never more
+    than the global batch."""
+    if device.type != "cuda":
+        return min(CPU_TILE, global_batch)
+    free, _ = torch.cuda.mem_get_info(device)
+    fitting = int((GPU_TILE_SHARE * free / (64 * max(peers, 1))) ** 0.5)
+    tile = 1 << max(fitting, 1).bit_length() - 1
+    return min(max(GPU_TILE_RANGE[0], min(tile, GPU_TILE_RANGE[1])), global_batch)
+
+
+def resolve(cfg: Config) -> Config:
+    """Settle every `auto` for this machine and each peer's method and temperature, in place. Idempotent: a
+    resolved config (a run's config.yaml, a checkpoint's) comes back unchanged."""
+    cfg.device = resolve_device(cfg.device)
+    on_gpu = cfg.device == "cuda"
+    if on_gpu and cfg.objective.tile == "auto" and not torch.cuda.is_available():  # the tile needs the GPU's memory
+        raise ConfigError("device=cuda but torch sees no CUDA device; use device=auto or device=cpu")
+    if cfg.distributed.backend == "auto":
+        cfg.distributed.backend = "nccl" if on_gpu else "gloo"
+    if cfg.precision.dtype == "auto":
+        cfg.precision.dtype = "bf16" if on_gpu else "fp32"  # bf16 is about 2x slower than fp32 on our CPUs
+    if cfg.precision.channels_last == "auto":  # on a GPU, unless a peer's backbone gains nothing from it (a ViT)
+        helps = all(BACKBONES.get(p.arch, f"peers.{n}.arch").channels_last for n, p in cfg.peers.items())
+        cfg.precision.channels_last = "on" if on_gpu and helps else "off"
+    if cfg.augment.place == "auto":
+        # on a GPU, batched on the device; on CPUs, per image in uint8 in the loader's workers, which is cheaper
+        # there since the device is the same cores as the model
+        cfg.augment.place = "device" if on_gpu else "workers"
+    if cfg.objective.tile == "auto":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+        cfg.objective.tile = auto_tile(device, len(cfg.peers), cfg.data.batch_size)
+    if cfg.log.tensorboard == "auto":
+        cfg.log.tensorboard = "on" if tensorboard_installed() else "off"
+    if cfg.checkpoint.resume == "auto":
+        cfg.checkpoint.resume = "latest"
+    if cfg.log.progress == "auto":
+        cfg.log.progress = "on" if sys.stdout.isatty() else "off"
+    _resolve_knn(cfg.eval)
+    objective = OBJECTIVES.get(cfg.objective.name, "objective.name")
+    for name, peer in cfg.peers.items():
+        if objective.method and peer.ssl not in (None, objective.method):
+            raise ConfigError(f"peers.{name}.ssl={peer.ssl} conflicts with objective.name={objective.method}; "
+                              f"peers with their own SSL methods train together under objective.name=dogo")
+        peer.ssl = peer.ssl or objective.method or "simclr"
+        method = METHODS.get(peer.ssl, f"peers.{name}.ssl")
+        if peer.tau is None:
+            peer.tau = method.default_tau
+        hidden, out, layers = method.default_head
+        peer.head_hidden = hidden if peer.head_hidden is None else peer.head_hidden
+        peer.head_out = out if peer.head_out is None else peer.head_out
+        peer.head_layers = layers if peer.head_layers is None else peer.head_layers
+    return cfg
+
+
+def _resolve_knn(ev: EvalConfig) -> None:
+    """The kNN protocol's k and temperature; a preset with a different k or temperature set beside it is an error
+    (a result would name one protocol and have used another)."""
+    if ev.knn_protocol == "custom":
+        if ev.knn_k is None or ev.knn_temperature is None:
+            raise ConfigError("eval.knn_protocol=custom needs eval.knn_k and eval.knn_temperature; or name a preset: "
+                              + ", ".join(f"{n} (k={k}, T={t})" for n, (k, t) in KNN_PROTOCOLS.items()))
+        return
+    k, t = KNN_PROTOCOLS[ev.knn_protocol]
+    for key, value, preset in (("knn_k", ev.knn_k, k), ("knn_temperature", ev.knn_temperature, t)):
+        if value is not None and value != preset:
+            raise ConfigError(f"eval.{key}={value} differs from eval.knn_protocol={ev.knn_protocol} ({key} {preset}); "
+                              f"set eval.knn_protocol=custom to use your own")
+    ev.knn_k, ev.knn_temperature = k, t
+
+
+def knn_protocol_name(ev: EvalConfig) -> str:
+    """How a result names its kNN protocol, e.g. 'dino (k=20, T=0.07)'."""
+    return f"{ev.knn_protocol} (k={ev.knn_k}, T={ev.knn_temperature})"
+
+
+def resolve_device(requested: str) -> str:
+    """device=auto: cuda when torch sees a GPU, else cpu (also what the benchmarks' --device auto means)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def resolved_for(device: torch.device, **sections) -> Config:
+    """The defaults, with `sections` (e.g. augment=AugmentConfig(...)), resolved for `device`: for the benchmarks
+    that time a part of the step outside a run."""
+    return resolve(Config(device=device.type, **sections))
+
+
+def tensorboard_installed() -> bool:
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard writes through it)
+    except ImportError:
+        return False
+    return True
+
+
+def unresolved(cfg: Config) -> list[str]:
+    """The dotted keys that still say 'auto' (empty for a resolved config)."""
+    out = []
+
+    def walk(node, key):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else k)
+        elif node == "auto":
+            out.append(key)
+    walk(to_dict(cfg), "")
+    return out
+
+
+def require_resolved(cfg: Config) -> None:
+    left = unresolved(cfg)
+    if left:
+        raise ValueError(f"the config is not resolved ({', '.join(left)} still auto): build it with "
+                         f"dogo.engine.config.load or pass it through resolve() first")
