@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from dogo.engine.errors import CheckpointError
+from dogo.engine.errors import CheckpointError, ConfigError
 from dogo.engine.ssl.methods import METHODS
 from dogo.engine.io import UnreadableFile, atomic_write, read_torch_file
 
@@ -76,7 +76,7 @@ class RunLock:
         import os
         self.path = Path(run_dir) / ".lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = open_run_file(self.path, os.O_RDWR | os.O_CREAT)
         previous = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -102,6 +102,21 @@ class RunLock:
             self._fd = None
 
 
+def open_run_file(path: Path, flags: int) -> int:
+    """os.open of a run folder's own file (its lock, metrics.jsonl) that does not follow a symbolic link standing
+    at `path`: writing through one (a truncate, an append) would change whatever file it points to. A link is
+    refused with a CheckpointError naming it."""
+    import errno
+    import os
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP or not Path(path).is_symlink():
+            raise
+        raise CheckpointError(f"{path} is a symbolic link (to {os.readlink(path)}); a run folder's own files are "
+                              f"never written through links: remove it, then run again") from None
+
+
 def _running(pid: int) -> bool:
     import os
     try:
@@ -119,7 +134,7 @@ def _fresh_lock(path: Path) -> int:
     import fcntl
     import os
     tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_run_file(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.replace(tmp, path)
     return fd
@@ -163,7 +178,96 @@ def load(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a dogo checkpoint (it has no {', '.join(missing)}): give a run folder "
                               f"or a file from its checkpoints/ (an exported backbone is a plain state_dict; a DisCo "
                               f"teacher takes it as teacher.backbone)")
+    problem = _structure_problem(state)
+    if problem:
+        raise CheckpointError(f"{path} is a damaged dogo checkpoint ({problem}); use another checkpoint of the run")
     return state
+
+
+def _structure_problem(state: dict) -> str | None:
+    """What in a loaded checkpoint is not of the form the trainer writes, or None."""
+    if not isinstance(state["config"], dict):
+        return f"its config is a {type(state['config']).__name__}, not a mapping"
+    peers = state["peers"]
+    if not isinstance(peers, dict) or not peers:
+        return "its peers are not a mapping of names to state_dicts"
+    for name, tensors in peers.items():
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            return f"peer {name!r} is not a state_dict (a mapping of names to tensors)"
+    position = state["position"]
+    if not isinstance(position, dict) or sorted(position) != ["epoch", "step", "step_in_epoch"] or \
+            not all(isinstance(v, int) and v >= 0 for v in position.values()):
+        return "its position is not step, epoch and step_in_epoch"
+    return None
+
+
+def load_run(spec: str | Path, overrides: list[str] = ()):
+    """(path, state, config) of a checkpoint (a file, or a run folder's newest) for evaluation, export and plots: the
+    file whole and finite, its run's config with `overrides` applied and the machine's settings (device, precision)
+    resolved for this machine rather than the one it was trained on, and every peer's tensors of the shapes the
+    config's model has. What is wrong with the file is a CheckpointError naming it; an override that would change a
+    model's shapes (peers.NAME.head_out=64 at eval) is one naming the tensor."""
+    from dogo.engine import config as config_mod
+    path = resolve(spec)
+    state = load(path)
+    check_finite(state, path)
+    try:
+        config_mod.from_dict(state["config"], this_machine=True)
+    except (ConfigError, TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its config cannot be read ({type(exc).__name__}: {exc}); use another "
+                              f"checkpoint of the run") from None
+    cfg = config_mod.from_dict(state["config"], overrides, this_machine=True)
+    problem = peers_mismatch(cfg, state)
+    if problem:
+        own = peers_mismatch(config_mod.from_dict(state["config"], this_machine=True), state) if overrides else problem
+        if own:
+            raise CheckpointError(f"{path}: its {own}, as its own config builds it: the file is damaged or was "
+                                  f"edited; use another checkpoint of the run")
+        raise CheckpointError(f"{path}: the overrides change a peer's shapes ({problem}); settings that shape a model "
+                              f"(peers.NAME.arch, head sizes, a ViT's image size) come from the checkpoint: drop "
+                              f"those overrides")
+    return path, state, cfg
+
+
+def peers_mismatch(cfg, state: dict) -> str | None:
+    """How the checkpoint's peers differ from the model `cfg` builds (built on the meta device: no memory, no
+    weights), in words, or None when every peer loads."""
+    from dogo.engine.ssl.peers import PeerSet
+    if list(state["peers"]) != list(cfg.peers):
+        return f"peers are {', '.join(state['peers'])} where the config has {', '.join(cfg.peers)}"
+    with torch.device("meta"):
+        model = PeerSet(cfg)
+    for name, peer in model.peers.items():
+        problem = state_mismatch(peer, state["peers"][name])
+        if problem:
+            return f"peer '{name}' does not fit the model ({problem})"
+    return None
+
+
+def state_mismatch(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from loading into `module` strictly (missing keys, unexpected keys, wrong shapes; five of
+    each at most), or None."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    parts = [f"{len(keys)} {label}: {', '.join(keys[:5])}" + (", ..." if len(keys) > 5 else "")
+             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes))
+             if keys]
+    return "; ".join(parts) or None
+
+
+def load_peers(peers: Mapping[str, torch.nn.Module], state: dict, path: Path) -> None:
+    """Every peer's weights from a checkpoint, strictly; a CheckpointError naming the file and the tensors that do
+    not fit (rather than torch's RuntimeError)."""
+    for name, peer in peers.items():
+        problem = state_mismatch(peer, state["peers"].get(name, {}))
+        if problem:
+            raise CheckpointError(f"{path}: peer '{name}' does not fit this run's model ({problem}); use a checkpoint "
+                                  f"of this config, or a new run name")
+        peer.load_state_dict(state["peers"][name])
 
 
 # No trained network's weight or BatchNorm statistic comes near this; a diverging one passes it within a few steps
