@@ -54,7 +54,42 @@ def load(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a dogo checkpoint (it has no {', '.join(missing)}): give a run folder "
                               f"or a file from its checkpoints/ (an exported backbone is a plain state_dict; a DisCo "
                               f"teacher takes it as teacher.backbone)")
+    problem = _structure_problem(state)
+    if problem:
+        raise CheckpointError(f"{path} is a damaged dogo checkpoint ({problem}); use another checkpoint of the run")
     return state
+
+
+def _structure_problem(state: dict) -> str | None:
+    """What in a loaded checkpoint is not of the form the trainer writes, or None."""
+    if not isinstance(state["config"], dict):
+        return f"its config is a {type(state['config']).__name__}, not a mapping"
+    peers = state["peers"]
+    if not isinstance(peers, dict) or not peers:
+        return "its peers are not a mapping of names to state_dicts"
+    for name, tensors in peers.items():
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            return f"peer {name!r} is not a state_dict (a mapping of names to tensors)"
+    position = state["position"]
+    if not isinstance(position, dict) or sorted(position) != ["epoch", "step", "step_in_epoch"] or \
+            not all(isinstance(v, int) and v >= 0 for v in position.values()):
+        return "its position is not step, epoch and step_in_epoch"
+    return None
+
+
+def state_mismatch(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from loading into `module` strictly (missing keys, unexpected keys, wrong shapes; five of
+    each at most), or None."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    parts = [f"{len(keys)} {label}: {', '.join(keys[:5])}" + (", ..." if len(keys) > 5 else "")
+             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes))
+             if keys]
+    return "; ".join(parts) or None
 
 
 # No trained network's weight or BatchNorm statistic comes near this; a diverging one passes it within a few steps

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -49,11 +50,20 @@ def read_metrics(spec: str | Path) -> tuple[str, list[dict], list[dict]]:
         raise PlotError(f"{spec}: no metrics.jsonl there; give a run folder (out_dir/name) or its metrics.jsonl")
     name = path.parent.name if path.name == "metrics.jsonl" else path.stem
     steps, knn = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text()
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            if n == len(lines) and not text.endswith("\n"):  # cut short by a run stopped mid-write (a full disk)
+                warnings.warn(f"{path}:{n}: the last line was cut short (a run stopped while writing it); left out",
+                              stacklevel=2)
+                break
             raise PlotError(f"{path}:{n} is not a JSON line") from None
+        if not isinstance(record, dict):
+            raise PlotError(f"{path}:{n} is JSON but not a record (a {type(record).__name__}, where each line of "
+                            f"metrics.jsonl is an object); remove that line or give another file")
         if "loss" in record and "step" in record:
             if steps and record["step"] <= steps[-1]["step"]:
                 steps, knn = [], [k for k in knn if k["step"] < record["step"]]
@@ -226,6 +236,10 @@ def plot_bench(paths: list[str | Path], out: str | Path) -> Path:
 MAP_METHODS = ("tsne", "umap", "pca")
 
 
+# the fewest points each map is defined for (PCA's two components, t-SNE's perplexity, UMAP's spectral start)
+MIN_POINTS = {"pca": 2, "tsne": 2, "umap": 4}
+
+
 def embed_2d(features, method: str, seed: int = 0):
     """(n, 2) coordinates of (n, D) features: PCA and t-SNE from scikit-learn, UMAP from umap-learn; the features
     are L2-normalised first (the geometry kNN sees)."""
@@ -234,6 +248,10 @@ def embed_2d(features, method: str, seed: int = 0):
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if method not in MAP_METHODS:
         raise PlotError(f"--method {method!r}: one of {', '.join(MAP_METHODS)}")
+    if len(x) < MIN_POINTS[method]:
+        raise PlotError(f"a {method} map needs the features of at least {MIN_POINTS[method]} images; the split gave "
+                        f"{len(x)}: map a split with more readable images (--set data.path=... or "
+                        f"--set data.val_split=...)")
     try:
         if method == "umap":
             import umap

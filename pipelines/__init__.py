@@ -63,6 +63,9 @@ def build_loader(data, recipe, *, n_views: int, seed: int, rank: int, world_size
 def open_eval_split(data, split: str, workers: int) -> EvalSplit:
     """A labelled split for kNN and the linear probe, from the backend's own evaluation images."""
     backend = BACKENDS.get(data.backend, "data.backend")
+    if data.labels == "none":  # its sub-folders are not classes: numbering them would make a meaningless table
+        raise DataError(f"data.labels=none: {data.path} has no labels to evaluate on; evaluate on a labelled "
+                        f"dataset: data.path=LABELLED data.labels=folders")
     if not backend.labelled:
         raise DataError(f"data.backend={data.backend} has no labelled images to evaluate on; set "
                         f"eval.knn_every_epochs=0 or train on a backend with labels "

@@ -55,6 +55,7 @@ class TwoViewLoader(Protocol):
 class EvalSplit(Protocol):
     """A labelled split for kNN and the linear probe: deterministic images (no augmentation), in order."""
     classes: list[str]
+    where: str  # what it is, for messages: its folder, or its file and split
 
     def __len__(self) -> int: ...
 

@@ -108,6 +108,8 @@ def linear(args) -> int:
     result = linear_report(run, peer, args.protocol, args.epochs, args.batch_size, args.lr, ctx, precision)
     if not ctx.is_main:
         return 0
+    if "batch_note" in result:
+        say(result["batch_note"])
     scores = ", ".join(f"{k} {result[k]:.2f}%" for k in result if k.startswith("top"))
     say(f"linear probe ({args.protocol} protocol, {args.epochs} epochs, lr {result['lr']:g}) on frozen "
         f"{result['arch']} features of peer '{peer}' ({run.path}): {scores}")

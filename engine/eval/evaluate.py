@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dogo.engine.dist.distributed import DistContext, all_gather_rows
+from dogo.core.errors import ConfigError, DataError
 from dogo.core.precision import Precision
 from dogo.pipelines import EvalSplit, open_eval_split
 
@@ -23,7 +24,10 @@ from dogo.pipelines import EvalSplit, open_eval_split
 @torch.no_grad()
 def extract_features(backbone: nn.Module, split: EvalSplit, positions: np.ndarray, *, batch_size: int, recipe,
                      ctx: DistContext, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (n, D) float32, labels (n,)) for split[positions], on every rank; unreadable images dropped."""
+    """(features (n, D) float32, labels (n,)) for split[positions], on every rank; unreadable images dropped (a
+    DataError naming the split when none is left: a result computed from nothing is not a result)."""
+    if not len(positions):
+        raise DataError(f"{split.where}: no images to evaluate on; check data.path and the split's name")
     w = ctx.world_size
     padded = np.concatenate([positions, np.repeat(positions[-1:], (-len(positions)) % w)])
     mine = padded[ctx.rank::w]
@@ -47,8 +51,19 @@ def extract_features(backbone: nn.Module, split: EvalSplit, positions: np.ndarra
         f = all_gather_rows(f).view(w, -1, f.shape[1]).transpose(0, 1).reshape(-1, f.shape[1])
         y = all_gather_rows(y).view(w, -1).T.reshape(-1)
         f, y = f[:len(positions)], y[:len(positions)]
-    keep = y >= 0
-    return f[keep], y[keep]
+    return decodable(f, y, split, len(positions))
+
+
+def decodable(features: torch.Tensor, labels: torch.Tensor, split: EvalSplit, asked: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of images that could be read (label -1 marks the others); a DataError naming the split when there
+    is none (every metric of it would be NaN)."""
+    keep = labels >= 0
+    if not bool(keep.any()):
+        raise DataError(f"{split.where}: none of the {asked} images asked for could be decoded, so there is nothing to "
+                        f"evaluate on; check the files, or point data.path (data.val_split, data.train_split) at "
+                        f"readable images")
+    return features[keep], labels[keep]
 
 
 @torch.no_grad()
@@ -70,9 +85,18 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Top-k accuracy (%) of (n, classes) scores for each k of `ks` up to the number of classes (top-5 of 3 classes
+    is not asked for): the keys ("top1", ...) say which k were scored. Scores of no image, or scores that are not
+    finite, are errors: a NaN is not an accuracy."""
+    if not len(labels):
+        raise DataError("no labelled image to score: the evaluation split is empty or unreadable")
+    if not bool(torch.isfinite(scores).all()):
+        raise ConfigError("the evaluation's scores are not finite (NaN or inf), so no accuracy can be given; the "
+                          "features or the evaluation's settings made them (eval.knn_temperature, the probe's --lr)")
+    ks = [k for k in ks if k <= scores.shape[1]]
     top = scores.topk(max(ks), dim=1).indices
     hits = top == labels.view(-1, 1)
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks if k <= scores.shape[1]}
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
 def bank_positions(n: int, limit: int, seed: int) -> np.ndarray:
@@ -117,6 +141,4 @@ def pixel_features(split: EvalSplit, positions: np.ndarray, *, batch_size: int, 
     for images, y in split.batches(positions, batch_size, device, recipe, torch.float32, False):
         feats.append(images.flatten(1))
         labels.append(y)
-    f, y = torch.cat(feats), torch.cat(labels)
-    keep = y >= 0
-    return f[keep], y[keep]
+    return decodable(torch.cat(feats), torch.cat(labels), split, len(positions))

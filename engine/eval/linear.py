@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dogo.engine.dist.distributed import DistContext
+from dogo.core.errors import DataError
 from dogo.engine.eval.evaluate import extract_features, topk_accuracy
 from dogo.core.precision import Precision
 from dogo.pipelines import EvalSplit
@@ -32,7 +33,8 @@ CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResi
 def fast_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
                num_classes: int, epochs: int = 100, lr: float = 1e-3, batch_size: int = 256,
                weight_decay: float = 1e-4, seed: int = 0) -> dict[str, float]:
-    """A linear classifier on frozen, standardised features (train statistics); top-1 and top-5 on val, in %."""
+    """A linear classifier on frozen, standardised features (train statistics); top-1 and top-5 (where there are 5
+    classes) on val, in %."""
     mean, std = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True).clamp_min(1e-6)
     train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
     gen = torch.Generator().manual_seed(seed)
@@ -72,32 +74,59 @@ def crop_and_flip(images: torch.Tensor, positions: np.ndarray, seed: int, epoch:
     return out.to(images.dtype).contiguous(memory_format=memory_format)
 
 
+def probe_batch(requested: int, train_images: int, world_size: int) -> tuple[int, str | None]:
+    """The standard probe's global batch: `requested`, lowered where the training split holds fewer images (or to a
+    multiple of the world size), with a note saying so for the result file; a DataError when none is left."""
+    used = min(requested, train_images)
+    used -= used % world_size
+    if train_images < world_size:
+        raise DataError(f"the linear probe needs at least one training image per rank: the training split has "
+                        f"{train_images} for {world_size} ranks")
+    if used <= 0:
+        raise DataError(f"--batch-size {requested}: the linear probe takes a positive multiple of {world_size} (the "
+                        f"ranks), at most {train_images} (the training images)")
+    if used == requested:
+        return used, None
+    why = (f"is more than the {train_images} training images" if requested > train_images
+           else f"does not divide over {world_size} ranks")
+    return used, f"--batch-size {requested} {why}: the probe used batches of {used}"
+
+
 def standard_probe(backbone: nn.Module, train: EvalSplit, val: EvalSplit, *, recipe, ctx: DistContext,
                    precision: Precision, epochs: int = 100, batch_size: int = 256, lr: float | None = None,
                    seed: int = 0) -> dict[str, float]:
-    """The standard protocol (module docstring); top-1 and top-5 on `val`, in %. Deterministic for a seed, and the
-    same on any number of ranks: rank r takes the r-th slice of every global batch of the epoch's permutation."""
+    """The standard protocol (module docstring); top-1 and top-5 (where there are 5 classes) on `val`, in %.
+    Deterministic for a seed, and the same on any number of ranks: rank r takes the r-th slice of every global batch
+    of the epoch's permutation. `batch_size` must fit the training split (probe_batch chooses one that does)."""
     w, r = ctx.world_size, ctx.rank
     if batch_size % w:
-        raise ValueError(f"the probe's batch of {batch_size} does not divide over {w} ranks")
+        raise DataError(f"the probe's batch of {batch_size} (--batch-size) does not divide over {w} ranks; give a "
+                        f"multiple of {w}")
+    steps = len(train) // batch_size  # the last partial batch is dropped, as the tables' loaders do
+    if steps == 0:
+        raise DataError(f"the probe's batch of {batch_size} (--batch-size) is larger than the {len(train)} training "
+                        f"images of {train.where}; give --batch-size {len(train) - len(train) % w} or less")
     local = batch_size // w
     was_training = backbone.training
     backbone.eval()
+    # the backbone is frozen: the val features are the same before training the classifier as after, and an
+    # unreadable val split is found before the epochs rather than after them
+    val_f, val_y = extract_features(backbone, val, np.arange(len(val)), batch_size=local, recipe=recipe,
+                                    ctx=ctx, precision=precision)
     clf = classifier(_feature_width(backbone, train, recipe, ctx, precision), len(train.classes), seed)
     clf.to(ctx.device)
     opt = torch.optim.SGD(clf.parameters(), lr=0.1 * batch_size / 256 if lr is None else lr, momentum=0.9)
-    steps = len(train) // batch_size  # the last partial batch is dropped, as the tables' loaders do
-    if steps == 0:
-        raise ValueError(f"the probe's batch of {batch_size} is larger than the {len(train)} training images")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(train))[:steps * batch_size]
         mine = order.reshape(steps, w, local)[:, r].reshape(-1)
         batches = train.batches(mine, local, ctx.device, recipe, precision.dtype, precision.channels_last)
+        labelled = torch.zeros((), dtype=torch.int64, device=ctx.device)  # images read in this epoch, on the device
         for s, (images, y) in enumerate(batches):
             with torch.no_grad(), precision.autocast(ctx.device):
                 f = backbone(crop_and_flip(images, mine[s * local:(s + 1) * local], seed, epoch,
                                            precision.memory_format)).float()
+            labelled += (y >= 0).sum()
             # each rank's sum over its slice / the global batch; summed over ranks: the global batch's mean
             loss = F.cross_entropy(clf(f), y, ignore_index=-1, reduction="sum") / batch_size
             opt.zero_grad(set_to_none=True)
@@ -107,11 +136,20 @@ def standard_probe(backbone: nn.Module, train: EvalSplit, val: EvalSplit, *, rec
                     torch.distributed.all_reduce(p.grad)
             opt.step()
             sched.step()
-    val_f, val_y = extract_features(backbone, val, np.arange(len(val)), batch_size=local, recipe=recipe,
-                                    ctx=ctx, precision=precision)
+        if epoch == 0:
+            _require_labelled(labelled, w, train)
     backbone.train(was_training)
     with torch.no_grad():
         return topk_accuracy(clf(val_f), val_y)
+
+
+def _require_labelled(labelled: torch.Tensor, world_size: int, train: EvalSplit) -> None:
+    """After the first epoch: a classifier trained on no readable image would report chance as a result."""
+    if world_size > 1:
+        torch.distributed.all_reduce(labelled)
+    if int(labelled) == 0:
+        raise DataError(f"{train.where}: none of the training images the probe read could be decoded; check the "
+                        f"files or point data.path (data.train_split) at readable images")
 
 
 @torch.no_grad()

@@ -66,6 +66,17 @@ class OnlineProbe:
     def state_dict(self) -> dict:
         return {"classifiers": self.classifiers.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.classifiers.load_state_dict(state["classifiers"])
+    def load_state_dict(self, state: dict) -> str | None:
+        """The classifiers and their optimiser from a checkpoint; or, where the checkpoint's classifiers have other
+        shapes (the dataset's class count changed since), nothing: the probe starts afresh, as one turned on at a
+        resume does, and the reason is returned for the log."""
+        own, saved = self.classifiers.state_dict(), state["classifiers"]
+        shape = lambda d, k: tuple(d[k].shape) if k in d else "none"  # noqa: E731
+        differ = [k for k in {**own, **saved} if shape(own, k) != shape(saved, k)]
+        if differ:
+            k = differ[0]
+            return (f"the online probe's classifiers in the checkpoint do not fit this run ({k}: {shape(saved, k)} "
+                    f"there, {shape(own, k)} now: the number of classes changed?); the probe starts afresh")
+        self.classifiers.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
+        return None

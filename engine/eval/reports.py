@@ -11,7 +11,7 @@ from dogo.core.environment import environment
 from dogo.core.precision import Precision
 from dogo.engine.dist.distributed import DistContext
 from dogo.engine.eval.evaluate import KnnMonitor, extract_features
-from dogo.engine.eval.linear import fast_probe, standard_probe
+from dogo.engine.eval.linear import fast_probe, probe_batch, standard_probe
 from dogo.engine.eval.table import comparison_rows
 from dogo.engine.eval.saved import SavedRun
 from dogo.pipelines import open_eval_split
@@ -60,6 +60,9 @@ def linear_report(run: SavedRun, peer: str, protocol: str, epochs: int, batch_si
     splits = {name: open_eval_split(cfg.data, name, cfg.data.workers)
               for name in (cfg.data.train_split, cfg.data.val_split)}
     train, val = splits[cfg.data.train_split], splits[cfg.data.val_split]
+    note = None
+    if protocol == "standard":  # at most the training split (L2: the default 256 on a small folder)
+        batch_size, note = probe_batch(batch_size, len(train), ctx.world_size)
     lr = probe_lr(protocol, batch_size, lr)
     if protocol == "standard":
         result = standard_probe(backbone, train, val, recipe=cfg.augment, ctx=ctx, precision=precision,
@@ -71,7 +74,7 @@ def linear_report(run: SavedRun, peer: str, protocol: str, epochs: int, batch_si
         result = fast_probe(*feats[cfg.data.train_split], *feats[cfg.data.val_split], len(train.classes),
                             epochs=epochs, lr=lr, batch_size=batch_size, seed=cfg.seed)
     return {"evaluation": "linear_probe", "protocol": protocol, "epochs": epochs, "batch_size": batch_size,
-            "lr": lr, "checkpoint": str(run.path), "step": run.step, "config": cfg.name, "peer": peer,
+            **({"batch_note": note} if note else {}), "lr": lr, "checkpoint": str(run.path), "step": run.step, "config": cfg.name, "peer": peer,
             "arch": cfg.peers[peer].arch, "data": str(Path(cfg.data.path)), "train_split": cfg.data.train_split,
             "val_split": cfg.data.val_split, **result, "environment": environment(ctx.device)}
 

@@ -23,11 +23,29 @@ class SavedRun:
 
     @classmethod
     def open(cls, spec: str | Path, overrides: list[str] = ()) -> "SavedRun":
-        """A checkpoint file, or a run folder's newest; diverged weights are refused."""
+        """A checkpoint file, or a run folder's newest: the file whole and finite, its config readable on this
+        machine, with `overrides` applied, and every peer's tensors of the shapes that config's model has. What is
+        wrong with the file is a CheckpointError naming it; an override that would change a model's shapes
+        (peers.NAME.head_out=64 at eval) is one naming the tensor."""
         path = checkpoint_files.resolve(spec)
         state = checkpoint_files.load(path)
         checkpoint_files.check_finite(state, path)
-        return cls(path, state, config_mod.from_dict(state["config"], overrides))
+        try:
+            own = config_mod.from_dict(state["config"])
+        except (ConfigError, TypeError, AttributeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: its config cannot be read ({type(exc).__name__}: {exc}); use another "
+                                  f"checkpoint of the run") from None
+        problem = _peers_mismatch(own, state)
+        if problem:
+            raise CheckpointError(f"{path}: its {problem}, as its own config builds it: the file is damaged or was "
+                                  f"edited; use another checkpoint of the run")
+        cfg = config_mod.from_dict(state["config"], overrides) if overrides else own
+        problem = _peers_mismatch(cfg, state)
+        if problem:
+            raise CheckpointError(f"{path}: the overrides change a peer's shapes ({problem}); settings that shape a "
+                                  f"model (peers.NAME.arch, head sizes, a ViT's image size) come from the checkpoint: "
+                                  f"drop those overrides")
+        return cls(path, state, cfg)
 
     @property
     def step(self) -> int:
@@ -51,19 +69,10 @@ class SavedRun:
         """The run's peers on `device`: with the trained weights (of every peer, or of `only`), or at their random
         initialisation (the run's own seed)."""
         model = build_peers(self.cfg).to(device)
-        if trained:
+        if trained:  # open() checked every key and shape
             for name in ([only] if only else self.peer_names):
-                self._load_peer(model, name)
+                model.peers[name].load_state_dict(self.state["peers"][name])
         return model
-
-    def _load_peer(self, model: PeerSet, name: str) -> None:
-        try:
-            model.peers[name].load_state_dict(self.state["peers"][name])
-        except RuntimeError as exc:  # missing or unexpected keys, or shapes the config does not give
-            first = " ".join(str(exc).split())[:300]
-            raise CheckpointError(f"{self.path}: peer '{name}' does not fit the network its config describes "
-                                  f"({first}); evaluate it with its own config (no structural overrides such as "
-                                  f"peers.{name}.head_out)") from None
 
     def result_path(self, name: str) -> Path:
         """RUN/NAME when the checkpoint lies in a run folder's checkpoints/ (its config.yaml beside them); otherwise
@@ -73,3 +82,17 @@ class SavedRun:
         if self.path.parent.name == "checkpoints" and (run / "config.yaml").is_file():
             return run / name
         return self.path.with_name(f"{self.path.stem}.{name}")
+
+
+def _peers_mismatch(cfg: Config, state: dict) -> str | None:
+    """How the checkpoint's peers differ from the model `cfg` builds (on the meta device: no memory, no weights),
+    in words, or None when every peer loads."""
+    if list(state["peers"]) != list(cfg.peers):
+        return f"peers are {', '.join(state['peers'])} where the config has {', '.join(cfg.peers)}"
+    with torch.device("meta"):
+        model = PeerSet(cfg)
+    for name, peer in model.peers.items():
+        problem = checkpoint_files.state_mismatch(peer, state["peers"][name])
+        if problem:
+            return f"peer '{name}' does not fit the model ({problem})"
+    return None

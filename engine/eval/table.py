@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from dogo.engine.dist.distributed import DistContext
 from dogo.engine.eval.evaluate import extract_features, knn_predict, pixel_features, topk_accuracy
-from dogo.engine.eval.linear import fast_probe, standard_probe
+from dogo.engine.eval.linear import fast_probe, probe_batch, standard_probe
 from dogo.core.precision import Precision
 from dogo.engine.ssl.peers import build_peers
 from dogo.pipelines import open_eval_split
@@ -33,12 +33,17 @@ def comparison_rows(runs: list[tuple], ctx: DistContext, precision: Precision, p
                                     recipe=first.augment, ctx=ctx, precision=precision)
         train, val = features(data.train_split), features(data.val_split)
         knn = topk_accuracy(knn_predict(*train, val[0], num_classes, ev.knn_k, ev.knn_temperature), val[1], ks=(1,))
+        note = None
         if protocol == "fast":
             linear = fast_probe(*train, *val, num_classes, epochs=probe_epochs, seed=first.seed)
         else:
+            batch, note = probe_batch(256, len(splits[data.train_split]), ctx.world_size)  # the protocol's 256
             linear = standard_probe(backbone, splits[data.train_split], splits[data.val_split], recipe=first.augment,
-                                    ctx=ctx, precision=precision, epochs=probe_epochs, seed=first.seed)
-        return {"knn_top1": knn["top1"], "linear_top1": linear["top1"], "linear_top5": linear.get("top5")}
+                                    ctx=ctx, precision=precision, epochs=probe_epochs, batch_size=batch,
+                                    seed=first.seed)
+        # top-5 only where there are 5 classes or more (None otherwise)
+        return {"knn_top1": knn["top1"], "linear_top1": linear["top1"], "linear_top5": linear.get("top5"),
+                **({"linear_note": note} if note else {})}
 
     rows = [{"model": "raw pixels", **metrics(nn.Flatten())}]
     seen_init = set()

@@ -4,12 +4,13 @@ dogo.core.checkpoint_files."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from dogo.core.errors import CheckpointError
 from dogo.core.registry import METHODS
-from dogo.core.checkpoint_files import all_checkpoints, folder, latest
+from dogo.core.checkpoint_files import all_checkpoints, folder, latest, state_mismatch
 from dogo.core.io import atomic_write
 
 
@@ -48,7 +49,7 @@ class RunLock:
         import os
         self.path = Path(run_dir) / ".lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = open_run_file(self.path, os.O_RDWR | os.O_CREAT)
         previous = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,6 +75,21 @@ class RunLock:
             self._fd = None
 
 
+def open_run_file(path: Path, flags: int) -> int:
+    """os.open of a run folder's own file (its lock, metrics.jsonl) that does not follow a symbolic link standing
+    at `path`: writing through one (a truncate, an append) would change whatever file it points to. A link is
+    refused with a CheckpointError naming it."""
+    import errno
+    import os
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP or not Path(path).is_symlink():
+            raise
+        raise CheckpointError(f"{path} is a symbolic link (to {os.readlink(path)}); a run folder's own files are "
+                              f"never written through links: remove it, then run again") from None
+
+
 def _running(pid: int) -> bool:
     import os
     try:
@@ -91,7 +107,7 @@ def _fresh_lock(path: Path) -> int:
     import fcntl
     import os
     tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_run_file(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.replace(tmp, path)
     return fd
@@ -122,6 +138,17 @@ def set_aside(run_dir: Path, stamp: str) -> Path | None:
     for path in found:
         path.rename(aside / path.name)
     return aside
+
+
+def load_peers(peers: Mapping[str, torch.nn.Module], state: dict, path: Path) -> None:
+    """Every peer's weights from a checkpoint, strictly; a CheckpointError naming the file and the tensors that do
+    not fit (rather than torch's RuntimeError)."""
+    for name, peer in peers.items():
+        problem = state_mismatch(peer, state["peers"].get(name, {}))
+        if problem:
+            raise CheckpointError(f"{path}: peer '{name}' does not fit this run's model ({problem}); use a checkpoint "
+                                  f"of this config, or a new run name")
+        peer.load_state_dict(state["peers"][name])
 
 
 def _get(cfg: dict, dotted: str):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import string
 import sys
+import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -15,27 +18,69 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dogo.engine.dist.distributed import all_reduce_mean
+from dogo.core.errors import ConfigError
 from dogo.core.io import atomic_write_text
+from dogo.engine.run.checkpoint import open_run_file
 
 
 class TensorBoardLog:
     """Event files in RUN/tb: every logged scalar with the optimiser step as x. A resumed run purges what a stopped
-    run wrote after its checkpoint's step, so its curves continue without a fold."""
+    run wrote after its checkpoint's step, so its curves continue without a fold.
+
+    TensorBoard writes from a thread of its own and raises a failed write (a full disk) at the next call here: that
+    error is raised naming the events file, and the thread's own traceback is not printed."""
 
     def __init__(self, run_dir: Path, start_step: int, config_text: str):
         from torch.utils.tensorboard import SummaryWriter
         # the first step this run logs is start_step + 1: readers drop anything a stopped run wrote from there on
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"),
                                     purge_step=start_step + 1 if start_step else None)
-        self.writer.add_text("config", "```yaml\n" + config_text + "\n```", start_step + 1)
+        event_writer = self.writer._get_file_writer().event_writer
+        self.path = getattr(event_writer, "_file_name", str(Path(run_dir) / "tb"))
+        self.failed = False
+        _quiet_thread(getattr(getattr(event_writer, "_async_writer", None), "_worker", None))
+        self._named(lambda: self.writer.add_text("config", "```yaml\n" + config_text + "\n```", start_step + 1))
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(prefix + key, value, step)
-        self.writer.flush()  # at log steps only: a crash loses nothing already printed
+        def write():
+            for key, value in values.items():
+                self.writer.add_scalar(prefix + key, value, step)
+            self.writer.flush()  # at log steps only: a crash loses nothing already printed
+        self._named(write)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.failed:  # its error was raised already; closing would raise it again
+            return
+        self._named(self.writer.close)
+
+    def _named(self, write) -> None:
+        """write(), with an OSError raised naming the events file (TensorBoard's does not)."""
+        try:
+            write()
+        except OSError as exc:
+            self.failed = True
+            raise OSError(exc.errno, exc.strerror or str(exc), self.path) from None
+
+
+_QUIET_THREADS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+def _quiet_thread(thread: threading.Thread | None) -> None:
+    """No traceback printed for an OSError that ends `thread` (TensorBoard's writer thread keeps it and raises it in
+    the thread that writes next, where it becomes one line); every other thread's exceptions print as before."""
+    if thread is None:
+        return
+    _QUIET_THREADS.add(thread)
+    if getattr(threading.excepthook, "quiet_writer_threads", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if args.thread in _QUIET_THREADS and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+    hook.quiet_writer_threads = True
+    threading.excepthook = hook
 
 
 class WandbLog:
@@ -52,10 +97,18 @@ class WandbLog:
         id_file = Path(run_dir) / self.ID_FILE
         fresh = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
         run_id = id_file.read_text().strip() if start_step and id_file.is_file() else fresh
+        if mode == "online":
+            _require_reachable(os.environ.get("WANDB_BASE_URL") or wandb.setup().settings.base_url)
         atomic_write_text(id_file, run_id + "\n")
-        self.run = wandb.init(mode=mode, dir=str(run_dir), id=run_id, resume="allow", project=project,
-                              entity=entity or None, name=name, config=config,
-                              settings=wandb.Settings(silent=True, console="off"))
+        try:
+            self.run = wandb.init(mode=mode, dir=str(run_dir), id=run_id, resume="allow", project=project,
+                                  entity=entity or None, name=name, config=config,
+                                  settings=wandb.Settings(silent=True, console="off"))
+        except wandb.errors.Error as exc:  # no API key, a key of the wrong form, a server that does not answer
+            reason = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"log.wandb={mode}: W&B could not start a run ({type(exc).__name__}: {reason}); log in "
+                              f"with `wandb login` (or set WANDB_API_KEY), or set log.wandb=offline and upload "
+                              f"later with `wandb sync`") from None
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         self.run.log({prefix + k: v for k, v in values.items()}, step=step)
@@ -64,17 +117,52 @@ class WandbLog:
         self.run.finish()
 
 
+def _require_reachable(url: str, timeout: float = 3.0) -> None:
+    """A ConfigError within `timeout` seconds when nothing accepts a connection at the W&B server `url`'s host and
+    port (or at the proxy the environment names for it): W&B's client would otherwise retry for 90 s, then fail
+    with a traceback."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+    target = urlsplit(url)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    via = urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(target.hostname or "") else target
+    port = via.port or (443 if via.scheme == "https" else 80)
+    try:
+        socket.create_connection((via.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        through = f" through the proxy {proxy}" if via is not target else ""
+        raise ConfigError(f"log.wandb=online: the W&B server at {url} cannot be reached{through} "
+                          f"({exc.strerror or type(exc).__name__}); check the network (or WANDB_BASE_URL), or set "
+                          f"log.wandb=offline and upload later with `wandb sync`") from None
+
+
 def open_sinks(run_dir: Path, is_main: bool, start_step: int, log_cfg, config: dict, config_text: str) -> list:
     """The scalar sinks the main rank writes besides metrics.jsonl: TensorBoard and W&B, as log.* asks."""
     if not is_main:
         return []
     sinks: list = []
-    if log_cfg.tensorboard == "on":
-        sinks.append(TensorBoardLog(run_dir, start_step, config_text))
-    if log_cfg.wandb != "off":
-        sinks.append(WandbLog(run_dir, start_step, config, log_cfg.wandb, log_cfg.wandb_project,
-                              log_cfg.wandb_entity, config.get("name", Path(run_dir).name)))
+    try:
+        if log_cfg.tensorboard == "on":
+            sinks.append(TensorBoardLog(run_dir, start_step, config_text))
+        if log_cfg.wandb != "off":
+            sinks.append(WandbLog(run_dir, start_step, config, log_cfg.wandb, log_cfg.wandb_project,
+                                  log_cfg.wandb_entity, config.get("name", Path(run_dir).name)))
+    except BaseException:  # W&B refused to start: what was opened before it is closed, not left writing
+        for sink in sinks:
+            sink.close()
+        raise
     return sinks
+
+
+def _finite_or_null(value, key: str, bad: list[str]):
+    """`value` with every float that is not finite replaced by None, inside mappings too; their keys go into `bad`."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{key}.{k}" if key else str(k), bad) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(key)
+        return None
+    return value
 
 
 class MetricsLogger:
@@ -98,6 +186,10 @@ class MetricsLogger:
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
         self._t0 = time.perf_counter()
+        dropped = drop_partial_line(self.path) if is_main else 0
+        if dropped:
+            self.event("metrics_repaired", f"{self.path} ended in a partial line ({dropped} bytes: a run stopped while "
+                       f"writing it, e.g. by a full disk); dropped it before appending", dropped_bytes=dropped)
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
         """Accumulate one step's terms on the device: no host synchronisation."""
@@ -153,18 +245,61 @@ class MetricsLogger:
             sink.scalars(top1, step, prefix="online_probe_top1/")
 
     def _write(self, record: dict) -> None:
-        # NaN and inf are not JSON: written as null, and named, so that every line stays readable
-        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        # NaN and inf are not JSON: written as null, and named (a.b for a peer's value in a mapping such as the kNN
+        # event's top1), so that every line stays readable
+        bad: list[str] = []
+        record = _finite_or_null(record, "", bad)
         if bad:
-            record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+            record = {**record, "nonfinite": bad}
         try:
-            with open(self.path, "a") as f:
+            with os.fdopen(open_run_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
         except OSError as exc:  # a write's error does not name its file: this one does (a full disk, a quota)
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
+        """Stop the progress bar and close every sink, each even when one before it fails (the first error is
+        raised after)."""
         if self.progress is not None:
             self.progress.stop()
+        errors = []
         for sink in self.sinks:
-            sink.close()
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001 (raised below, once every sink had its turn)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+def drop_partial_line(path: Path) -> int:
+    """Repair a JSON-lines file whose last line was cut short (a run stopped mid-write: a full disk, a kill), so that
+    what is appended next starts a line of its own: the partial line is dropped (a last line that is whole JSON and
+    lacks only its newline gets the newline). Returns the bytes dropped; 0 when there was nothing to repair."""
+    if not path.exists() and not path.is_symlink():
+        return 0
+    fd = open_run_file(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return 0
+        start = size
+        while start > 0:  # back to the last newline, 64 kB at a time
+            chunk = os.pread(fd, min(65536, start), max(0, start - 65536))
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                start = start - len(chunk) + cut + 1
+                break
+            start -= len(chunk)
+        tail = os.pread(fd, size - start, start)
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            os.pwrite(fd, b"\n", size)
+            return 0
+        os.ftruncate(fd, start)
+        return size - start
+    finally:
+        os.close(fd)

@@ -127,8 +127,27 @@ class MemoryModel:
         return lo * self.world_size
 
 
+def _require_image_size(model: PeerSet, cfg: Config, precision: Precision) -> None:
+    """Every peer's backbone takes views of data.image_size (a ViT's patches, inception's stem need a least size):
+    one meta forward each (no memory, no compute), so that the one that cannot is named with what to do rather than
+    a convolution's traceback from the trial forward below."""
+    s = cfg.data.image_size
+    for name, peer in model.peers.items():
+        views = torch.empty(2, 3, s, s, device="meta", dtype=precision.dtype).contiguous(
+            memory_format=precision.memory_format)
+        try:
+            with torch.no_grad():
+                peer.backbone(views)
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            reason = " ".join(str(exc).split("\n")[0].split())[:200]
+            raise ConfigError(f"peers.{name}.arch={cfg.peers[name].arch} cannot take data.image_size={s} px views "
+                              f"({reason}); raise data.image_size, or give peers.{name}.arch a backbone (or arch_args, "
+                              f"e.g. a ViT's patch_size) made for {s} px images") from None
+
+
 def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryModel:
     model = _meta_peers(cfg, precision)
+    _require_image_size(model, cfg, precision)
     params = sum(p.numel() for p in model.parameters()) * 4  # fp32 master weights whatever the autocast dtype
     buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point()) * 4
     # the per-image part from two batch sizes (the heads' BatchNorm1d needs at least 2 rows)

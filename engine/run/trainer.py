@@ -16,7 +16,7 @@ from dogo.engine import config as config_mod
 from dogo.engine.config import Config
 from dogo.engine.dist import distributed
 from dogo.engine.dist.syncbn import convert_sync_batchnorm
-from dogo.core.errors import ConfigError
+from dogo.core.errors import ConfigError, DataError
 from dogo.engine.eval.evaluate import KnnMonitor
 from dogo.engine.eval.online import OnlineProbe
 from dogo.core.precision import Precision
@@ -114,6 +114,7 @@ class Trainer:
         self.pos = Position()
         self.watch = DivergenceWatch(cfg.optim.lr)
         self.resume_changes: list[str] = []  # config keys a resume changed (lr, weight decay, schedule...)
+        self.probe_restarted: str | None = None  # why a resume could not take the online probe's state
         self.lock: checkpoint.RunLock | None = None  # the run folder's, held by the main rank while it trains
         self.knn, self.probe = None, None  # the val split's evaluations: kNN monitor, online probe
         labelled = BACKENDS.get(cfg.data.backend, "data.backend").labelled and cfg.data.labels == "folders"
@@ -159,12 +160,11 @@ class Trainer:
         state = checkpoint_files.load(path)
         saved = config_mod.to_dict(config_mod.stored(state["config"]))  # in today's layout
         checkpoint.check_compatible(saved, config_mod.to_dict(self.cfg), path)
-        for name, peer in self.model.peers.items():
-            peer.load_state_dict(state["peers"][name])
+        checkpoint.load_peers(self.model.peers, state, path)
         if self.targets.active:
             self.targets.load_checkpoint_state(state["targets"], path)
         if self.probe and "online_probe" in state:  # a probe turned on at a resume starts from scratch
-            self.probe.load_state_dict(state["online_probe"])
+            self.probe_restarted = self.probe.load_state_dict(state["online_probe"])
         # the optimiser's state (momenta) comes from the checkpoint; its settings (lr, weight decay, momentum...)
         # from this run's config, which may have changed them: load_state_dict alone would bring back the old ones
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -224,15 +224,23 @@ class Trainer:
 
     def evaluate(self, log: MetricsLogger, knn: bool, probe: bool) -> dict[str, float]:
         """At an epoch end: the kNN monitor's and the online probe's val top-1 of every peer, from one extraction of
-        the val split's features per peer; returns the kNN's."""
+        the val split's features per peer; returns the kNN's. An evaluation that gives no number (a split none of
+        whose images decode, scores that are not finite) is skipped with an event saying why: the monitor does not
+        stop the training it watches."""
         knn_top1, probe_top1 = {}, {}
         t0 = time.perf_counter()
-        for name, peer in self.model.peers.items():
-            val = self.knn.val_features(peer.backbone)
-            if knn:
-                knn_top1[name] = self.knn.top1(peer.backbone, val)
-            if probe:
-                probe_top1[name] = self.probe.top1(name, *val)
+        try:
+            for name, peer in self.model.peers.items():
+                val = self.knn.val_features(peer.backbone)
+                if knn:
+                    knn_top1[name] = self.knn.top1(peer.backbone, val)
+                if probe:
+                    probe_top1[name] = self.probe.top1(name, *val)
+        except (DataError, ConfigError) as exc:
+            self._eval_seconds += time.perf_counter() - t0
+            log.event("evaluation_skipped", f"skipped the evaluation at step {self.pos.step}: {exc}",
+                      step=self.pos.step, epoch=self.pos.epoch, reason=str(exc))
+            return {}
         self._eval_seconds += time.perf_counter() - t0
         trained_for = round(time.perf_counter() - self._start - self._eval_seconds, 1)
         if knn:
@@ -268,10 +276,12 @@ class Trainer:
                           step=self.pos.step, skipped=skipped)
             return result
         finally:
-            stop.close()
-            log.close()
-            if self.lock is not None:
-                self.lock.release()
+            try:
+                stop.close()
+                log.close()
+            finally:  # a sink that cannot close (a full disk) still hands the run folder on
+                if self.lock is not None:
+                    self.lock.release()
 
     def _open_run(self) -> MetricsLogger:
         aside, stale = None, []
@@ -304,6 +314,8 @@ class Trainer:
             if self.resume_changes:
                 log.event("resume_settings", "settings changed since the checkpoint, applied from now on: "
                           + "; ".join(self.resume_changes), changes=self.resume_changes)
+            if self.probe_restarted:
+                log.event("online_probe_restarted", self.probe_restarted, reason=self.probe_restarted)
         return log
 
     def _after_step(self, batch, log: MetricsLogger, stop: StopRequest, result: dict) -> bool:

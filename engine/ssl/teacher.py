@@ -85,17 +85,9 @@ def _load_state(path: str, key: str) -> dict:
 
 def _load_into(module: nn.Module, state: dict, what: str) -> None:
     """load_state_dict(strict) with an error that lists what is missing, unexpected or of the wrong shape."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
-            if keys:
-                parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}" + (", ..." if len(keys) > 5 else ""))
-        raise ConfigError(f"{what} does not match the architecture: {'; '.join(parts)}")
+    problem = checkpoint_files.state_mismatch(module, state)
+    if problem:
+        raise ConfigError(f"{what} does not match the architecture: {problem}")
     module.load_state_dict(state, strict=True)
 
 

@@ -164,6 +164,7 @@ class CifarEvalSplit:
     def __init__(self, path: str | Path, split: str, image_size: int):
         data = read_split(path, split)
         self.classes, self.source, self.size = data.classes, data.source, image_size
+        self.where = f"{data.source} ({split} split)"
         self._images, self._labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
 
     def __len__(self) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import cv2
+import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
@@ -158,7 +159,71 @@ def open_beton(path: str | Path, image_field: str = "image", label_field: str = 
         raise DataError(f"{path}: sample {i} declares a {int(meta['width'][i])} x {int(meta['height'][i])} image, "
                         f"over the {MAX_PIXELS:,}-pixel limit: the file is damaged or was not written by an image "
                         f"converter; convert the dataset again")
+    problem = stored_size_problem(path, reader, meta)
+    if problem:
+        raise DataError(f"{path}: {problem}: the file is damaged (its images would be read as garbage pixels); "
+                        f"convert the dataset again")
     return reader, BetonFields(image_field, label_field, names)
+
+
+def stored_size_problem(path: Path, reader: Reader, meta: np.ndarray) -> str | None:
+    """The first image whose declared size disagrees with its stored bytes, said in words, or None: raw pixels must
+    take 3 x width x height bytes, a JPEG's frame header must declare the same width and height (the decoder writes
+    each image by its declared size: a mismatch decodes into garbage, without an error). Reads the JPEGs' headers
+    only (up to their frame header, a few hundred bytes each)."""
+    table = reader.alloc_table
+    order = np.argsort(table["ptr"], kind="stable")
+    ptrs, sizes = table["ptr"][order].astype(np.int64), table["size"][order].astype(np.int64)
+    data_ptr = meta["data_ptr"].astype(np.int64)
+    stored = np.full(len(data_ptr), -1, np.int64)  # -1: no allocation starts where the sample says its data is
+    if len(ptrs):
+        at = np.minimum(np.searchsorted(ptrs, data_ptr), len(ptrs) - 1)
+        stored = np.where(ptrs[at] == data_ptr, sizes[at], -1)
+    file_bytes = path.stat().st_size
+    outside = np.flatnonzero((stored < 0) | (data_ptr + stored > file_bytes))
+    if len(outside):
+        return f"sample {int(outside[0])}'s image data lies outside the file's allocations"
+    heights, widths = meta["height"].astype(np.int64), meta["width"].astype(np.int64)
+    raw = meta["mode"] == IMAGE_MODES["raw"]
+    wrong = np.flatnonzero(raw & (stored != 3 * heights * widths))
+    if len(wrong):
+        i = int(wrong[0])
+        return (f"sample {i} declares a {widths[i]} x {heights[i]} image ({3 * heights[i] * widths[i]} bytes of raw "
+                f"pixels) but stores {stored[i]} bytes")
+    jpegs = np.flatnonzero(~raw)
+    if not len(jpegs):
+        return None
+    frames = _jpeg_frame_sizes(np.memmap(path, np.uint8, mode="r"), data_ptr[jpegs], stored[jpegs])
+    wrong = np.flatnonzero((frames[:, 0] != heights[jpegs]) | (frames[:, 1] != widths[jpegs]))
+    if not len(wrong):
+        return None
+    i, (h, w) = int(jpegs[wrong[0]]), frames[wrong[0]]
+    stores = f"a {w} x {h} JPEG" if h >= 0 else "no JPEG frame header"
+    return f"sample {i} declares a {widths[i]} x {heights[i]} image but stores {stores}"
+
+
+@numba.njit(cache=True, nogil=True)
+def _jpeg_frame_sizes(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(height, width) from each JPEG's frame header (SOF0-15 but DHT, JPG and DAC), read within data[start:start +
+    length]; (-1, -1) where there is none before the scan."""
+    out = np.full((len(starts), 2), -1, np.int64)
+    for k in range(len(starts)):
+        pos, end = starts[k] + 2, starts[k] + lengths[k]
+        if lengths[k] < 4 or data[starts[k]] != 0xFF or data[starts[k] + 1] != 0xD8:
+            continue
+        while pos + 9 <= end and data[pos] == 0xFF:
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if 0xC0 <= marker <= 0xCF and marker != 0xC4 and marker != 0xC8 and marker != 0xCC:
+                out[k, 0] = (np.int64(data[pos + 5]) << 8) | data[pos + 6]
+                out[k, 1] = (np.int64(data[pos + 7]) << 8) | data[pos + 8]
+                break
+            if marker == 0xDA or marker == 0xD9:  # the scan (or the end) before any frame header
+                break
+            pos += 2 + ((np.int64(data[pos + 2]) << 8) | data[pos + 3])
+    return out
 
 
 class FFCVLoader(ShardedLoader):
@@ -167,8 +232,10 @@ class FFCVLoader(ShardedLoader):
     def __init__(self, beton: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, place: str,
                  workers: int, order: str, os_cache: bool, seed: int, rank: int, world_size: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool, image_field: str = "image",
-                 label_field: str = "label", compile_recipe: bool = False):
+                 label_field: str = "label", compile_recipe: bool = False, labels: str = "folders"):
         reader, fields = open_beton(beton, image_field, label_field)
+        if labels == "folders":
+            _require_labels(beton, reader.metadata[f"f{fields.index(fields.label)}"])
         n = int(reader.num_samples)
         shard = None
         if order == "quasi_random":
@@ -257,6 +324,16 @@ class FFCVLoader(ShardedLoader):
             yield TwoViewBatch(views, labels.to(self.device, non_blocking=True).long())
 
 
+def _require_labels(beton: str | Path, labels: np.ndarray) -> None:
+    """data.labels=folders on a .beton converted with --labels none (every label -1) would train the online probe on
+    nothing and report chance as its accuracy."""
+    if len(labels) and (labels < 0).all():
+        raise DataError(f"{beton} holds no labels (every label is -1: it was converted with --labels none) but "
+                        f"data.labels=folders; train it with data.labels=none (evaluation during training off: "
+                        f"eval.online_probe=off eval.knn_every_epochs=0), or convert the class folders without "
+                        f"--labels none")
+
+
 def make_loader(data, **common) -> FFCVLoader:
     """The registry's entry: data.ffcv.beton for training; evaluation reads the image folders under data.path
     (the registry's eval_module)."""
@@ -265,4 +342,4 @@ def make_loader(data, **common) -> FFCVLoader:
         raise DataError("data.backend=ffcv needs data.ffcv.beton: the training split converted with "
                         "`dogo convert IMAGE_FOLDER/train OUT.beton`")
     return FFCVLoader(s.beton, workers=data.workers, order=s.order, os_cache=s.os_cache,
-                      image_field=s.image_field, label_field=s.label_field, **common)
+                      image_field=s.image_field, label_field=s.label_field, labels=data.labels, **common)

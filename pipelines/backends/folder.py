@@ -232,6 +232,7 @@ class FolderEvalSplit:
     def __init__(self, root: str | Path, image_size: int, workers: int, classes: list[str] | None = None):
         self.index = scan(root, classes)
         self.classes, self.size, self.workers = self.index.classes, image_size, workers
+        self.where = str(root)
 
     def __len__(self) -> int:
         return len(self.index)
