@@ -3,6 +3,7 @@ the engine and prints); this file puts them under one parser and turns every err
 and exit code 2."""
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 
@@ -40,8 +41,19 @@ def os_error_line(exc: OSError) -> str:
     return f"{where}: {what}; {advice}"
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; key=value overrides may also follow the options (dogo train C.yaml --dry-run a.b=1)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     warnings.filterwarnings("once", category=UserWarning)
     try:
         return args.func(args)

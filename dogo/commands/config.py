@@ -19,5 +19,7 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from dogo.engine import config as config_mod
-    say(config_mod.dump_text(config_mod.load(args.config, args.overrides)).rstrip())
+    notes: list[str] = []
+    text = config_mod.dump_text(config_mod.load(args.config, args.overrides, notes)).rstrip()
+    say("\n".join([*(f"# note: {note}" for note in notes), text]))
     return 0

@@ -28,7 +28,10 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from dogo.engine import config as config_mod
-    cfg = config_mod.load(args.config, args.overrides)
+    notes: list[str] = []
+    cfg = config_mod.load(args.config, args.overrides, notes)
+    for note in notes:
+        say(f"note: {note}")
     if args.dry_run:
         from dogo.core.io import write_json
         from dogo.engine.run.dry_run import dry_run

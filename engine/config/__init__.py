@@ -17,17 +17,23 @@ from pathlib import Path
 from dogo.engine.config.checks import check
 from dogo.engine.config.loading import (MACHINE_KEYS, apply_override, build, build_file, build_stored, dump,
                                         dump_text, schema_keys, to_dict)
-from dogo.engine.config.resolve import (knn_protocol_name, require_resolved, resolve, resolve_device, resolved_for,
-                                        unresolved)
+from dogo.engine.config.resolve import (follow_method_switch, knn_protocol_name, require_resolved, resolve,
+                                        resolve_device, resolved_for, unresolved)
 from dogo.engine.config.schema import (KNN_PROTOCOLS, AugmentConfig, CheckpointConfig, Config, DataConfig,
                                        DistributedConfig, EvalConfig, LogConfig, ObjectiveConfig, OptimConfig,
                                        PeerConfig, PrecisionConfig, ScheduleConfig, TeacherConfig)
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load(path: str | Path | None, overrides: list[str] = (), notes: list[str] | None = None) -> Config:
     """Load a YAML config (None: the defaults), apply overrides, resolve every `auto` for this machine and check
-    the whole for consistency."""
-    cfg = resolve(build_file(path, overrides))
+    the whole for consistency. notes: what the loading decided for the user to know (a method switched by an
+    override takes that method's head), appended as lines."""
+    cfg = build_file(path, overrides)
+    if overrides:
+        said = follow_method_switch(build_file(path), cfg, overrides)
+        if notes is not None:
+            notes.extend(said)
+    cfg = resolve(cfg)
     check(cfg)
     return cfg
 

@@ -64,11 +64,12 @@ def resolve(cfg: Config) -> Config:
         cfg.log.progress = "on" if sys.stdout.isatty() else "off"
     _resolve_knn(cfg.eval)
     objective = OBJECTIVES.get(cfg.objective.name, "objective.name")
+    methods = peer_methods(cfg)
     for name, peer in cfg.peers.items():
         if objective.method and peer.ssl not in (None, objective.method):
             raise ConfigError(f"peers.{name}.ssl={peer.ssl} conflicts with objective.name={objective.method}; "
                               f"peers with their own SSL methods train together under objective.name=dogo")
-        peer.ssl = peer.ssl or objective.method or "simclr"
+        peer.ssl = methods[name]
         method = METHODS.get(peer.ssl, f"peers.{name}.ssl")
         if peer.tau is None:
             peer.tau = method.default_tau
@@ -77,6 +78,36 @@ def resolve(cfg: Config) -> Config:
         peer.head_out = out if peer.head_out is None else peer.head_out
         peer.head_layers = layers if peer.head_layers is None else peer.head_layers
     return cfg
+
+
+METHOD_SHAPED = ("tau", "head_hidden", "head_out", "head_layers")  # a peer's keys whose defaults are its method's
+
+
+def peer_methods(cfg: Config) -> dict[str, str]:
+    """The method each peer learns with: its own (peers.NAME.ssl), else the objective's, else simclr."""
+    objective = OBJECTIVES.get(cfg.objective.name, "objective.name")
+    return {name: peer.ssl or objective.method or "simclr" for name, peer in cfg.peers.items()}
+
+
+def follow_method_switch(written: Config, cfg: Config, overrides: list[str]) -> list[str]:
+    """A peer whose method the overrides changed (objective.name=vicreg, peers.NAME.ssl=byol) takes the new method's
+    head and temperature, unless the overrides set them too: the file's were chosen for its own method (a 512-128
+    SimCLR head is no VICReg expander). Changes `cfg` in place; returns a note per peer changed."""
+    if list(written.peers) != list(cfg.peers):  # the overrides replaced the peers: nothing of the file's is left
+        return []
+    before, after = peer_methods(written), peer_methods(cfg)
+    set_here = {o.partition("=")[0].strip() for o in overrides}
+    notes = []
+    for name, peer in cfg.peers.items():
+        if before[name] == after[name]:
+            continue
+        reset = [k for k in METHOD_SHAPED if getattr(peer, k) is not None and f"peers.{name}.{k}" not in set_here]
+        for key in reset:
+            setattr(peer, key, None)
+        if reset:
+            notes.append(f"peers.{name} now learns with {after[name]} (the file: {before[name]}): its "
+                         f"{', '.join(reset)} are {after[name]}'s defaults; set peers.{name}.<key>=... to choose")
+    return notes
 
 
 def _resolve_knn(ev: EvalConfig) -> None:
