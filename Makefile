@@ -73,9 +73,11 @@ demo-disco: $(STAMP) $(DEMO_DATA)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# docs/config.md from the config dataclasses' comments (tests/test_docs.py fails when it is stale)
+# docs/config.md from the config dataclasses' comments, and the result tables of README.md and docs/ from
+# benchmarks/results/ (tests/test_docs.py fails when either is stale)
 docs: $(STAMP)
 	$(PY) docs/config_doc.py
+	$(PY) docs/results_tables.py
 
 # A missing or malformed dataset, or a step that cannot fit in memory, stops here with what to change, before
 # torchrun starts the ranks.

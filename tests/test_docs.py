@@ -23,6 +23,26 @@ def test_readme_is_short_and_in_order():
     assert re.findall(r"^## (.+)$", text, flags=re.M) == SECTIONS
 
 
+def test_result_tables_are_generated_and_current():
+    """README's and docs/' result tables say what their result files say (docs/results_tables.py)."""
+    proc = subprocess.run([sys.executable, "docs/results_tables.py", "--check"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_drifted_result_table_is_caught(tmp_path, monkeypatch):
+    """The check sees a typed number that no longer matches its file."""
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        import results_tables
+    finally:
+        sys.path.pop(0)
+    text = (REPO / "README.md").read_text()
+    assert results_tables.render(text) == text
+    drifted = text.replace("| SimCLR ResNet-18, CIFAR 32 px, 256 images | 12,745", "| SimCLR ResNet-18, CIFAR 32 px, 256 images | 13,745")
+    assert drifted != text and results_tables.render(drifted) == text
+
+
 def test_config_doc_is_generated_and_current():
     proc = subprocess.run([sys.executable, "docs/config_doc.py", "--check"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
