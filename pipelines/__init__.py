@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dogo.core.errors import DataError
+from dogo.core.errors import ConfigError, DataError
 from dogo.core.registry import BACKENDS
 from dogo.pipelines.base import EvalSplit, TwoViewBatch, TwoViewLoader
 
@@ -23,6 +23,15 @@ class Backend:
     extra: str | None = None  # the pip extra that installs the library it needs
     eval_module: str | None = None  # the module whose open_eval_split reads its evaluation images
     unlabelled_training: bool = False  # trains from images without labels (data.labels=none)
+
+    def typical_side(self, data) -> int:
+        """The median shorter side of the training images, px (data.image_size=auto), read by the backend's
+        module; a ConfigError where it cannot tell."""
+        module = importlib.import_module(self.eval_module or self.module)
+        if not hasattr(module, "typical_side"):
+            raise ConfigError(f"data.image_size=auto: data.backend={data.backend} cannot tell its images' size; "
+                              f"set data.image_size")
+        return module.typical_side(data)
 
 
 _FOLDER = "dogo.pipelines.backends.folder"

@@ -159,6 +159,13 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
     return t.permute(1, 2, 0).numpy()
 
 
+def stored_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header, nothing decoded (a DECODE_ERRORS exception for a file that is not an
+    image)."""
+    with Image.open(path) as im:
+        return im.size
+
+
 def open_rgb(path: str) -> Image.Image:
     """load_rgb as a PIL image (evaluation's resize and centre crop)."""
     return Image.fromarray(load_rgb(path))

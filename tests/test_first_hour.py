@@ -94,3 +94,23 @@ def test_the_checkpoint_of_a_switched_method_evaluates(shapes, tmp_path):
     assert dogo("train", path, "objective.name=byol") == 0
     state = checkpoint_files.load(checkpoint_files.latest(tmp_path / "runs" / "t"))
     assert state["config"]["peers"]["a"]["head_out"] == 256
+
+
+@pytest.mark.parametrize("side, cpu, gpu", [(32, 32, 32), (48, 32, 32), (96, 64, 64), (224, 96, 224), (500, 96, 224)])
+def test_view_size_auto_follows_the_images(side, cpu, gpu):
+    from dogo.engine.config.resolve import view_size
+    assert (view_size(side, on_gpu=False), view_size(side, on_gpu=True)) == (cpu, gpu)
+
+
+@pytest.mark.parametrize("side, size, blur, stem", [(32, 32, 0.0, True), (96, 64, 0.5, True), (300, 96, 0.5, False)])
+def test_image_size_auto_reads_the_training_images(tmp_path, side, size, blur, stem):
+    """Item 1: one config for small images and photos alike: data.image_size, augment.blur_p and the peers'
+    cifar_stem follow the training images' size (read from their headers)."""
+    from dogo.pipelines.shapes import generate
+    root = generate(tmp_path / "data", image_size=side, train_per_class=2, val_per_class=1, seed=0)
+    raw = tiny_config(root, tmp_path, data={"image_size": "auto"}, augment={"blur_p": "auto"})
+    for peer in raw["peers"].values():
+        peer["cifar_stem"] = "auto"
+    cfg = config_mod.load(write_config(tmp_path / "c.yaml", raw), ["device=cpu"])
+    assert (cfg.data.image_size, cfg.augment.blur_p) == (size, blur)
+    assert all(p.cifar_stem is stem for p in cfg.peers.values())

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from dogo.core.errors import ConfigError
-from dogo.core.registry import BACKBONES, METHODS, OBJECTIVES
+from dogo.core.registry import BACKBONES, BACKENDS, METHODS, OBJECTIVES
 from dogo.engine.config.loading import to_dict
 from dogo.engine.config.schema import KNN_PROTOCOLS, Config, EvalConfig
 
@@ -40,6 +40,7 @@ def resolve(cfg: Config) -> Config:
     resolved config (a run's config.yaml, a checkpoint's) comes back unchanged."""
     cfg.device = resolve_device(cfg.device)
     on_gpu = cfg.device == "cuda"
+    _resolve_view_size(cfg, on_gpu)
     if on_gpu and cfg.objective.tile == "auto" and not torch.cuda.is_available():  # the tile needs the GPU's memory
         raise ConfigError("device=cuda but torch sees no CUDA device; use device=auto or device=cpu")
     if cfg.distributed.backend == "auto":
@@ -108,6 +109,29 @@ def follow_method_switch(written: Config, cfg: Config, overrides: list[str]) -> 
             notes.append(f"peers.{name} now learns with {after[name]} (the file: {before[name]}): its "
                          f"{', '.join(reset)} are {after[name]}'s defaults; set peers.{name}.<key>=... to choose")
     return notes
+
+
+def view_size(side: int, on_gpu: bool) -> int:
+    """data.image_size=auto for images whose median shorter side is `side` px: their own scale for small images
+    (CIFAR's 32, STL's 96 -> 64), and for photos what a step affords: 224 on a GPU, 96 on a CPU."""
+    if side <= 48:
+        return 32
+    if side <= 128:
+        return 64
+    return 224 if on_gpu else 96
+
+
+def _resolve_view_size(cfg: Config, on_gpu: bool) -> None:
+    """data.image_size, then what follows from it: augment.blur_p and each peer's cifar_stem."""
+    if cfg.data.image_size == "auto":
+        backend = BACKENDS.get(cfg.data.backend, "data.backend")
+        cfg.data.image_size = view_size(backend.typical_side(cfg.data), on_gpu)
+    if cfg.augment.blur_p == "auto":
+        cfg.augment.blur_p = 0.0 if cfg.data.image_size <= 32 else 0.5
+    for name, peer in cfg.peers.items():
+        if peer.cifar_stem == "auto":
+            has_stem = BACKBONES.get(peer.arch, f"peers.{name}.arch").cifar_stem
+            peer.cifar_stem = has_stem and cfg.data.image_size <= 64
 
 
 def _resolve_knn(ev: EvalConfig) -> None:

@@ -67,7 +67,9 @@ class DataConfig:
     # depth under the training split, unlabelled (folder and dali backends; ffcv: a .beton converted with --labels
     # none); evaluation then needs a labelled dataset named on its command line
     labels: Literal["folders", "none"] = "folders"
-    image_size: int = 64  # side of each training view, pixels
+    # side of each training view, pixels. auto: from the training images' median shorter side (read from a sample of
+    # their headers): 32 up to 48 px (CIFAR-like), 64 up to 128 px, else 96 on a CPU and 224 on a GPU
+    image_size: Union[Literal["auto"], int] = 64
     batch_size: int = 256  # images per step over all ranks (each image yields two views per peer)
     workers: int = 4  # decoding processes per rank; 0 decodes in the training process
     ffcv: FFCVSettings = section(FFCVSettings)  # the ffcv backend's settings
@@ -127,7 +129,8 @@ class AugmentConfig:
     saturation: float = 0.4  # ... saturation ...
     hue: float = 0.1  # ... and hue (at most 0.5)
     grayscale_p: float = 0.2  # grayscale probability
-    blur_p: float = 0.5  # 0 for 32 px images, as SimCLR does on CIFAR
+    # Gaussian blur probability: 0 for 32 px images, as SimCLR does on CIFAR; auto: 0 for views up to 32 px, else 0.5
+    blur_p: Union[Literal["auto"], float] = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range, drawn per image
     blur_kernel_fraction: float = 0.1  # kernel side as a fraction of the view side (made odd)
     solarize_p: float = 0.0  # solarisation probability
@@ -140,7 +143,9 @@ class PeerConfig:
     # a registered backbone (dogo.core.registry.BACKBONES: resnet18, ...), or timm:<name>, any timm model (the timm extra)
     arch: str = "resnet18"
     arch_args: dict[str, Any] = field(default_factory=dict)  # timm: passed to timm.create_model, e.g. {patch_size: 4}
-    cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
+    # 3x3 stride-1 first conv and no max-pool, for 32-64 px images; auto: on for views of 64 px or less where the
+    # backbone has the stem
+    cifar_stem: Union[Literal["auto"], bool] = False
     zero_init_residual: bool = False  # ResNets: each block's last BN starts at zero scale (SimCLR's init)
     # the projection head: hidden width, output (embedding) size, Linear layers; None takes the method's paper
     # default (simclr, mocov2, simsiam 2048-128 in 2 layers; byol 4096-256; vicreg, barlowtwins 8192-8192-8192)

@@ -21,7 +21,7 @@ from dogo.core.errors import DataError
 from dogo.pipelines.base import ShardedLoader, TwoViewBatch, die_with_parent
 from dogo.pipelines.recipe.cpu import CpuRecipe, draw_views, write_views
 from dogo.pipelines.imagefolder import ImageFolderIndex, class_folders, scan
-from dogo.pipelines.images import DECODE_ERRORS, load_rgb, open_rgb, skip_line
+from dogo.pipelines.images import DECODE_ERRORS, load_rgb, open_rgb, skip_line, stored_size
 
 
 def _private_generator() -> torch.Generator:
@@ -260,6 +260,23 @@ def open_eval_split(data, split: str, workers: int) -> FolderEvalSplit:
 
 
 SPLITS = ("train", "val")  # what `python -m dogo.pipelines.check folder ROOT` reads
+
+
+def typical_side(data, sample: int = 64) -> int:
+    """The median shorter side of the training split's images (data.image_size=auto): the headers of an evenly
+    spaced sample of `sample` images, nothing decoded."""
+    index = scan(Path(data.path) / data.train_split, labels=data.labels)
+    picks = np.unique(np.linspace(0, len(index) - 1, min(sample, len(index))).round().astype(int))
+    sides = []
+    for i in picks:
+        try:
+            sides.append(min(stored_size(index.paths[i])))
+        except DECODE_ERRORS:
+            continue  # an unreadable file is the loader's to report
+    if not sides:
+        raise DataError(f"data.image_size=auto: none of {len(picks)} images sampled from {index.root} could be "
+                        f"opened; check the folder, or set data.image_size")
+    return int(np.median(sides))
 
 
 def describe_split(root: str, split: str, labels: str = "folders") -> str:
