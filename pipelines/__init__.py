@@ -13,7 +13,7 @@ import torch
 from dogo.engine.errors import DataError, Registry
 from dogo.pipelines.base import EvalSplit, TwoViewBatch, TwoViewLoader
 
-__all__ = ["BACKENDS", "EvalSplit", "TwoViewBatch", "TwoViewLoader", "build_loader", "open_eval_split"]
+__all__ = ["BACKENDS", "EvalSplit", "TwoViewBatch", "TwoViewLoader", "build_loader", "held_bytes", "open_eval_split"]
 
 
 @dataclass
@@ -48,12 +48,13 @@ class Backend:
     settings: type | None = None  # its config sub-section (data.<name>)
     eval_module: str | None = None  # the module whose open_eval_split reads its evaluation images
     unlabelled_training: bool = False  # trains from images without labels (data.labels=none)
+    holds_split: bool = False  # keeps its training split on the device (its module's held_bytes(data) says how much)
 
 
 _FOLDER = "dogo.pipelines.backends.folder"
 BACKENDS: Registry[Backend] = Registry("data backend")
 BACKENDS.register("folder", Backend(_FOLDER, labelled=True, unlabelled_training=True))
-BACKENDS.register("cifar", Backend("dogo.pipelines.backends.cifar", labelled=True))
+BACKENDS.register("held", Backend("dogo.pipelines.backends.held", labelled=True, holds_split=True))
 BACKENDS.register("ffcv", Backend("dogo.pipelines.backends.ffcv_loader", labelled=True, extra="ffcv",
                                   settings=FFCVSettings, eval_module=_FOLDER, unlabelled_training=True))
 BACKENDS.register("dali", Backend("dogo.pipelines.backends.dali_loader", labelled=True, extra="dali",
@@ -95,3 +96,10 @@ def open_eval_split(data, split: str, workers: int) -> EvalSplit:
                         f"eval.knn_every_epochs=0 or train on a backend with labels "
                         f"({', '.join(n for n, b in BACKENDS.items() if b.labelled)})")
     return _import(data.backend, backend.eval_module or backend.module).open_eval_split(data, split, workers)
+
+
+def held_bytes(data) -> int:
+    """Bytes the backend keeps on the training device for the whole run (its held training split; the memory
+    estimate counts them), 0 for a backend that streams its images; DataError when the split cannot be read."""
+    backend = BACKENDS.get(data.backend, "data.backend")
+    return _import(data.backend, backend.module).held_bytes(data) if backend.holds_split else 0
