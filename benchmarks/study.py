@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -206,6 +206,7 @@ def run_arm(study: Study, arm_name: str, seed: int, *, out: str | Path, runs: st
     start = time.perf_counter()
     result = train(cfg)
     train_seconds = before + time.perf_counter() - start
+    gc.collect()  # the trainer's held split and model, before the evaluation builds its own (one GPU, many arms)
     write_json(run_dir / TIME_FILE, {"train_seconds": train_seconds})
     if result["stopped"]:
         return None
@@ -235,7 +236,8 @@ def _arm_record(study: Study, arm: Arm, seed: int, cfg, overrides: list[str], ru
         "study": study.name, "arm": arm.name, "seed": seed, "config": str(arm.config), "overrides": overrides,
         "teacher_arm": arm.teacher, "run_dir": str(run_dir),
         "peers": {n: p.arch for n, p in cfg.peers.items()}, "objective": cfg.objective.name,
-        "epochs": evaluation["step"] * cfg.data.batch_size / evaluation["bank_images"],
+        # the budget; with a budget in steps, the passes over the training split those steps make
+        "epochs": study.epochs or evaluation["step"] * cfg.data.batch_size / evaluation["bank_images"],
         "batch_size": cfg.data.batch_size, "steps": evaluation["step"],
         "images_seen": evaluation["step"] * cfg.data.batch_size,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
@@ -573,43 +575,56 @@ def write_table(folder: str | Path, study: Study | None = None) -> list[Path]:
             plot_knn_curves(folder, folder / "knn_curves.png")]
 
 
-# ---- command line ----------------------------------------------------------------------------------------------------
+# ---- command line (`dogo study run|table` wires these in) ---------------------------------------------------------
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="a study file, e.g. configs/study_cifar10_gpu.yaml")
+    p.add_argument("--out", required=True, help="folder for the arm files, the baselines, the table and the plot")
+    p.add_argument("--runs", help="folder for the arms' run folders (checkpoints); default OUT/runs")
+    p.add_argument("--data", help="data.path of every arm (default: each config's)")
+    p.add_argument("--arms", nargs="+", help="only these arms (and the teachers they need, added first)")
+    p.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: the study's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every arm, after the study's (e.g. device=cpu; repeatable)")
+    p.add_argument("--force", action="store_true", help="run arms again whose JSON exists")
+
+
+def add_table_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="a study's --out folder")
+    p.add_argument("--study", help="the study file, for its name and published figures")
+
+
+def run_command(a: argparse.Namespace, log=print) -> int:
+    """`run`: the arms, then the table of everything in --out. 0 when every arm asked for has its file, 130 when a
+    signal stopped one (the same command resumes it)."""
+    study = load_study(a.study)
+    done = run_study(study, out=a.out, runs=a.runs, data=a.data, arms=a.arms, seeds=a.seeds, extra=tuple(a.set),
+                     force=a.force, log=log)
+    wanted = order(study, a.arms or list(study.arms))
+    if any(not arm_file(a.out, n, s).is_file() for s in (a.seeds or study.seeds) for n in wanted):
+        return 130
+    log(f"{len(done)} file(s) written; the table: {', '.join(map(str, write_table(a.out, study)))}")
+    return 0
+
+
+def table_command(a: argparse.Namespace, log=print) -> int:
+    log(f"wrote {', '.join(map(str, write_table(a.folder, load_study(a.study) if a.study else None)))}")
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
-    r = sub.add_parser("run", help="train and evaluate arms (teachers first), one JSON each, then the table")
-    r.add_argument("study", help="a study file, e.g. configs/study_cifar10_gpu.yaml")
-    r.add_argument("--out", required=True, help="folder for the arm files, the table and the plot")
-    r.add_argument("--runs", help="folder for the arms' run folders (checkpoints); default OUT/runs")
-    r.add_argument("--data", help="data.path of every arm (default: each config's)")
-    r.add_argument("--arms", nargs="+", help="only these arms (and the teachers they need)")
-    r.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: the study's)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an override for every arm, after the study's (e.g. device=cpu; repeatable)")
-    r.add_argument("--force", action="store_true", help="run arms again whose JSON exists")
-    t = sub.add_parser("table", help="merge a study folder's arm files into table.json, table.md, knn_curves.png")
-    t.add_argument("folder")
-    t.add_argument("--study", help="the study file, for its name and published figures")
+    add_run_arguments(sub.add_parser("run", help="train and evaluate arms (teachers first), one JSON each, then "
+                                                 "the table"))
+    add_table_arguments(sub.add_parser("table", help="merge a study folder's arm files into table.json, table.md "
+                                                     "and knn_curves.png"))
     a = p.parse_args(argv)
     try:
-        if a.what == "run":
-            study = load_study(a.study)
-            done = run_study(study, out=a.out, runs=a.runs, data=a.data, arms=a.arms, seeds=a.seeds,
-                             extra=tuple(a.set), force=a.force)
-            stopped = any(not arm_file(a.out, n, s).is_file() for s in (a.seeds or study.seeds)
-                          for n in order(study, a.arms or list(study.arms)))
-            if stopped:
-                return 130
-            paths = write_table(a.out, study)
-            print(f"{len(done)} arm(s) run; wrote {', '.join(map(str, paths))}")
-        else:
-            paths = write_table(a.folder, load_study(a.study) if a.study else None)
-            print(f"wrote {', '.join(map(str, paths))}")
+        return run_command(a) if a.what == "run" else table_command(a)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}")
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 
 from dogo.engine.errors import DataError
 from dogo.pipelines.base import die_with_parent
-from dogo.pipelines.imagefolder import EXPECTED_LAYOUT, ImageFolderIndex, class_folders, scan
+from dogo.pipelines.imagefolder import ImageFolderIndex, class_folders, scan
 from dogo.pipelines.images import DECODE_ERRORS, load_many
 
 CIFAR_SIDE = 32
@@ -39,7 +39,8 @@ class HeldSplit:
 
 
 EXPECTED = ("data.path must be CIFAR's python format as downloaded (cifar-10-batches-py/ or cifar-100-python/, or "
-            "a folder holding one) or an image folder of one image size with data.path/<split>/<class>/<image>")
+            "a folder holding one) or an image folder of one image size (data.path/train/<class>/<image>.jpg, "
+            "data.path/val/<class>/<image>.jpg)")
 
 
 def read_split(path: str | Path, split: str, processes: int = 1, train_split: str = "train") -> HeldSplit:
@@ -48,7 +49,7 @@ def read_split(path: str | Path, split: str, processes: int = 1, train_split: st
     cifar = find_cifar(path)
     if cifar is not None:
         return read_cifar(*cifar, split)
-    return decode_folder(Path(path) / split, _folder_classes(path, train_split), processes)
+    return decode_folder(_split_folder(path, split), _folder_classes(path, train_split), processes)
 
 
 def split_shape(path: str | Path, split: str) -> tuple[int, int, int]:
@@ -57,16 +58,19 @@ def split_shape(path: str | Path, split: str) -> tuple[int, int, int]:
     cifar = find_cifar(path)
     if cifar is not None:
         return read_cifar(*cifar, split).images.shape[:1] + (CIFAR_SIDE, CIFAR_SIDE)
-    index = scan(Path(path) / split)
+    index = scan(_split_folder(path, split))
     return len(index), *_header_size(index)
 
 
 def _folder_classes(path: str | Path, train_split: str) -> list[str]:
-    root = Path(path)
-    if not (root / train_split).is_dir():
-        raise DataError(f"{root}: neither CIFAR's python format nor an image folder (no {train_split}/ inside); "
-                        f"{EXPECTED}:\n{EXPECTED_LAYOUT}")
-    return class_folders(root / train_split)
+    return class_folders(_split_folder(path, train_split))
+
+
+def _split_folder(path: str | Path, split: str) -> Path:
+    """data.path/split, which must exist when data.path is not CIFAR's python format."""
+    if not (Path(path) / split).is_dir():
+        raise DataError(f"{path}: neither CIFAR's python format nor an image folder (no {split}/ inside); {EXPECTED}")
+    return Path(path) / split
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -179,9 +183,8 @@ def decode_folder(root: Path, classes: list[str], processes: int) -> HeldSplit:
     held = _Filling(n, list(index.skipped))
     with contextlib.closing(_decoded_chunks([index.paths[i:i + chunk] for i in range(0, n, chunk)], processes)) \
             as chunks:  # the processes end here, error or not
-        for k, decoded in enumerate(chunks):
-            for i, image in enumerate(decoded, k * chunk):
-                held.put(i, image, index.paths[i])
+        for k, (groups, skipped) in enumerate(chunks):
+            held.put(k * chunk, groups, skipped, index.paths)
     if held.images is None:
         raise DataError(f"none of the {n} files under {root} could be decoded; the first: {held.skipped[0]}")
     if held.odd:
@@ -195,37 +198,54 @@ def decode_folder(root: Path, classes: list[str], processes: int) -> HeldSplit:
                      held.skipped)
 
 
+def _decode_chunk(paths: list[str]) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[int, str]]]:
+    """load_many of `paths` as (groups, skipped): the images of each size stacked in one (k, 3, H, W) array beside
+    their positions in `paths` (one array to hand back per size, not one per image), and (position, skip line) for
+    the files refused."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    decoded = load_many(paths)
+    skipped = []
+    for i, image in enumerate(decoded):
+        if isinstance(image, str):
+            skipped.append((i, image))
+        else:
+            by_size.setdefault(image.shape[:2], []).append(i)
+    groups = [(np.asarray(rows), np.stack([decoded[i] for i in rows]).transpose(0, 3, 1, 2).copy())
+              for rows in by_size.values()]
+    return groups, skipped
+
+
 class _Filling:
-    """The split's array while decoded images arrive: made at the first image's size; a skip line or an image of
-    another size leaves its row out."""
+    """The split's array while decoded chunks arrive in order: made at the first decodable image's size; a skipped
+    file or an image of another size leaves its row out."""
 
     def __init__(self, n: int, skipped: list[str]):
         self.images: np.ndarray | None = None
         self.keep = np.ones(n, dtype=bool)
         self.skipped, self.odd = skipped, []
 
-    def put(self, i: int, image: np.ndarray | str, path: str) -> None:
-        if isinstance(image, str):
-            self.skipped.append(image)
-            self.keep[i] = False
-            return
-        if self.images is None:
-            self.images = np.empty((len(self.keep), 3, *image.shape[:2]), dtype=np.uint8)
-        if image.shape[:2] != self.images.shape[2:]:
-            self.odd.append((path, image.shape[:2]))
-            self.keep[i] = False
-            return
-        self.images[i] = image.transpose(2, 0, 1)
+    def put(self, offset: int, groups, skipped: list[tuple[int, str]], paths: list[str]) -> None:
+        for i, line in skipped:
+            self.skipped.append(line)
+            self.keep[offset + i] = False
+        for rows, pixels in sorted(groups, key=lambda g: g[0][0]):  # the chunk's first image first
+            if self.images is None:
+                self.images = np.empty((len(self.keep), *pixels.shape[1:]), dtype=np.uint8)
+            if pixels.shape[1:] == self.images.shape[1:]:
+                self.images[offset + rows] = pixels
+                continue
+            self.keep[offset + rows] = False
+            self.odd.extend((paths[offset + i], pixels.shape[2:]) for i in rows)
 
 
 def _decoded_chunks(jobs: list[list[str]], processes: int):
-    """load_many of each job, in order: in `processes` forked processes (libjpeg's warnings are caught per
+    """_decode_chunk of each job, in order: in `processes` forked processes (libjpeg's warnings are caught per
     process), or here when one is enough."""
     if processes <= 1 or len(jobs) <= 1:
-        yield from map(load_many, jobs)
+        yield from map(_decode_chunk, jobs)
         return
     with mp.get_context("fork").Pool(min(processes, len(jobs)), initializer=die_with_parent) as pool:
-        yield from pool.imap(load_many, jobs)
+        yield from pool.imap(_decode_chunk, jobs)
 
 
 def _header_size(index: ImageFolderIndex) -> tuple[int, int]:

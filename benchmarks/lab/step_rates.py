@@ -5,7 +5,10 @@ process's CPU time (all its threads). On a shared machine the wall rate depends 
 (images per CPU-second) does much less, and times the threads it used is the rate on an idle machine at best.
 
     python -m dogo.benchmarks.lab.step_rates OUT.json --data /work/shared/data/cifar10 \
-        --configs configs/cifar10_simclr_r20.yaml ... [--steps 3] [--set key=value ...]
+        --configs configs/cifar10_simclr_r20.yaml "configs/cifar10_simclr_r20.yaml:peers.r20.arch=resnet32" ...
+        [--steps 3] [--set key=value ...]
+
+A config may carry overrides of its own after a colon, comma-separated.
 """
 from __future__ import annotations
 
@@ -50,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     overrides = [f"data.path={a.data}", "eval.knn_every_epochs=0", "log.progress=off", *a.set]
     rows = []
-    for config in a.configs:
-        rows.append(step_rate(config, overrides, a.steps))
+    for entry in a.configs:
+        config, _, own = entry.partition(":")
+        rows.append(step_rate(config, [*overrides, *filter(None, own.split(","))], a.steps))
         r = rows[-1]
         print(f"{r['name']}: {r['images_per_s']:.1f} images/s, {r['images_per_cpu_s']:.1f} images per CPU-second "
               f"(load {r['load_average_1min_before']:.1f})", flush=True)
