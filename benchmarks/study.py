@@ -532,7 +532,8 @@ def table_markdown(table: dict) -> str:
 
 def plot_knn_curves(folder: str | Path, out: str | Path) -> Path:
     """kNN top-1 against epochs for every arm and peer (the mean over seeds, the band their range), from the arm
-    files; the architecture's random init (the baselines files, same seed) as its epoch-0 point."""
+    files; the architecture's random init (the baselines files, same seed) as its epoch-0 point, and raw pixels as a
+    dashed line."""
     from dogo.plots import _pyplot, _save
     plt = _pyplot()
     curves: dict[tuple[str, str], dict[float, list[float]]] = {}
@@ -551,6 +552,9 @@ def plot_knn_curves(folder: str | Path, out: str | Path) -> Path:
                 if peer in e["top1"]:
                     points.setdefault(float(e["epoch"]), []).append(e["top1"][peer])
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    raw = [f["raw_pixels"][(protocol or "dino").split(" ")[0]] for f in read_baselines(folder)]
+    if raw:
+        ax.axhline(statistics.mean(raw), color="gray", linestyle="--", linewidth=1, label="raw pixels")
     for (arm, peer), points in sorted(curves.items()):
         epochs = sorted(points)
         mean = [statistics.mean(points[e]) for e in epochs]
