@@ -111,12 +111,13 @@ imagenet-disco-r18: $(STAMP)
 	$(require_imagenet)
 	$(call job,configs/disco_r18_from_r50.yaml,data.path=$(IMAGENET) teacher.checkpoint=$(TEACHER) teacher.peer=$(TEACHER_PEER))
 
-# CIFAR-10 (or CIFAR-100) in its python format, held on the device: DoGo ResNet-18 + ResNet-50, or SimCLR ResNet-18
-# alone, with DoGo's own CIFAR settings. CIFAR=/path/to/cifar-10-batches-py (as downloaded and unpacked).
+# CIFAR-10 (or CIFAR-100) held on the device: DoGo ResNet-18 + ResNet-50, or SimCLR ResNet-18 alone, with DoGo's own
+# CIFAR settings. CIFAR=/path/to/cifar-10-batches-py (the python version, unpacked) or an image folder with
+# train/<class>/*.jpg and val/<class>/*.jpg.
 CIFAR ?=
 define require_cifar
-	@if [ -z "$(CIFAR)" ]; then echo "error: set CIFAR=/path/to/cifar-10-batches-py (the python version, unpacked)"; exit 2; fi
-	@$(PY) -m dogo.pipelines.check cifar "$(CIFAR)"
+	@if [ -z "$(CIFAR)" ]; then echo "error: set CIFAR=/path/to/cifar-10-batches-py (the python version, unpacked) or an image folder"; exit 2; fi
+	@$(PY) -m dogo.pipelines.check held "$(CIFAR)"
 endef
 
 cifar10-r18-r50: $(STAMP)

@@ -11,7 +11,7 @@ all measured in one run on the same cores.
   recipe applied twice per image with torchvision.transforms.v2, as SimCLR-style code does.
 - with ffcv: also ffcv_decode_only, FFCV's own read and decode of every image (no crop): the backend's ceiling.
 
-For CIFAR (bench_cifar): the cifar backend (the split on the device, views made there) against the folder backend
+For CIFAR (bench_cifar): the held backend (the split on the device, views made there) against the folder backend
 on the same images stored as PNG files, and against torchvision's DataLoader on the in-memory arrays (what
 torchvision.datasets.CIFAR10 with v2 transforms does), all with the CIFAR recipe at 32 px.
 
@@ -229,15 +229,15 @@ def _as_png_folder(images, labels, classes, root: Path) -> Path:
 def bench_cifar(path: Path, size: int, batch: int, batches: int, warmup: int, repeats: int, workers: int,
                 device: torch.device, log=print) -> dict:
     import tempfile
-    from dogo.pipelines.backends.cifar import read_split
+    from dogo.pipelines.heldsplit import read_split
     cfg = resolved_for(device, augment=cifar_recipe())
     recipe, precision = cfg.augment, Precision.of(cfg)
-    data = read_split(path, "train")
-    result = {"benchmark": "pipeline", "backend": "cifar", "data": str(data.source), "images": len(data),
+    data = read_split(path, "train", workers)
+    result = {"benchmark": "pipeline", "backend": "held", "data": str(data.source), "images": len(data),
               "what": "images per second, each yielding two views of the CIFAR recipe at size px",
               "size": size, "batch": batch, "timed_batches": batches, "warmup_batches": warmup, "workers": workers,
               "device": str(device), "dtype": str(precision.dtype), "recipe": vars(recipe)}
-    config = DataConfig(backend="cifar", path=str(data.source), image_size=size, batch_size=batch, workers=0)
+    config = DataConfig(backend="held", path=str(path), image_size=size, batch_size=batch, workers=0)
 
     def torchvision_iter():
         g = torch.Generator().manual_seed(0)
@@ -255,7 +255,7 @@ def bench_cifar(path: Path, size: int, batch: int, batches: int, warmup: int, re
                                                             device, precision), batch, batches, warmup, 1, device),
             "torchvision": lambda: _rate(torchvision_iter, batch, batches, warmup, 1, torch.device("cpu")),
         }
-        log(f"dogo cifar backend (the split on the device), the folder backend on the same images as PNG files and "
+        log(f"dogo held backend (the split on the device), the folder backend on the same images as PNG files and "
             f"torchvision's DataLoader on the arrays ({workers} workers each): {repeats} interleaved passes ...")
         result.update(interleaved(contenders, repeats))
     for key in contenders:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 from dogo.core.io import atomic_write
+from dogo.engine.run.logger import read_metrics
 
 
 class PlotError(ValueError):
@@ -37,46 +39,6 @@ def _save(fig, out: Path) -> Path:
 
 
 # ---- training curves ---------------------------------------------------------------------------------------------
-
-def read_metrics(spec: str | Path) -> tuple[str, list[dict], list[dict]]:
-    """(name, step records, kNN events) of a run folder or a metrics.jsonl file. A run started afresh in the same
-    folder appends to its file: only the records after the last start (step falling back) are kept. A resumed run
-    (its "resume" event at step S, e.g. after a kill) continues the history: only the records after S, which the
-    resume replays, are dropped."""
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise PlotError(f"{spec}: no metrics.jsonl there; give a run folder (out_dir/name) or its metrics.jsonl")
-    name = path.parent.name if path.name == "metrics.jsonl" else path.stem
-    steps, knn = [], []
-    text = path.read_text()
-    lines = text.splitlines()
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines) and not text.endswith("\n"):  # cut short by a run stopped mid-write (a full disk)
-                warnings.warn(f"{path}:{n}: the last line was cut short (a run stopped while writing it); left out",
-                              stacklevel=2)
-                break
-            raise PlotError(f"{path}:{n} is not a JSON line") from None
-        if not isinstance(record, dict):
-            raise PlotError(f"{path}:{n} is JSON but not a record (a {type(record).__name__}, where each line of "
-                            f"metrics.jsonl is an object); remove that line or give another file")
-        if "loss" in record and "step" in record:
-            if steps and record["step"] <= steps[-1]["step"]:
-                steps, knn = [], [k for k in knn if k["step"] < record["step"]]
-            steps.append(record)
-        elif record.get("event") == "knn":
-            knn.append(record)
-        elif record.get("event") == "resume":
-            steps = [r for r in steps if r["step"] <= record["step"]]
-            knn = [k for k in knn if k["step"] <= record["step"]]
-    if not steps:
-        raise PlotError(f"{path} holds no step records yet (they are written every log.every steps)")
-    return name, steps, knn
-
 
 def _panels(steps: list[dict]) -> dict[str, list[str]]:
     """Panel title -> metric keys: one panel per loss term kind (ntxent, kl, ...) with every peer in it, the
@@ -283,4 +245,46 @@ def plot_feature_map(coords, labels, classes: list[str], title: str, out: str | 
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
+    return _save(fig, Path(out))
+
+
+# ---- studies ------------------------------------------------------------------------------------------------------
+
+def plot_knn_curves(folder: str | Path, out: str | Path) -> Path:
+    """kNN top-1 against epochs for every arm and peer (the mean over seeds, the band their range), from the arm
+    files; the architecture's random init (the baselines files, same seed) as its epoch-0 point, and raw pixels as a
+    dashed line."""
+    from dogo.benchmarks.study import read_arm_files, read_baselines
+    plt = _pyplot()
+    curves: dict[tuple[str, str], dict[float, list[float]]] = {}
+    protocol = None
+    inits = {(b["arch"], b["cifar_stem"], f["seed"]): b for f in read_baselines(folder) for b in f["random_init"]}
+    for r in read_arm_files(folder):
+        protocol = protocol or r.get("knn_curve_protocol")
+        preset = (protocol or "dino").split(" ")[0]
+        peers = r["resolved_config"]["peers"]
+        for peer in r["peers"]:
+            points = curves.setdefault((r["arm"], peer), {})
+            init = inits.get((peers[peer]["arch"], peers[peer]["cifar_stem"], r["seed"]))
+            if init is not None:
+                points.setdefault(0.0, []).append(init[preset])
+            for e in r["knn_curve"]:
+                if peer in e["top1"]:
+                    points.setdefault(float(e["epoch"]), []).append(e["top1"][peer])
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    raw = [f["raw_pixels"][(protocol or "dino").split(" ")[0]] for f in read_baselines(folder)]
+    if raw:
+        ax.axhline(statistics.mean(raw), color="gray", linestyle="--", linewidth=1, label="raw pixels")
+    for (arm, peer), points in sorted(curves.items()):
+        epochs = sorted(points)
+        mean = [statistics.mean(points[e]) for e in epochs]
+        line, = ax.plot(epochs, mean, marker="o", markersize=3, label=f"{arm} {peer}")
+        if any(len(points[e]) > 1 for e in epochs):
+            ax.fill_between(epochs, [min(points[e]) for e in epochs], [max(points[e]) for e in epochs],
+                            color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_title(f"kNN top-1 on the val split against epochs ({protocol or 'dino'})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, Path(out))

@@ -13,7 +13,8 @@ from dogo.core.errors import ConfigError, DataError
 from dogo.core.registry import BACKENDS
 from dogo.pipelines.base import EvalSplit, TwoViewBatch, TwoViewLoader
 
-__all__ = ["EvalSplit", "TwoViewBatch", "TwoViewLoader", "build_loader", "open_eval_split"]
+__all__ = ["EvalSplit", "TwoViewBatch", "TwoViewLoader", "build_loader", "describe_data", "held_bytes",
+           "open_eval_split"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Backend:
     extra: str | None = None  # the pip extra that installs the library it needs
     eval_module: str | None = None  # the module whose open_eval_split reads its evaluation images
     unlabelled_training: bool = False  # trains from images without labels (data.labels=none)
+    holds_split: bool = False  # keeps its training split on the device (its module's held_bytes(data) says how much)
 
     def typical_side(self, data) -> int:
         """The median shorter side of the training images, px (data.image_size=auto), read by the backend's
@@ -36,7 +38,7 @@ class Backend:
 
 _FOLDER = "dogo.pipelines.backends.folder"
 BACKENDS.register("folder", Backend(_FOLDER, labelled=True, unlabelled_training=True))
-BACKENDS.register("cifar", Backend("dogo.pipelines.backends.cifar", labelled=True))
+BACKENDS.register("held", Backend("dogo.pipelines.backends.held", labelled=True, holds_split=True))
 BACKENDS.register("ffcv", Backend("dogo.pipelines.backends.ffcv_loader", labelled=True, extra="ffcv",
                                   eval_module=_FOLDER, unlabelled_training=True))
 BACKENDS.register("dali", Backend("dogo.pipelines.backends.dali_loader", labelled=True, extra="dali",
@@ -93,3 +95,10 @@ def describe_data(data, needs_val: bool) -> list[str]:
     splits = [data.train_split] + ([data.val_split] if needs_val else [])
     unlabelled = {"labels": "none"} if data.labels == "none" else {}  # the training split only (checks.py)
     return [module.describe_split(data.path, split, **unlabelled) for split in splits]
+
+
+def held_bytes(data) -> int:
+    """Bytes the backend keeps on the training device for the whole run (its held training split; the memory
+    estimate counts them), 0 for a backend that streams its images; DataError when the split cannot be read."""
+    backend = BACKENDS.get(data.backend, "data.backend")
+    return _import(data.backend, backend.module).held_bytes(data) if backend.holds_split else 0

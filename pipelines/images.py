@@ -107,6 +107,47 @@ def load_rgb(path: str, max_resolution: int | None = None, draft_only: bool = Fa
         return _upright_rgb(im)
 
 
+def load_many(paths: list[str]) -> list[np.ndarray | str]:
+    """load_rgb of each path, in order: its image, or for a file it refuses the skip line saying why.
+
+    Made for many small images (a whole split of CIFAR-size JPEGs held in memory): the JPEGs in RGB or grey whose
+    bytes pass load_rgb's checks go to the decoder load_rgb uses for them (the same pixels) in one call, without
+    opening each with PIL first, with libjpeg's warnings captured once for all of them rather than per file. If that
+    call fails or a corrupt-data warning comes, those files are decoded again one by one with load_rgb, which names
+    the file at fault. Every other file goes through load_rgb itself."""
+    out: list[np.ndarray | str | None] = [None] * len(paths)
+    fast = {i: data for i, data in enumerate(map(_plain_jpeg_bytes, paths)) if data is not None}
+    if fast:
+        try:
+            with _libjpeg_warnings_refused(f"one of {len(fast)} files"):
+                for i, image in zip(fast, _decode_jpegs(list(fast.values()))):
+                    out[i] = image
+        except (ValueError, RuntimeError):  # a corrupt-data warning, or a file the decoder refused
+            for i in fast:
+                out[i] = None
+    for i, path in enumerate(paths):
+        if out[i] is None:
+            try:
+                out[i] = load_rgb(path)
+            except DECODE_ERRORS as exc:
+                out[i] = skip_line(path, exc)
+    return out
+
+
+def _plain_jpeg_bytes(path: str) -> bytes | None:
+    """The bytes of a JPEG in RGB or grey that pass load_rgb's checks (those load_rgb hands to _decode_jpeg); None
+    for anything else (load_rgb then decides, and names what is wrong)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    problem, components = _jpeg_check(data, data[-64:], whole=True)
+    return data if problem is None and components in (1, 3) else None
+
+
 # libjpeg's warnings on corrupt data (a zero-filled block, a lost marker): it decodes the rest as noise and says so
 # on stderr only, in the same words from PIL, torchvision and OpenCV alike
 LIBJPEG_CORRUPTION = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid SOS parameters")
@@ -151,12 +192,17 @@ def _reduced_decode(data: bytes, path: str) -> None:
 
 
 def _decode_jpeg(data: bytes) -> np.ndarray:
+    return _decode_jpegs([data])[0]
+
+
+def _decode_jpegs(datas: list[bytes]) -> list[np.ndarray]:
+    """JPEGs in RGB or grey to upright (H, W, 3) uint8, with torchvision's decoder (libjpeg-turbo)."""
     # torchvision 0.29 (pinned) announces that its decoders will move to torchcodec; they work, so say it once
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                        apply_exif_orientation=True)
-    return t.permute(1, 2, 0).numpy()
+        images = decode_jpeg([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas],
+                             mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    return [t.permute(1, 2, 0).numpy() for t in images]
 
 
 def stored_size(path: str) -> tuple[int, int]:
@@ -207,35 +253,50 @@ def structural_problem(path: str, whole: bool = True) -> str | None:
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_problem(data: bytes, tail: bytes, whole: bool) -> str | None:
-    pos, size = 2, None
+def _jpeg_frame(data: bytes) -> tuple[str | None, int, int]:
+    """Walk a JPEG's markers up to its first scan: (problem or None, where the entropy-coded data starts, the
+    frame's colour components: 1 grey, 3 YCbCr or RGB, 4 CMYK or YCCK; 0 if no frame was read)."""
+    pos, size, components = 2, None, 0
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
-            return "corrupt markers before the image data"
+            return "corrupt markers before the image data", pos, components
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker in _SOF and pos + 9 <= len(data):
+        if marker in _SOF and pos + 10 <= len(data):
             size = (int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big"))
+            components = data[pos + 9]
             if size[0] * size[1] > MAX_PIXELS:
-                return f"declares {size[0]} x {size[1]} pixels, over the limit of {MAX_PIXELS:,}"
+                return f"declares {size[0]} x {size[1]} pixels, over the limit of {MAX_PIXELS:,}", pos, components
         if marker == 0xDA:  # start of scan: entropy-coded data follows
             pos += 2 + length
             break
         pos += 2 + length
     else:
-        return "truncated before its image data" if whole else None
+        return "truncated before its image data", pos, components
     if size is None:
-        return "no frame header before the image data"
-    if whole:
-        end = data.find(b"\xff\xd9", pos)  # the end of image: in coded data 0xFF 0xD9 is nothing else
-        if end < 0:
-            return "truncated (no end-of-image marker)"
-        coded = np.frombuffer(data, np.uint8, count=end - pos, offset=pos)  # what follows the end is not read
-        after_ff = coded[1:][coded[:-1] == 0xFF]
-        if ((after_ff >= 0x01) & (after_ff <= 0xBF)).any():
-            return "corrupt image data (a byte sequence no JPEG encoder writes)"
-        return None
-    return None if b"\xff\xd9" in tail else "truncated (no end-of-image marker)"
+        return "no frame header before the image data", pos, components
+    return None, pos, components
+
+
+def _jpeg_problem(data: bytes, tail: bytes, whole: bool) -> str | None:
+    return _jpeg_check(data, tail, whole)[0]
+
+
+def _jpeg_check(data: bytes, tail: bytes, whole: bool) -> tuple[str | None, int]:
+    """(why the JPEG `data` cannot be trusted, or None; its frame's colour components)."""
+    problem, pos, components = _jpeg_frame(data)
+    if problem == "truncated before its image data" and not whole:
+        return None, components  # only the first 64 kB were read: the scan may start further on
+    if problem or not whole:
+        return problem or (None if b"\xff\xd9" in tail else "truncated (no end-of-image marker)"), components
+    end = data.find(b"\xff\xd9", pos)  # the end of image: in coded data 0xFF 0xD9 is nothing else
+    if end < 0:
+        return "truncated (no end-of-image marker)", components
+    coded = np.frombuffer(data, np.uint8, count=end - pos, offset=pos)  # what follows the end is not read
+    after_ff = coded[1:][coded[:-1] == 0xFF]
+    if ((after_ff >= 0x01) & (after_ff <= 0xBF)).any():
+        return "corrupt image data (a byte sequence no JPEG encoder writes)", components
+    return None, components

@@ -123,7 +123,7 @@ def test_plot_errors_name_the_file(tmp_path, capsys):
 def test_plot_keeps_the_history_of_a_run_resumed_after_a_kill(tmp_path):
     """Issue 32 G4: steps 1-6 logged, killed, resumed from the step-4 checkpoint, steps 5-8 logged: the curve is
     steps 1-8 (5 and 6 from the resumed run), not only the steps after the resume."""
-    from dogo.plots import read_metrics
+    from dogo.engine.run.logger import read_metrics
     rows = [{"step": s, "epoch": 0, "loss": 10.0 - s} for s in range(1, 7)]
     rows += [{"event": "knn", "step": 2, "top1": {"a": 20.0}}, {"event": "knn", "step": 6, "top1": {"a": 30.0}}]
     rows += [{"event": "resume", "step": 4, "path": "ck"}]

@@ -143,7 +143,7 @@ def test_every_subcommand_is_listed_and_described():
                 return
         yield prefix.strip(), p
     commands = dict(walk(parser(), ""))
-    assert len(commands) == 14, sorted(commands)
+    assert len(commands) == 16, sorted(commands)
     descriptions = [sub.description for sub in commands.values()]
     for name, sub in commands.items():
         assert f"dogo {name}" in listed, name

@@ -276,7 +276,7 @@ def test_X3_a_resume_drops_the_partial_last_line_first_and_plot_reads_the_file(s
     (`...e-0{"event": "resume", ...}`) and `dogo plot` refused the run for good. The partial line is dropped, with
     an event saying so, before anything is appended; every line then parses."""
     from dogo.engine.run.trainer import train
-    from dogo.plots import read_metrics
+    from dogo.engine.run.logger import read_metrics
     train(config_mod.from_dict(tiny_config(shapes, tmp_path, schedule={"max_steps": 1})))
     metrics = tmp_path / "t" / "metrics.jsonl"
     whole = metrics.read_text()

@@ -129,3 +129,27 @@ def test_broken_files_are_found_without_decoding(awkward, tmp_path):
         load_rgb(str(tmp_path / "bomb.png"))
     with pytest.raises(images.DECODE_ERRORS):
         load_rgb(str(tmp_path / "corrupt.jpg"))
+
+
+def test_many_files_at_once_give_load_rgbs_pixels_and_refusals(awkward, tmp_path):
+    """load_many (the held backend's decode of a whole folder): each file's load_rgb image, or the line load_rgb's
+    refusal gives; a JPEG whose data makes libjpeg warn mid-list is still found and named."""
+    buffer = io.BytesIO()
+    Image.fromarray((RNG.random((64, 64, 3)) * 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    good = buffer.getvalue()
+    # zeroed entropy-coded data: no structural problem, but libjpeg warns "Corrupt JPEG data" when decoding it
+    start = good.index(b"\xff\xda") + 200
+    zeroed = good[:start] + bytes(len(good) - start - 300) + good[-300:]
+    (tmp_path / "zeroed.jpg").write_bytes(zeroed)
+    (tmp_path / "truncated.jpg").write_bytes(good[:len(good) // 2])
+    (tmp_path / "good.jpg").write_bytes(good)
+    paths = [str(awkward / n) for n in ("plain.jpg", "cmyk.jpg", "palette.png", "grey.jpg", "rotated.jpg")] + \
+        [str(tmp_path / n) for n in ("zeroed.jpg", "good.jpg", "truncated.jpg")]
+    for path, got in zip(paths, images.load_many(paths)):
+        try:
+            want = load_rgb(path)
+        except images.DECODE_ERRORS as exc:
+            assert got == images.skip_line(path, exc), path
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=path)
+    assert isinstance(images.load_many(paths[-3:])[0], str)  # the zeroed JPEG: refused, by name

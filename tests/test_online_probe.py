@@ -74,8 +74,8 @@ def test_val_top1_at_every_epoch_end_and_the_probe_resumes(shapes, tmp_path):
      "data.labels=none: eval.knn_every_epochs need labelled images"),
     ({"data": {"labels": "none"}, "eval": {"knn_every_epochs": 0, "online_probe": "on"}},
      "data.labels=none: eval.online_probe=on need labelled images"),
-    ({"data": {"backend": "cifar", "labels": "none"}, "eval": {"knn_every_epochs": 0}},
-     "data.labels=none: data.backend=cifar has no unlabelled mode"),
+    ({"data": {"backend": "held", "labels": "none"}, "eval": {"knn_every_epochs": 0}},
+     "data.labels=none: data.backend=held has no unlabelled mode"),
 ])
 def test_evaluation_without_labels_is_a_clear_error(shapes, tmp_path, changes, message):
     raw = tiny_config(shapes, tmp_path)

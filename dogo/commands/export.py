@@ -6,8 +6,9 @@ from dogo.commands.args import say
 HELP = "write one peer's backbone as a plain torchvision or timm state_dict"
 DESCRIPTION = (
     "one peer's backbone as a plain state_dict of its library (torchvision, or timm for a timm: peer; a "
-    "torchvision ResNet without the CIFAR stem also as timm's ResNet), with the lines that load it with that library "
-    "alone (a CIFAR stem rebuilt in plain torch); --head also writes its projection head (with the backbone, a "
+    "torchvision ResNet without the CIFAR stem also as timm's ResNet; dogo's own CIFAR ResNets, which no library "
+    "ships, as dogo's), with the lines that load it with that library alone (a CIFAR stem rebuilt in plain torch); "
+    "--head also writes its projection head (with the backbone, a "
     "DisCo teacher from files)")
 
 
@@ -18,7 +19,7 @@ def add(sub) -> None:
     x.add_argument("--peer", help="which peer to export (default: the run's only peer)")
     x.add_argument("--head", metavar="OUT", help="also write the peer's projection head's state_dict here "
                    "(with the backbone, a DisCo teacher: teacher.backbone=... teacher.head=...)")
-    x.add_argument("--format", choices=["torchvision", "timm"],
+    x.add_argument("--format", choices=["torchvision", "timm", "dogo"],
                    help="the library the state_dict loads into (default: the backbone's own; a torchvision ResNet "
                         "without the CIFAR stem also loads into timm's ResNet of the same name)")
     x.set_defaults(func=run)

@@ -72,11 +72,13 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"peers.{name}.zero_init_residual: the {peer.arch} backbone has no residual blocks to "
                               f"start at zero; set it to false")
         if peer.cifar_stem and not backbone.cifar_stem:
-            raise ConfigError(f"peers.{name}.cifar_stem applies to the torchvision backbones; give {peer.arch} its "
-                              f"own arguments instead (peers.{name}.arch_args, e.g. a ViT's patch_size)")
+            raise ConfigError(f"peers.{name}.cifar_stem: {peer.arch} takes no CIFAR stem (the torchvision ResNets, "
+                              f"EfficientNet and MobileNet do; the CIFAR ResNets resnet20-110 are built for small "
+                              f"images already): set it to false; a timm model takes its own arguments instead "
+                              f"(peers.{name}.arch_args, e.g. a ViT's patch_size)")
         if peer.arch_args and backbone.library != "timm":
             raise ConfigError(f"peers.{name}.arch_args are timm.create_model's arguments; {peer.arch} is a "
-                              f"torchvision backbone: remove them")
+                              f"{backbone.library} backbone: remove them")
     _check_recipe(cfg.augment)
     if cfg.data.image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is too small: views of at least {MIN_IMAGE_SIZE} px "

@@ -14,7 +14,7 @@ MOVED = {
 }
 
 # Values renamed: dotted key -> {old value: new value}. A config that still says the old one loads as the new one.
-RENAMED_VALUES: dict[str, dict[str, str]] = {}
+RENAMED_VALUES: dict[str, dict[str, str]] = {"data.backend": {"cifar": "held"}}  # held reads CIFAR and folders
 
 KNN_DEFAULTS_BEFORE_PROTOCOLS = (20, 0.07)  # eval.knn_k and knn_temperature before eval.knn_protocol existed
 

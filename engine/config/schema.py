@@ -58,8 +58,8 @@ class DataConfig:
     # where two-view batches come from: a registered backend (dogo.core.registry.BACKENDS); its own settings are the
     # sub-section named after it, e.g. data.ffcv.beton, data.dali.scan
     backend: str = "folder"
-    # the dataset root, one folder per split, each class_name/image.jpg (ImageNet's layout: train/, val/); cifar: the
-    # cifar-10-batches-py or cifar-100-python folder (splits train and test)
+    # the dataset root, one folder per split, each class_name/image.jpg (ImageNet's layout: train/, val/); held: that,
+    # or CIFAR's cifar-10-batches-py / cifar-100-python folder (its test batch is the val split)
     path: str = "data/shapes64"
     train_split: str = "train"  # the split folder SSL trains on (and the kNN bank and probes' training images)
     val_split: str = "val"  # labelled split the kNN monitor queries

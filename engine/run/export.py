@@ -31,6 +31,9 @@ def export_peer(run: SavedRun, peer: str, out: str | Path, library: str | None =
     cfg = run.cfg.peers[peer]
     backbone = BACKBONES.get(cfg.arch, f"peers.{peer}.arch")
     library = library or backbone.library
+    if backbone.library == "dogo" and library != "dogo":
+        raise ConfigError(f"--format {library}: {cfg.arch} exists only in dogo (no library ships it); export it "
+                          f"without --format, and load it with the lines printed")
     if library == "timm" and backbone.library != "timm" and (backbone.timm_name is None or cfg.cifar_stem):
         raise ConfigError(f"--format timm: the {cfg.arch} backbone of peer '{peer}' has no timm model with its "
                           f"keys" + (" (its CIFAR stem is not timm's)" if cfg.cifar_stem else "")

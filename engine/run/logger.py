@@ -10,6 +10,7 @@ import string
 import sys
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dogo.engine.dist.distributed import all_reduce_mean
-from dogo.core.errors import ConfigError
+from dogo.core.errors import ConfigError, DataError
 from dogo.core.io import atomic_write_text
 from dogo.engine.run.checkpoint import open_run_file
 
@@ -303,3 +304,43 @@ def drop_partial_line(path: Path) -> int:
         return size - start
     finally:
         os.close(fd)
+
+
+def read_metrics(spec: str | Path) -> tuple[str, list[dict], list[dict]]:
+    """(name, step records, kNN events) of a run folder or a metrics.jsonl file. A run started afresh in the same
+    folder appends to its file: only the records after the last start (step falling back) are kept. A resumed run
+    (its "resume" event at step S, e.g. after a kill) continues the history: only the records after S, which the
+    resume replays, are dropped."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{spec}: no metrics.jsonl there; give a run folder (out_dir/name) or its metrics.jsonl")
+    name = path.parent.name if path.name == "metrics.jsonl" else path.stem
+    steps, knn = [], []
+    text = path.read_text()
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) and not text.endswith("\n"):  # cut short by a run stopped mid-write (a full disk)
+                warnings.warn(f"{path}:{n}: the last line was cut short (a run stopped while writing it); left out",
+                              stacklevel=2)
+                break
+            raise DataError(f"{path}:{n} is not a JSON line") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n} is JSON but not a record (a {type(record).__name__}, where each line of "
+                            f"metrics.jsonl is an object); remove that line or give another file")
+        if "loss" in record and "step" in record:
+            if steps and record["step"] <= steps[-1]["step"]:
+                steps, knn = [], [k for k in knn if k["step"] < record["step"]]
+            steps.append(record)
+        elif record.get("event") == "knn":
+            knn.append(record)
+        elif record.get("event") == "resume":
+            steps = [r for r in steps if r["step"] <= record["step"]]
+            knn = [k for k in knn if k["step"] <= record["step"]]
+    if not steps:
+        raise DataError(f"{path} holds no step records yet (they are written every log.every steps)")
+    return name, steps, knn

@@ -2,7 +2,7 @@
 
 The estimate is the sum of
 - what stays: the peers' parameters, gradients and optimiser state (DDP's gradient buckets when distributed), MoCo's
-  key encoders and queues, the DisCo teacher;
+  key encoders and queues, the DisCo teacher, the training split where the data backend holds it on the device;
 - the methods' d x d loss temporaries (VICReg, Barlow Twins) where they exceed the gradients, which they precede;
 - what grows with the batch: the activations autograd saves for the backward pass, counted by running the peers'
   forward on the meta device (no memory, no compute) with a hook on every saved tensor, at the configured
@@ -28,6 +28,7 @@ from dogo.engine.ssl.momentum import module_bytes
 from dogo.core.registry import OBJECTIVES
 from dogo.engine.ssl.peers import PeerSet, build_peer
 from dogo.models import build_backbone
+from dogo.pipelines import held_bytes
 
 _GIB = 1024 ** 3
 ALLOCATOR_SLACK = 0.15  # share added for allocator slack and library workspaces
@@ -161,6 +162,7 @@ def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryMo
         "optimizer": params * _optimizer_state_factor(cfg),
         "targets": _target_bytes(cfg),
         "method losses": _method_loss_bytes(cfg, params, world_size),
+        "held images": held_bytes(cfg.data),  # every rank holds the whole split
     }
     return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4,
                        model.n_views * 3 * s ** 2 * elem)
