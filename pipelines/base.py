@@ -17,14 +17,19 @@ from dogo.core.errors import DataError
 
 def die_with_parent(*_) -> None:
     """In a worker process (a DataLoader worker_init_fn, a converter's writer): die when the process that started it
-    dies, even by SIGKILL, so that no orphan goes on holding the run's files (its lock among them) or writing."""
+    dies, even by SIGKILL, so that no orphan goes on holding the run's files (its lock among them) or writing.
+    Call it first thing in the worker: until then the worker would outlive its parent."""
     import ctypes
+    import multiprocessing
     import signal
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         return
-    if os.getppid() == 1:  # the parent died before the signal was armed
+    # the parent died before the signal was armed: this process was handed to init, or to a subreaper (a container's
+    # init, systemd --user), whose pid is not 1; a multiprocessing worker knows its parent's pid
+    parent = multiprocessing.parent_process()
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent.pid):
         os._exit(1)
 
 
