@@ -46,6 +46,9 @@ class TwoViewBatch:
 class TwoViewLoader(Protocol):
     steps_per_epoch: int  # full global batches in one epoch (the last partial batch is dropped)
     images_per_epoch: int
+    num_images: int  # in the training split
+    num_classes: int | None  # None: unlabelled, or not known to the backend
+    where: str  # what it reads, for messages
     skipped: list[str]  # every undecodable file met so far (reported when the run ends)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -207,6 +210,8 @@ class ShardedLoader:
                             f"lower data.batch_size (the last partial batch of each epoch is dropped)")
         self.shard = shard or Shard(num_images, global_batch, rank, world_size, seed)
         self.seed = seed
+        self.num_images, self.where = num_images, where  # for the run's start banner
+        self.num_classes: int | None = None  # a backend that knows its labels' classes says how many
         self.steps_per_epoch = self.shard.steps_per_epoch
         self.images_per_epoch = self.steps_per_epoch * global_batch
         self._skipped: dict[str, None] = {}  # "path: reason", each file once (an ordered set)

@@ -130,6 +130,7 @@ class CifarLoader(ShardedLoader):
         data = read_split(path, split)
         super().__init__(len(data), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                          where=str(data.source))
+        self.num_classes = len(data.classes)
         self.images = torch.from_numpy(data.images).to(device)  # 150 MB for CIFAR's 50,000 training images
         self.labels = torch.from_numpy(data.labels).to(device)
         self.size, self.n_views, self.device, self.recipe = image_size, n_views, device, recipe
