@@ -166,3 +166,32 @@ def test_no_heartbeat_when_it_is_off(tmp_path, capsys):
     time.sleep(0.1)
     log.close()
     assert log.heartbeat is None and capsys.readouterr().out == ""
+
+
+def _signal_on_rank_0(rank: int, world: int, port: int, out):
+    """Rank 0 receives SIGTERM between two steps, rank 1 nothing: what each rank's StopRequest says, step by step."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from dogo.engine.dist.distributed import DistContext
+    from dogo.engine.run.signals import StopRequest
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    stop = StopRequest(DistContext(rank, world, rank, torch.device("cpu")))
+    said = [stop.should_stop()]
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    said += [stop.should_stop(), stop.should_stop()]
+    out[rank] = (said, stop.exit_code, stop.name)
+    stop.close()
+    dist.destroy_process_group()
+
+
+def test_every_rank_stops_at_the_same_step_with_the_same_exit_code():
+    """A signal that reached one rank stops every rank one step later (the agreement is read a step after it
+    starts), and every rank exits with 128 + that signal's number: torchrun and SLURM see one status."""
+    from tests.helpers import gloo_ranks
+    out = gloo_ranks(_signal_on_rank_0, 2)
+    assert out[0] == out[1] == ([False, False, True], 143, "SIGTERM")
