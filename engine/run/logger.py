@@ -200,7 +200,9 @@ class MetricsLogger:
         if dropped:
             self.event("metrics_repaired", f"{self.path} ended in a partial line ({dropped} bytes: a run stopped while "
                        f"writing it, e.g. by a full disk); dropped it before appending", dropped_bytes=dropped)
-        if is_main and not progress and heartbeat_s > 0:  # last: nothing after it can fail and leave it beating
+        # no bar drawn live (log.progress=off, or on where stdout is no terminal): the heartbeat; started last, so
+        # that nothing after it can fail and leave it beating
+        if is_main and heartbeat_s > 0 and not (self.progress and self.console.is_terminal):
             self.heartbeat = Heartbeat(heartbeat_s, self.beat, clock)
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
