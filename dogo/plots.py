@@ -53,10 +53,27 @@ def _panels(steps: list[dict]) -> dict[str, list[str]]:
             **({"learning rate": panels["learning rate"]} if "learning rate" in panels else {})}
 
 
-def plot_runs(specs: list[str | Path], out: str | Path) -> Path:
-    """Every run's curves overlaid, one panel per term (peers as separate lines), and kNN top-1 over steps."""
+LINE_STYLES = ("-", "--", ":", "-.")  # one per peer, the same in every panel
+
+
+def _line_styles(runs: list[tuple[str, list[dict], list[dict]]]) -> tuple[list[str], dict[str, str]]:
+    """One colour per run, the same in every panel (matplotlib's cycle, in the order given), and one line style per
+    peer ("" for the total), so that a run is one colour wherever it is drawn."""
+    colours = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    peers: dict[str, None] = {}
+    for _, steps, knn in runs:
+        for key in steps[-1]:
+            if "/" in key:
+                peers[key.split("/")[1 if key.startswith("lr/") else 0]] = None
+        for event in knn:
+            peers.update(dict.fromkeys(event["top1"]))
+    styles = {"": "-", **{peer: LINE_STYLES[i % len(LINE_STYLES)] for i, peer in enumerate(peers)}}
+    return [colours[i % len(colours)] for i in range(len(runs))], styles
+
+
+def curves_figure(runs: list[tuple[str, list[dict], list[dict]]]):
+    """The figure of plot_runs, from read_metrics' (name, step records, kNN events) of each run."""
     plt = _pyplot()
-    runs = [read_metrics(s) for s in specs]
     titles: dict[str, list[str]] = {}
     for _, steps, _ in runs:
         for title, keys in _panels(steps).items():
@@ -64,22 +81,23 @@ def plot_runs(specs: list[str | Path], out: str | Path) -> Path:
             titles[title] += [k for k in keys if k not in titles[title]]
     if any(knn for *_, knn in runs):
         titles["kNN top-1 (%)"] = []
+    colours, styles = _line_styles(runs)
     cols = min(3, len(titles))
     rows = math.ceil(len(titles) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False, layout="constrained")
     for ax, (title, keys) in zip(axes.flat, titles.items()):
-        for name, steps, knn in runs:
+        for (name, steps, knn), colour in zip(runs, colours):
             if title.startswith("kNN"):
                 peers = sorted({p for e in knn for p in e["top1"]})
                 for peer in peers:
                     pts = [(e["step"], e["top1"][peer]) for e in knn if peer in e["top1"]]
-                    ax.plot(*zip(*pts), marker="o", label=f"{name} {peer}")
+                    ax.plot(*zip(*pts), marker="o", color=colour, linestyle=styles[peer], label=f"{name} {peer}")
                 continue
             for key in keys:
                 pts = [(r["step"], r[key]) for r in steps if key in r]
                 if pts:  # keys are "loss", "PEER/term" or "lr/PEER"
                     peer = "" if key == "loss" else key.split("/")[1 if key.startswith("lr/") else 0]
-                    ax.plot(*zip(*pts), label=f"{name} {peer}".strip())
+                    ax.plot(*zip(*pts), color=colour, linestyle=styles[peer], label=f"{name} {peer}".strip())
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -90,7 +108,13 @@ def plot_runs(specs: list[str | Path], out: str | Path) -> Path:
     for ax in list(axes.flat)[len(titles):]:
         ax.axis("off")
     fig.suptitle(" vs ".join(name for name, *_ in runs))
-    return _save(fig, Path(out))
+    return fig
+
+
+def plot_runs(specs: list[str | Path], out: str | Path) -> Path:
+    """Every run's curves overlaid, one panel per term (peers as separate lines), and kNN top-1 over steps: each run
+    one colour in every panel, each peer one line style."""
+    return _save(curves_figure([read_metrics(s) for s in specs]), Path(out))
 
 
 # ---- benchmark charts --------------------------------------------------------------------------------------------

@@ -17,14 +17,19 @@ from dogo.core.errors import DataError
 
 def die_with_parent(*_) -> None:
     """In a worker process (a DataLoader worker_init_fn, a converter's writer): die when the process that started it
-    dies, even by SIGKILL, so that no orphan goes on holding the run's files (its lock among them) or writing."""
+    dies, even by SIGKILL, so that no orphan goes on holding the run's files (its lock among them) or writing.
+    Call it first thing in the worker: until then the worker would outlive its parent."""
     import ctypes
+    import multiprocessing
     import signal
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         return
-    if os.getppid() == 1:  # the parent died before the signal was armed
+    # the parent died before the signal was armed: this process was handed to init, or to a subreaper (a container's
+    # init, systemd --user), whose pid is not 1; a multiprocessing worker knows its parent's pid
+    parent = multiprocessing.parent_process()
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent.pid):
         os._exit(1)
 
 
@@ -41,6 +46,9 @@ class TwoViewBatch:
 class TwoViewLoader(Protocol):
     steps_per_epoch: int  # full global batches in one epoch (the last partial batch is dropped)
     images_per_epoch: int
+    num_images: int  # in the training split
+    num_classes: int | None  # None: unlabelled, or not known to the backend
+    where: str  # what it reads, for messages
     skipped: list[str]  # every undecodable file met so far (reported when the run ends)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -202,6 +210,8 @@ class ShardedLoader:
                             f"lower data.batch_size (the last partial batch of each epoch is dropped)")
         self.shard = shard or Shard(num_images, global_batch, rank, world_size, seed)
         self.seed = seed
+        self.num_images, self.where = num_images, where  # for the run's start banner
+        self.num_classes: int | None = None  # a backend that knows its labels' classes says how many
         self.steps_per_epoch = self.shard.steps_per_epoch
         self.images_per_epoch = self.steps_per_epoch * global_batch
         self._skipped: dict[str, None] = {}  # "path: reason", each file once (an ordered set)

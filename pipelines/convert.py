@@ -95,15 +95,11 @@ class _Samples:
     def __init__(self, paths: list[str], labels: np.ndarray, max_resolution: int | None):
         self.paths, self.labels, self.max_resolution = paths, labels, max_resolution
         self.failed = mp.get_context("fork").Array("c", 4096)  # the first late failure, shared with the main process
-        self._armed = False
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        if not self._armed:  # the first call in each of FFCV's writer processes
-            _worker_dies_with_parent()
-            self._armed = True
         try:
             return load_rgb(self.paths[i], self.max_resolution), int(self.labels[i])
         except Exception as exc:
@@ -190,6 +186,9 @@ class _WriterWatch:
         original_job = ffcv.writer.worker_job_indexed_dataset
 
         def job(*args):
+            # first of all, before the writer waits for its first chunk: a writer that waited unarmed when the
+            # converter was killed waited for ever (an orphan `dogo convert` process)
+            _worker_dies_with_parent()
             try:
                 original_job(*args)
             except BaseException as exc:

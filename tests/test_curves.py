@@ -78,7 +78,7 @@ def _fake_run(root: Path, name: str, seed: int) -> Path:
     from dogo.engine.run.logger import MetricsLogger
     run = root / name
     run.mkdir(parents=True)
-    log = MetricsLogger(run, True, 40, 0, 8, 1, progress="off")
+    log = MetricsLogger(run, True, 40, 0, 8, 1)
     g = torch.Generator().manual_seed(seed)
     for step in range(1, 41):
         log.add({"loss": 8 - step / 10 + torch.rand((), generator=g), "r18/ntxent": 4 - step / 20 + torch.rand(()),
@@ -97,6 +97,29 @@ def test_plot_two_runs_overlaid(tmp_path):
     assert dogo("plot", "curves", a, b / "metrics.jsonl", "--out", out) == 0
     _non_trivial_png(out)
     assert not list(out.parent.glob("*.tmp")), "a temporary file was left beside the picture"
+
+
+def test_each_run_is_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """Issue 46: the colours changed from panel to panel for one run (each panel cycled through its own lines).
+    Each run keeps one colour in every panel, the runs differ, and each peer keeps one line style."""
+    from matplotlib.colors import to_hex
+
+    from dogo import plots
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, out: (drawn.append(fig), save(fig, out))[1])
+    runs = [_fake_run(tmp_path, "dogo_r18", 0), _fake_run(tmp_path, "simclr_r18", 1)]
+    assert dogo("plot", "curves", *runs, "--out", tmp_path / "c.png") == 0
+    colours, styles = {}, {}
+    lines = [line for ax in drawn[0].axes for line in ax.lines]
+    for line in lines:
+        run, _, peer = line.get_label().partition(" ")
+        colours.setdefault(run, set()).add(to_hex(line.get_color()))
+        styles.setdefault(peer, set()).add(line.get_linestyle())
+    assert len(lines) == 2 * (1 + 2 + 2 + 2 + 2)  # per run: the total, ntxent, kl, lr and kNN of each peer
+    assert all(len(c) == 1 for c in colours.values()) and len(set.union(*colours.values())) == 2, colours
+    assert set(styles) == {"", "r18", "r50"} and all(len(s) == 1 for s in styles.values()), styles
+    assert styles["r18"] != styles["r50"]
 
 
 @pytest.mark.slow

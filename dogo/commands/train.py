@@ -8,7 +8,9 @@ DESCRIPTION = (
     "trains; the run folder out_dir/name gets config.yaml (resolved), metrics.jsonl and checkpoints/ (and tb/, see "
     "log.tensorboard). Every key, its default and what it does: docs/config.md; `dogo config CONFIG [overrides]` "
     "prints the resolved config without training. A rerun of the same command resumes from the newest checkpoint; "
-    "Ctrl-C (SIGINT) or SIGTERM saves a checkpoint first and exits 130 or 143. With --dry-run: checks the config, "
+    "Ctrl-C (SIGINT) or SIGTERM saves a checkpoint first and exits 130 or 143 (SIGHUP: 129); a finished run exits 0 "
+    "and prints a summary with the commands to run next. Without a terminal a line says where the run is at least "
+    "every log.heartbeat_s seconds. With --dry-run: checks the config, "
     "opens and counts the data, and estimates one step's memory per rank for N ranks, then exits: 0 when it will "
     "run, 2 with a one-line error naming what to change (make's ImageNet targets run it before torchrun)")
 

@@ -48,6 +48,7 @@ def check(cfg: Config) -> None:
     at_least_zero = {"data.workers": cfg.data.workers, "checkpoint.every_steps": cfg.checkpoint.every_steps,
                      "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
                      "schedule.max_steps": cfg.schedule.max_steps, "eval.knn_every_epochs": cfg.eval.knn_every_epochs,
+                     "log.heartbeat_s": cfg.log.heartbeat_s,
                      **{f"peers.{n}.{k}": getattr(p, k) for n, p in cfg.peers.items()
                         for k in ("lr", "weight_decay", "kl_weight") if getattr(p, k) is not None}}
     for key, value in at_least_zero.items():

@@ -268,6 +268,9 @@ class EvalConfig:
 class LogConfig:
     every: int = 20  # steps between metric lines (the only host syncs in the hot loop)
     progress: Literal["auto", "on", "off"] = "auto"  # rich progress bar; auto: when stdout is a terminal
+    # without the bar (a job log, nohup, CI): a line of step, epoch, images/s and ETA (host clock, no host sync)
+    # whenever this many seconds pass without a line, also while a step or an evaluation takes longer; 0: none
+    heartbeat_s: float = 30.0
     tensorboard: Literal["auto", "on", "off"] = "auto"  # event files in RUN/tb; auto: when tensorboard is installed
     # Weights & Biases (the wandb extra): the same scalars as TensorBoard and the resolved config; offline writes
     # RUN/wandb for `wandb sync` later, online needs `wandb login`; a resumed run continues the same W&B run

@@ -70,12 +70,18 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+# torch 2.14 renamed the tensor collectives and warns (FutureWarning) at every call of the old names: on each rank,
+# in every step; the torch a GPU machine may already have (2.11) has only the old ones
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of x, in rank order (one collective, no autograd); x itself at world size 1."""
     if world_size() == 1:
         return x
     out = torch.empty((world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous())
+    _all_gather_single(out, x.contiguous())
     return out
 
 
@@ -85,7 +91,7 @@ def reduce_scatter_rows(full: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return full
     out = torch.empty((full.shape[0] // world_size(), *full.shape[1:]), dtype=full.dtype, device=full.device)
-    dist.reduce_scatter_tensor(out, full.contiguous())
+    _reduce_scatter_single(out, full.contiguous())
     return out
 
 
@@ -108,6 +114,31 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+class _SumWithGrad(torch.autograd.Function):
+    """The sum over ranks with a gradient: every rank's output is the same sum, so the gradient of each rank's
+    input is the sum over ranks of the output's gradient. (torch.distributed.nn.functional.all_reduce computes the
+    same, and warns FutureWarning at every call in torch 2.14.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone(memory_format=torch.contiguous_format)  # the collective works in place
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """x summed over every rank, differentiably (the identity at world size 1)."""
+    if world_size() == 1:
+        return x
+    return _SumWithGrad.apply(x)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

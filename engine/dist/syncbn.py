@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
-from dogo.engine.dist.distributed import world_size
+from dogo.engine.dist.distributed import sum_with_grad, world_size
 
 
 class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch statistics over every rank, on any device and process group (NCCL or gloo).
 
-    The per-channel sums travel through an autograd-aware all-reduce, so the gradient is exact. Every rank holds
-    the same number of rows (base.Shard), so the count is known on the host: unlike torch's SyncBatchNorm, which
-    gathers per-rank counts and indexes them with a boolean mask (a host synchronisation in every BN layer), nothing
-    here waits for the device.
+    The per-channel sums travel through an autograd-aware all-reduce (distributed.sum_with_grad), so the gradient
+    is exact. Every rank holds the same number of rows (base.Shard), so the count is known on the host: unlike
+    torch's SyncBatchNorm, which gathers per-rank counts and indexes them with a boolean mask (a host
+    synchronisation in every BN layer), nothing here waits for the device.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -30,9 +29,9 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         xf = x.float()
         n = x.numel() / channels * world_size()  # values per channel over all ranks
         # Two passes (mean, then centred squares) rather than E[x^2] - mean^2, which cancels badly in fp32.
-        mean = dist_nn.all_reduce(xf.sum(dims)) / n
+        mean = sum_with_grad(xf.sum(dims)) / n
         centred = xf - mean.view(shape)
-        var = dist_nn.all_reduce(centred.square().sum(dims)) / n
+        var = sum_with_grad(centred.square().sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -22,6 +22,7 @@ from dogo.engine.dist.distributed import all_reduce_mean
 from dogo.core.errors import ConfigError, DataError
 from dogo.core.io import atomic_write_text
 from dogo.engine.run.checkpoint import open_run_file
+from dogo.engine.run.progress import Heartbeat, Pace, heartbeat_line
 
 
 class TensorBoardLog:
@@ -167,22 +168,31 @@ def _finite_or_null(value, key: str, bad: list[str]):
 
 
 class MetricsLogger:
+    """metrics.jsonl, the scalar sinks and what the main rank prints: metric lines every log.every steps (the only
+    device reads), events, and where the run is: the progress bar on a terminal, else a heartbeat line whenever
+    `heartbeat_s` seconds passed without a line (engine/run/progress.py; host clock only)."""
+
     def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, images_per_step: int,
-                 world_size: int, progress: bool = False, sinks: list | None = None):
+                 world_size: int, progress: bool = False, sinks: list | None = None, *, steps_per_epoch: int = 0,
+                 start_epoch: int = 0, heartbeat_s: float = 0.0, clock=time.monotonic):
         self.is_main = is_main
         self.path = Path(run_dir) / "metrics.jsonl"
         self.sinks = sinks or []  # TensorBoardLog, WandbLog: scalars(values, step, prefix), close()
         self.images_per_step, self.world_size = images_per_step, world_size
-        self.console = Console(file=sys.stdout)
-        show = progress  # log.progress, resolved by the config (on when stdout is a terminal)
+        # a line as wide as its content: in a job log or a pipe rich would otherwise wrap at 80 columns
+        self.console = Console(file=sys.stdout, soft_wrap=True)
+        self.pace = Pace(start_step, start_epoch, images_per_step, total_steps, steps_per_epoch, clock)
+        self.last_loss: tuple[int, float] | None = None  # (step, loss) of the last metric line
+        self.activity: str | None = None  # what the run does between steps (an evaluation), for the heartbeat
         self.progress = None
-        if is_main and show:
+        self.heartbeat = None
+        if is_main and progress:  # log.progress, resolved by the config (on when stdout is a terminal)
             self.progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[speed]} img/s"), TextColumn("{task.fields[terms]}"),
                 TimeRemainingColumn(), console=self.console)
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch=0,
-                                               speed="-", terms="")
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
+                                               epoch=self.pace.epoch, speed="-", terms="")
             self.progress.start()
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
@@ -191,14 +201,36 @@ class MetricsLogger:
         if dropped:
             self.event("metrics_repaired", f"{self.path} ended in a partial line ({dropped} bytes: a run stopped while "
                        f"writing it, e.g. by a full disk); dropped it before appending", dropped_bytes=dropped)
+        # no bar drawn live (log.progress=off, or on where stdout is no terminal): the heartbeat; started last, so
+        # that nothing after it can fail and leave it beating
+        if is_main and heartbeat_s > 0 and not (self.progress and self.console.is_terminal):
+            self.heartbeat = Heartbeat(heartbeat_s, self.beat, clock)
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
         """Accumulate one step's terms on the device: no host synchronisation."""
         for k, v in terms.items():
             self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
         self._steps += 1
+
+    def step_done(self, step: int, epoch: int) -> None:
+        """Step `step` finished, in the 0-based `epoch`: the bar's epoch and images/s from the host's clock, the
+        heartbeat's facts. Reads nothing from the device."""
+        self.pace.note(step, epoch)
         if self.progress is not None:
-            self.progress.advance(self.task)
+            speed = self.pace.images_per_s()
+            self.progress.update(self.task, completed=step, epoch=self.pace.epoch,
+                                 speed="-" if speed is None else f"{speed:.1f}")
+
+    def beat(self) -> None:
+        """The heartbeat's line (from its thread)."""
+        self.console.print(heartbeat_line(self.pace, self.last_loss, self.activity), highlight=False, markup=False)
+
+    def say(self, text: str) -> None:
+        """Print a line (or several) on the main rank; the heartbeat waits its full period after it."""
+        if self.is_main:
+            self.console.print(text, highlight=False, markup=False)
+            if self.heartbeat is not None:
+                self.heartbeat.printed()
 
     def flush(self, step: int, epoch: int, lrs: dict[str, float]) -> dict:
         """Average the accumulated terms over steps and ranks (one sync), write a line, reset."""
@@ -218,17 +250,21 @@ class MetricsLogger:
             for sink in self.sinks:
                 sink.scalars({k: v for k, v in record.items() if k not in ("step", "epoch")}, step)
             terms = "  ".join([f"{k} {record[k]:.4f}" for k in keys] + [f"lr/{k} {v:.3g}" for k, v in lrs.items()])
+            if "loss" in record:
+                self.last_loss = (step, record["loss"])
             if self.progress is not None:
-                self.progress.update(self.task, epoch=epoch, speed=f"{speed:.1f}", terms=terms)
+                self.progress.update(self.task, terms=terms)
             else:
-                self.console.print(f"step {step} epoch {epoch}  {speed:.1f} img/s  {terms}", highlight=False)
+                self.say(f"step {step}/{self.pace.total_steps} epoch {self.pace.epoch}  {speed:.1f} img/s  {terms}")
         return record
 
-    def event(self, kind: str, message: str, **fields) -> None:
-        """A one-off record (evaluation, checkpoint, warning), written and printed by the main rank."""
+    def event(self, kind: str, message: str | None, **fields) -> None:
+        """A one-off record (evaluation, checkpoint, warning), written and printed (unless `message` is None) by the
+        main rank."""
         if self.is_main:
             self._write({"event": kind, **fields})
-            self.console.print(message, highlight=False)
+            if message is not None:
+                self.say(message)
 
     def knn(self, step: int, epoch: int, top1: dict[str, float], train_seconds: float | None = None) -> None:
         """The kNN monitor's top-1 of every peer: an event line (with the training time so far, evaluation
@@ -259,10 +295,12 @@ class MetricsLogger:
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
-        """Stop the progress bar and close every sink, each even when one before it fails (the first error is
-        raised after)."""
+        """Stop the progress bar or the heartbeat and close every sink, each even when one before it fails (the
+        first error is raised after)."""
         if self.progress is not None:
             self.progress.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         errors = []
         for sink in self.sinks:
             try:

@@ -1,6 +1,7 @@
 """The training loop: one step forwards every peer, backpropagates the summed loss once, updates all peers."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -21,7 +22,7 @@ from dogo.engine.eval.evaluate import KnnMonitor
 from dogo.engine.eval.online import OnlineProbe
 from dogo.core.precision import Precision
 from dogo.core import checkpoint_files
-from dogo.engine.run import checkpoint, memory
+from dogo.engine.run import checkpoint, memory, progress
 from dogo.engine.run.guards import DivergenceWatch
 from dogo.engine.run.logger import MetricsLogger, open_sinks
 from dogo.engine.run.optim import build_optimizer, lr_factor, set_lr
@@ -91,7 +92,7 @@ class Trainer:
         workers, note = usable_workers(cfg.data.workers)
         for line in (warning, note):
             if line and self.ctx.is_main:
-                Console().print(line, highlight=False)
+                Console(soft_wrap=True).print(line, highlight=False, markup=False)
         self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), cfg.augment,
                                    n_views=self.model.n_views, seed=cfg.seed,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
@@ -115,6 +116,10 @@ class Trainer:
         self.watch = DivergenceWatch(cfg.optim.lr)
         self.resume_changes: list[str] = []  # config keys a resume changed (lr, weight decay, schedule...)
         self.probe_restarted: str | None = None  # why a resume could not take the online probe's state
+        # the wall time of the run's earlier sessions (from the checkpoint it resumed from; None: not recorded there)
+        self.earlier_seconds: float | None = 0.0
+        self.resumed_from: Path | None = None  # the checkpoint this session started from
+        self._start: float | None = None  # when this session's fit() began (time.perf_counter)
         self.lock: checkpoint.RunLock | None = None  # the run folder's, held by the main rank while it trains
         self.knn, self.probe = None, None  # the val split's evaluations: kNN monitor, online probe
         labelled = BACKENDS.get(cfg.data.backend, "data.backend").labelled and cfg.data.labels == "folders"
@@ -137,7 +142,15 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "config": config_mod.to_dict(self.cfg),
             "world_size": self.ctx.world_size,
+            "wall_seconds": self.run_seconds(),
         }
+
+    def run_seconds(self) -> float | None:
+        """Wall time of the run so far, over all its sessions (each up to its last checkpoint, then this one's so
+        far); None when the checkpoint it resumed from did not record the earlier sessions'."""
+        if self.earlier_seconds is None:
+            return None
+        return self.earlier_seconds + (time.perf_counter() - self._start if self._start is not None else 0.0)
 
     def save(self) -> Path | None:
         """The checkpoint of this step, unless its weights or optimiser state diverged: then nothing is written (and
@@ -174,6 +187,7 @@ class Trainer:
         self.resume_changes = checkpoint.changed_settings(saved, config_mod.to_dict(self.cfg))
         self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(**state["position"])
+        self.earlier_seconds = state.get("wall_seconds")  # checkpoints before it was recorded have none
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -229,6 +243,7 @@ class Trainer:
         stop the training it watches."""
         knn_top1, probe_top1 = {}, {}
         t0 = time.perf_counter()
+        log.activity = "evaluating"  # what the heartbeat says meanwhile
         try:
             for name, peer in self.model.peers.items():
                 val = self.knn.val_features(peer.backbone)
@@ -238,10 +253,12 @@ class Trainer:
                     probe_top1[name] = self.probe.top1(name, *val)
         except (DataError, ConfigError) as exc:
             self._eval_seconds += time.perf_counter() - t0
+            log.activity = None
             log.event("evaluation_skipped", f"skipped the evaluation at step {self.pos.step}: {exc}",
                       step=self.pos.step, epoch=self.pos.epoch, reason=str(exc))
             return {}
         self._eval_seconds += time.perf_counter() - t0
+        log.activity = None
         trained_for = round(time.perf_counter() - self._start - self._eval_seconds, 1)
         if knn:
             log.knn(self.pos.step, self.pos.epoch, knn_top1, trained_for)
@@ -258,8 +275,9 @@ class Trainer:
                 self.lock.release()
             raise
         stop = StopRequest(self.ctx)
-        result = {"stopped": False, "knn_top1": {}}
-        start = self._start = time.perf_counter()
+        result = {"stopped": False, "exit_code": 0, "knn_top1": {}, "knn_step": None, "checkpoint": self.resumed_from}
+        start_step = self.pos.step
+        self._start = time.perf_counter()
         self._eval_seconds = 0.0  # time spent in the kNN monitor, left out of the training time it reports
         self.watch.finite_until = self.pos.step
         try:
@@ -270,10 +288,7 @@ class Trainer:
                     if self._after_step(batch, log, stop, result):
                         break
             if not result["stopped"]:
-                skipped = len(self.loader.skipped)
-                log.event("done", f"finished {self.pos.step} steps in {time.perf_counter() - start:.0f} s"
-                          + (f"; {skipped} undecodable file(s) were skipped" if skipped else ""),
-                          step=self.pos.step, skipped=skipped)
+                self._finish(log, result, start_step)
             return result
         finally:
             try:
@@ -283,6 +298,27 @@ class Trainer:
                 if self.lock is not None:
                     self.lock.release()
 
+    def _finish(self, log: MetricsLogger, result: dict, start_step: int) -> None:
+        """The "done" event and the end summary: steps, time, last loss and kNN, checkpoint, what to run next."""
+        skipped = len(self.loader.skipped)
+        session = time.perf_counter() - self._start
+        total = self.run_seconds()
+        peers = list(self.model.peers)
+        text = progress.summary(self.pos.step, total, session, start_step, log.last_loss, result["knn_top1"],
+                                result["knn_step"], result["checkpoint"], skipped, self.run_dir, peers)
+        log.event("done", text, step=self.pos.step, skipped=skipped, seconds=round(session, 1),
+                  run_seconds=None if total is None else round(total, 1),
+                  last_loss=log.last_loss[1] if log.last_loss else None, knn_top1=result["knn_top1"],
+                  checkpoint=None if result["checkpoint"] is None else str(result["checkpoint"]),
+                  next=progress.next_commands(self.run_dir, peers))
+
+    def _banner(self, resumed: Path | None) -> str:
+        loader = self.loader
+        return progress.banner(
+            self.run_dir, resumed, self.pos.step, self.total_steps, loader.steps_per_epoch, loader.num_images,
+            loader.num_classes, loader.where, self.cfg.data.batch_size, self.ctx.world_size, self.ctx.device.type,
+            {name: f"{p.arch} ({p.ssl})" for name, p in self.cfg.peers.items()}, f"objective {self.cfg.objective.name}")
+
     def _open_run(self) -> MetricsLogger:
         aside, stale = None, []
         if self.ctx.is_main:
@@ -291,14 +327,27 @@ class Trainer:
             if self.cfg.checkpoint.resume == "none":
                 aside = checkpoint.set_aside(self.run_dir, time.strftime("%Y%m%d_%H%M%S"))
         distributed.barrier()
-        resumed = self.resume()
+        resumed = self.resumed_from = self.resume()
         if self.ctx.is_main:  # only once the checkpoint check has passed: a refused resume leaves the old one
             config_mod.dump(self.cfg, self.run_dir / "config.yaml")
         sinks = open_sinks(self.run_dir, self.ctx.is_main, self.pos.step, self.cfg.log, config_mod.to_dict(self.cfg),
                            config_mod.dump_text(self.cfg))
         log = MetricsLogger(self.run_dir, self.ctx.is_main, self.total_steps, self.pos.step,
                             self.cfg.data.batch_size, self.ctx.world_size, progress=self.cfg.log.progress == "on",
-                            sinks=sinks)
+                            sinks=sinks, steps_per_epoch=self.loader.steps_per_epoch, start_epoch=self.pos.epoch,
+                            heartbeat_s=self.cfg.log.heartbeat_s)
+        try:
+            self._announce(log, resumed, aside, stale)
+        except BaseException:  # a full disk: the sinks and the heartbeat stop with the run
+            with contextlib.suppress(Exception):  # the error to name is the first one
+                log.close()
+            raise
+        return log
+
+    def _announce(self, log: MetricsLogger, resumed: Path | None, aside: Path | None, stale: list) -> None:
+        """The start banner, then the events of opening the run folder (a taken-over lock, removed temporaries,
+        checkpoints set aside, a resume and what it changed), and the "start" record."""
+        log.say(self._banner(resumed))
         if self.lock is not None and self.lock.taken_over:
             log.event("lock_taken_over", f"took over the run folder's lock from process {self.lock.taken_over}, "
                       f"which is no longer running", pid=self.lock.taken_over)
@@ -309,18 +358,20 @@ class Trainer:
             log.event("checkpoints_set_aside", f"a fresh start: the earlier checkpoints in this run folder moved to "
                       f"{aside}", path=str(aside))
         if resumed:
-            log.event("resume", f"resumed from {resumed} at step {self.pos.step}", path=str(resumed),
-                      step=self.pos.step)
+            log.event("resume", None, path=str(resumed), step=self.pos.step)  # the banner said it
             if self.resume_changes:
                 log.event("resume_settings", "settings changed since the checkpoint, applied from now on: "
                           + "; ".join(self.resume_changes), changes=self.resume_changes)
             if self.probe_restarted:
                 log.event("online_probe_restarted", self.probe_restarted, reason=self.probe_restarted)
-        return log
+        log.event("start", None, step=self.pos.step, total_steps=self.total_steps, images=self.loader.num_images,
+                  classes=self.loader.num_classes, steps_per_epoch=self.loader.steps_per_epoch,
+                  world_size=self.ctx.world_size, resumed_from=str(resumed) if resumed else None)
 
     def _after_step(self, batch, log: MetricsLogger, stop: StopRequest, result: dict) -> bool:
         """Advance the position, then log, checkpoint, evaluate and heed signals. True ends the epoch's loop."""
         cfg = self.cfg
+        epoch = self.pos.epoch  # the one this batch belonged to
         self.pos.step += 1
         self.pos.step_in_epoch += 1
         if self.pos.step_in_epoch == self.loader.steps_per_epoch:  # the next batch opens the next epoch
@@ -328,6 +379,7 @@ class Trainer:
             self.pos.step_in_epoch = 0
         epoch_end = self.pos.step_in_epoch == 0
         last = self.pos.step == self.total_steps
+        log.step_done(self.pos.step, epoch)
         if batch.skipped:
             log.event("skipped", f"skipped {len(batch.skipped)} undecodable file(s): {batch.skipped[0]}",
                       files=batch.skipped)
@@ -336,20 +388,22 @@ class Trainer:
         if stop.should_stop():
             self.watch.require_finite(self.pos.step)
             path = self.save()
-            log.event("stopped", f"stopped by signal at step {self.pos.step}; checkpoint {path}; "
-                                 f"run the same command again to resume", step=self.pos.step)
-            result["stopped"] = True
+            log.event("stopped", f"stopped by signal ({stop.name}) at step {self.pos.step}; checkpoint {path}; "
+                                 f"run the same command again to resume (exit code {stop.exit_code})",
+                      step=self.pos.step, signal=stop.name, exit_code=stop.exit_code)
+            result.update(stopped=True, exit_code=stop.exit_code, checkpoint=path)
             return True
         every = cfg.checkpoint.every_steps
         if epoch_end or last or (every and self.pos.step % every == 0):
             self.watch.require_finite(self.pos.step)  # never a checkpoint of diverged weights, so none pruned for one
-            self.save()
+            result["checkpoint"] = self.save()
         knn_on = self.knn is not None and cfg.eval.knn_every_epochs > 0
         knn_due = knn_on and ((epoch_end and self.pos.epoch % cfg.eval.knn_every_epochs == 0) or last)
         probe_due = self.probe is not None and (epoch_end or last)
         if knn_due or probe_due:
             knn_top1 = self.evaluate(log, knn_due, probe_due)
-            result["knn_top1"] = knn_top1 or result["knn_top1"]
+            if knn_top1:
+                result.update(knn_top1=knn_top1, knn_step=self.pos.step)
         return last
 
 

@@ -150,6 +150,7 @@ class DALILoader(ShardedLoader):
         self.index = index
         super().__init__(len(index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                          where=str(root))
+        self.num_classes = len(index.classes) or None
         # put on the first batch, so that the run logs them
         self._report = self.note_skipped(index.skipped
                                          + [f"{printable(path)}: {reason}" for path, reason in bad.items()])

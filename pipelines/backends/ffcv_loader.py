@@ -243,6 +243,8 @@ class FFCVLoader(ShardedLoader):
             shard = BlockShard(n, global_batch, rank, world_size, seed, by_location, max(16 * global_batch, 4096))
         super().__init__(n, global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                          where=str(beton), shard=shard)
+        if labels == "folders":  # the .beton stores label numbers only: the classes are those it uses
+            self.num_classes = len(np.unique(reader.metadata[f"f{fields.index(fields.label)}"]))
         self.n_views, self.size, self.recipe, self.device = n_views, image_size, recipe, device
         self.dtype, self.channels_last = dtype, channels_last
         self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last,

@@ -159,6 +159,7 @@ class FolderLoader(ShardedLoader):
         self.index = scan(root, labels=labels)
         super().__init__(len(self.index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                          where=str(root))
+        self.num_classes = len(self.index.classes) or None
         self._report = self.note_skipped(self.index.skipped)  # entries the scan could not list: on the first batch
         self.n_views, self.device, self.dtype, self.channels_last = n_views, device, dtype, channels_last
         self.recipe = recipe

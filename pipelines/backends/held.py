@@ -40,6 +40,7 @@ class HeldLoader(ShardedLoader):
         super().__init__(len(split), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                          where=str(split.source))
         self._report = self.note_skipped(split.skipped)  # reported with the first batch, as the folder backend does
+        self.num_classes = len(split.classes) or None
         self.images = torch.from_numpy(split.images).to(device)  # 150 MB for CIFAR's 50,000 training images
         self.labels = torch.from_numpy(split.labels).to(device)
         self.height, self.width = split.images.shape[2:]
