@@ -1,7 +1,14 @@
-"""`make demo-check`: the kNN table `make demo` just wrote against the committed result file.
+"""`make demo-check`: the kNN table `make demo` just wrote against the committed result file, within what a CPU of
+another make may change.
 
-On a CPU the demo pins its kernels and threads (the Makefile's DEMO_ENV), so its table is the same to the printed
-two decimals on every run; a difference means the code, the data or a library changed what the demo computes.
+The demo pins its kernels and threads (the Makefile's DEMO_ENV), yet its training does not come out bit-identical on
+every x86-64 CPU: on an Intel Xeon (AVX-512, pinned to AVX2) the loss already differs from the AMD EPYC's committed run
+at step 10 (8.3785 against 8.3774: benchmarks/results/demo_divergence_cpu2.json), and 350 steps of training turn that
+into kNN points: a Xeon's table (reported in issue 46: ResNet-18 34.17, ResNet-50 36.67) against the EPYC's (37.17,
+35.00) is 3.0 and 1.7 points apart. So the check holds what does not depend on rounding, and what the demo claims:
+- each network at its random initialisation (no training: only the forward pass's rounding) within RANDOM_INIT_POINTS;
+- each trained network within TRAINED_POINTS of the committed table, and at least MIN_GAIN points above its own
+  random initialisation (the demo's point: both peers learn).
 Usage: python -m dogo.benchmarks.demo_check NEW_KNN.json COMMITTED_KNN.json
 """
 from __future__ import annotations
@@ -11,9 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+RANDOM_INIT_POINTS = 0.5  # 3 of the 600 val images
+TRAINED_POINTS = 4.0  # the largest measured gap between two CPUs (3.0) and a margin
+MIN_GAIN = 3.0  # the smallest gain over random init seen on either CPU is 4.8
+
 
 def differences(new: dict, committed: dict) -> list[str]:
-    """What differs between two kNN result files (knn_top1_vs_random_init), at the printed two decimals."""
+    """What in `new` falls outside the tolerances against `committed` (knn_top1_vs_random_init files)."""
     out = []
     if new.get("step") != committed.get("step"):
         out.append(f"step: {new.get('step')} vs committed {committed.get('step')}")
@@ -23,9 +34,12 @@ def differences(new: dict, committed: dict) -> list[str]:
         if a is None or b is None:
             out.append(f"{peer}: only in the {'committed' if a is None else 'new'} file")
             continue
-        for key in ("trained", "random_init"):
-            if f"{a[key]:.2f}" != f"{b[key]:.2f}":
-                out.append(f"{peer} {key}: {a[key]:.2f} vs committed {b[key]:.2f}")
+        for key, tolerance in (("random_init", RANDOM_INIT_POINTS), ("trained", TRAINED_POINTS)):
+            if abs(a[key] - b[key]) > tolerance:
+                out.append(f"{peer} {key}: {a[key]:.2f} vs committed {b[key]:.2f} (more than {tolerance} points apart)")
+        if a["trained"] - a["random_init"] < MIN_GAIN:
+            out.append(f"{peer}: {a['trained'] - a['random_init']:+.2f} points over its random init, under "
+                       f"{MIN_GAIN}: it did not learn")
     return out
 
 
@@ -41,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     new, committed = (json.loads(path.read_text()) for path in (args.new, args.committed))
     diff = differences(new, committed)
     if diff:
-        print(f"the demo's table differs from {args.committed}:\n  " + "\n  ".join(diff))
+        print(f"the demo's table is outside its tolerances against {args.committed}:\n  " + "\n  ".join(diff))
         return 1
-    gains = ", ".join(f"{n} {r['trained'] - r['random_init']:+.2f}" for n, r in new["peers"].items())
-    print(f"the demo's table equals {args.committed} ({gains} points)")
+    rows = ", ".join(f"{n} {r['trained']:.2f} ({r['trained'] - r['random_init']:+.2f} over random init; committed "
+                     f"{committed['peers'][n]['trained']:.2f})" for n, r in new["peers"].items())
+    print(f"the demo's table agrees with {args.committed} within {TRAINED_POINTS} points, and every peer learned: "
+          f"{rows}")
     return 0
 
 
