@@ -232,6 +232,7 @@ def test_cuda_graphs_under_torchrun_are_refused_in_one_line(tmp_path):
 GPU_CASES = {"simclr-adamw": "bf16", "dogo-lars-moco": "fp16", "byol-sgd": "fp32"}
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_captured_and_replayed_steps_follow_the_eager_steps_on_a_gpu(case, tmp_path):
