@@ -120,12 +120,14 @@ def test_dali_mixed_decoder_takes_the_hardware_load():
 
 
 def test_cuda_graph_calls_take_our_arguments():
-    """engine/run/graphs.py StepGraph: torch.cuda.CUDAGraph().replay(), torch.cuda.graph(graph) around the capture,
+    """engine/run/graphs.py StepGraph: torch.cuda.CUDAGraph().replay(), torch.cuda.graph(graph, capture_error_mode=
+    "thread_local") around the capture,
     warm-up on torch.cuda.Stream(device) with wait_stream both ways under torch.cuda.stream(side), and
     torch.cuda.current_stream(device); engine/run/optim.py: AdamW(fused=True, capturable=True) with a tensor lr
     (the same constructor runs on the CPU in tests/test_graphs.py)."""
     assert callable(torch.cuda.CUDAGraph) and callable(torch.cuda.CUDAGraph.replay)
-    assert list(inspect.signature(torch.cuda.graph.__init__).parameters)[1] == "cuda_graph"
+    graph = inspect.signature(torch.cuda.graph.__init__).parameters
+    assert list(graph)[1] == "cuda_graph" and graph["capture_error_mode"].default == "global"
     assert "device" in inspect.signature(torch.cuda.Stream.__new__).parameters
     assert list(inspect.signature(torch.cuda.Stream.wait_stream).parameters) == ["self", "stream"]
     assert "device" in inspect.signature(torch.cuda.current_stream).parameters

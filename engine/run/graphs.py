@@ -95,8 +95,10 @@ class StepGraph:
         return out
 
     def _capture(self) -> None:
+        """thread_local: only this thread's CUDA calls are held to what a capture allows; a loader's threads (a
+        DataLoader pinning its next batch) go on meanwhile."""
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = self.body(self.views, self.labels)
 
     @staticmethod
