@@ -148,13 +148,13 @@ def count_captured_ops(trainer) -> dict:
     return seen
 
 
-def launches_per_step(trainer, batch) -> dict:
-    """What the host launches for one step of `batch` (a loader's batch, made inside the count): the aten ops
+def launches_per_step(trainer, next_batch) -> dict:
+    """What the host launches for one step of next_batch() (a loader's batch, made inside the count): the aten ops
     dispatched (the loader's recipe, the host-side settings, the copies into a graph's buffers included) and the
     CUDA graph replays, one launch each (precision.cuda_graphs)."""
     replays = trainer.graph.replays if trainer.graph is not None else 0
     with OpCounter() as ops:
-        trainer.step(batch())
+        trainer.step(next_batch())
     replayed = trainer.graph.replays - replays if trainer.graph is not None else 0
     return {"aten_ops": len(ops.ops), "graph_replays": replayed, "host_launches": len(ops.ops) + replayed}
 
@@ -219,6 +219,7 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     device, b = trainer.ctx.device, cfg.data.batch_size // trainer.ctx.world_size
     whole = timing["step_with_batch_and_augmentation"]
     fixed = trainer.fixed_batch
+    ops_per_replay = trainer.captured_ops["last"] if trainer.graph is not None else None  # before another count
     if trainer.graph is None:
         flops_per_image = count_flops(lambda: trainer.step(fixed)) / b
     else:  # a replay dispatches nothing a counter sees: the captured region, once eagerly (a real step)
@@ -226,7 +227,7 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     batches = endless(trainer.loader)
     launches = launches_per_step(trainer, lambda: next(batches))
     if trainer.graph is not None:
-        launches["ops_per_replay"] = trainer.captured_ops["last"]
+        launches["ops_per_replay"] = ops_per_replay
         launches["graph_eager_steps"] = trainer.graph.eager_steps
         launches["graph_replays_in_all"] = trainer.graph.replays
     syncs = sync_warnings(lambda: trainer.step(next(batches)), device)

@@ -230,51 +230,65 @@ def test_cuda_graphs_under_torchrun_are_refused_in_one_line(tmp_path):
     assert all("one process only" in v and "2 ranks" in v for v in out.values()), out
 
 
-GPU_CASES = {"simclr-adamw": "bf16", "dogo-lars-moco": "fp16", "byol-sgd": "fp32"}
+GPU_CASES = {"simclr-adamw": "bf16", "dogo-lars-moco": "fp16", "byol-sgd": "fp32", "dogo-probe": "bf16"}
 
 
-def _flat(module) -> torch.Tensor:
-    """Every parameter of `module` (the peers, or the method states' momentum encoders) as one float64 vector."""
-    return torch.cat([p.detach().flatten().double() for p in module.parameters()] or [torch.zeros(0)])
+def _gpu_raw(case: str, out, shapes) -> dict:
+    """A GPU case's config: a warm-up over the whole run, so that the lr changes at every replayed step."""
+    if case == "dogo-probe":  # the folder backend's labelled batches (10 an epoch) through the online probe
+        return tiny_config(shapes, out, device="cuda", precision={"dtype": GPU_CASES[case]},
+                           eval={"knn_every_epochs": 0, "online_probe": "on"}, checkpoint={"resume": "none"},
+                           schedule={"max_steps": 12, "warmup_epochs": 1.2})
+    return _raw(case, out, device="cuda", precision={"dtype": GPU_CASES[case]},
+                schedule={"max_steps": 12, "warmup_epochs": 1.5})
+
+
+def _parts(trainer) -> dict[str, torch.Tensor]:
+    """Every parameter the step moves, as one float64 vector per part: the peers, the method states' momentum
+    encoders, the online probe's classifiers."""
+    modules = {"peers": trainer.model, "momentum encoders": trainer.targets}
+    if trainer.probe:
+        modules["online probe"] = trainer.probe.classifiers
+    return {name: torch.cat([p.detach().flatten().double() for p in m.parameters()] or [torch.zeros(0)])
+            for name, m in modules.items()}
 
 
 def _same_updates(eager, graphs, steps, replays: bool = False) -> None:
-    """Both trainers take `steps`; what they move their peers and momentum encoders by agrees to 2% (a graph that
-    kept its capture step's lr, or BYOL momentum, would be 27-35% off here: measured on the CPU by freezing them).
+    """Both trainers take `steps`; what they move each part by agrees to 2% (a graph that kept its capture step's
+    lr, or BYOL momentum, would be 27-35% off here: measured on the CPU by freezing them).
     replays: the graph's steps are all replays, which must make no host synchronisation (the capture itself does)."""
-    before = [(_flat(t.model), _flat(t.targets)) for t in (eager, graphs)]
+    before = [_parts(t) for t in (eager, graphs)]
     _run(eager, steps)
     torch.cuda.set_sync_debug_mode("error" if replays else "default")
     try:
         _run(graphs, steps)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for k, part in enumerate(("peers", "momentum encoders")):
-        moved_e = (_flat(eager.model), _flat(eager.targets))[k] - before[0][k]
-        moved_g = (_flat(graphs.model), _flat(graphs.targets))[k] - before[1][k]
+    after = [_parts(t) for t in (eager, graphs)]
+    for part in after[0]:
+        moved_e, moved_g = after[0][part] - before[0][part], after[1][part] - before[1][part]
         assert (moved_g - moved_e).norm() <= 0.02 * moved_e.norm(), part
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("case", list(GPU_CASES))
-def test_captured_and_replayed_steps_follow_the_eager_steps_on_a_gpu(case, tmp_path, monkeypatch):
+def test_captured_and_replayed_steps_follow_the_eager_steps_on_a_gpu(case, shapes, tmp_path, monkeypatch):
     """3 eager steps and the capture, then 3 replays whose lr (a warm-up over the whole run) and BYOL momentum change
     at every step, fp16 with GradScaler inside the graph: the replays move the weights as the eager trainer's steps
     do, without host synchronisation; a checkpoint of it resumes into a new graph (3 eager steps, the capture, a
     replay) that goes on as the eager trainer does."""
-    raw_for = lambda out: _raw(case, out, device="cuda", precision={"dtype": GPU_CASES[case]},  # noqa: E731
-                               schedule={"max_steps": 12, "warmup_epochs": 1.5})
-    eager, graphs = _trainer(raw_for(tmp_path / "eager"), False), _trainer(raw_for(tmp_path / "graphs"), True)
+    eager = _trainer(_gpu_raw(case, tmp_path / "eager", shapes), False)
+    graphs = _trainer(_gpu_raw(case, tmp_path / "graphs", shapes), True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # the same convolution algorithms in both
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    loader = endless(eager.loader)  # 8 batches an epoch
+    loader = endless(eager.loader)  # 8 or 10 batches an epoch
     batches = [next(loader) for _ in range(12)]
     _same_updates(eager, graphs, batches[:4])  # the fourth captured (and replayed once)
     _same_updates(eager, graphs, batches[4:7], replays=True)
     assert graphs.graph.eager_steps == 3 and graphs.graph.replays == 4
     graphs.watch.require_finite(graphs.pos.step)
-    resumed = _trainer(raw_for(tmp_path / "graphs2"), True, resume=str(graphs.save()))
+    resumed = _trainer(_gpu_raw(case, tmp_path / "graphs2", shapes), True, resume=str(graphs.save()))
     assert resumed.pos.step == 7
     _same_updates(eager, resumed, batches[7:12])
     assert resumed.graph.eager_steps == 3 and resumed.graph.replays == 2
