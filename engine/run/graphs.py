@@ -97,9 +97,10 @@ class StepGraph:
     def _capture(self) -> None:
         """thread_local: only this thread's CUDA calls are held to what a capture allows; a loader's threads (a
         DataLoader pinning its next batch) go on meanwhile."""
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.outputs = self.body(self.views, self.labels)
+        self.graph = graph  # only a capture that finished is ever replayed
 
     @staticmethod
     def _handed_out(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
