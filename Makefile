@@ -181,9 +181,9 @@ convert: $(STAMP)
 clean:
 	rm -rf $(VENV) runs
 
-# Everything GPU-side proved and measured in at most 6 minutes (benchmarks/gpu_check.sh; results in
-# benchmarks/results/gpu_<device>_<date>/), with the torch the machine already has: PY=python3 make gpu-check.
-# CIFAR=path/to/cifar-10-batches-py adds SimCLR against DoGo on real photos.
+# Everything GPU-side proved and measured in at most 6 minutes: its steps' time limits add up to 5 min 40 s
+# (benchmarks/gpu_check.sh; results in benchmarks/results/gpu_<device>_<date>/), with the torch the machine already
+# has: PY=python3 make gpu-check. CIFAR=path/to/cifar-10-batches-py adds SimCLR against DoGo on real photos (40 s more).
 GPU_CHECK_PY := $(or $(shell printenv PY),$(wildcard $(PY)),$(PYTHON))
 gpu-check:
 	@PY="$(if $(filter command line,$(origin PY)),$(PY),$(GPU_CHECK_PY))" CIFAR="$(CIFAR)" bash benchmarks/gpu_check.sh; \

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from dogo.benchmarks.launches import launch_text
+
 
 def _load(folder: Path, name: str) -> dict | None:
     path = folder / name
@@ -56,10 +58,20 @@ def _train_rows(r: dict, label: str, busy: str | None = None) -> list[tuple[str,
              f"{ratios.get('whole_to_engine', float('nan')):.3f}, {ratios.get('whole_to_ceiling', float('nan')):.3f}"),
             (f"{label}: MFU, ops per step",
              (f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a") + f", {r['ops_per_step']}"),
+            (f"{label}: CUDA graphs, launches per step",
+             f"{r.get('cuda_graphs', 'off')}, " + (launch_text(r["launches_per_step"]) if "launches_per_step" in r
+                                                    else f"{r['ops_per_step']} (aten ops)")),
             (f"{label}: memory estimate / measured peak",
              f"{r['memory']['estimate_bytes'] / 2 ** 30:.1f} / {r['memory']['measured_peak_bytes'] / 2 ** 30:.1f} GiB"),
             (f"{label}: host syncs", "n/a (CPU)" if r.get("sync_warnings") is None
              else (", ".join(r["sync_warnings"]) or "none"))]
+    eager = r.get("eager")
+    if eager:  # the same step with cuda_graphs=off, measured in the same process
+        rows.append((f"{label}: eager images/s whole / engine; graphs speed-up",
+                     f"{eager['step_with_batch_and_augmentation']['images_per_s_median']:,.0f} / "
+                     f"{eager['engine_only']['images_per_s_median']:,.0f}; "
+                     f"{eager['graphs_speedup_step_with_batch_and_augmentation']:.2f}x / "
+                     f"{eager['graphs_speedup_engine_only']:.2f}x, {launch_text(eager['launches_per_step'])}"))
     if busy:
         rows.append((f"{label}: GPU busy", busy))
     return rows

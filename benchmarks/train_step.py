@@ -4,7 +4,9 @@ Untimed warm-up, a device synchronisation around each timed block only, several 
 and the environment written beside the figures. Two figures: the whole step as training runs it (batch synthesis
 and the batched augmentation included) and the engine alone (one prepared batch reused). Beside them: the step's
 FLOPs per image (torch.utils.flop_counter on one real step), the achieved TFLOP/s, the model FLOP utilisation
-(MFU) against the device's dense bf16 peak, and the aten ops one step dispatches.
+(MFU) against the device's dense bf16 peak, and what the host launches for one step: the aten ops it dispatches
+and, with CUDA graphs (precision.cuda_graphs=on), the graph replays and the ops each replays. A graphs run also
+measures the same step eager (cuda_graphs=off) in the same process, for the comparison.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 
 import torch
 
+from dogo.benchmarks.launches import launch_text
 from dogo.engine.config import Config, to_dict
 from dogo.core.environment import environment
 from dogo.core.environment import process_bytes
@@ -129,18 +132,55 @@ def plain_model_step(trainer, batch):
     return step
 
 
-def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int) -> tuple[dict, object]:
-    """The whole step as training runs it (the loader's batch included) and the engine alone (one batch reused)."""
+def count_captured_ops(trainer) -> dict:
+    """With CUDA graphs: the aten ops of each call of the trainer's device step, kept in the returned dict's
+    "last" (after the capture: the ops one replay runs; on a CPU, which captures nothing, those of the body run
+    eagerly, the same region). The graph's own kernels cannot be counted from the host; these are their ops."""
+    seen = {"last": None}
+    body = trainer.graph.body
+
+    def counted(views, labels):
+        with OpCounter() as counter:
+            out = body(views, labels)
+        seen["last"] = len(counter.ops)
+        return out
+    trainer.graph.body = counted
+    return seen
+
+
+def launches_per_step(trainer, next_batch) -> dict:
+    """What the host launches for one step of next_batch() (a loader's batch, made inside the count): the aten ops
+    dispatched (the loader's recipe, the host-side settings, the copies into a graph's buffers included) and the
+    CUDA graph replays, one launch each (precision.cuda_graphs)."""
+    replays = trainer.graph.replays if trainer.graph is not None else 0
+    with OpCounter() as ops:
+        trainer.step(next_batch())
+    replayed = trainer.graph.replays - replays if trainer.graph is not None else 0
+    return {"aten_ops": len(ops.ops), "graph_replays": replayed, "host_launches": len(ops.ops) + replayed}
+
+
+def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int, with_ceiling: bool = True
+                ) -> tuple[dict, object]:
+    """The whole step as training runs it (the loader's batch included), the engine alone (one batch reused) and,
+    with_ceiling, the plain model. With CUDA graphs the warm-up is at least the graph's own (its eager steps and
+    the capture)."""
+    from dogo.engine.run.graphs import WARMUP_STEPS
     from dogo.engine.run.trainer import Trainer
     trainer = Trainer(cfg)
     device, b = trainer.ctx.device, cfg.data.batch_size // trainer.ctx.world_size
     batches = endless(trainer.loader)
+    if trainer.graph is not None:
+        trainer.captured_ops = count_captured_ops(trainer)
+        warmup = max(warmup, WARMUP_STEPS + 1)
     for _ in range(warmup):
         trainer.step(next(batches))
     timing = {"step_with_batch_and_augmentation": _timed(lambda: trainer.step(next(batches)), steps, repeats,
                                                          device, b)}
     trainer.fixed_batch = next(batches)
     timing["engine_only"] = _timed(lambda: trainer.step(trainer.fixed_batch), steps, repeats, device, b)
+    timing["warmup_steps"] = warmup
+    if not with_ceiling:
+        return timing, trainer
     plain = plain_model_step(trainer, trainer.fixed_batch)
     for _ in range(warmup):
         plain()
@@ -179,10 +219,17 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     device, b = trainer.ctx.device, cfg.data.batch_size // trainer.ctx.world_size
     whole = timing["step_with_batch_and_augmentation"]
     fixed = trainer.fixed_batch
-    flops_per_image = count_flops(lambda: trainer.step(fixed)) / b
+    ops_per_replay = trainer.captured_ops["last"] if trainer.graph is not None else None  # before another count
+    if trainer.graph is None:
+        flops_per_image = count_flops(lambda: trainer.step(fixed)) / b
+    else:  # a replay dispatches nothing a counter sees: the captured region, once eagerly (a real step)
+        flops_per_image = count_flops(lambda: trainer.graph.body(fixed.views, fixed.labels)) / b
     batches = endless(trainer.loader)
-    with OpCounter() as ops:
-        trainer.step(next(batches))
+    launches = launches_per_step(trainer, lambda: next(batches))
+    if trainer.graph is not None:
+        launches["ops_per_replay"] = ops_per_replay
+        launches["graph_eager_steps"] = trainer.graph.eager_steps
+        launches["graph_replays_in_all"] = trainer.graph.replays
     syncs = sync_warnings(lambda: trainer.step(next(batches)), device)
     env = environment(device)
     peak = peak if peak is not None else peak_tflops(env["gpu"])
@@ -200,17 +247,21 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
         "objective": cfg.objective.name, "image_size": cfg.data.image_size, "batch_per_device": b,
         "world_size": trainer.ctx.world_size, "precision": str(trainer.precision.dtype),
         "channels_last": trainer.precision.channels_last,
-        "warmup_steps": warmup, "timed_steps": steps, **timing,
+        "timed_steps": steps, **timing,
         "flops_per_image": flops_per_image, "tflops": tflops, "peak_tflops": peak,
-        "mfu": tflops / peak if peak else None, "ops_per_step": len(ops.ops), "sync_warnings": syncs,
+        "mfu": tflops / peak if peak else None, "ops_per_step": launches["aten_ops"],
+        "cuda_graphs": cfg.precision.cuda_graphs, "launches_per_step": launches, "sync_warnings": syncs,
         "device_recipe_bytes_per_image_per_view": traffic["bytes_per_image_per_view"],
         "gpu_estimate": gpu_estimate(flops_per_image, traffic["bytes_per_image_per_view"], views),
         "memory": {"estimate_bytes": trainer.memory_estimate.total, "measured_peak_bytes": measured,
                    "measured_as": how, "estimate_parts": trainer.memory_estimate.parts},
         "environment": env, "resolved_config": to_dict(cfg),
     }
+    graphs = trainer.graph is not None
+    del trainer, batches, fixed  # its memory (a graph's pool with it) freed before another trainer is built
+    if graphs:
+        result["eager"] = eager_comparison(cfg, warmup, steps, repeats, result)
     if cfg.data.backend != "synthetic":
-        del trainer, batches
         synthetic = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend="synthetic"),
                                         eval=dataclasses.replace(cfg.eval, knn_every_epochs=0))
         ceiling, _ = _bench_step(synthetic, warmup, steps, repeats)
@@ -218,6 +269,21 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
         result["ratio_to_synthetic_ceiling"] = (whole["images_per_s_median"]
                                                 / ceiling["step_with_batch_and_augmentation"]["images_per_s_median"])
     return result
+
+
+def eager_comparison(cfg: Config, warmup: int, steps: int, repeats: int, graphs: dict) -> dict:
+    """The same step with precision.cuda_graphs=off, measured in the same process after the graphs run: whole step,
+    engine only and launches per step, and the graphs run's speed-ups over it."""
+    import dataclasses
+    eager_cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, cuda_graphs="off"))
+    timing, trainer = _bench_step(eager_cfg, warmup, steps, repeats, with_ceiling=False)
+    batches = endless(trainer.loader)
+    out = {"step_with_batch_and_augmentation": timing["step_with_batch_and_augmentation"],
+           "engine_only": timing["engine_only"], "launches_per_step": launches_per_step(trainer, lambda: next(batches))}
+    for key in ("step_with_batch_and_augmentation", "engine_only"):
+        out[f"graphs_speedup_{key}"] = (graphs[key]["images_per_s_median"]
+                                        / timing[key]["images_per_s_median"])
+    return out
 
 
 def summary(result: dict, name: str) -> str:
@@ -231,10 +297,18 @@ def summary(result: dict, name: str) -> str:
             f"plain-model ceiling; whole/engine {ratios['whole_to_engine']:.3f}, whole/ceiling "
             f"{ratios['whole_to_ceiling']:.3f}, engine/ceiling {ratios['engine_to_ceiling']:.3f}); "
             f"{result['flops_per_image'] / 1e9:.2f} GFLOP per image, {result['tflops']:.3f} TFLOP/s, "
-            f"MFU {mfu}, {result['ops_per_step']} ops per step; memory estimate "
+            f"MFU {mfu}, {launch_text(result['launches_per_step'])}; memory estimate "
             f"{result['memory']['estimate_bytes'] / 2 ** 30:.2f} GiB, measured "
             f"{result['memory']['measured_peak_bytes'] / 2 ** 30:.2f} GiB")
+    if "eager" in result:
+        eager = result["eager"]
+        line += (f"; eager (cuda_graphs=off): {eager['step_with_batch_and_augmentation']['images_per_s_median']:.1f} "
+                 f"whole, {eager['engine_only']['images_per_s_median']:.1f} engine only, "
+                 f"{launch_text(eager['launches_per_step'])}; graphs/eager "
+                 f"{eager['graphs_speedup_step_with_batch_and_augmentation']:.2f}x whole, "
+                 f"{eager['graphs_speedup_engine_only']:.2f}x engine")
     if "synthetic_ceiling" in result:
         line += (f"; {result['ratio_to_synthetic_ceiling']:.2f}x the synthetic-data ceiling of "
                  f"{result['synthetic_ceiling']['images_per_s_median']:.1f} images/s")
     return line
+

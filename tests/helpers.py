@@ -169,3 +169,60 @@ def _modules_using_to_device():
     import importlib
     for name in ("dogo.pipelines.backends.held",):
         yield importlib.import_module(name)
+
+
+class KernelRecord:
+    """What a region dispatches, op by op, as a CUDA graph holds it: each aten op's name, the shape, dtype, strides
+    and device of every tensor it reads or makes, its other arguments (numbers, flags), and for each tensor the
+    region did not make (what it reads of the state: weights, optimiser state, the lr, a static input) the storage
+    it lives in. A captured step replays the same kernels with the same arguments on the same memory at every step:
+    two steps whose records differ cannot be replayed from one capture (a Python number that changes from step to
+    step, a tensor rebound between steps, a shape that depends on the data, an allocation that changes)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        record = self
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                reads = record._describe((args, kwargs))
+                out = func(*args, **kwargs)
+                record._made.update(_storages(out))  # what it writes is described by shape (made here or read)
+                record.ops.append((str(func), reads, record._describe(out)))
+                return out
+
+        self.ops: list[tuple] = []
+        self._made: set[int] = set()
+        self._mode = Record()
+
+    def _describe(self, tree) -> tuple:
+        import torch
+        from torch.utils._pytree import tree_flatten
+        out = []
+        for x in tree_flatten(tree)[0]:
+            if isinstance(x, torch.Tensor):
+                storage = x.untyped_storage().data_ptr()
+                out.append((tuple(x.shape), x.dtype, x.stride(), x.storage_offset(), str(x.device),
+                            "made here" if storage in self._made else storage))
+            elif isinstance(x, (bool, int, str, type(None), torch.dtype, torch.device, torch.layout,
+                                torch.memory_format)):
+                out.append(x)
+            elif isinstance(x, float):
+                out.append(repr(x))  # nan compares equal to itself as text
+            else:  # a profiler handle, a generator: its kind (its address changes from call to call)
+                out.append(type(x).__name__)
+        return tuple(out)
+
+    def __enter__(self) -> "KernelRecord":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def _storages(tree) -> list[int]:
+    import torch
+    from torch.utils._pytree import tree_flatten
+    return [x.untyped_storage().data_ptr() for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]

@@ -41,3 +41,24 @@ def test_flops_per_image_of_the_imagenet_dogo_step():
     batch = next(iter(trainer.loader))
     per_image = count_flops(lambda: trainer.step(batch)) / 2
     assert per_image == pytest.approx(69.97e9, rel=0.01)
+
+
+def test_bench_train_with_cuda_graphs_counts_launches_and_compares_with_eager(tmp_path):
+    """precision.cuda_graphs=on (set past the check that asks for CUDA: on this CPU the graph trainer's step runs
+    uncaptured, so no replay is counted): launches per step with the ops of the captured region, and the same step
+    eager in the same process, with the graphs run's speed-ups over it."""
+    from dogo.benchmarks.train_step import bench_train, summary
+    cfg = config_mod.load(REPO / "configs" / "cifar10_simclr_r18.yaml", [
+        "data.backend=synthetic", "data.image_size=16", "data.batch_size=4", "data.synthetic.images=16",
+        "device=cpu", f"out_dir={tmp_path}", "eval.knn_every_epochs=0", "log.tensorboard=off"])
+    cfg.precision.cuda_graphs = "on"
+    r = bench_train(cfg, warmup=1, steps=1, repeats=1)
+    graphs, eager = r["launches_per_step"], r["eager"]["launches_per_step"]
+    assert r["warmup_steps"] == 4 and graphs["graph_eager_steps"] >= 6 and graphs["graph_replays"] == 0
+    # uncaptured, the step dispatches the region a replay runs plus the recipe, the host-side settings and the
+    # copies into the graph's buffers; the eager step (foreach AdamW on a CPU: more ops than the fused one) more
+    assert 0.5 * graphs["aten_ops"] < graphs["ops_per_replay"] < graphs["aten_ops"] < eager["aten_ops"]
+    assert graphs["host_launches"] == graphs["aten_ops"] and eager["graph_replays"] == 0
+    assert r["flops_per_image"] > 0 and r["eager"]["graphs_speedup_engine_only"] > 0
+    line = summary(r, cfg.name)
+    assert f"CUDA graph replay of {graphs['ops_per_replay']} ops" in line and "eager (cuda_graphs=off)" in line

@@ -121,3 +121,17 @@ def test_plot_features_maps_the_val_split(shapes, tmp_path, method):
     png = run / f"features_b_{method}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert dogo("plot", "features", run, "--peer", "c") == 2  # a clear error, not a traceback
+
+
+def test_dogo_commands_in_one_process_run_in_order_and_stop_at_the_first_failure(tmp_path, capsys):
+    """dogo.in_one_process (how make gpu-check runs a step of several commands under one import of torch): each
+    argument one command line, `mark FILE TEXT` lines appended between them, the first failure's status returned
+    and nothing after it run."""
+    from dogo.in_one_process import run
+    marks = tmp_path / "marks.txt"
+    lines = ["config configs/demo.yaml 'name=one two'", f"mark {marks} end first",
+             "config configs/demo.yaml precision.cuda_graphs=on device=cpu", f"mark {marks} end second"]
+    assert run(lines) == 2
+    out = capsys.readouterr().out
+    assert "name: one two" in out and "precision.cuda_graphs=on needs CUDA" in out
+    assert marks.read_text() == "end first\n"

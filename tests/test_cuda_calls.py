@@ -117,3 +117,53 @@ def test_dali_mixed_decoder_takes_the_hardware_load():
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import backend
     assert backend.GetSchema("decoders__Image").HasArgument("hw_decoder_load")
+
+
+def test_cuda_graph_calls_take_our_arguments():
+    """engine/run/graphs.py StepGraph: torch.cuda.CUDAGraph().replay(), torch.cuda.graph(graph, capture_error_mode=
+    "thread_local") around the capture,
+    warm-up on torch.cuda.Stream(device) with wait_stream both ways under torch.cuda.stream(side), and
+    torch.cuda.current_stream(device); engine/run/optim.py: AdamW(fused=True, capturable=True) with a tensor lr
+    (the same constructor runs on the CPU in tests/test_graphs.py)."""
+    assert callable(torch.cuda.CUDAGraph) and callable(torch.cuda.CUDAGraph.replay)
+    graph = inspect.signature(torch.cuda.graph.__init__).parameters
+    assert list(graph)[1] == "cuda_graph" and graph["capture_error_mode"].default == "global"
+    assert "device" in inspect.signature(torch.cuda.Stream.__new__).parameters
+    assert list(inspect.signature(torch.cuda.Stream.wait_stream).parameters) == ["self", "stream"]
+    assert "device" in inspect.signature(torch.cuda.current_stream).parameters
+    assert list(inspect.signature(torch.cuda.stream).parameters) == ["stream"]
+    adamw = inspect.signature(torch.optim.AdamW.__init__).parameters
+    assert {"fused", "capturable", "lr"} <= set(adamw)
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return any(has(op, key) for key in ("CUDA", "CompositeImplicitAutograd", "CompositeExplicitAutograd",
+                                         "CompositeExplicitAutogradNonFunctional"))
+
+
+def test_every_op_of_the_captured_step_has_a_cuda_kernel(tmp_path):
+    """The region a CUDA graph captures, run on the CPU by the graph trainer (tests/test_graphs.py): every aten op
+    it dispatches (the fused optimisers with a tensor lr, the foreach ops with a tensor momentum, the queue's
+    in-place position, ...) has a CUDA kernel (or a composite one that decomposes into ops that do) in the
+    installed torch."""
+    from tests.helpers import KernelRecord
+    from tests.test_graphs import CASES, _raw, _trainer
+    ops = set()
+    for case in CASES:
+        trainer = _trainer(_raw(case, tmp_path / case), True)
+        batches = iter(trainer.loader)
+        trainer.step(next(batches))
+        body = trainer.graph.body
+
+        def recorded(views, labels):
+            with KernelRecord() as record:
+                out = body(views, labels)
+            for op in record.ops:  # aten.split.Tensor -> aten::split.Tensor; aten.mm.default -> aten::mm
+                namespace, name, overload = op[0].split(".")
+                ops.add(f"{namespace}::{name}" + ("" if overload == "default" else f".{overload}"))
+            return out
+        trainer.graph.body = recorded
+        trainer.step(next(batches))
+    missing = sorted(op for op in ops if op.startswith("aten::") and not _has_cuda_kernel(op))
+    assert len(ops) > 50 and not missing, missing

@@ -46,6 +46,7 @@ def test_every_step_rehearsed_on_the_cpu(tmp_path):
     assert all(status == "ok" or status.startswith("skipped") for status in steps.values()), report
     summary = json.loads((out / "summary.json").read_text())
     for key in ("DoGo R18+R50 224px: images/s whole / engine / ceiling", "CIFAR SimCLR R18 32px: MFU, ops per step",
+                "CIFAR SimCLR R18 32px: CUDA graphs, launches per step",
                 "torchrun SyncBN, SIGTERM", "make demo kNN (trained vs random init)",
                 "device recipe per image per view: eager / compiled", "folder backend, recipe on device: images/s"):
         assert key in summary, summary

@@ -148,14 +148,15 @@ def _tiny_peer(seed):
 
 def test_momentum_update_is_exact_and_follows_its_schedule():
     query = _tiny_peer(0)
-    enc = MomentumEncoder(query)
+    enc = MomentumEncoder(query, 0.5)
     for a, b in zip(enc.encoder.parameters(), query.parameters()):
         assert torch.equal(a, b) and not a.requires_grad  # MoCo starts the key encoder as a copy
     before = [p.detach().double().clone() for p in enc.encoder.parameters()]
     with torch.no_grad():
         for p in query.parameters():
             p.add_(torch.randn_like(p))
-    enc.follow(query, 0.9)
+    enc.set_momentum(0.9)
+    enc.follow(query)
     for k, k0, q in zip(enc.encoder.parameters(), before, query.parameters()):
         torch.testing.assert_close(k.double(), 0.9 * k0 + 0.1 * q.double(), rtol=1e-6, atol=1e-7)
     assert momentum_at(0.99, "constant", 50, 100) == 0.99
@@ -201,7 +202,8 @@ def _queue_on_rank(rank, symmetric):
     start = makers.states["m"].queue.queue.clone()
     for step in range(4):  # 4 steps x 2 ranks x 3 images x (2 views, or view 2 only) through a queue of 20
         k1, k2 = _unit(3, 8, seed=100 * step + rank).float(), _unit(3, 8, seed=100 * step + 50 + rank).float()
-        makers.after_step(peers, Targets(method={"m": (k1 if symmetric else None, k2, None)}), step + 1, 4)
+        makers.schedule(step + 1, 4)
+        makers.after_step(peers, Targets(method={"m": (k1 if symmetric else None, k2, None)}))
     queue = makers.states["m"].queue
     return start, queue.queue.clone(), queue.ptr
 

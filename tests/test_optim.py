@@ -116,8 +116,9 @@ def test_lars_over_many_tensors_with_zero_norms_matches_the_reference():
             torch.testing.assert_close(p.detach(), w)
 
 
-def test_lars_step_of_the_imagenet_dogo_config_dispatches_at_most_40_ops():
-    """229 weight tensors in 4 groups: the step's dispatches do not grow with the tensor count."""
+def test_lars_step_of_the_imagenet_dogo_config_dispatches_at_most_44_ops():
+    """229 weight tensors in 4 groups: the step's dispatches do not grow with the tensor count (11 per group: the
+    lr multiplies the update in an op of its own, so that it may be a device tensor under CUDA graphs)."""
     from dogo.benchmarks.train_step import OpCounter
     cfg = load("configs/imagenet_r18_r50.yaml", [])
     peers = {n: Peer(p.arch, p.cifar_stem, p.head_hidden, p.head_out) for n, p in cfg.peers.items()}
@@ -128,4 +129,4 @@ def test_lars_step_of_the_imagenet_dogo_config_dispatches_at_most_40_ops():
     opt.step()  # creates the momentum buffers
     with OpCounter() as counter:
         opt.step()
-    assert cfg.optim.name == "lars" and len(counter.ops) <= 40, counter.ops
+    assert cfg.optim.name == "lars" and len(counter.ops) <= 44, counter.ops

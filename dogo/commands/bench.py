@@ -12,8 +12,9 @@ from dogo.commands.args import console, count, number, say
 HELP = "throughput benchmarks that write JSON into benchmarks/results/"
 TRAIN = (
     "images/s per device of the training step (warm-up, synchronised timing, repeats, median and spread, "
-    "environment), FLOPs per image, achieved TFLOP/s, MFU against the device's peak, aten ops per step, and on CUDA "
-    "the host syncs torch's sync debug mode reports (docs/gpu.md)")
+    "environment), FLOPs per image, achieved TFLOP/s, MFU against the device's peak, launches per step (aten ops "
+    "and CUDA graph replays), and on CUDA the host syncs torch's sync debug mode reports; with "
+    "precision.cuda_graphs=on also the same step eager, for the comparison (docs/gpu.md)")
 RECIPE = (
     "the recipe and the optimiser step alone: the device recipe's bytes moved per image per view (counted op by op "
     "as a GPU runs it) and its time eager and compiled, the CPU-worker recipe's time per image per view on one "

@@ -25,6 +25,12 @@ def check(cfg: Config) -> None:
     OBJECTIVES.get(cfg.objective.name, "objective.name").check(cfg)
     if cfg.precision.dtype == "fp16" and cfg.device != "cuda":
         raise ConfigError("precision.dtype=fp16 needs CUDA; use fp32 or bf16 on CPUs")
+    if cfg.precision.cuda_graphs == "on" and cfg.device != "cuda":
+        raise ConfigError("precision.cuda_graphs=on needs CUDA (a CUDA graph replays GPU launches); set "
+                          "precision.cuda_graphs=off on CPUs")
+    if cfg.precision.cuda_graphs == "on" and cfg.precision.compile == "peers":
+        raise ConfigError("precision.cuda_graphs=on captures the eager step and precision.compile=peers compiles "
+                          "its forward: choose one (set precision.compile=off or on)")
     if cfg.distributed.backend == "nccl" and cfg.device != "cuda":
         raise ConfigError("distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo on CPUs")
     if cfg.log.wandb != "off" and importlib.util.find_spec("wandb") is None:

@@ -341,8 +341,8 @@ def build_file(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 # What a run resolved for the machine it ran on; evaluating its checkpoint elsewhere resolves them again there.
-MACHINE_KEYS = ("device", "distributed.backend", "precision.dtype", "precision.channels_last", "augment.place",
-                "objective.tile", "log.progress", "log.tensorboard")
+MACHINE_KEYS = ("device", "distributed.backend", "precision.dtype", "precision.channels_last",
+                "precision.cuda_graphs", "augment.place", "objective.tile", "log.progress", "log.tensorboard")
 
 
 def build_stored(raw: dict, overrides: list[str] = (), this_machine: bool = False) -> Config:

@@ -50,6 +50,8 @@ def resolve(cfg: Config) -> Config:
     if cfg.precision.channels_last == "auto":  # on a GPU, unless a peer's backbone gains nothing from it (a ViT)
         helps = all(BACKBONES.get(p.arch, f"peers.{n}.arch").channels_last for n, p in cfg.peers.items())
         cfg.precision.channels_last = "on" if on_gpu and helps else "off"
+    if cfg.precision.cuda_graphs == "auto":
+        cfg.precision.cuda_graphs = "off"  # until a GPU run shows the replayed step faster (docs/gpu.md)
     if cfg.augment.place == "auto":
         # on a GPU, batched on the device; on CPUs, per image in uint8 in the loader's workers, which is cheaper
         # there since the device is the same cores as the model

@@ -226,6 +226,11 @@ class PrecisionConfig:
     # device recipe's whole chain fused (fewer passes over memory); peers: also each peer's forward (backbone and
     # head), the training step's many small launches fused. Off until a GPU run shows it faster.
     compile: Literal["off", "on", "peers"] = "off"
+    # CUDA graphs: the training step (forward, loss, backward, optimiser, momentum encoders, online probe) captured
+    # once after 3 eager steps and replayed, one launch in place of hundreds; its lr and momentum then live in device
+    # tensors. For small views, where the host's launches set the pace (CIFAR's 32 px). CUDA and one process only
+    # (not under torchrun, not with compile=peers). auto: off until a GPU run shows it faster (docs/gpu.md).
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

@@ -19,9 +19,13 @@ class DivergenceWatch:
         self.finite_until = start_step  # the last step verified finite
 
     def note(self, loss: torch.Tensor) -> None:
-        """A step's loss: a flag kept on the device, no host sync."""
+        """A step's loss: a flag kept on the device, no host sync. Updated in place after the first step, so that a
+        step captured in a CUDA graph keeps or-ing into the same flag."""
         bad = ~torch.isfinite(loss)
-        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        if self.nonfinite is None:
+            self.nonfinite = bad
+        else:
+            self.nonfinite |= bad
 
     def require_finite(self, step: int, record: dict | None = None) -> None:
         """Stop the run if any step's loss was NaN or inf since the last check (one read of the device flag, agreed

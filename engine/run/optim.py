@@ -1,8 +1,13 @@
-"""Optimisers over both peers' parameter groups, and the learning-rate schedule as a pure function of the step."""
+"""Optimisers over both peers' parameter groups, and the learning-rate schedule as a pure function of the step.
+
+With `static_lr` (precision.cuda_graphs) every group's lr lives in a device tensor that the optimiser's kernels read,
+and set_lr writes the step's value into it: a captured step (engine/run/graphs.py) replays kernels whose arguments
+were fixed at capture, so a Python float lr would stay at the capture step's value."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -62,15 +67,17 @@ class LARS(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
+            # the lr multiplies first, then subtracts: the same kernels whether it is a float or a device tensor
+            # (static_lr), so the two give bit-identical steps
             if found_inf is None:
                 torch._foreach_mul_(bufs, group["momentum"])
                 torch._foreach_add_(bufs, grads)
-                torch._foreach_add_(params, bufs, alpha=-group["lr"])
+                torch._foreach_sub_(params, torch._foreach_mul(bufs, group["lr"]))
                 continue
             # a step with inf/NaN gradients leaves buffers and weights as they were, decided on the device
             skip = found_inf > 0
             new_bufs = torch._foreach_add(torch._foreach_mul(bufs, group["momentum"]), grads)
-            new_params = torch._foreach_add(params, new_bufs, alpha=-group["lr"])
+            new_params = torch._foreach_sub(params, torch._foreach_mul(new_bufs, group["lr"]))
             for old, new in zip(bufs + params, new_bufs + new_params):
                 old.copy_(torch.where(skip, old, new))
 
@@ -98,21 +105,43 @@ def param_groups(peers: dict[str, nn.Module], cfg, global_batch: int) -> list[di
     return groups
 
 
-def build_optimizer(peers: dict[str, nn.Module], cfg, global_batch: int, device: torch.device
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(peers: dict[str, nn.Module], cfg, global_batch: int, device: torch.device,
+                    static_lr: bool = False) -> torch.optim.Optimizer:
+    """static_lr: each peer's lr in a device tensor (shared by its two groups) that set_lr fills, for a step
+    captured in a CUDA graph; SGD and AdamW then take their fused kernels on every device (torch's foreach ones
+    read a tensor lr on the host), AdamW also capturable (its step counts stay on the device)."""
     groups = param_groups(peers, cfg, global_batch)
+    if static_lr:
+        tensors = {}
+        for group in groups:  # one tensor per peer: both its groups share the peer's lr
+            group["lr"] = tensors.setdefault(group["peer"], torch.full((), group["lr"], device=device))
     o = cfg.optim
     if o.name == "lars":
         return LARS(groups, lr=groups[0]["lr"], momentum=o.momentum, trust_coefficient=o.trust_coefficient)
     # fused kernels on CUDA, foreach (one launch per group of tensors) elsewhere
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    fast = {"fused": True} if device.type == "cuda" or static_lr else {"foreach": True}
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=o.momentum, **fast)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=o.betas, eps=o.eps, **fast)
+        return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=o.betas, eps=o.eps, capturable=static_lr, **fast)
     raise ValueError(f"optim.name={o.name!r} is not one of lars, sgd, adamw")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group's lr to its base lr times `factor`: a Python float, or written into the group's device tensor
+    (static_lr; a fill, no host synchronisation). Either way the number is rounded to float32 first: the fused
+    kernels read a tensor lr as float32 and a Python one as float64, and the eager and the captured step should
+    take the same steps (a relative change below 6e-8)."""
+    filled = set()
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        lr = float(np.float32(group["base_lr"] * factor))
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = lr
+        elif id(group["lr"]) not in filled:  # a peer's two groups share one tensor: one fill
+            group["lr"].fill_(lr)
+            filled.add(id(group["lr"]))
+
+
+def current_lr(group: dict) -> float:
+    """A group's lr as a number (a read of the device at log steps, where its lr is a tensor)."""
+    return float(group["lr"])

@@ -23,9 +23,10 @@ from dogo.engine.eval.online import OnlineProbe
 from dogo.core.precision import Precision
 from dogo.core import checkpoint_files
 from dogo.engine.run import checkpoint, memory, progress
+from dogo.engine.run.graphs import StepGraph
 from dogo.engine.run.guards import DivergenceWatch
 from dogo.engine.run.logger import MetricsLogger, open_sinks
-from dogo.engine.run.optim import build_optimizer, lr_factor, set_lr
+from dogo.engine.run.optim import build_optimizer, current_lr, lr_factor, set_lr
 from dogo.engine.run.signals import StopRequest
 from dogo.engine.ssl.objectives import objective_loss
 from dogo.engine.ssl.peers import build_peers
@@ -76,6 +77,10 @@ class Trainer:
         config_mod.require_resolved(cfg)  # every `auto` was settled once, when the config was loaded
         self.cfg = cfg
         self.ctx = distributed.init(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_min)
+        graphs = cfg.precision.cuda_graphs == "on"
+        if graphs and self.ctx.distributed:  # DDP's reducer is not captured (engine/run/graphs.py)
+            raise ConfigError(f"precision.cuda_graphs=on runs on one process only; this run has "
+                              f"{self.ctx.world_size} ranks: set precision.cuda_graphs=off under torchrun")
         self.run_dir = cfg.run_dir
         self.precision = Precision.of(cfg)
         self.precision.set_backend_flags(self.ctx.device)
@@ -107,7 +112,7 @@ class Trainer:
                 self.model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
                 **ddp_options(self.model, cfg.distributed.sync_bn))
         self.optimizer = build_optimizer(dict(self.model.peers.items()), cfg, cfg.data.batch_size,
-                                         self.ctx.device)
+                                         self.ctx.device, static_lr=graphs)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision.scaler_enabled)
         spe = self.loader.steps_per_epoch
         self.total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else cfg.schedule.epochs * spe
@@ -128,6 +133,8 @@ class Trainer:
         if cfg.eval.online_probe == "on":
             self.probe = OnlineProbe(self.model.peers, len(self.knn.train_split.classes), cfg.eval.online_probe_lr,
                                      cfg.seed, self.ctx.device, self.ctx.distributed)
+        # the step's device work: eager, or captured once and replayed (engine/run/graphs.py)
+        self.graph = StepGraph(self._device_step, self.ctx.device) if graphs else None
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -195,16 +202,26 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def step(self, batch: TwoViewBatch) -> dict[str, torch.Tensor]:
-        """One optimiser step over every peer on one batch. No host synchronisation."""
+        """One optimiser step over every peer on one batch. No host synchronisation. What the step number decides
+        (the lr, a momentum) is written here, on the host; the rest is `_device_step`, which a CUDA graph may
+        capture and replay."""
         set_lr(self.optimizer, lr_factor(self.pos.step, self.total_steps, self.warmup_steps,
                                          self.cfg.schedule.final_lr_ratio))
+        self.targets.schedule(self.pos.step + 1, self.total_steps)
+        if self.graph is not None:
+            return self.graph(batch.views, batch.labels)
+        return self._device_step(batch.views, batch.labels)
+
+    def _device_step(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward, loss, backward, update and the method states' updates: the same kernels at every step, with
+        what changes between steps read from device tensors (engine/run/graphs.py)."""
         with self.precision.autocast(self.ctx.device):
             if self.probe:
                 self.probe.capturing = True  # the backbones' features of this forward, for the online probe
-            outputs = self.forward(batch.views)
+            outputs = self.forward(views)
             if self.probe:
                 self.probe.capturing = False
-            targets = self.targets.make(batch.views, self.model.pairs)
+            targets = self.targets.make(views, self.model.pairs)
         loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
         self.watch.note(loss)  # a flag on the device, read only at log and checkpoint steps
         self.scaler.scale(loss).backward()
@@ -214,9 +231,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.targets.after_step(self.model.peers, targets, self.pos.step + 1, self.total_steps)
+        self.targets.after_step(self.model.peers, targets)
         if self.probe:
-            terms = {**terms, **self.probe.step(batch.labels)}
+            terms = {**terms, **self.probe.step(labels)}
         return terms
 
     def guarded_step(self, batch) -> dict[str, torch.Tensor]:
@@ -234,7 +251,7 @@ class Trainer:
                 f"objective.tile (now {self.cfg.objective.tile}), or set precision.dtype=bf16") from None
 
     def lrs(self) -> dict[str, float]:
-        return {g["peer"]: g["lr"] for g in self.optimizer.param_groups}
+        return {g["peer"]: current_lr(g) for g in self.optimizer.param_groups}
 
     def evaluate(self, log: MetricsLogger, knn: bool, probe: bool) -> dict[str, float]:
         """At an epoch end: the kNN monitor's and the online probe's val top-1 of every peer, from one extraction of

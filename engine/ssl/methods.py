@@ -26,13 +26,21 @@ from dogo.models import projection_head
 
 
 class MethodState(nn.Module):
-    """What a method keeps across steps for one peer. The trainer calls `targets` under the run's autocast before
-    the loss and `after_step` once the peers are updated; its state_dict goes into checkpoints."""
+    """What a method keeps across steps for one peer. The trainer calls `schedule` on the host before each step,
+    `targets` under the run's autocast before the loss and `after_step` once the peers are updated; its state_dict
+    goes into checkpoints.
+
+    `targets` and `after_step` are part of the step a CUDA graph may capture (precision.cuda_graphs): they read
+    what changes from step to step (a scheduled momentum, the queue's position) from device tensors and update
+    their state in place; only `schedule` sees the step number."""
+
+    def schedule(self, step: int, total_steps: int) -> None:
+        """Write the numbers of the step that makes `step` steps in all (a momentum) where the step reads them."""
 
     def targets(self, v1: torch.Tensor, v2: torch.Tensor) -> Any:
         raise NotImplementedError
 
-    def after_step(self, peer: nn.Module, targets: Any, step: int, total_steps: int) -> None:
+    def after_step(self, peer: nn.Module, targets: Any) -> None:
         raise NotImplementedError
 
 
@@ -97,8 +105,12 @@ class MoCoState(MethodState):
     def __init__(self, peer: nn.Module, settings: MoCoV2Settings, dim: int, seed: int):
         super().__init__()
         self.settings = settings
-        self.key_encoder = MomentumEncoder(peer)
+        self.key_encoder = MomentumEncoder(peer, settings.momentum)
         self.queue = KeyQueue(settings.queue_size, dim, seed)
+
+    def schedule(self, step, total_steps):
+        s = self.settings
+        self.key_encoder.set_momentum(momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
 
     def targets(self, v1, v2):
         if not self.settings.symmetric:
@@ -106,13 +118,12 @@ class MoCoState(MethodState):
         k1, k2 = self.key_encoder.embed(torch.cat([v1, v2])).chunk(2)  # one forward for both views
         return k1, k2, self.queue.negatives()
 
-    def after_step(self, peer, targets, step, total_steps):
+    def after_step(self, peer, targets):
         """Enqueue every rank's keys (MoCo: view 2's; both views' in the symmetric form), then follow the peer."""
         keys = [k for k in targets[:2] if k is not None]
         gathered = all_gather_rows(torch.cat(keys, dim=1))  # one collective for both views
         self.queue.enqueue(torch.cat(gathered.chunk(len(keys), dim=1)))  # every rank's view-1 keys, then view-2's
-        s = self.settings
-        self.key_encoder.follow(peer, momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
+        self.key_encoder.follow(peer)
 
 
 class MoCoV2(Method):
@@ -168,14 +179,17 @@ class BYOLState(MethodState):
     def __init__(self, peer: nn.Module, settings: BYOLSettings):
         super().__init__()
         self.settings = settings
-        self.target = MomentumEncoder(peer)
+        self.target = MomentumEncoder(peer, settings.momentum)
+
+    def schedule(self, step, total_steps):
+        s = self.settings
+        self.target.set_momentum(momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
 
     def targets(self, v1, v2):
         return self.target.embed(torch.cat([v1, v2])).chunk(2)
 
-    def after_step(self, peer, targets, step, total_steps):
-        s = self.settings
-        self.target.follow(peer, momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
+    def after_step(self, peer, targets):
+        self.target.follow(peer)
 
 
 class BYOL(Method):

@@ -1,6 +1,6 @@
 """The parts of a run that make per-step targets without gradient: each peer's method state (a momentum encoder, a
-queue: dogo.engine.ssl.methods) and DisCo's frozen teacher. The trainer calls `make` before the loss and `after_step`
-after the update; the method states go into checkpoints.
+queue: dogo.engine.ssl.methods) and DisCo's frozen teacher. The trainer calls `schedule` on the host before each step,
+`make` before the loss and `after_step` after the update; the method states go into checkpoints.
 """
 from __future__ import annotations
 
@@ -67,9 +67,15 @@ class TargetMakers(nn.Module):
                 out.teacher[name] = seen[pair]
         return out
 
-    def after_step(self, peers: nn.ModuleDict, targets: Targets, step: int, total_steps: int) -> None:
+    def schedule(self, step: int, total_steps: int) -> None:
+        """Before the step that makes `step` steps in all: each method state's scheduled numbers (a momentum),
+        written into the device tensors the step reads (outside any captured region)."""
+        for state in self.states.values():
+            state.schedule(step, total_steps)
+
+    def after_step(self, peers: nn.ModuleDict, targets: Targets) -> None:
         for name, state in self.states.items():
-            state.after_step(peers[name], targets.method[name], step, total_steps)
+            state.after_step(peers[name], targets.method[name])
 
     def checkpoint_state(self) -> dict:
         """What a resume needs: the method states; the teacher only as a fingerprint (it is read from its source
