@@ -6,6 +6,7 @@ above the config.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -14,7 +15,7 @@ import torch
 from dogo.core.errors import ConfigError
 from dogo.core.registry import BACKBONES, BACKENDS, METHODS, OBJECTIVES
 from dogo.engine.config.loading import to_dict
-from dogo.engine.config.schema import KNN_PROTOCOLS, Config, EvalConfig
+from dogo.engine.config.schema import KNN_PROTOCOLS, AugmentConfig, Config, EvalConfig, RecipeOverrides, ViewGroup
 
 # objective.tile=auto: the contrastive kernel's tile, in images
 CPU_TILE = 1024  # on a CPU the tiles' launches are cheap next to their arithmetic
@@ -64,6 +65,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.log.progress == "auto":
         cfg.log.progress = "on" if sys.stdout.isatty() else "off"
     _resolve_knn(cfg.eval)
+    _resolve_dynamic_size(cfg)
     objective = OBJECTIVES.get(cfg.objective.name, "objective.name")
     methods = peer_methods(cfg)
     for name, peer in cfg.peers.items():
@@ -132,6 +134,34 @@ def _resolve_view_size(cfg: Config, on_gpu: bool) -> None:
         if peer.cifar_stem == "auto":
             has_stem = BACKBONES.get(peer.arch, f"peers.{name}.arch").cifar_stem
             peer.cifar_stem = has_stem and cfg.data.image_size <= 64
+
+
+def group_size(group: ViewGroup, image_size: int) -> int:
+    """A view group's side, px: its own, else data.image_size."""
+    return image_size if group.size is None else group.size
+
+
+def overlaid(recipe: AugmentConfig, overrides: RecipeOverrides) -> AugmentConfig:
+    """`recipe` with the numbers `overrides` sets."""
+    changes = {f.name: getattr(overrides, f.name) for f in dataclasses.fields(overrides)}
+    return dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
+
+
+def view_recipe(augment: AugmentConfig, group: ViewGroup, k: int) -> AugmentConfig:
+    """The recipe of view k of a group: augment, then the group's overrides, then the view's own."""
+    return overlaid(overlaid(augment, group.recipe), group.view_recipe.get(str(k), RecipeOverrides()))
+
+
+def _resolve_dynamic_size(cfg: Config) -> None:
+    """A backbone built for one view size (a timm ViT) takes views of several sizes only with timm's position
+    embedding interpolated per input: arch_args.dynamic_img_size, set here when the plan has several sizes (an
+    explicit false is refused by the checks)."""
+    sizes = {group_size(g, cfg.data.image_size) for g in cfg.views.values()}
+    if len(sizes) < 2:
+        return
+    for name, peer in cfg.peers.items():
+        if BACKBONES.get(peer.arch, f"peers.{name}.arch").sized:
+            peer.arch_args.setdefault("dynamic_img_size", True)
 
 
 def _resolve_knn(ev: EvalConfig) -> None:
