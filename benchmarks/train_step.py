@@ -113,16 +113,16 @@ def _peak_rss() -> int:
 
 def plain_model_step(trainer, batch):
     """The ceiling the engine is held against: the same peers and heads (a copy, so the trainer is untouched), each
-    forwarding its two views as one batch and backpropagating a trivial loss, then one fused SGD step; no objective,
-    no targets, no scaler. What a hand-written loop around the same models would cost."""
+    forwarding its views of each size as one batch and backpropagating a trivial loss, then one fused SGD step; no
+    objective, no targets, no scaler. What a hand-written loop around the same models would cost."""
     import copy
     model, device = copy.deepcopy(trainer.model), trainer.ctx.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, fused=True)
     def step() -> None:
         with trainer.precision.autocast(device):
-            loss = sum(peer(torch.cat([batch.views[i], batch.views[j]])).float().square().mean()
-                       for (i, j), peer in ((model.pairs[name], peer) for name, peer in model.peers.items()))
+            loss = sum(peer(views).float().square().mean() for name, peer in model.peers.items()
+                       for views in batch.of_set(model.plan, model.sets[name]))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -158,11 +158,12 @@ def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int) -> tuple[dic
 H100 = {"name": "H100 SXM", "peak_tflops": 989.0, "bandwidth_tb_per_s": 3.35, "model_efficiency": 0.17}
 
 
-def gpu_estimate(flops_per_image: float, recipe_bytes_per_image_per_view: float, views: int, gpu=H100) -> dict:
+def gpu_estimate(flops_per_image: float, recipe_bytes_per_image: float, gpu=H100) -> dict:
     """The step on a GPU from the measured inputs: the model's FLOPs at MLPerf-grade efficiency, plus the device
-    recipe's memory traffic at the GPU's bandwidth (unfused eager ops: each pass goes through memory)."""
+    recipe's memory traffic for every view of an image at the GPU's bandwidth (unfused eager ops: each pass goes
+    through memory)."""
     model_s = flops_per_image / (gpu["peak_tflops"] * 1e12 * gpu["model_efficiency"])
-    recipe_s = recipe_bytes_per_image_per_view * views / (gpu["bandwidth_tb_per_s"] * 1e12)
+    recipe_s = recipe_bytes_per_image / (gpu["bandwidth_tb_per_s"] * 1e12)
     return {"gpu": gpu, "model_ms_per_1000_images": 1e6 * model_s, "recipe_ms_per_1000_images": 1e6 * recipe_s,
             "images_per_s": 1 / (model_s + recipe_s), "recipe_share": recipe_s / (model_s + recipe_s)}
 
@@ -191,8 +192,10 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     else:
         measured, how = _peak_rss() - rss_before, "resident-set high-water mark above the process before the trainer"
     tflops = flops_per_image * whole["images_per_s_median"] / 1e12
-    views = trainer.model.n_views
-    traffic = recipe_traffic(cfg.augment, cfg.data.image_size, min(b, 64), torch.float16, torch.bfloat16)
+    # the device recipe's bytes per view at each group's size, and for all the views of an image
+    traffic = {g.size: recipe_traffic(g.recipe, g.size, min(b, 64), torch.float16, torch.bfloat16)
+               ["bytes_per_image_per_view"] for g in trainer.model.plan.groups}
+    recipe_bytes = sum(len(g.views) * traffic[g.size] for g in trainer.model.plan.groups)
     result = {
         "benchmark": "train_step",
         "what": "images (each with 2 views per peer) per second per device",
@@ -203,8 +206,9 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
         "warmup_steps": warmup, "timed_steps": steps, **timing,
         "flops_per_image": flops_per_image, "tflops": tflops, "peak_tflops": peak,
         "mfu": tflops / peak if peak else None, "ops_per_step": len(ops.ops), "sync_warnings": syncs,
-        "device_recipe_bytes_per_image_per_view": traffic["bytes_per_image_per_view"],
-        "gpu_estimate": gpu_estimate(flops_per_image, traffic["bytes_per_image_per_view"], views),
+        "device_recipe_bytes_per_image_per_view": traffic[cfg.data.image_size],
+        "device_recipe_bytes_per_image": recipe_bytes,
+        "gpu_estimate": gpu_estimate(flops_per_image, recipe_bytes),
         "memory": {"estimate_bytes": trainer.memory_estimate.total, "measured_peak_bytes": measured,
                    "measured_as": how, "estimate_parts": trainer.memory_estimate.parts},
         "environment": env, "resolved_config": to_dict(cfg),

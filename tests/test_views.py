@@ -90,11 +90,12 @@ def test_each_bad_plan_is_one_line_naming_its_key(override, message):
 
 
 def test_a_plan_the_peers_cannot_train_yet_is_refused():
-    """Until the methods take crops, a plan other than the default would be made by no loader and trained as two
-    views: refused, not ignored."""
-    with pytest.raises(ConfigError, match="not trained yet"):
+    """Until the methods take crops, a plan beyond two views of one size would be trained as two views: refused,
+    not ignored. Two views with recipes of their own are made by every loader and trained."""
+    with pytest.raises(ConfigError, match="multi-crop training arrives with the methods"):
         config_mod.load(None, [*SIMCLR, "data.image_size=32", MULTI])
-    cfg = config_mod.load(None, [*SIMCLR, "data.image_size=32", "views.global.size=32"])
+    cfg = config_mod.load(None, [*SIMCLR, "data.image_size=32", "views.global.size=32",
+                                 "views.global.view_recipe={1: {solarize_p: 0.2}}"])
     assert cfg.views["global"].size == 32
 
 

@@ -56,7 +56,7 @@ class SyntheticSettings:
 
 @dataclass
 class DataConfig:
-    # where two-view batches come from: a registered backend (dogo.core.registry.BACKENDS); its own settings are the
+    # where batches of views come from: a registered backend (dogo.core.registry.BACKENDS); its own settings are the
     # sub-section named after it, e.g. data.ffcv.beton, data.dali.scan
     backend: str = "folder"
     # the dataset root, one folder per split, each class_name/image.jpg (ImageNet's layout: train/, val/); held: that,

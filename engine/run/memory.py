@@ -60,9 +60,10 @@ def _meta_peers(cfg: Config, precision: Precision) -> PeerSet:
     return model.to(memory_format=precision.memory_format).train()
 
 
-def _saved_bytes(model, image_size: int, local_batch: int, precision: Precision) -> tuple[int, int]:
-    """(bytes autograd saves in the meta peers' forward for `local_batch` images, the largest single saved tensor).
-    Low precision adds the low-precision weight copies autocast saves."""
+def _saved_bytes(model, local_batch: int, precision: Precision) -> tuple[int, int]:
+    """(bytes autograd saves in the meta peers' forward for `local_batch` images, the largest single saved tensor),
+    every group of the plan of views at its size. Low precision adds the low-precision weight copies autocast
+    saves."""
     dtype, fmt = precision.dtype, precision.memory_format
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -73,10 +74,10 @@ def _saved_bytes(model, image_size: int, local_batch: int, precision: Precision)
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
         return t
 
-    views = [torch.empty(local_batch, 3, image_size, image_size, device="meta", dtype=dtype)
-             .contiguous(memory_format=fmt) for _ in range(model.n_views)]
+    groups = [torch.empty(len(g.views) * local_batch, 3, g.size, g.size, device="meta", dtype=dtype)
+              .contiguous(memory_format=fmt) for g in model.plan.groups]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(views)
+        model(groups)
     extra = _param_bytes(model) if dtype != torch.float32 else 0  # autocast's bf16/fp16 weight copies
     return sum(seen.values()) + extra, max(seen.values(), default=0)
 
@@ -152,9 +153,8 @@ def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryMo
     params = sum(p.numel() for p in model.parameters()) * 4  # fp32 master weights whatever the autocast dtype
     buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point()) * 4
     # the per-image part from two batch sizes (the heads' BatchNorm1d needs at least 2 rows)
-    s = cfg.data.image_size
-    saved_2, _ = _saved_bytes(model, s, 2, precision)
-    saved_4, largest_4 = _saved_bytes(model, s, 4, precision)
+    saved_2, _ = _saved_bytes(model, 2, precision)
+    saved_4, largest_4 = _saved_bytes(model, 4, precision)
     elem = torch.finfo(precision.dtype).bits // 8
     fixed = {
         "parameters": params + buffers,
@@ -164,8 +164,8 @@ def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryMo
         "method losses": _method_loss_bytes(cfg, params, world_size),
         "held images": held_bytes(cfg.data),  # every rank holds the whole split
     }
-    return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4,
-                       model.n_views * 3 * s ** 2 * elem)
+    view_bytes = sum(len(g.views) * 3 * g.size ** 2 * elem for g in model.plan.groups)  # per image
+    return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4, view_bytes)
 
 
 def _method_loss_bytes(cfg: Config, params: int, world_size: int) -> int:

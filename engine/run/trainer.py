@@ -30,7 +30,7 @@ from dogo.engine.ssl.objectives import objective_loss
 from dogo.engine.ssl.peers import build_peers
 from dogo.engine.ssl.targets import TargetMakers
 from dogo.core.registry import BACKENDS
-from dogo.pipelines import TwoViewBatch, build_loader
+from dogo.pipelines import LoaderSpec, ViewBatch, build_loader
 
 
 def ddp_options(model: torch.nn.Module, sync_bn: bool) -> dict:
@@ -92,11 +92,11 @@ class Trainer:
         for line in (warning, note):
             if line and self.ctx.is_main:
                 Console().print(line, highlight=False)
-        self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), cfg.augment,
-                                   n_views=self.model.n_views, seed=cfg.seed,
-                                   rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
-                                   dtype=self.precision.dtype, channels_last=self.precision.channels_last,
-                                   compile_recipe=cfg.precision.compile in ("on", "peers"))
+        spec = LoaderSpec(plan=self.model.plan, recipe=cfg.augment, global_batch=cfg.data.batch_size, seed=cfg.seed,
+                          rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
+                          dtype=self.precision.dtype, channels_last=self.precision.channels_last,
+                          compile_recipe=cfg.precision.compile in ("on", "peers"))
+        self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), spec)
         if cfg.precision.compile == "peers":
             for peer in self.model.peers.values():
                 peer.compile()  # in place: its state_dict keys (checkpoints) are unchanged
@@ -180,17 +180,17 @@ class Trainer:
         return path
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    def step(self, batch: TwoViewBatch) -> dict[str, torch.Tensor]:
+    def step(self, batch: ViewBatch) -> dict[str, torch.Tensor]:
         """One optimiser step over every peer on one batch. No host synchronisation."""
         set_lr(self.optimizer, lr_factor(self.pos.step, self.total_steps, self.warmup_steps,
                                          self.cfg.schedule.final_lr_ratio))
         with self.precision.autocast(self.ctx.device):
             if self.probe:
                 self.probe.capturing = True  # the backbones' features of this forward, for the online probe
-            outputs = self.forward(batch.views)
+            outputs = self.forward(batch.groups)
             if self.probe:
                 self.probe.capturing = False
-            targets = self.targets.make(batch.views, self.model.pairs)
+            targets = self.targets.make(batch, self.model.plan, self.model.sets)
         loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
         self.watch.note(loss)  # a flag on the device, read only at log and checkpoint steps
         self.scaler.scale(loss).backward()

@@ -33,10 +33,10 @@ class Objective:
             raise ConfigError(f"objective.name={self.name} needs exactly {self.peers_needed} peers, the config has "
                               f"{n}: {', '.join(cfg.peers)}")
 
-    def view_pairs(self, peer_names: list[str], share_views: bool) -> dict[str, tuple[int, int]]:
-        """Which two of the step's views each peer takes: every peer the same pair, unless the objective gives each
-        its own."""
-        return {name: (0, 1) for name in peer_names}
+    def view_sets(self, peer_names: list[str], share_views: bool) -> dict[str, int]:
+        """Which set of the step's views each peer takes (pipelines/views.py): every peer the same, unless the
+        objective gives each its own."""
+        return {name: 0 for name in peer_names}
 
     def extra_terms(self, name: str, out, objective_cfg, targets) -> dict[str, tuple[float, torch.Tensor]]:
         """Terms the objective adds to peer `name`'s loss: term name -> (weight, value)."""
@@ -95,9 +95,9 @@ class DoGo(Objective):
     peers_needed = 2
     kl = True
 
-    def view_pairs(self, peer_names, share_views):
-        """DoGo's code feeds each peer its own pair of views; share_views gives both the same pair."""
-        return {name: (0, 1) if share_views else (2 * k, 2 * k + 1) for k, name in enumerate(peer_names)}
+    def view_sets(self, peer_names, share_views):
+        """DoGo's code feeds each peer its own views of the images; share_views gives both the same."""
+        return {name: 0 if share_views else k for k, name in enumerate(peer_names)}
 
 
 class DisCo(Objective):

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from dogo.core.registry import METHODS, OBJECTIVES
 from dogo.models import Peer
+from dogo.pipelines.views import view_plan
 
 
 def build_peer(peer_cfg, image_size: int = 224) -> Peer:
@@ -21,26 +22,24 @@ def build_peer(peer_cfg, image_size: int = 224) -> Peer:
 
 
 class PeerSet(nn.Module):
-    """forward(views) -> {peer: (z1, z2)}: peer k takes views pairs[k]; both views go through it as one batch
-    (one forward per peer, BN statistics over both views as in SimCLR's code). A peer with a predictor also returns
-    its predictions: (z1, z2, p1, p2).
+    """forward(groups) -> {peer: (z1, z2)}: peer k takes its set of the step's views (the objective's view_sets: DoGo
+    gives each peer its own); both views go through it as one batch (one forward per peer, BN statistics over both
+    views as in SimCLR's code). A peer with a predictor also returns its predictions: (z1, z2, p1, p2). The plan of
+    views (pipelines/views.py) is built here, so that the peers and the loader share one.
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.peers = nn.ModuleDict({name: build_peer(p, cfg.data.image_size) for name, p in cfg.peers.items()})
         objective = OBJECTIVES.get(cfg.objective.name, "objective.name")
-        self.pairs = objective.view_pairs(list(cfg.peers), cfg.objective.share_views)
+        self.sets = objective.view_sets(list(cfg.peers), cfg.objective.share_views)
+        self.plan = view_plan(cfg, len(set(self.sets.values())))
 
-    @property
-    def n_views(self) -> int:
-        return 2 * len({pair for pair in self.pairs.values()})
-
-    def forward(self, views: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    def forward(self, groups: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
         out = {}
         for name, peer in self.peers.items():
-            i, j = self.pairs[name]
-            z = peer(torch.cat([views[i], views[j]]))
+            views = self.plan.of_set(groups, self.sets[name])[0]  # its two large views, one batch
+            z = peer(views)
             out[name] = z.chunk(2) if peer.predictor is None else (*z.chunk(2), *peer.predictor(z).chunk(2))
         return out
 

@@ -51,20 +51,19 @@ class TargetMakers(nn.Module):
     def active(self) -> bool:
         return bool(self.states) or self.teacher is not None
 
-    def make(self, views: list[torch.Tensor], pairs: dict[str, tuple[int, int]]) -> Targets:
-        """The method states' targets and the teacher's embeddings of this step's views (call under the run's
-        autocast)."""
+    def make(self, batch, plan, sets: dict[str, int]) -> Targets:
+        """The method states' targets and the teacher's embeddings of this step's large views (batch: a
+        pipelines.ViewBatch; plan: its ViewPlan; sets: peer -> its set of views), under the run's autocast."""
         out = Targets()
         for name, state in self.states.items():
-            i, j = pairs[name]
-            out.method[name] = state.targets(views[i], views[j])
+            out.method[name] = state.targets(*batch.large(plan, sets[name]).chunk(2))
         if self.teacher is not None:
-            seen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+            seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             for name in self.cfg.peers:
-                pair = pairs[name]
-                if pair not in seen:  # students that share views share the teacher's forward
-                    seen[pair] = self.teacher.embed_views(views[pair[0]], views[pair[1]])
-                out.teacher[name] = seen[pair]
+                s = sets[name]
+                if s not in seen:  # students that share views share the teacher's forward
+                    seen[s] = self.teacher.embed_views(*batch.large(plan, s).chunk(2))
+                out.teacher[name] = seen[s]
         return out
 
     def after_step(self, peers: nn.ModuleDict, targets: Targets, step: int, total_steps: int) -> None:
