@@ -138,13 +138,16 @@ def test_whole_dogo_r18_r50_step_within_its_op_budget(tmp_path):
     assert len(counter.ops) <= 2300
 
 
-def test_op_count_of_the_loss_kernel_grows_only_with_its_tiles():
+@pytest.mark.parametrize("crops, kl_pairs", [(2, ((0, 1),)), (4, ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3)))])
+def test_op_count_of_the_loss_kernel_grows_only_with_its_tiles(crops, kl_pairs):
+    """Its loops run over tiles, crops, KL pairs and peers, never images."""
     from dogo.engine.ssl.contrastive import contrastive_terms
 
     def count(b: int, tile: int) -> int:
-        zs = [torch.nn.functional.normalize(torch.randn(b, 8), dim=1).requires_grad_() for _ in range(4)]
+        zs = [[torch.nn.functional.normalize(torch.randn(b, 8), dim=1).requires_grad_() for _ in range(crops)]
+              for _ in range(2)]
         with OpCounter() as c:
-            terms = contrastive_terms(zs, [0.5, 0.5], 0.2, tile)
+            terms = contrastive_terms(zs, [0.5, 0.5], 0.2, kl_pairs, tile)
             terms.sum().backward()
         return len(c.ops)
 
@@ -194,9 +197,10 @@ def test_auto_tile_on_a_gpu_cuts_the_kernels_ops_at_16384_views_at_least_8x(monk
 
     def ops(tile: int) -> int:
         with FakeTensorMode():
-            zs = [torch.nn.functional.normalize(torch.randn(images, 8), dim=1).requires_grad_() for _ in range(4)]
+            zs = [[torch.nn.functional.normalize(torch.randn(images, 8), dim=1).requires_grad_() for _ in range(2)]
+                  for _ in range(2)]
             with OpCounter() as c:
-                contrastive_terms(zs, [0.5, 0.5], 0.2, tile).sum().backward()
+                contrastive_terms(zs, [0.5, 0.5], 0.2, tile=tile).sum().backward()
         return sum(not op.startswith("prim::") for op in c.ops)
 
     assert gpu_tile >= 4096 and 8 * ops(gpu_tile) <= ops(CPU_TILE)

@@ -23,15 +23,15 @@ GPU_TILE_SHARE = 1 / 8  # of the free device memory, for the kernel's live block
 GPU_TILE_RANGE = (1024, 32768)
 
 
-def auto_tile(device: torch.device, peers: int, global_batch: int) -> int:
-    """objective.tile=auto: on CUDA, the largest power of two whose live blocks (about four (2 tile x 2 tile) fp32
-    blocks per peer, engine/run/memory.py) fit GPU_TILE_SHARE of the free memory, so that 16,384 views take a
-    handful of tiles (each tile is tens of launches: small tiles are launch-bound); on CPUs, CPU_TILE. Never more
-    than the global batch."""
+def auto_tile(device: torch.device, peers: int, global_batch: int, crops: int = 2) -> int:
+    """objective.tile=auto: on CUDA, the largest power of two whose live blocks (about four (crops tile x crops
+    tile) fp32 blocks per peer, engine/run/memory.py) fit GPU_TILE_SHARE of the free memory, so that 16,384 views
+    take a handful of tiles (each tile is tens of launches: small tiles are launch-bound); on CPUs, CPU_TILE. Never
+    more than the global batch. crops: views per image of a peer (the plan's)."""
     if device.type != "cuda":
         return min(CPU_TILE, global_batch)
     free, _ = torch.cuda.mem_get_info(device)
-    fitting = int((GPU_TILE_SHARE * free / (64 * max(peers, 1))) ** 0.5)
+    fitting = int((GPU_TILE_SHARE * free / (16 * crops ** 2 * max(peers, 1))) ** 0.5)
     tile = 1 << max(fitting, 1).bit_length() - 1
     return min(max(GPU_TILE_RANGE[0], min(tile, GPU_TILE_RANGE[1])), global_batch)
 
@@ -57,7 +57,8 @@ def resolve(cfg: Config) -> Config:
         cfg.augment.place = "device" if on_gpu else "workers"
     if cfg.objective.tile == "auto":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
-        cfg.objective.tile = auto_tile(device, len(cfg.peers), cfg.data.batch_size)
+        crops = sum(g.count for g in cfg.views.values())
+        cfg.objective.tile = auto_tile(device, len(cfg.peers), cfg.data.batch_size, crops)
     if cfg.log.tensorboard == "auto":
         cfg.log.tensorboard = "on" if tensorboard_installed() else "off"
     if cfg.checkpoint.resume == "auto":

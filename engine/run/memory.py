@@ -87,12 +87,13 @@ def _optimizer_state_factor(cfg: Config) -> int:
 
 
 def _kernel_bytes(cfg: Config, global_batch: int) -> int:
-    """The tiled contrastive kernel: normalised gathered embeddings of both views (and their gradient) for each
-    peer in it, and about four live (2 tile x 2 tile) fp32 blocks per peer during the walk."""
+    """The tiled contrastive kernel: normalised gathered embeddings of every crop (and their gradient) for each
+    peer in it, and about four live (V tile x V tile) fp32 blocks per peer during the walk (V crops per image)."""
     peers = len(cfg.peers)
     d = max(p.head_out for p in cfg.peers.values())
+    crops = sum(g.count for g in cfg.views.values())
     tile = min(cfg.objective.tile, global_batch)  # resolved for the device by the config
-    return peers * (2 * 2 * global_batch * d * 4 + 4 * (2 * tile) ** 2 * 4)
+    return peers * (2 * crops * global_batch * d * 4 + 4 * (crops * tile) ** 2 * 4)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The losses as functions of the embeddings; the methods (methods.py) and objectives (objectives.py) combine them.
 
-Shapes: each rank holds b = B/W images; z1, z2 are (b, d) embeddings of the two views. Columns span the global
-batch, rows are this rank's own. At world size 1 no process group is needed.
+Shapes: each rank holds b = B/W images; a peer's crops (views) are (b, d) embeddings each, large crops first; two
+views are the two-crop case (z1, z2). Columns span the global batch, rows are this rank's own. At world size 1 no
+process group is needed.
 
 NT-Xent and DoGo's KL run through the tiled kernel (contrastive.py, via `kernel_terms`). The straightforward
 functions below (gather with gradient, full logits block) are its reference, in the tests and in `dogo bench loss`.
@@ -27,25 +28,28 @@ def normalize(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(at_least_fp32(z), dim=1)
 
 
-def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
-    """SimCLR's NT-Xent over this rank's 2b rows against all 2B columns; mean over the rows.
+def ntxent(crops, tau: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over this rank's V b rows (V crops of b images) against all V B columns; mean over the rows.
 
-    z1, z2: (b, d), L2-normalised. Row i of view 1 has its positive at column B + g(i) and itself at g(i),
-    where g(i) = rank * b + i is the image's global index.
+    crops: V tensors (b, d), L2-normalised. Row (v, i) meets itself at column (v, g(i)), where g(i) = rank * b + i
+    is the image's global index, and its positives at (w, g(i)) for every other crop w (solo-learn's multi-crop
+    SimCLR): l = logsumexp over the non-self columns - logsumexp over the positives; for two crops the classic
+    NT-Xent.
     """
-    b = z1.shape[0]
-    rows = torch.cat([z1, z2])  # (2b, d)
-    c1, c2 = gather_with_grad(z1), gather_with_grad(z2)
-    cols = torch.cat([c1, c2])  # (2B, d)
-    big_b = c1.shape[0]
-    logits = rows @ cols.T / tau  # (2b, 2B)
-    g = rank() * b + torch.arange(b, device=z1.device)
-    self_col = torch.cat([g, g + big_b])
-    pos_col = torch.cat([g + big_b, g])
-    r = torch.arange(2 * b, device=z1.device)
-    is_self = torch.arange(2 * big_b, device=z1.device) == self_col[:, None]  # built on the device: no copy
+    n, b = len(crops), crops[0].shape[0]
+    rows = torch.cat(list(crops))  # (V b, d)
+    gathered = [gather_with_grad(z) for z in crops]
+    cols = torch.cat(gathered)  # (V B, d)
+    big_b = gathered[0].shape[0]
+    logits = rows @ cols.T / tau  # (V b, V B)
+    g = (rank() * b + torch.arange(b, device=rows.device)).repeat(n)  # each row's image
+    col = torch.arange(n * big_b, device=rows.device)  # built on the device: no copy
+    self_col = g + big_b * torch.arange(n, device=rows.device).repeat_interleave(b)
+    is_self = col == self_col[:, None]
+    same_image = (col % big_b) == g[:, None]
     logits = logits.masked_fill(is_self, float("-inf"))
-    return (torch.logsumexp(logits, dim=1) - logits[r, pos_col]).mean()
+    positives = logits.masked_fill(~same_image, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(positives, dim=1)).mean()
 
 
 def cross_view_log_softmax(z1: torch.Tensor, z2: torch.Tensor, tau_kl: float, grad: bool = True) -> torch.Tensor:
@@ -60,12 +64,13 @@ def dogo_kl(log_p_self: torch.Tensor, log_p_peer: torch.Tensor) -> torch.Tensor:
     return (log_p_peer.exp() * (log_p_peer - log_p_self)).sum(dim=1).mean()
 
 
-def reference_terms(zs, taus, tau_kl=None) -> torch.Tensor:
+def reference_terms(crops, taus, tau_kl=None, kl_pairs=((0, 1),)) -> torch.Tensor:
     """The straightforward version of `contrastive_terms`: same inputs, same layout of terms."""
-    terms = [ntxent(zs[2 * k], zs[2 * k + 1], tau) for k, tau in enumerate(taus) if tau is not None]
+    terms = [ntxent(crops[k], tau) for k, tau in enumerate(taus) if tau is not None]
     if tau_kl is not None:
-        log_p = [cross_view_log_softmax(zs[2 * k], zs[2 * k + 1], tau_kl) for k in range(2)]
-        terms += [dogo_kl(log_p[0], log_p[1]), dogo_kl(log_p[1], log_p[0])]
+        log_p = [[cross_view_log_softmax(crops[k][a], crops[k][c], tau_kl) for a, c in kl_pairs] for k in range(2)]
+        terms += [torch.stack([dogo_kl(mine, other) for mine, other in zip(log_p[k], log_p[1 - k])]).mean()
+                  for k in range(2)]
     return torch.stack(terms)
 
 
@@ -140,17 +145,19 @@ def embedding_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     return (normalize(student) - normalize(teacher).detach()).pow(2).sum()
 
 
-def kernel_terms(pairs: list[tuple[tuple, tuple]], taus: list, tau_kl: float | None, tile: int) -> torch.Tensor:
-    """The tiled kernel's terms (layout of `contrastive_terms`) for peers given as (own, as_target) embeddings.
+def kernel_terms(pairs: list[tuple[list, list]], taus: list, tau_kl: float | None, tile: int,
+                 kl_pairs=((0, 1),)) -> torch.Tensor:
+    """The tiled kernel's terms (layout of `contrastive_terms`) for peers given as (own, as_target) crops.
 
-    When every peer's own and target embeddings are the same tensors, one walk of the columns computes every term.
+    When every peer's own and target crops are the same tensors, one walk of the columns computes every term.
     Otherwise (two SimSiam peers, neither with NT-Xent) each KL term takes a walk of its own, with the partner's
-    target embeddings in the partner's slot; the other term of that walk is left out, so it sends no gradient."""
+    target crops in the partner's slot; the other term of that walk is left out, so it sends no gradient."""
     if tau_kl is None or all(a is b for own, target in pairs for a, b in zip(own, target)):
-        return contrastive_terms([normalize(z) for own, _ in pairs for z in own], taus, tau_kl, tile)
+        return contrastive_terms([[normalize(z) for z in own] for own, _ in pairs], taus, tau_kl, kl_pairs, tile)
     assert all(tau is None for tau in taus), "distinct KL targets arise only for peers without NT-Xent"
     kls = []
     for k in range(2):
         slots = [pairs[0][0], pairs[1][1]] if k == 0 else [pairs[0][1], pairs[1][0]]
-        kls.append(contrastive_terms([normalize(z) for pair in slots for z in pair], taus, tau_kl, tile)[k])
+        kls.append(contrastive_terms([[normalize(z) for z in crops] for crops in slots], taus, tau_kl, kl_pairs,
+                                     tile)[k])
     return torch.stack(kls)

@@ -58,7 +58,8 @@ class Objective:
             else:
                 pairs = [(outputs[name][:2],) * 2 for name in slots]
             taus = [peers[name].tau if methods[name].contrastive else None for name in slots]
-            values = losses.kernel_terms(pairs, taus, objective_cfg.tau_kl if self.kl else None, objective_cfg.tile)
+            values = losses.kernel_terms(pairs, taus, objective_cfg.tau_kl if self.kl else None,
+                                         objective_cfg.tile)
             ntx = [name for name, tau in zip(slots, taus) if tau is not None]
             for k, name in enumerate(ntx):
                 terms[f"{name}/ntxent"] = values[k]
