@@ -34,6 +34,10 @@ PEERS = {
                                 "w": {"arch": "resnet18", **HEAD, "ssl": "barlowtwins"}},
     "disco:byol": {"y": {"arch": "resnet18", **HEAD, "ssl": "byol", "byol": {"pred_hidden": 8}}},
 }
+# multi-crop: 2 x 16 px + 2 x 8 px views per image (objective:multicrop, the same peers as the objective alone)
+MULTICROP = {"views": {"global": {"count": 2}, "local": {"count": 2, "size": 8}}}
+for _name in ("simclr", "dogo", "disco"):
+    PEERS[f"{_name}:multicrop"] = PEERS[_name]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,8 @@ def _config(objective: str, tmp_path, teacher=None, batch=8, tile=4, **extra):
            "augment": {"blur_p": 0.5, "solarize_p": 0.2}, "peers": PEERS[objective],
            "objective": {"name": objective.split(":")[0], "tile": tile}, "optim": {"name": "lars", "lr": 0.1},
            "schedule": {"max_steps": 4, "warmup_epochs": 0}, "eval": {"knn_every_epochs": 0},
-           "log": {"progress": "off", "tensorboard": "off"}, **extra}
+           "log": {"progress": "off", "tensorboard": "off"},
+           **(MULTICROP if objective.endswith(":multicrop") else {}), **extra}
     if teacher is not None:
         raw["teacher"] = {"backbone": str(teacher / "bb.pt"), "head": str(teacher / "head.pt"), "arch": "resnet18"}
     return config_mod.from_dict(raw)
@@ -114,10 +119,11 @@ def _op_count(objective: str, tmp_path, batch: int, teacher) -> int:
     return len(counter.ops)
 
 
-@pytest.mark.parametrize("objective", ["dogo", "disco", "dogo:byol+simclr", "dogo:vicreg+barlowtwins"])
+@pytest.mark.parametrize("objective", ["dogo", "disco", "dogo:byol+simclr", "dogo:vicreg+barlowtwins",
+                                       "simclr:multicrop", "dogo:multicrop", "disco:multicrop"])
 def test_op_count_of_a_step_does_not_grow_with_the_batch(objective, tmp_path, teacher_files):
     """No Python loop over images in the recipe or the step: 8 and 16 images dispatch the same ops (the kernel's
-    tile of 64 holds both batches in one tile)."""
+    tile of 64 holds both batches in one tile); with multi-crop the loops run over groups, crops and pairs."""
     teacher = teacher_files if objective.startswith("disco") else None
     assert _op_count(objective, tmp_path, 8, teacher) == _op_count(objective, tmp_path, 16, teacher)
 

@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
 from dogo.engine.ssl.objectives import objective_loss
+from dogo.engine.ssl.peers import Crops
 from tests.helpers import gloo_ranks
 
 PEERS = {"a": PeerConfig(ssl="simclr", tau=0.2, kl_weight=1.0), "b": PeerConfig(ssl="simclr", tau=0.5, kl_weight=0.5)}
@@ -19,7 +20,7 @@ def _inputs(global_b: int):
 
 def _reference(objective: str, global_b: int):
     leaves = [t.clone().requires_grad_() for t in _inputs(global_b)]
-    emb = {"a": (leaves[0], leaves[1]), "b": (leaves[2], leaves[3])}
+    emb = {"a": Crops.of(leaves[:2]), "b": Crops.of(leaves[2:])}
     loss, terms = objective_loss(emb, ObjectiveConfig(name=objective, tile=1024), PEERS)
     loss.backward()
     return loss.detach(), [t.grad for t in leaves]
@@ -28,7 +29,7 @@ def _reference(objective: str, global_b: int):
 def _objective_on_rank(rank: int, world: int, objective: str, global_b: int):
     b = global_b // world
     leaves = [t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in _inputs(global_b)]
-    emb = {"a": (leaves[0], leaves[1]), "b": (leaves[2], leaves[3])}
+    emb = {"a": Crops.of(leaves[:2]), "b": Crops.of(leaves[2:])}
     loss, _ = objective_loss(emb, ObjectiveConfig(name=objective, tile=1024), PEERS)
     loss.backward()
     return loss.detach(), [t.grad for t in leaves]
@@ -79,7 +80,7 @@ STATISTICS = ("vicreg", "barlowtwins", "byol")
 def _statistics_loss(method: str, z1, z2, targets=None):
     from dogo.engine.ssl.targets import Targets
     peers = {"p": PeerConfig(ssl=method)}
-    outputs = (z1, z2, z1 * 1.5, z2 - 0.5) if method == "byol" else (z1, z2)  # BYOL: predictions too
+    outputs = Crops.of([z1, z2], [z1 * 1.5, z2 - 0.5] if method == "byol" else None)  # BYOL: predictions too
     t = Targets(method={"p": targets}) if targets is not None else None
     return objective_loss({"p": outputs}, ObjectiveConfig(name=method, tile=1024), peers, t)[0]
 

@@ -89,14 +89,20 @@ def test_each_bad_plan_is_one_line_naming_its_key(override, message):
         config_mod.load(None, [*SIMCLR, "data.image_size=32", override])
 
 
-def test_a_plan_the_peers_cannot_train_yet_is_refused():
-    """Until the methods take crops, a plan beyond two views of one size would be trained as two views: refused,
-    not ignored. Two views with recipes of their own are made by every loader and trained."""
-    with pytest.raises(ConfigError, match="multi-crop training arrives with the methods"):
-        config_mod.load(None, [*SIMCLR, "data.image_size=32", MULTI])
-    cfg = config_mod.load(None, [*SIMCLR, "data.image_size=32", "views.global.size=32",
-                                 "views.global.view_recipe={1: {solarize_p: 0.2}}"])
-    assert cfg.views["global"].size == 32
+def test_a_method_of_two_crops_alone_refuses_local_crops():
+    """Alone, SimSiam, VICReg, Barlow Twins and MoCo take the two large crops only (as solo-learn's): more crops
+    would cost their forward and teach nothing, so they are refused, not ignored. Under DoGo or DisCo the KL or the
+    distillation uses them; SimCLR and BYOL use them alone."""
+    for method in ("vicreg", "simsiam", "barlowtwins", "mocov2"):
+        with pytest.raises(ConfigError, match=f"objective.name={method}: {method} uses the two large crops only"):
+            config_mod.load(None, ["device=cpu", "data.image_size=32", f"objective.name={method}", MULTI])
+    for method in ("simclr", "byol"):
+        config_mod.load(None, ["device=cpu", "data.image_size=32", f"objective.name={method}", MULTI])
+    two_peers = "peers={a: {ssl: vicreg}, b: {ssl: simclr}}"
+    config_mod.load(None, ["device=cpu", "data.image_size=32", "objective.name=dogo", two_peers, MULTI])
+    # two large crops with recipes of their own are two crops still
+    config_mod.load(None, ["device=cpu", "data.image_size=32", "objective.name=vicreg",
+                           "views.global.view_recipe={1: {solarize_p: 0.2}}"])
 
 
 def test_views_in_a_base_file_are_replaced_not_merged(tmp_path):

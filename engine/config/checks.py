@@ -206,9 +206,6 @@ def _check_views(cfg: Config) -> None:
             raise ConfigError(f"peers.{name}.arch_args.dynamic_img_size=false: {peer.arch} is built for one view "
                               f"size and the views come in {len(cfg.views)} sizes; remove the setting (it is set "
                               f"to true for a plan of several sizes)")
-    if len(cfg.views) > 1 or next(iter(cfg.views.values())).count != 2:
-        raise ConfigError("views: the peers train on two views of one size (multi-crop training arrives with the "
-                          "methods, issue 47); keep one group of count 2 (its recipes may differ per view)")
 
 
 def _check_labels(cfg: Config) -> None:

@@ -85,13 +85,14 @@ def infonce_with_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, ta
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
-def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, tau: float, symmetric: bool = False) -> torch.Tensor:
-    """MoCo v2: view 1's queries against view 2's keys and the queue, MoCo's own form (q2 and k1 are unused).
+def mocov2_loss(queries, keys, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    """MoCo v2 over crops: the mean over pairs (v, g) of InfoNCE of crop v's queries against large crop g's keys and
+    the queue, for every g whose keys were made (keys[g] not None) and every other crop v.
 
-    symmetric (our option): also view 2's queries against view 1's keys, the two directions averaged."""
-    if not symmetric:
-        return infonce_with_queue(q1, k2, queue, tau)
-    return 0.5 * (infonce_with_queue(q1, k2, queue, tau) + infonce_with_queue(q2, k1, queue, tau))
+    MoCo's own form: keys of crop 1 only, so (q_0, k_1) for two crops; symmetric (our option): keys of both large
+    crops, the two directions averaged. Local crops (under DoGo or DisCo) query the large crops' keys."""
+    pairs = [(v, g) for g, k in enumerate(keys) if k is not None for v in range(len(queries)) if v != g]
+    return sum(infonce_with_queue(queries[v], keys[g], queue, tau) for v, g in pairs) / len(pairs)
 
 
 def simsiam_loss(z1, z2, p1, p2) -> torch.Tensor:
@@ -101,11 +102,13 @@ def simsiam_loss(z1, z2, p1, p2) -> torch.Tensor:
     return -0.5 * (cos(p1, z2) + cos(p2, z1))
 
 
-def byol_loss(p1, p2, t1, t2) -> torch.Tensor:
-    """BYOL: 2 - 2 cos between each view's prediction and the target network's (normalised, gradient-free)
-    projection of the other view, averaged over the rows, the two directions summed."""
+def byol_loss(predictions, targets) -> torch.Tensor:
+    """BYOL over crops, as solo-learn sums it: 2 - 2 cos between crop v's prediction and the target network's
+    (normalised, gradient-free) projection of large crop g, averaged over the rows, summed over every large crop g
+    and every other crop v. Two crops: both directions summed (BYOL's loss); it grows with the crops."""
     cos = lambda p, t: F.cosine_similarity(p, t.detach(), dim=1).mean()
-    return 4 - 2 * (cos(p1, t2) + cos(p2, t1))
+    return sum(2 - 2 * cos(predictions[v], t) for g, t in enumerate(targets)
+               for v in range(len(predictions)) if v != g)
 
 
 def _off_diagonal_square_sum(m: torch.Tensor) -> torch.Tensor:
@@ -143,6 +146,17 @@ def embedding_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     embeddings, summed over dimensions and over this rank's rows, as DisCo's MSELoss(reduction='sum') over each
     GPU's batch. The teacher carries no gradient."""
     return (normalize(student) - normalize(teacher).detach()).pow(2).sum()
+
+
+def disco_distance(student, teacher) -> torch.Tensor:
+    """DisCo over crops: the teacher embeds the G large crops only. Each large crop's student embedding to the
+    teacher's of the same crop (DisCo's two terms for two crops), each local crop's to every large crop's with
+    weight 1/G (one unit per crop, as each large crop):
+        sum_g d(s_g, t_g) + sum_{v >= G} (1/G) sum_g d(s_v, t_g)."""
+    large = len(teacher)
+    own = sum(embedding_distance(s, t) for s, t in zip(student[:large], teacher))
+    local = [embedding_distance(s, t) for s in student[large:] for t in teacher]
+    return own + sum(local) / large if local else own
 
 
 def kernel_terms(pairs: list[tuple[list, list]], taus: list, tau_kl: float | None, tile: int,

@@ -1,6 +1,9 @@
 """The peers a run trains: each a backbone, the projection head its method wants and, for a method with one, its
-predictor; all of them in one module (PeerSet) so that one DDP wrapper and one backward cover them."""
+predictor; all of them in one module (PeerSet) so that one DDP wrapper and one backward cover them. A peer's
+outputs for a step are its Crops."""
 from __future__ import annotations
+
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,11 +24,29 @@ def build_peer(peer_cfg, image_size: int = 224) -> Peer:
     return peer
 
 
+class Crops(NamedTuple):  # a NamedTuple: DDP's handling of outputs sees through it
+    """One peer's outputs for its crops of a step's images, large crops first: crop v is rows v*b:(v+1)*b of each
+    flat tensor (b images). Two views are the two-crop case."""
+    z: torch.Tensor  # (crops * b, d) the projection head's outputs, unnormalised
+    p: torch.Tensor | None  # (crops * b, d) the predictor's outputs (SimSiam, BYOL), else None
+    crops: int  # crops per image
+    large: int  # how many of the first crops are the large ones
+
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """A flat tensor (z, p, or one like them) as its crops, (b, d) each: views, no copy."""
+        return list(t.chunk(self.crops))
+
+    @staticmethod
+    def of(z: Sequence[torch.Tensor], p: Sequence[torch.Tensor] | None = None, large: int = 2) -> "Crops":
+        """From per-crop tensors (b, d) each, large first (the tests' and references' form)."""
+        return Crops(torch.cat(list(z)), None if p is None else torch.cat(list(p)), len(z), large)
+
+
 class PeerSet(nn.Module):
-    """forward(groups) -> {peer: (z1, z2)}: peer k takes its set of the step's views (the objective's view_sets: DoGo
-    gives each peer its own); both views go through it as one batch (one forward per peer, BN statistics over both
-    views as in SimCLR's code). A peer with a predictor also returns its predictions: (z1, z2, p1, p2). The plan of
-    views (pipelines/views.py) is built here, so that the peers and the loader share one.
+    """forward(groups) -> {peer: Crops}: peer k takes its set of the step's views (the objective's view_sets: DoGo
+    gives each peer its own), its crops of each size through the backbone as one batch and the head once on all of
+    them (BN statistics over the crops of a size, as SimCLR's code over both views), and, for a method with one, its
+    predictor. The plan of views (pipelines/views.py) is built here, so that the peers and the loader share one.
     """
 
     def __init__(self, cfg):
@@ -35,12 +56,12 @@ class PeerSet(nn.Module):
         self.sets = objective.view_sets(list(cfg.peers), cfg.objective.share_views)
         self.plan = view_plan(cfg, len(set(self.sets.values())))
 
-    def forward(self, groups: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    def forward(self, groups: list[torch.Tensor]) -> dict[str, Crops]:
         out = {}
         for name, peer in self.peers.items():
-            views = self.plan.of_set(groups, self.sets[name])[0]  # its two large views, one batch
-            z = peer(views)
-            out[name] = z.chunk(2) if peer.predictor is None else (*z.chunk(2), *peer.predictor(z).chunk(2))
+            z = peer.forward_groups(self.plan.of_set(groups, self.sets[name]))
+            p = peer.predictor(z) if peer.predictor is not None else None
+            out[name] = Crops(z, p, self.plan.crops, self.plan.large)
         return out
 
 
