@@ -4,10 +4,12 @@ Untimed warm-up, a device synchronisation around each timed block only, several 
 and the environment written beside the figures. Two figures: the whole step as training runs it (batch synthesis
 and the batched augmentation included) and the engine alone (one prepared batch reused). Beside them: the step's
 FLOPs per image (torch.utils.flop_counter on one real step), the achieved TFLOP/s, the model FLOP utilisation
-(MFU) against the device's dense bf16 peak, and the aten ops one step dispatches.
+(MFU) against the device's dense bf16 peak, and the aten ops one step dispatches. A multi-crop config (views beyond
+two large ones) is measured beside its two-view self (the first group's two views only): images/s and ops per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -158,6 +160,36 @@ def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int) -> tuple[dic
 H100 = {"name": "H100 SXM", "peak_tflops": 989.0, "bandwidth_tb_per_s": 3.35, "model_efficiency": 0.17}
 
 
+def ops_per_step(trainer, batches) -> int:
+    """The aten ops one training step dispatches (the loader's batch made outside the count)."""
+    batch = next(batches)
+    with OpCounter() as ops:
+        trainer.step(batch)
+    return len(ops.ops)
+
+
+def two_view(cfg: Config) -> Config | None:
+    """The config with its first group's two views only (its recipes kept), or None where that is the config."""
+    (name, first), *others = cfg.views.items()
+    if not others and first.count == 2:
+        return None
+    kept = {k: v for k, v in first.view_recipe.items() if int(k) < 2}
+    return dataclasses.replace(cfg, views={name: dataclasses.replace(first, count=2, view_recipe=kept)})
+
+
+def bench_two_view(cfg: Config, warmup: int, steps: int, repeats: int) -> dict:
+    """The whole step of the config's two-view self, as training runs it: images/s and ops per step."""
+    from dogo.engine.run.trainer import Trainer
+    trainer = Trainer(cfg)
+    device, b = trainer.ctx.device, cfg.data.batch_size // trainer.ctx.world_size
+    batches = endless(trainer.loader)
+    for _ in range(warmup):
+        trainer.step(next(batches))
+    whole = _timed(lambda: trainer.step(next(batches)), steps, repeats, device, b)
+    return {"views": to_dict(cfg)["views"], "step_with_batch_and_augmentation": whole,
+            "ops_per_step": ops_per_step(trainer, batches)}
+
+
 def gpu_estimate(flops_per_image: float, recipe_bytes_per_image: float, gpu=H100) -> dict:
     """The step on a GPU from the measured inputs: the model's FLOPs at MLPerf-grade efficiency, plus the device
     recipe's memory traffic for every view of an image at the GPU's bandwidth (unfused eager ops: each pass goes
@@ -171,9 +203,7 @@ def gpu_estimate(flops_per_image: float, recipe_bytes_per_image: float, gpu=H100
 def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float | None = None) -> dict:
     """peak: the device's dense peak in TFLOP/s for the MFU (None: looked up by the GPU's name). With a backend
     other than synthetic, the same step on synthetic batches is measured too: the ceiling the input pipeline is
-    held against."""
-    import dataclasses
-
+    held against. A multi-crop config: its two-view self beside it (two_view)."""
     from dogo.benchmarks.traffic import recipe_traffic
     rss_before = _rss()
     timing, trainer = _bench_step(cfg, warmup, steps, repeats)
@@ -182,8 +212,7 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     fixed = trainer.fixed_batch
     flops_per_image = count_flops(lambda: trainer.step(fixed)) / b
     batches = endless(trainer.loader)
-    with OpCounter() as ops:
-        trainer.step(next(batches))
+    ops = ops_per_step(trainer, batches)
     syncs = sync_warnings(lambda: trainer.step(next(batches)), device)
     env = environment(device)
     peak = peak if peak is not None else peak_tflops(env["gpu"])
@@ -198,14 +227,14 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     recipe_bytes = sum(len(g.views) * traffic[g.size] for g in trainer.model.plan.groups)
     result = {
         "benchmark": "train_step",
-        "what": "images (each with 2 views per peer) per second per device",
+        "what": "images (each with its plan's views per peer) per second per device",
         "config": cfg.name, "backend": cfg.data.backend, "peers": {n: p.arch for n, p in cfg.peers.items()},
         "objective": cfg.objective.name, "image_size": cfg.data.image_size, "batch_per_device": b,
         "world_size": trainer.ctx.world_size, "precision": str(trainer.precision.dtype),
         "channels_last": trainer.precision.channels_last,
         "warmup_steps": warmup, "timed_steps": steps, **timing,
         "flops_per_image": flops_per_image, "tflops": tflops, "peak_tflops": peak,
-        "mfu": tflops / peak if peak else None, "ops_per_step": len(ops.ops), "sync_warnings": syncs,
+        "mfu": tflops / peak if peak else None, "ops_per_step": ops, "sync_warnings": syncs,
         "device_recipe_bytes_per_image_per_view": traffic[cfg.data.image_size],
         "device_recipe_bytes_per_image": recipe_bytes,
         "gpu_estimate": gpu_estimate(flops_per_image, recipe_bytes),
@@ -213,8 +242,11 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
                    "measured_as": how, "estimate_parts": trainer.memory_estimate.parts},
         "environment": env, "resolved_config": to_dict(cfg),
     }
+    two = two_view(cfg)
+    del trainer, batches
+    if two is not None:
+        result["two_view"] = bench_two_view(two, warmup, steps, repeats)
     if cfg.data.backend != "synthetic":
-        del trainer, batches
         synthetic = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend="synthetic"),
                                         eval=dataclasses.replace(cfg.eval, knn_every_epochs=0))
         ceiling, _ = _bench_step(synthetic, warmup, steps, repeats)
@@ -238,6 +270,11 @@ def summary(result: dict, name: str) -> str:
             f"MFU {mfu}, {result['ops_per_step']} ops per step; memory estimate "
             f"{result['memory']['estimate_bytes'] / 2 ** 30:.2f} GiB, measured "
             f"{result['memory']['measured_peak_bytes'] / 2 ** 30:.2f} GiB")
+    if "two_view" in result:
+        t = result["two_view"]
+        line += (f"; its two-view step (the first group's two views): "
+                 f"{t['step_with_batch_and_augmentation']['images_per_s_median']:.1f} images/s, "
+                 f"{t['ops_per_step']} ops per step")
     if "synthetic_ceiling" in result:
         line += (f"; {result['ratio_to_synthetic_ceiling']:.2f}x the synthetic-data ceiling of "
                  f"{result['synthetic_ceiling']['images_per_s_median']:.1f} images/s")

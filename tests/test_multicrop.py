@@ -199,3 +199,16 @@ def test_the_online_probe_learns_from_the_large_crops_only(tmp_path):
     terms = probe.step(torch.arange(4))
     assert torch.isfinite(terms["probe/p/loss"])
     assert ViewBatch(groups, torch.arange(4)).large(model.plan, 0).shape[0] == 2 * 4
+
+
+def test_a_backbone_too_large_for_the_small_crops_is_named_with_the_key():
+    pytest.importorskip("timm")
+    from dogo.core.errors import ConfigError
+    from dogo.core.precision import Precision
+    from dogo.engine.run.memory import memory_model
+    cfg = config_mod.load(None, ["device=cpu", "data.image_size=32", "objective.name=simclr",
+                                 "peers={v: {arch: 'timm:vit_tiny_patch16_224', arch_args: {patch_size: 16}}}",
+                                 "views={global: {count: 2}, local: {count: 2, size: 8}}"])
+    with pytest.raises(ConfigError, match=r"peers.v.arch=timm:vit_tiny_patch16_224 cannot take views.local.size=8 "
+                                          r"px views .*raise views.local.size"):
+        memory_model(cfg, 1, Precision(torch.float32, False))

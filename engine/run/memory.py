@@ -131,21 +131,23 @@ class MemoryModel:
 
 
 def _require_image_size(model: PeerSet, cfg: Config, precision: Precision) -> None:
-    """Every peer's backbone takes views of data.image_size (a ViT's patches, inception's stem need a least size):
-    one meta forward each (no memory, no compute), so that the one that cannot is named with what to do rather than
-    a convolution's traceback from the trial forward below."""
-    s = cfg.data.image_size
-    for name, peer in model.peers.items():
-        views = torch.empty(2, 3, s, s, device="meta", dtype=precision.dtype).contiguous(
-            memory_format=precision.memory_format)
-        try:
-            with torch.no_grad():
-                peer.backbone(views)
-        except (RuntimeError, ValueError, AssertionError) as exc:
-            reason = " ".join(str(exc).split("\n")[0].split())[:200]
-            raise ConfigError(f"peers.{name}.arch={cfg.peers[name].arch} cannot take data.image_size={s} px views "
-                              f"({reason}); raise data.image_size, or give peers.{name}.arch a backbone (or arch_args, "
-                              f"e.g. a ViT's patch_size) made for {s} px images") from None
+    """Every peer's backbone takes views of each size of the plan (a ViT's patches, inception's stem need a least
+    size): one meta forward each (no memory, no compute), so that the one that cannot is named with what to do rather
+    than a convolution's traceback from the trial forward below."""
+    for g, group in enumerate(model.plan.groups):
+        s = group.size
+        key = "data.image_size" if g == 0 else f"views.{group.name}.size"
+        for name, peer in model.peers.items():
+            views = torch.empty(2, 3, s, s, device="meta", dtype=precision.dtype).contiguous(
+                memory_format=precision.memory_format)
+            try:
+                with torch.no_grad():
+                    peer.backbone(views)
+            except (RuntimeError, ValueError, AssertionError) as exc:
+                reason = " ".join(str(exc).split("\n")[0].split())[:200]
+                raise ConfigError(f"peers.{name}.arch={cfg.peers[name].arch} cannot take {key}={s} px views "
+                                  f"({reason}); raise {key}, or give peers.{name}.arch a backbone (or arch_args, "
+                                  f"e.g. a ViT's patch_size) made for {s} px images") from None
 
 
 def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryModel:
