@@ -36,9 +36,10 @@ def _loss_fn(version: str, zs, objective: str, tile: int):
     from dogo.engine.ssl.losses import reference_terms
     taus = (0.1, 0.1) if objective == "dogo" else (0.1,)
     tau_kl = 0.1 if objective == "dogo" else None
+    crops = [zs[2 * k:2 * k + 2] for k in range(len(taus))]  # each peer's two views
     if version == "kernel":
-        return lambda: contrastive_terms(zs, taus, tau_kl, tile)
-    return lambda: reference_terms(zs, taus, tau_kl)
+        return lambda: contrastive_terms(crops, taus, tau_kl, tile=tile)
+    return lambda: reference_terms(crops, taus, tau_kl)
 
 
 def _measure(version: str, views: int, dim: int, tile: int, objective: str, dtype: str, device: str,

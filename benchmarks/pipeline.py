@@ -20,6 +20,7 @@ are read once before timing so that all three read from the page cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import statistics
 import time
@@ -31,8 +32,9 @@ from dogo.benchmarks.train_step import sync
 from dogo.core.environment import environment
 from dogo.engine.config import AugmentConfig, DataConfig, resolved_for
 from dogo.core.precision import Precision
-from dogo.pipelines import build_loader
+from dogo.pipelines import LoaderSpec, build_loader
 from dogo.pipelines.base import endless
+from dogo.pipelines.views import two_view_plan
 from dogo.pipelines.recipe.device import blur_kernel_size
 from dogo.pipelines.imagefolder import scan
 from dogo.pipelines.images import load_rgb
@@ -125,21 +127,25 @@ def _torchvision_iter(paths, recipe, size, batch, workers, seed):
     return make
 
 
-def _backend_iter(backend: str, root: Path, beton: str, recipe, size, batch, workers, n_views, device, precision):
+def _spec(recipe, size: int, batch: int, device: torch.device, precision=None) -> LoaderSpec:
+    """Two views of `size` per image, seed 0, one rank: what the pipeline benchmarks time."""
+    return LoaderSpec(plan=two_view_plan(size, recipe), recipe=recipe, global_batch=batch, seed=0, device=device,
+                      **({"dtype": precision.dtype, "channels_last": precision.channels_last} if precision else {}))
+
+
+def _backend_iter(backend: str, root: Path, beton: str, recipe, size, batch, workers, device, precision):
     data = DataConfig(backend=backend, path=str(root.parent), train_split=root.name,
                       image_size=size, batch_size=batch, workers=workers)
     data.ffcv.beton = beton
-    return lambda: endless(build_loader(data, recipe, n_views=n_views, seed=0, rank=0, world_size=1, device=device,
-                                        dtype=precision.dtype, channels_last=precision.channels_last))
+    return lambda: endless(build_loader(data, _spec(recipe, size, batch, device, precision)))
 
 
 def _ffcv_decode_iter(beton: str, recipe, size, batch, workers, device):
     """FFCV's read and decode alone (whole images, no crop): the FFCV backend's own ceiling."""
     def make():
         from dogo.pipelines.backends.ffcv_loader import FFCVLoader
-        loader = FFCVLoader(beton, image_size=size, global_batch=batch, n_views=2, recipe=recipe,
-                            place="device", workers=workers, order="random", os_cache=True, seed=0, rank=0,
-                            world_size=1, device=device, dtype=torch.float32, channels_last=False)
+        device_recipe = dataclasses.replace(recipe, place="device")
+        loader = FFCVLoader(beton, _spec(device_recipe, size, batch, device), workers=workers)
         return endless(loader, lambda l, epoch: l.decoded_batches(epoch, 0))
     return make
 
@@ -170,7 +176,7 @@ def bench_pipeline(backend: str, root: Path, beton: str, size: int, batch: int, 
         "decode_only_pil": lambda: decode_ceiling(paths, workers, 1, _decode_pil),
         "torchvision": lambda: _rate(_torchvision_iter(paths, recipe, size, batch, workers, 0), batch, batches,
                                      warmup, 1, torch.device("cpu")),
-        "backend_two_views": lambda: _rate(_backend_iter(backend, root, beton, recipe, size, batch, workers, 2,
+        "backend_two_views": lambda: _rate(_backend_iter(backend, root, beton, recipe, size, batch, workers,
                                                          device, precision), batch, batches, warmup, 1, device),
     }
     if backend == "ffcv":  # in the same passes: FFCV decodes with its own libjpeg-turbo binding
@@ -248,10 +254,9 @@ def bench_cifar(path: Path, size: int, batch: int, batches: int, warmup: int, re
         root = _as_png_folder(data.images, data.labels, data.classes, Path(tmp))
         contenders = {
             "backend_two_views": lambda: _rate(
-                lambda: endless(build_loader(config, recipe, n_views=2, seed=0, rank=0, world_size=1, device=device,
-                                             dtype=precision.dtype, channels_last=precision.channels_last)),
+                lambda: endless(build_loader(config, _spec(recipe, size, batch, device, precision))),
                 batch, batches, warmup, 1, device),
-            "folder_two_views": lambda: _rate(_backend_iter("folder", root, "", recipe, size, batch, workers, 2,
+            "folder_two_views": lambda: _rate(_backend_iter("folder", root, "", recipe, size, batch, workers,
                                                             device, precision), batch, batches, warmup, 1, device),
             "torchvision": lambda: _rate(torchvision_iter, batch, batches, warmup, 1, torch.device("cpu")),
         }

@@ -7,9 +7,12 @@ FLOPs per image (torch.utils.flop_counter on one real step), the achieved TFLOP/
 (MFU) against the device's dense bf16 peak, and what the host launches for one step: the aten ops it dispatches
 and, with CUDA graphs (precision.cuda_graphs=on), the graph replays and the ops each replays. A graphs run also
 measures the same step eager (cuda_graphs=off) in the same process, for the comparison.
+A multi-crop config (views beyond two large ones) is measured beside its two-view self (the first group's two
+views only): images/s and ops per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -116,16 +119,16 @@ def _peak_rss() -> int:
 
 def plain_model_step(trainer, batch):
     """The ceiling the engine is held against: the same peers and heads (a copy, so the trainer is untouched), each
-    forwarding its two views as one batch and backpropagating a trivial loss, then one fused SGD step; no objective,
-    no targets, no scaler. What a hand-written loop around the same models would cost."""
+    forwarding its views of each size as one batch and backpropagating a trivial loss, then one fused SGD step; no
+    objective, no targets, no scaler. What a hand-written loop around the same models would cost."""
     import copy
     model, device = copy.deepcopy(trainer.model), trainer.ctx.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, fused=True)
     def step() -> None:
         with trainer.precision.autocast(device):
-            loss = sum(peer(torch.cat([batch.views[i], batch.views[j]])).float().square().mean()
-                       for (i, j), peer in ((model.pairs[name], peer) for name, peer in model.peers.items()))
+            loss = sum(peer(views).float().square().mean() for name, peer in model.peers.items()
+                       for views in batch.of_set(model.plan, model.sets[name]))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -198,11 +201,34 @@ def _bench_step(cfg: Config, warmup: int, steps: int, repeats: int, with_ceiling
 H100 = {"name": "H100 SXM", "peak_tflops": 989.0, "bandwidth_tb_per_s": 3.35, "model_efficiency": 0.17}
 
 
-def gpu_estimate(flops_per_image: float, recipe_bytes_per_image_per_view: float, views: int, gpu=H100) -> dict:
+def two_view(cfg: Config) -> Config | None:
+    """The config with its first group's two views only (its recipes kept), or None where that is the config."""
+    (name, first), *others = cfg.views.items()
+    if not others and first.count == 2:
+        return None
+    kept = {k: v for k, v in first.view_recipe.items() if int(k) < 2}
+    return dataclasses.replace(cfg, views={name: dataclasses.replace(first, count=2, view_recipe=kept)})
+
+
+def bench_two_view(cfg: Config, warmup: int, steps: int, repeats: int) -> dict:
+    """The whole step of the config's two-view self, as training runs it: images/s and ops per step."""
+    from dogo.engine.run.trainer import Trainer
+    trainer = Trainer(cfg)
+    device, b = trainer.ctx.device, cfg.data.batch_size // trainer.ctx.world_size
+    batches = endless(trainer.loader)
+    for _ in range(warmup):
+        trainer.step(next(batches))
+    whole = _timed(lambda: trainer.step(next(batches)), steps, repeats, device, b)
+    return {"views": to_dict(cfg)["views"], "step_with_batch_and_augmentation": whole,
+            "ops_per_step": launches_per_step(trainer, lambda: next(batches))["aten_ops"]}
+
+
+def gpu_estimate(flops_per_image: float, recipe_bytes_per_image: float, gpu=H100) -> dict:
     """The step on a GPU from the measured inputs: the model's FLOPs at MLPerf-grade efficiency, plus the device
-    recipe's memory traffic at the GPU's bandwidth (unfused eager ops: each pass goes through memory)."""
+    recipe's memory traffic for every view of an image at the GPU's bandwidth (unfused eager ops: each pass goes
+    through memory)."""
     model_s = flops_per_image / (gpu["peak_tflops"] * 1e12 * gpu["model_efficiency"])
-    recipe_s = recipe_bytes_per_image_per_view * views / (gpu["bandwidth_tb_per_s"] * 1e12)
+    recipe_s = recipe_bytes_per_image / (gpu["bandwidth_tb_per_s"] * 1e12)
     return {"gpu": gpu, "model_ms_per_1000_images": 1e6 * model_s, "recipe_ms_per_1000_images": 1e6 * recipe_s,
             "images_per_s": 1 / (model_s + recipe_s), "recipe_share": recipe_s / (model_s + recipe_s)}
 
@@ -210,9 +236,7 @@ def gpu_estimate(flops_per_image: float, recipe_bytes_per_image_per_view: float,
 def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float | None = None) -> dict:
     """peak: the device's dense peak in TFLOP/s for the MFU (None: looked up by the GPU's name). With a backend
     other than synthetic, the same step on synthetic batches is measured too: the ceiling the input pipeline is
-    held against."""
-    import dataclasses
-
+    held against. A multi-crop config: its two-view self beside it (two_view)."""
     from dogo.benchmarks.traffic import recipe_traffic
     rss_before = _rss()
     timing, trainer = _bench_step(cfg, warmup, steps, repeats)
@@ -223,7 +247,7 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     if trainer.graph is None:
         flops_per_image = count_flops(lambda: trainer.step(fixed)) / b
     else:  # a replay dispatches nothing a counter sees: the captured region, once eagerly (a real step)
-        flops_per_image = count_flops(lambda: trainer.graph.body(fixed.views, fixed.labels)) / b
+        flops_per_image = count_flops(lambda: trainer.graph.body(fixed.groups, fixed.labels)) / b
     batches = endless(trainer.loader)
     launches = launches_per_step(trainer, lambda: next(batches))
     if trainer.graph is not None:
@@ -238,11 +262,13 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
     else:
         measured, how = _peak_rss() - rss_before, "resident-set high-water mark above the process before the trainer"
     tflops = flops_per_image * whole["images_per_s_median"] / 1e12
-    views = trainer.model.n_views
-    traffic = recipe_traffic(cfg.augment, cfg.data.image_size, min(b, 64), torch.float16, torch.bfloat16)
+    # the device recipe's bytes per view at each group's size, and for all the views of an image
+    traffic = {g.size: recipe_traffic(g.recipe, g.size, min(b, 64), torch.float16, torch.bfloat16)
+               ["bytes_per_image_per_view"] for g in trainer.model.plan.groups}
+    recipe_bytes = sum(len(g.views) * traffic[g.size] for g in trainer.model.plan.groups)
     result = {
         "benchmark": "train_step",
-        "what": "images (each with 2 views per peer) per second per device",
+        "what": "images (each with its plan's views per peer) per second per device",
         "config": cfg.name, "backend": cfg.data.backend, "peers": {n: p.arch for n, p in cfg.peers.items()},
         "objective": cfg.objective.name, "image_size": cfg.data.image_size, "batch_per_device": b,
         "world_size": trainer.ctx.world_size, "precision": str(trainer.precision.dtype),
@@ -251,16 +277,20 @@ def bench_train(cfg: Config, warmup: int, steps: int, repeats: int, peak: float 
         "flops_per_image": flops_per_image, "tflops": tflops, "peak_tflops": peak,
         "mfu": tflops / peak if peak else None, "ops_per_step": launches["aten_ops"],
         "cuda_graphs": cfg.precision.cuda_graphs, "launches_per_step": launches, "sync_warnings": syncs,
-        "device_recipe_bytes_per_image_per_view": traffic["bytes_per_image_per_view"],
-        "gpu_estimate": gpu_estimate(flops_per_image, traffic["bytes_per_image_per_view"], views),
+        "device_recipe_bytes_per_image_per_view": traffic[cfg.data.image_size],
+        "device_recipe_bytes_per_image": recipe_bytes,
+        "gpu_estimate": gpu_estimate(flops_per_image, recipe_bytes),
         "memory": {"estimate_bytes": trainer.memory_estimate.total, "measured_peak_bytes": measured,
                    "measured_as": how, "estimate_parts": trainer.memory_estimate.parts},
         "environment": env, "resolved_config": to_dict(cfg),
     }
     graphs = trainer.graph is not None
+    two = two_view(cfg)
     del trainer, batches, fixed  # its memory (a graph's pool with it) freed before another trainer is built
     if graphs:
         result["eager"] = eager_comparison(cfg, warmup, steps, repeats, result)
+    if two is not None:
+        result["two_view"] = bench_two_view(two, warmup, steps, repeats)
     if cfg.data.backend != "synthetic":
         synthetic = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend="synthetic"),
                                         eval=dataclasses.replace(cfg.eval, knn_every_epochs=0))
@@ -307,6 +337,11 @@ def summary(result: dict, name: str) -> str:
                  f"{launch_text(eager['launches_per_step'])}; graphs/eager "
                  f"{eager['graphs_speedup_step_with_batch_and_augmentation']:.2f}x whole, "
                  f"{eager['graphs_speedup_engine_only']:.2f}x engine")
+    if "two_view" in result:
+        t = result["two_view"]
+        line += (f"; its two-view step (the first group's two views): "
+                 f"{t['step_with_batch_and_augmentation']['images_per_s_median']:.1f} images/s, "
+                 f"{t['ops_per_step']} ops per step")
     if "synthetic_ceiling" in result:
         line += (f"; {result['ratio_to_synthetic_ceiling']:.2f}x the synthetic-data ceiling of "
                  f"{result['synthetic_ceiling']['images_per_s_median']:.1f} images/s")

@@ -12,6 +12,7 @@ import inspect
 import io
 import sys
 import tokenize
+import typing
 from pathlib import Path
 
 OUT = Path(__file__).with_name("config.md")
@@ -64,13 +65,14 @@ def rows(cls: type, prefix: str, missing: list[str]) -> list[tuple[str, str, str
         key = f"{prefix}{f.name}"
         sub = _section_type(cls, f)
         if sub is not None:
-            sections.append((sub, key + ("." if f.name != "peers" else ".NAME.")))
-            if f.name not in comments and f.name != "peers":
+            named = sub is not _hints(cls).get(f.name)  # a mapping of name -> settings (peers, views)
+            sections.append((sub, key + (".NAME." if named else ".")))
+            if f.name not in comments and not named:
                 continue  # a registry's sub-section: its keys say it all
         text = comments.get(f.name, "")
         if sub is None and not text:
             missing.append(key)
-        if sub is None:
+        if sub is None or (text and sub is not _hints(cls).get(f.name)):  # a commented mapping: its own row too
             out.append((key, _default(f), text))
     for sub, sub_prefix in sections:
         out.extend(rows(sub, sub_prefix, missing))
@@ -82,9 +84,9 @@ def _section_type(cls: type, f: dataclasses.Field) -> type | None:
     t = hints.get(f.name)
     if dataclasses.is_dataclass(t):
         return t
-    if f.name == "peers":
-        from dogo.engine.config import PeerConfig
-        return PeerConfig
+    args = typing.get_args(t)
+    if typing.get_origin(t) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return args[1]  # a mapping of name -> settings: its entries' keys under NAME
     return None
 
 

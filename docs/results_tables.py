@@ -87,7 +87,25 @@ def demo() -> str:
             f"{r.get('knn_protocol', 'dino')} preset; {provenance([relative])}).\n")
 
 
-TABLES = {"gpu_steps": gpu_steps, "pipelines": pipelines, "memory": memory, "demo": demo}
+def study_cpu() -> str:
+    """The CPU study's table (dogo study run configs/study_cifar10_cpu.yaml): every arm's peers and the baselines."""
+    folder = "study_cifar10_cpu2"
+    table = _load(f"{folder}/table.json")
+    files = [f"{folder}/{Path(f).name}" for f in table["arm_files"]]
+    first = table["rows"][0]
+    out = [f"CIFAR-10, {first['images_seen']:,} images seen per arm (batch {first['batch_size']}), one seed, kNN top-1 "
+           f"on the {table['val_images']:,} val photos with all {table['bank_images']:,} training photos as the bank "
+           f"(`benchmarks/results/{folder}/`; {provenance(files)}):", "",
+           "| model | kNN dino (k=20) | kNN lightly (k=200) | CPU-seconds |", "| --- | --- | --- | --- |"]
+    for r in table["rows"]:
+        out.append(f"| {r['arm']}: {r['arch']} | {r['knn_dino']['mean']:.1f} | {r['knn_lightly']['mean']:.1f} | "
+                   f"{r['device_seconds']['mean']:,.0f} |")
+    for b in table["baselines"]:
+        out.append(f"| {b['model']} | {b['knn_dino']['mean']:.1f} | {b['knn_lightly']['mean']:.1f} | |")
+    return "\n".join(out) + "\n"
+
+
+TABLES = {"gpu_steps": gpu_steps, "pipelines": pipelines, "memory": memory, "demo": demo, "study_cpu": study_cpu}
 DOCUMENTS = [REPO / "README.md", REPO / "docs" / "gpu.md"]
 
 

@@ -59,3 +59,11 @@ class Peer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
+
+    def forward_groups(self, groups: list[torch.Tensor]) -> torch.Tensor:
+        """The embeddings of views in groups of one size each (multi-crop): the backbone once per group, the head
+        once on every group's features (its BatchNorm over all the crops, as DINO's MultiCropWrapper); rows in the
+        groups' order. One group: forward itself."""
+        if len(groups) == 1:
+            return self(groups[0])
+        return self.head(torch.cat([self.backbone(x) for x in groups]))

@@ -1,25 +1,24 @@
-"""Stored images to device-resident two-view batches. One module per backend (pipelines/backends/), one protocol
-(base.TwoViewLoader), and the entries below in dogo.core.registry.BACKENDS: adding a backend is its module (with
-`make_loader` and, if it has labelled images of its own, `open_eval_split`), one entry here, and its settings, if it
+"""Stored images to device-resident batches of views, as the plan of views says (views.py). One module per backend
+(pipelines/backends/), one protocol (base.ViewLoader), one description every loader is built from (base.LoaderSpec),
+and the entries below in dogo.core.registry.BACKENDS: adding a backend is its module (with `make_loader(data, spec)`
+and, if it has labelled images of its own, `open_eval_split`), one entry here, and its settings, if it
 has any, as the config's data.<name> sub-section (engine/config/schema.py)."""
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 
-import torch
-
 from dogo.core.errors import ConfigError, DataError
 from dogo.core.registry import BACKENDS
-from dogo.pipelines.base import EvalSplit, TwoViewBatch, TwoViewLoader
+from dogo.pipelines.base import EvalSplit, LoaderSpec, ViewBatch, ViewLoader
 
-__all__ = ["EvalSplit", "TwoViewBatch", "TwoViewLoader", "build_loader", "describe_data", "held_bytes",
+__all__ = ["EvalSplit", "LoaderSpec", "ViewBatch", "ViewLoader", "build_loader", "describe_data", "held_bytes",
            "open_eval_split"]
 
 
 @dataclass(frozen=True)
 class Backend:
-    module: str  # defines make_loader(data, **common) and, unless eval_module says otherwise, open_eval_split
+    module: str  # defines make_loader(data, spec) and, unless eval_module says otherwise, open_eval_split
     labelled: bool  # has labelled evaluation images (kNN monitor, linear probe)
     extra: str | None = None  # the pip extra that installs the library it needs
     eval_module: str | None = None  # the module whose open_eval_split reads its evaluation images
@@ -57,18 +56,14 @@ def _import(backend_name: str, module: str):
                         f"pip install -e '.[{backend.extra}]'") from None
 
 
-def build_loader(data, recipe, *, n_views: int, seed: int, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, compile_recipe: bool = False) -> TwoViewLoader:
-    """The training loader that `data.backend` names (data: DataConfig; recipe: the resolved AugmentConfig, whose
-    `place` says where the recipe after the crop runs; compile_recipe: precision.compile)."""
-    if recipe.place not in ("device", "workers"):
-        raise ValueError(f"augment.place={recipe.place!r} is not resolved: load the config with "
+def build_loader(data, spec: LoaderSpec) -> ViewLoader:
+    """The training loader that `data.backend` names (data: DataConfig, whose batch size and image size the spec
+    carries: spec.global_batch, the plan's sizes; spec.recipe.place says where the recipe after the crop runs)."""
+    if spec.recipe.place not in ("device", "workers"):
+        raise ValueError(f"augment.place={spec.recipe.place!r} is not resolved: load the config with "
                          f"dogo.engine.config.load or resolve() it first")
     backend = BACKENDS.get(data.backend, "data.backend")
-    return _import(data.backend, backend.module).make_loader(
-        data, image_size=data.image_size, global_batch=data.batch_size, n_views=n_views, recipe=recipe,
-        place=recipe.place, seed=seed, rank=rank, world_size=world_size, device=device,
-        dtype=dtype, channels_last=channels_last, compile_recipe=compile_recipe)
+    return _import(data.backend, backend.module).make_loader(data, spec)
 
 
 def open_eval_split(data, split: str, workers: int) -> EvalSplit:

@@ -1,7 +1,8 @@
 """The protocol every pipeline backend satisfies, and the scaffolding they share: sharding, epoch position, reports.
 
-A loader yields `TwoViewBatch`es whose views are already on the training device, augmented, normalised, in the
-training dtype and memory format. The engine sees only this protocol: it never imports a data library.
+A loader yields `ViewBatch`es whose views are already on the training device, augmented, normalised, in the
+training dtype and memory format, grouped by size as the plan of views says (pipelines/views.py). The engine sees only
+this protocol: it never imports a data library. Every backend is built from one `LoaderSpec`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import numpy as np
 import torch
 
 from dogo.core.errors import DataError
+from dogo.core.precision import memory_format
+from dogo.pipelines.recipe.device import DeviceRecipe, normalise
+from dogo.pipelines.views import ViewPlan
 
 
 def die_with_parent(*_) -> None:
@@ -36,14 +40,44 @@ def die_with_parent(*_) -> None:
 
 
 @dataclass
-class TwoViewBatch:
-    """views 2k and 2k+1 show the same images, row i of every view image i of the batch (labels[i])."""
-    views: list[torch.Tensor]  # n_views tensors (b, 3, S, S)
+class ViewBatch:
+    """One step's views, a tensor per group of the plan: groups[g] is (sets * count_g * b, 3, S_g, S_g), rows
+    ordered [set][view][image], so that row i of every view is image i of the batch (labels[i]) and a peer's crops of
+    a group are one contiguous slice (no copy to hand them out)."""
+    groups: list[torch.Tensor]
     labels: torch.Tensor  # (b,) int64 on the device; -1 where the source has no labels
     skipped: list[str] = field(default_factory=list)  # files that could not be decoded (replaced or left out)
 
+    def of_set(self, plan: ViewPlan, s: int) -> list[torch.Tensor]:
+        """Set s's views of each group, largest first: (count_g * b, 3, S_g, S_g) slices."""
+        return plan.of_set(self.groups, s)
 
-class TwoViewLoader(Protocol):
+    def large(self, plan: ViewPlan, s: int) -> torch.Tensor:
+        """Set s's large (first group's) views: what momentum encoders and a teacher see."""
+        return self.of_set(plan, s)[0]
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What every backend's loader is built from, beside the data's own settings (DataConfig)."""
+    plan: ViewPlan  # the views per image, by group: sizes, counts, streams and per-view recipes
+    recipe: object  # the resolved AugmentConfig: where the recipe runs (place), normalisation, blur kernel size
+    global_batch: int  # images per step over all ranks
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # the views' dtype
+    channels_last: bool = False
+    compile_recipe: bool = False  # precision.compile: the device recipe's chain fused by torch.compile
+
+    @property
+    def image_size(self) -> int:
+        """The large views' side: the models' input and the evaluation size."""
+        return self.plan.groups[0].size
+
+
+class ViewLoader(Protocol):
     steps_per_epoch: int  # full global batches in one epoch (the last partial batch is dropped)
     images_per_epoch: int
     num_images: int  # in the training split
@@ -54,7 +88,7 @@ class TwoViewLoader(Protocol):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Position the next iteration at `start_step` of `epoch` (resume restores both)."""
 
-    def __iter__(self) -> Iterator[TwoViewBatch]: ...
+    def __iter__(self) -> Iterator[ViewBatch]: ...
 
     def __len__(self) -> int:
         """Steps the next iteration yields."""
@@ -173,8 +207,8 @@ class ReusedBuffers:
     data is never overwritten; when every buffer is held, a new one is made. Elsewhere (CUDA's caching allocator
     reuses memory itself) take() just allocates."""
 
-    def __init__(self, keep: int = 6):
-        self.keep = keep  # two views of the batch in use, of the one being made, and of one queued batch
+    def __init__(self, keep: int = 4):
+        self.keep = keep  # a loader keeps 3 per group (the batch in use, the one being made, one queued) + 1
         self._buffers: list[torch.Tensor] = []
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -201,21 +235,22 @@ class ShardedLoader:
     """What every backend's loader shares: this rank's shard of each global batch, the epoch position that
     set_epoch moves (resume), the undecodable files met so far, and the length of the next iteration.
 
-    A backend implements `batches(epoch, start_step)`, yielding the TwoViewBatches of one epoch from a step."""
+    A backend implements `batches(epoch, start_step)`, yielding the ViewBatches of one epoch from a step."""
 
-    def __init__(self, num_images: int, *, global_batch: int, rank: int, world_size: int, seed: int, where: str,
-                 shard: Shard | None = None):
-        if num_images < global_batch:
-            raise DataError(f"data.batch_size={global_batch} is larger than the {num_images} images in {where}; "
+    def __init__(self, num_images: int, spec: LoaderSpec, where: str, shard: Shard | None = None):
+        if num_images < spec.global_batch:
+            raise DataError(f"data.batch_size={spec.global_batch} is larger than the {num_images} images in {where}; "
                             f"lower data.batch_size (the last partial batch of each epoch is dropped)")
-        self.shard = shard or Shard(num_images, global_batch, rank, world_size, seed)
-        self.seed = seed
+        self.shard = shard or Shard(num_images, spec.global_batch, spec.rank, spec.world_size, spec.seed)
+        self.spec, self.plan, self.seed = spec, spec.plan, spec.seed
+        self.device, self.dtype, self.channels_last = spec.device, spec.dtype, spec.channels_last
         self.num_images, self.where = num_images, where  # for the run's start banner
         self.num_classes: int | None = None  # a backend that knows its labels' classes says how many
         self.steps_per_epoch = self.shard.steps_per_epoch
-        self.images_per_epoch = self.steps_per_epoch * global_batch
+        self.images_per_epoch = self.steps_per_epoch * spec.global_batch
         self._skipped: dict[str, None] = {}  # "path: reason", each file once (an ordered set)
-        self.outputs = ReusedBuffers()  # the views made on a CPU device
+        self.outputs = ReusedBuffers(keep=3 * len(spec.plan.groups) + 1)  # the views made on a CPU device
+        self.recipes: list[DeviceRecipe] | None = None  # a backend whose views the device recipe finishes sets them
         self._epoch, self._start = 0, 0
 
     @property
@@ -235,11 +270,35 @@ class ShardedLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch - self._start
 
-    def __iter__(self) -> Iterator[TwoViewBatch]:
+    def __iter__(self) -> Iterator[ViewBatch]:
         return self.batches(self._epoch, self._start)
 
-    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+    def batches(self, epoch: int, start_step: int) -> Iterator[ViewBatch]:
         raise NotImplementedError
+
+    def group_output(self, g: int) -> torch.Tensor:
+        """Group g's views of one local batch, uninitialised, in the training dtype and memory format (reused
+        memory on a CPU device): each view is written into its rows."""
+        group, b = self.plan.groups[g], self.shard.local_batch
+        return self.outputs.take((len(group.views) * b, 3, group.size, group.size), self.dtype, self.device,
+                                 memory_format(self.channels_last))
+
+    def group_from_pixels(self, g: int, pixels: torch.Tensor, plans) -> torch.Tensor:
+        """Group g's uint8 views (V, b, S, S, 3) made on the host -> the group's tensor on the device: normalised in
+        one pass (augment.place=workers: self.recipes is None), or each view through the group's device recipe
+        with its plan (plans[g][v]) into its rows."""
+        crops = pixels.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)  # (V, b, 3, S, S)
+        if self.recipes is None:
+            return normalise(crops.flatten(0, 1), self.spec.recipe, self.dtype, self.channels_last, self.outputs)
+        out, b = self.group_output(g), crops.shape[1]
+        for v, view_plan in enumerate(plans[g]):
+            self.recipes[g].apply(crops[v], view_plan, out=out[v * b:(v + 1) * b])
+        return out
+
+    def device_recipes(self) -> list[DeviceRecipe]:
+        """One device recipe per group: the union of its views' recipes (each view's plan holds its own draws)."""
+        return [DeviceRecipe(g.recipe, g.size, self.device, self.dtype, self.channels_last,
+                             compile=self.spec.compile_recipe) for g in self.plan.groups]
 
 
 def endless(loader, batches_of=None):

@@ -226,3 +226,25 @@ def _storages(tree) -> list[int]:
     import torch
     from torch.utils._pytree import tree_flatten
     return [x.untyped_storage().data_ptr() for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+
+
+def loader_spec(size: int, recipe=None, batch: int = 8, n_views: int = 2, seed: int = 0, rank: int = 0,
+                world: int = 1, **options):
+    """A LoaderSpec of one group of views of `size` on the CPU, for tests that build a loader directly: an even
+    n_views is the default plan's two views per set in n_views // 2 sets (DoGo's four views), an odd one a group
+    of that many. options: the spec's other fields (dtype, channels_last)."""
+    import torch
+
+    from dogo.engine.config import AugmentConfig
+    from dogo.engine.config.schema import ViewGroup
+    from dogo.pipelines import LoaderSpec
+    from dogo.pipelines.views import plan_of
+    recipe = recipe if recipe is not None else AugmentConfig(place="device")
+    group, sets = (ViewGroup(count=2), n_views // 2) if n_views % 2 == 0 else (ViewGroup(count=n_views), 1)
+    return LoaderSpec(plan=plan_of(recipe, {"global": group}, size, sets), recipe=recipe, global_batch=batch,
+                      seed=seed, rank=rank, world_size=world, device=torch.device("cpu"), **options)
+
+
+def views_of(batch) -> list:
+    """A batch of the default plan as its list of views (b rows each), in stream order: 0, 1 (, 2, 3)."""
+    return list(batch.groups[0].split(batch.labels.shape[0]))

@@ -62,3 +62,21 @@ def test_bench_train_with_cuda_graphs_counts_launches_and_compares_with_eager(tm
     assert r["flops_per_image"] > 0 and r["eager"]["graphs_speedup_engine_only"] > 0
     line = summary(r, cfg.name)
     assert f"CUDA graph replay of {graphs['ops_per_replay']} ops" in line and "eager (cuda_graphs=off)" in line
+
+
+@pytest.mark.slow  # three trainers' steps, FLOPs and the plain ceiling
+def test_a_multi_crop_step_is_reported_beside_its_two_view_self(tmp_path):
+    """`dogo bench train` of a multi-crop config measures the same config with its first group's two views beside
+    it: images/s and ops per step of each (more crops: more ops, a few per crop and group, not per image)."""
+    from dogo.benchmarks.train_step import bench_train, summary
+    cfg = config_mod.load(None, [
+        "device=cpu", f"out_dir={tmp_path}", "name=mc", "data.backend=synthetic", "data.synthetic.images=8",
+        "data.image_size=16", "data.batch_size=4", "objective.name=simclr", "objective.tile=64",
+        "peers={r18: {arch: resnet18, head_hidden: 16, head_out: 8}}", "log.tensorboard=off",
+        "eval.knn_every_epochs=0", "views={global: {count: 2}, local: {count: 2, size: 8}}"])
+    r = bench_train(cfg, warmup=1, steps=1, repeats=1)
+    two = r["two_view"]
+    assert list(two["views"]) == ["global"] and two["views"]["global"]["count"] == 2
+    assert 0 < two["ops_per_step"] < r["ops_per_step"]
+    assert two["step_with_batch_and_augmentation"]["images_per_s_median"] > 0
+    assert "its two-view step" in summary(r, "mc")

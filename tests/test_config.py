@@ -9,12 +9,11 @@ from tests.helpers import REPO, write_config
 
 def test_shipped_configs_load():
     """Every shipped config loads, resolves each peer's method and temperature, and names a registered backend."""
-    import yaml
-
     from dogo.core.registry import BACKENDS, METHODS
+    from dogo.engine.config.loading import read_yaml
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load(path)
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path)  # with its base: chain
         assert cfg.name == raw["name"] and cfg.data.backend in BACKENDS, path
         for name, peer in cfg.peers.items():
             assert peer.ssl in METHODS and peer.arch == raw["peers"][name]["arch"], (path, name)

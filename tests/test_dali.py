@@ -13,7 +13,7 @@ pytest.importorskip("nvidia.dali")
 from dogo.engine.config import AugmentConfig  # noqa: E402
 from dogo.pipelines.base import Shard  # noqa: E402
 from dogo.pipelines.backends.dali_loader import DALILoader  # noqa: E402
-from tests.helpers import dogo, tiny_config, write_config  # noqa: E402
+from tests.helpers import dogo, loader_spec, tiny_config, views_of, write_config  # noqa: E402
 
 CPU = torch.device("cpu")
 OFF = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, flip_p=0.0, crop_scale=(1.0, 1.0),
@@ -21,9 +21,8 @@ OFF = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, flip_p=0.0
 
 
 def _loader(root, recipe, *, batch=50, n_views=1, size=16, rank=0, world=1, seed=0, dtype=torch.float32):
-    return DALILoader(root, image_size=size, global_batch=batch, n_views=n_views, recipe=recipe, workers=2,
-                      hw_decoder_load=0.65, seed=seed, rank=rank, world_size=world, device=CPU, dtype=dtype,
-                      channels_last=False)
+    return DALILoader(root, loader_spec(size, recipe, batch, n_views, seed=seed, rank=rank, world=world, dtype=dtype),
+                      workers=2)
 
 
 def _folder(tmp_path, name, pixels: np.ndarray, copies=100, classes=2):
@@ -40,7 +39,7 @@ def _views(loader, epochs):
     out = []
     for e in range(epochs):
         loader.set_epoch(e)
-        out += [b.views[0] for b in loader]
+        out += [views_of(b)[0] for b in loader]
     return torch.cat(out) * 255  # back to pixel values (mean 0, std 1 in OFF)
 
 
@@ -62,12 +61,12 @@ def test_batches_follow_the_shard_and_resume(shapes):
     batches = list(loader)
     assert len(batches) == 5
     for step, b in enumerate(batches):
-        assert len(b.views) == 4
-        for v in b.views:
+        assert len(views_of(b)) == 4
+        for v in views_of(b):
             assert v.shape == (16, 3, 24, 24) and v.dtype == torch.float32 and v.device == CPU
             assert (v >= lo - 1e-4).all() and (v <= hi + 1e-4).all()
         assert torch.equal(b.labels, torch.from_numpy(index.labels[shard.indices(1, step)]))
-        assert not torch.equal(b.views[0], b.views[1])  # two different views of each image
+        assert not torch.equal(views_of(b)[0], views_of(b)[1])  # two different views of each image
     loader.set_epoch(1, start_step=3)  # resume: the rest of the epoch only
     rest = list(loader)
     assert [b.labels.tolist() for b in rest] == [b.labels.tolist() for b in batches[3:]]
@@ -78,7 +77,7 @@ def test_batches_follow_the_shard_and_resume(shapes):
         for step, b in enumerate(half):
             assert torch.equal(b.labels, torch.from_numpy(index.labels[Shard(80, 16, rank, 2, 0).indices(1, step)]))
     bf16 = _loader(root, recipe, batch=16, size=24, dtype=torch.bfloat16)
-    assert next(iter(bf16)).views[0].dtype == torch.bfloat16
+    assert views_of(next(iter(bf16)))[0].dtype == torch.bfloat16
 
 
 def test_flip_and_grayscale_rates(tmp_path):
@@ -203,10 +202,11 @@ def test_the_gpu_graph_is_defined_for_every_recipe_option(recipe, out_dtype):
     image mean as contrast_center) is refused here, as it would be on a GPU."""
     from nvidia.dali import types
 
-    from dogo.pipelines.backends.dali_loader import _two_views
-    pipe = _two_views(files=["unused.jpg"], labels=[0], n_views=2, size=32, recipe=AugmentConfig(**recipe),
-                      decoder="mixed", hw_decoder_load=0.65, out_dtype=getattr(types, out_dtype), batch_size=2,
-                      num_threads=1, device_id=0, seed=1, prefetch_queue_depth=2)
+    from dogo.pipelines.backends.dali_loader import _views
+    plan = loader_spec(32, AugmentConfig(**recipe)).plan
+    pipe = _views(files=["unused.jpg"], labels=[0], plan=plan, decoder="mixed", hw_decoder_load=0.65,
+                  out_dtype=getattr(types, out_dtype), batch_size=2, num_threads=1, device_id=0, seed=1,
+                  prefetch_queue_depth=2)
     devices = [o.device for o in pipe._graph_out]  # the defined graph's outputs (DALI 2.4 keeps them here)
     assert devices == ["gpu", "gpu", "cpu"], devices  # both views made on the GPU; the labels from the reader
 
@@ -238,3 +238,29 @@ def test_dali_out_of_memory_names_the_step_and_the_settings(shapes):
     loader = _loader(shapes / "train", AugmentConfig(), batch=8)
     err = loader._explain(RuntimeError("Critical error in pipeline:\nCUDA allocation failed: out of memory"), 0, 5)
     assert "ran out of device memory at step 5 of epoch 0" in str(err) and "data.batch_size" in str(err)
+
+
+def test_a_plan_of_two_sizes_with_a_view_of_its_own_recipe(shapes):
+    """Every group of the plan at its size, each view with its own recipe: a large view whose recipe takes the
+    whole frame and changes nothing is the same in every epoch, its random sibling is not."""
+    from dogo.engine.config.schema import RecipeOverrides, ViewGroup
+    from dogo.pipelines import LoaderSpec
+    from dogo.pipelines.views import plan_of
+    recipe = AugmentConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    still = RecipeOverrides(**{k: v for k, v in OFF.items() if k not in ("mean", "std")})
+    views = {"global": ViewGroup(count=2, view_recipe={"1": still}), "local": ViewGroup(count=3, size=12)}
+    spec = LoaderSpec(plan=plan_of(recipe, views, 24, sets=1), recipe=recipe, global_batch=16, seed=3)
+    loader = DALILoader(shapes / "train", spec, workers=2)
+    epochs = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        epochs.append(next(iter(loader)))
+    for b in epochs:
+        assert [g.shape for g in b.groups] == [(32, 3, 24, 24), (48, 3, 12, 12)]
+        assert all(torch.isfinite(g).all() for g in b.groups)
+    (a0, a1), (b0, b1) = (e.groups[0].split(16) for e in epochs)  # each epoch's order: compared by image
+    order = [torch.from_numpy(loader.shard.indices(e, 0)) for e in (0, 1)]
+    common = [i for i in order[0].tolist() if i in order[1].tolist()]
+    rows = [[o.tolist().index(i) for i in common] for o in order]
+    assert common and torch.allclose(a1[rows[0]], b1[rows[1]], atol=1e-6)  # the still view: the frame each epoch
+    assert not torch.allclose(a0[rows[0]], b0[rows[1]], atol=1e-3)  # the random view: another crop each epoch

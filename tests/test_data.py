@@ -11,15 +11,15 @@ from dogo.core.errors import DataError
 from dogo.pipelines.base import ReusedBuffers, Shard
 from dogo.pipelines.backends.folder import FolderLoader
 from dogo.pipelines.imagefolder import scan
+from tests.helpers import loader_spec, views_of
 
 CPU = torch.device("cpu")
 PLACES = ["device", "workers"]
 
 
 def folder_loader(root, batch=8, n_views=2, rank=0, world=1, place="device", workers=0, **recipe):
-    return FolderLoader(root, image_size=16, global_batch=batch, n_views=n_views, recipe=AugmentConfig(**recipe),
-                        place=place, workers=workers, seed=0, rank=rank, world_size=world, device=CPU,
-                        dtype=torch.float32, channels_last=False)
+    spec = loader_spec(16, AugmentConfig(place=place, **recipe), batch, n_views, rank=rank, world=world)
+    return FolderLoader(root, spec, workers=workers)
 
 
 @pytest.mark.parametrize("place", PLACES)
@@ -27,10 +27,10 @@ def test_batches_have_views_on_device_normalised(shapes, place):
     loader = folder_loader(shapes / "train", n_views=4, place=place)
     assert len(loader) == loader.steps_per_epoch == 80 // 8
     batch = next(iter(loader))
-    assert len(batch.views) == 4
-    for v in batch.views:
+    assert len(views_of(batch)) == 4
+    for v in views_of(batch):
         assert v.shape == (8, 3, 16, 16) and v.dtype == torch.float32 and torch.isfinite(v).all()
-    assert not torch.equal(batch.views[0], batch.views[1])  # two different views of the same images
+    assert not torch.equal(views_of(batch)[0], views_of(batch)[1])  # two different views of the same images
     assert batch.labels.min() >= 0 and batch.labels.max() < 10
 
 
@@ -42,7 +42,7 @@ def test_two_ranks_see_exactly_the_global_batch(shapes, place):
     halves = [next(iter(folder_loader(shapes / "train", batch=8, rank=r, world=2, place=place, workers=w)))
               for r, w in ((0, 1), (1, 0))]
     for v in range(2):
-        torch.testing.assert_close(torch.cat([h.views[v] for h in halves]), whole.views[v])
+        torch.testing.assert_close(torch.cat([views_of(h)[v] for h in halves]), views_of(whole)[v])
     assert torch.equal(torch.cat([h.labels for h in halves]), whole.labels)
 
 
@@ -53,7 +53,7 @@ def test_resume_position_skips_the_consumed_steps(shapes, place):
     all_steps = list(loader)
     loader.set_epoch(2, start_step=3)
     assert len(loader) == len(all_steps) - 3
-    torch.testing.assert_close(next(iter(loader)).views[0], all_steps[3].views[0])
+    torch.testing.assert_close(views_of(next(iter(loader)))[0], views_of(all_steps[3])[0])
 
 
 def test_reused_buffers_never_hand_out_memory_still_held():
@@ -97,7 +97,7 @@ def test_worker_batches_in_reused_memory_equal_a_loader_without_workers(shapes, 
     for epoch in (0, 1):
         plain = folder_loader(shapes / "train", place=place)
         plain.set_epoch(epoch)
-        reference += [[b.views[v] for v in range(2)] + [b.labels] for b in plain]
+        reference += [[views_of(b)[v] for v in range(2)] + [b.labels] for b in plain]
     for keep in (False, True):
         loader = folder_loader(shapes / "train", place=place, workers=2)
         released = []
@@ -107,8 +107,8 @@ def test_worker_batches_in_reused_memory_equal_a_loader_without_workers(shapes, 
         for epoch in (0, 1):
             loader.set_epoch(epoch)
             for b in loader:
-                made = [b.views[v] for v in range(2)] + [b.labels]
-                addresses.add(b.views[0].untyped_storage().data_ptr())
+                made = [views_of(b)[v] for v in range(2)] + [b.labels]
+                addresses.add(views_of(b)[0].untyped_storage().data_ptr())
                 if keep:
                     batches.append((b, made))
                 else:
@@ -117,7 +117,7 @@ def test_worker_batches_in_reused_memory_equal_a_loader_without_workers(shapes, 
         if keep:
             for (b, made), expected in zip(batches, reference):
                 assert all(torch.equal(x, y) for x, y in zip(made, expected))
-                assert torch.equal(b.views[0], expected[0])  # the kept batch itself, after all the others
+                assert torch.equal(views_of(b)[0], expected[0])  # the kept batch itself, after all the others
         else:
             assert len(addresses) < len(reference)  # output buffers were reused
 
@@ -167,7 +167,7 @@ def test_corrupt_images_are_skipped_and_reported(shapes, tmp_path, place):
     (root / "star" / "text.png").write_text("not an image")
     loader = folder_loader(root, batch=8, place=place)
     batches = list(loader)
-    assert sum(b.views[0].shape[0] for b in batches) == 8 * loader.steps_per_epoch
+    assert sum(views_of(b)[0].shape[0] for b in batches) == 8 * loader.steps_per_epoch
     bad = {s.split(":")[0].rsplit("/", 1)[-1] for s in loader.skipped}
     assert bad == {"zero.jpg", "text.png", "truncated.jpg"}
 
@@ -181,7 +181,7 @@ def test_twenty_undecodable_files_in_a_row_are_skipped_not_fatal(shapes, tmp_pat
         (root / "circle" / f"circle_empty_{i:02d}.jpg").write_bytes(b"")
     loader = folder_loader(root, batch=20)
     batches = list(loader)
-    assert len(batches) == loader.steps_per_epoch and all(torch.isfinite(b.views[0]).all() for b in batches)
+    assert len(batches) == loader.steps_per_epoch and all(torch.isfinite(views_of(b)[0]).all() for b in batches)
     assert len(loader.skipped) == 20 and all("circle_empty_" in s for s in loader.skipped)
 
 
@@ -205,8 +205,8 @@ def test_recipe_rates_are_per_image_in_the_views(tmp_path, place):
                crop_scale=(1, 1), crop_ratio=(1, 1))
     for key, p in (("grayscale_p", 0.2), ("flip_p", 0.5), ("solarize_p", 0.3)):
         loader = folder_loader(root, batch=n, place=place, **{**off, key: p})
-        plain = next(iter(folder_loader(root, batch=n, place=place, **off))).views[0]
-        changed = (next(iter(loader)).views[0] - plain).abs().flatten(1).amax(1) > 1e-3
+        plain = views_of(next(iter(folder_loader(root, batch=n, place=place, **off))))[0]
+        changed = (views_of(next(iter(loader)))[0] - plain).abs().flatten(1).amax(1) > 1e-3
         rate = changed.float().mean().item()
         assert abs(rate - p) < 4.5 * (p * (1 - p) / n) ** 0.5, (key, rate)
 
@@ -234,14 +234,13 @@ def test_synthetic_backend_makes_this_ranks_rows_only():
     from dogo.pipelines.backends.synthetic import SyntheticLoader
 
     def loader(rank, world):
-        return SyntheticLoader(num_images=64, image_size=8, global_batch=8, n_views=2, recipe=AugmentConfig(),
-                               seed=1, rank=rank, world_size=world, device=CPU, dtype=torch.float32,
-                               channels_last=False)
+        return SyntheticLoader(64, loader_spec(8, AugmentConfig(), 8, seed=1, rank=rank, world=world))
     whole = list(loader(0, 1))
-    assert len(whole) == 8 and whole[0].views[0].shape == (8, 3, 8, 8) and not torch.equal(*whole[0].views)
-    torch.testing.assert_close(next(iter(loader(0, 1))).views[1], whole[0].views[1])
+    assert len(whole) == 8 and views_of(whole[0])[0].shape == (8, 3, 8, 8) and not torch.equal(*views_of(whole[0]))
+    torch.testing.assert_close(views_of(next(iter(loader(0, 1))))[1], views_of(whole[0])[1])
     halves = [next(iter(loader(r, 2))) for r in range(2)]
-    assert halves[0].views[0].shape == (4, 3, 8, 8) and not torch.equal(halves[0].views[0], halves[1].views[0])
+    first = [views_of(h)[0] for h in halves]
+    assert first[0].shape == (4, 3, 8, 8) and not torch.equal(first[0], first[1])
     with ByteCounter() as one_rank:
         next(iter(loader(0, 1)))
     with ByteCounter() as half:

@@ -226,8 +226,10 @@ def test_every_config_key_named_in_the_docs_is_a_key():
     for doc in DOCS:
         for key in _config_keys_named(doc.read_text()):
             parts = key.split(".")
-            if parts[0] == "peers" and len(parts) > 2:
-                parts[1] = "NAME"  # any peer's name
+            if parts[0] in ("peers", "views") and len(parts) > 2:
+                parts[1] = "NAME"  # any peer's or view group's name
+            if parts[0] == "views" and len(parts) > 4 and parts[3] == "view_recipe":
+                parts[4] = "NAME"  # any view of the group
             normal = ".".join(parts)
             if normal not in valid and not any(k.startswith(normal + ".") for k in valid):
                 wrong.append(f"{doc.relative_to(REPO)}: {key}")

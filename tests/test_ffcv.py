@@ -12,7 +12,7 @@ from dogo.core.errors import DataError
 from dogo.pipelines.base import Shard  # noqa: E402
 from dogo.pipelines.convert import ConvertOptions, convert  # noqa: E402
 from dogo.pipelines.imagefolder import scan  # noqa: E402
-from tests.helpers import dogo, tiny_config, write_config  # noqa: E402
+from tests.helpers import dogo, loader_spec, tiny_config, views_of, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,8 @@ def beton(shapes, tmp_path_factory):
 
 def _loader(beton, rank=0, world=1, order="random", batch=16, n_views=2, place="device"):
     from dogo.pipelines.backends.ffcv_loader import FFCVLoader
-    return FFCVLoader(beton, image_size=16, global_batch=batch, n_views=n_views, recipe=AugmentConfig(), place=place,
-                      workers=1, order=order, os_cache=True, seed=5, rank=rank, world_size=world,
-                      device=torch.device("cpu"), dtype=torch.float32, channels_last=False)
+    spec = loader_spec(16, AugmentConfig(place=place), batch, n_views, seed=5, rank=rank, world=world)
+    return FFCVLoader(beton, spec, workers=1, order=order)
 
 
 @pytest.mark.parametrize("place", ["device", "workers"])
@@ -39,10 +38,10 @@ def test_batches_follow_the_shared_order(beton, shapes, place):
         batches = list(loader)
         assert len(batches) == len(loader) == 5
         for step, batch in enumerate(batches):
-            assert len(batch.views) == 4 and all(v.shape == (16, 3, 16, 16) for v in batch.views)
-            assert all(torch.isfinite(v).all() for v in batch.views)
+            assert len(views_of(batch)) == 4 and all(v.shape == (16, 3, 16, 16) for v in views_of(batch))
+            assert all(torch.isfinite(v).all() for v in views_of(batch))
             np.testing.assert_array_equal(batch.labels.numpy(), labels[shard.indices(epoch, step)])
-        assert not torch.equal(batches[0].views[0], batches[0].views[1])  # two different crops of each image
+        assert not torch.equal(views_of(batches[0])[0], views_of(batches[0])[1])  # two different crops of each image
 
 
 def test_two_ranks_split_each_global_batch_and_resume_at_a_step(beton):
@@ -129,11 +128,9 @@ def test_views_equal_the_folder_backends_for_the_same_pixels(mixed_sizes, place)
     from dogo.pipelines.backends.folder import FolderLoader
     from dogo.pipelines.backends.ffcv_loader import FFCVLoader
     root, beton = mixed_sizes
-    common = dict(image_size=16, global_batch=8, n_views=2, recipe=AugmentConfig(blur_p=0.5, solarize_p=0.2),
-                  place=place, seed=11, rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32,
-                  channels_last=False)
-    ffcv = FFCVLoader(beton, workers=2, order="random", os_cache=True, **common)
-    folder = FolderLoader(root, workers=0, **common)
+    spec = loader_spec(16, AugmentConfig(place=place, blur_p=0.5, solarize_p=0.2), 8, seed=11)
+    ffcv = FFCVLoader(beton, spec, workers=2)
+    folder = FolderLoader(root, spec, workers=0)
     for epoch in (0, 1):
         ffcv.set_epoch(epoch)
         folder.set_epoch(epoch)
@@ -142,7 +139,7 @@ def test_views_equal_the_folder_backends_for_the_same_pixels(mixed_sizes, place)
         for got, want in pairs:
             torch.testing.assert_close(got.labels, want.labels, rtol=0, atol=0)
             for v in range(2):
-                torch.testing.assert_close(got.views[v], want.views[v], rtol=0, atol=0)
+                torch.testing.assert_close(views_of(got)[v], views_of(want)[v], rtol=0, atol=0)
 
 
 def test_a_stock_ffcv_beton_with_other_field_names_and_order(beton, shapes, tmp_path):
@@ -171,15 +168,12 @@ def test_a_stock_ffcv_beton_with_other_field_names_and_order(beton, shapes, tmp_
     with pytest.raises(DataError, match="field 'weight' .* is a FloatField"):
         open_beton(stock, "img", "weight")
     from dogo.pipelines.backends.ffcv_loader import FFCVLoader
-    theirs = FFCVLoader(stock, image_size=16, global_batch=16, n_views=2, recipe=AugmentConfig(), place="device",
-                        workers=1,
-                        order="quasi_random", os_cache=True, seed=5, rank=0, world_size=1,
-                        device=torch.device("cpu"), dtype=torch.float32, channels_last=False, image_field="img",
-                        label_field="target")
+    theirs = FFCVLoader(stock, loader_spec(16, AugmentConfig(place="device"), 16, seed=5), workers=1,
+                        order="quasi_random", image_field="img", label_field="target")
     ours = _loader(beton, order="quasi_random")
     for a, b in zip(theirs, ours):
         torch.testing.assert_close(a.labels, b.labels)
-        assert a.views[0].shape == b.views[0].shape == (16, 3, 16, 16)
+        assert views_of(a)[0].shape == views_of(b)[0].shape == (16, 3, 16, 16)
 
 
 def test_an_epoch_left_early_stops_ffcvs_thread(beton):

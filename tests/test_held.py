@@ -15,6 +15,7 @@ from dogo.core.errors import DataError
 from dogo.pipelines.recipe import device as A, params as P
 from dogo.pipelines.backends.held import HeldEvalSplit, HeldLoader
 from dogo.pipelines.heldsplit import read_split
+from tests.helpers import loader_spec, views_of
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-dev"
 
@@ -123,9 +124,8 @@ def test_batched_resized_crop_equals_torchvision_per_image():
 
 
 def _loader(path, rank=0, world_size=1, batch=16, seed=5, recipe=AugmentConfig(blur_p=0.5), size=32):
-    return HeldLoader(read_split(path, "train"), image_size=size, global_batch=batch, n_views=2, recipe=recipe,
-                      seed=seed, rank=rank, world_size=world_size, device=torch.device("cpu"), dtype=torch.float32,
-                      channels_last=False)
+    return HeldLoader(read_split(path, "train"), loader_spec(size, recipe, batch, seed=seed, rank=rank,
+                                                             world=world_size))
 
 
 def test_two_ranks_make_exactly_the_views_of_one_and_resume_skips_steps(cifar):
@@ -135,14 +135,14 @@ def test_two_ranks_make_exactly_the_views_of_one_and_resume_skips_steps(cifar):
     for step, batch in enumerate(whole):
         for v in range(2):
             # the ops run over runs of other sizes, so last bits may differ (oneDNN picks kernels by shape)
-            torch.testing.assert_close(torch.cat([halves[0][step].views[v], halves[1][step].views[v]]),
-                                       batch.views[v], atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.cat([views_of(halves[0][step])[v], views_of(halves[1][step])[v]]),
+                                       views_of(batch)[v], atol=1e-5, rtol=0)
         assert torch.equal(torch.cat([halves[0][step].labels, halves[1][step].labels]), batch.labels)
     resumed = _loader(cifar)
     resumed.set_epoch(0, start_step=3)
     assert len(resumed) == 2
     for a, b in zip(resumed, whole[3:]):
-        torch.testing.assert_close(a.views[1], b.views[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(views_of(a)[1], views_of(b)[1], atol=1e-5, rtol=0)
         assert torch.equal(a.labels, b.labels)
     other_epoch = _loader(cifar)
     other_epoch.set_epoch(1)
@@ -157,7 +157,7 @@ def test_views_are_the_stored_images_cropped_and_labels_are_theirs(cifar):
     data = read_split(cifar, "train")
     idx = loader.shard.indices(0, 0)
     batch = next(iter(loader))
-    torch.testing.assert_close(batch.views[0], torch.from_numpy(data.images[idx]).float() / 255, atol=1e-6,
+    torch.testing.assert_close(views_of(batch)[0], torch.from_numpy(data.images[idx]).float() / 255, atol=1e-6,
                                rtol=0)
     assert batch.labels.tolist() == data.labels[idx].tolist()
 
@@ -242,7 +242,7 @@ def test_an_image_folder_and_the_cifar_format_give_the_same_views(tmp_path, size
         for x, y in zip(*loaders):
             assert torch.equal(x.labels, y.labels)
             for v in range(2):
-                assert torch.equal(x.views[v], y.views[v])  # bit for bit
+                assert torch.equal(views_of(x)[v], views_of(y)[v])  # bit for bit
     recipe = AugmentConfig()
     evals = [HeldEvalSplit(read_split(path, "val"), size) for path in (folder, cifar)]
     (xa, ya), = evals[0].batches(np.arange(20), 32, torch.device("cpu"), recipe, torch.float32, False)

@@ -34,6 +34,10 @@ PEERS = {
                                 "w": {"arch": "resnet18", **HEAD, "ssl": "barlowtwins"}},
     "disco:byol": {"y": {"arch": "resnet18", **HEAD, "ssl": "byol", "byol": {"pred_hidden": 8}}},
 }
+# multi-crop: 2 x 16 px + 2 x 8 px views per image (objective:multicrop, the same peers as the objective alone)
+MULTICROP = {"views": {"global": {"count": 2}, "local": {"count": 2, "size": 8}}}
+for _name in ("simclr", "dogo", "disco"):
+    PEERS[f"{_name}:multicrop"] = PEERS[_name]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,8 @@ def _config(objective: str, tmp_path, teacher=None, batch=8, tile=4, **extra):
            "augment": {"blur_p": 0.5, "solarize_p": 0.2}, "peers": PEERS[objective],
            "objective": {"name": objective.split(":")[0], "tile": tile}, "optim": {"name": "lars", "lr": 0.1},
            "schedule": {"max_steps": 4, "warmup_epochs": 0}, "eval": {"knn_every_epochs": 0},
-           "log": {"progress": "off", "tensorboard": "off"}, **extra}
+           "log": {"progress": "off", "tensorboard": "off"},
+           **(MULTICROP if objective.endswith(":multicrop") else {}), **extra}
     if teacher is not None:
         raw["teacher"] = {"backbone": str(teacher / "bb.pt"), "head": str(teacher / "head.pt"), "arch": "resnet18"}
     return config_mod.from_dict(raw)
@@ -114,10 +119,11 @@ def _op_count(objective: str, tmp_path, batch: int, teacher) -> int:
     return len(counter.ops)
 
 
-@pytest.mark.parametrize("objective", ["dogo", "disco", "dogo:byol+simclr", "dogo:vicreg+barlowtwins"])
+@pytest.mark.parametrize("objective", ["dogo", "disco", "dogo:byol+simclr", "dogo:vicreg+barlowtwins",
+                                       "simclr:multicrop", "dogo:multicrop", "disco:multicrop"])
 def test_op_count_of_a_step_does_not_grow_with_the_batch(objective, tmp_path, teacher_files):
     """No Python loop over images in the recipe or the step: 8 and 16 images dispatch the same ops (the kernel's
-    tile of 64 holds both batches in one tile)."""
+    tile of 64 holds both batches in one tile); with multi-crop the loops run over groups, crops and pairs."""
     teacher = teacher_files if objective.startswith("disco") else None
     assert _op_count(objective, tmp_path, 8, teacher) == _op_count(objective, tmp_path, 16, teacher)
 
@@ -138,13 +144,16 @@ def test_whole_dogo_r18_r50_step_within_its_op_budget(tmp_path):
     assert len(counter.ops) <= 2300
 
 
-def test_op_count_of_the_loss_kernel_grows_only_with_its_tiles():
+@pytest.mark.parametrize("crops, kl_pairs", [(2, ((0, 1),)), (4, ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3)))])
+def test_op_count_of_the_loss_kernel_grows_only_with_its_tiles(crops, kl_pairs):
+    """Its loops run over tiles, crops, KL pairs and peers, never images."""
     from dogo.engine.ssl.contrastive import contrastive_terms
 
     def count(b: int, tile: int) -> int:
-        zs = [torch.nn.functional.normalize(torch.randn(b, 8), dim=1).requires_grad_() for _ in range(4)]
+        zs = [[torch.nn.functional.normalize(torch.randn(b, 8), dim=1).requires_grad_() for _ in range(crops)]
+              for _ in range(2)]
         with OpCounter() as c:
-            terms = contrastive_terms(zs, [0.5, 0.5], 0.2, tile)
+            terms = contrastive_terms(zs, [0.5, 0.5], 0.2, kl_pairs, tile)
             terms.sum().backward()
         return len(c.ops)
 
@@ -194,9 +203,10 @@ def test_auto_tile_on_a_gpu_cuts_the_kernels_ops_at_16384_views_at_least_8x(monk
 
     def ops(tile: int) -> int:
         with FakeTensorMode():
-            zs = [torch.nn.functional.normalize(torch.randn(images, 8), dim=1).requires_grad_() for _ in range(4)]
+            zs = [[torch.nn.functional.normalize(torch.randn(images, 8), dim=1).requires_grad_() for _ in range(2)]
+                  for _ in range(2)]
             with OpCounter() as c:
-                contrastive_terms(zs, [0.5, 0.5], 0.2, tile).sum().backward()
+                contrastive_terms(zs, [0.5, 0.5], 0.2, tile=tile).sum().backward()
         return sum(not op.startswith("prim::") for op in c.ops)
 
     assert gpu_tile >= 4096 and 8 * ops(gpu_tile) <= ops(CPU_TILE)

@@ -6,6 +6,7 @@ import torch
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
 from dogo.engine.ssl.objectives import objective_loss
+from dogo.engine.ssl.peers import Crops
 
 
 def ntxent_reference(z1, z2, tau):
@@ -41,7 +42,7 @@ def _inputs(b, d, seed, dtype=torch.float64):
 @pytest.mark.parametrize("b,d,tau", [(4, 8, 0.5), (9, 16, 0.1), (16, 3, 1.0)])
 def test_simclr_matches_reference(b, d, tau):
     z1, z2, _, _ = _inputs(b, d, seed=b * 31 + d)
-    loss, terms = objective_loss({"p": (z1, z2)}, ObjectiveConfig(name="simclr", tile=1024), {"p": PeerConfig(ssl="simclr", tau=tau)})
+    loss, terms = objective_loss({"p": Crops.of([z1, z2])}, ObjectiveConfig(name="simclr", tile=1024), {"p": PeerConfig(ssl="simclr", tau=tau)})
     ref = ntxent_reference(z1, z2, tau)
     # the engine normalises in float32 whatever the input dtype, hence float32 tolerances
     assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5)
@@ -56,7 +57,7 @@ def test_dogo_matches_reference_and_kl_grad_goes_to_own_peer(b, tau_kl, w):
     a1, a2, b1, b2 = _inputs(b, 8, seed=b)
     peers = {"a": PeerConfig(ssl="simclr", tau=0.2, kl_weight=w), "b": PeerConfig(ssl="simclr", tau=0.3, kl_weight=2 * w)}
     obj = ObjectiveConfig(name="dogo", tau_kl=tau_kl, tile=1024)
-    loss, terms = objective_loss({"a": (a1, a2), "b": (b1, b2)}, obj, peers)
+    loss, terms = objective_loss({"a": Crops.of([a1, a2]), "b": Crops.of([b1, b2])}, obj, peers)
     kl_a = kl_reference(a1, a2, b1, b2, tau_kl)
     kl_b = kl_reference(b1, b2, a1, a2, tau_kl)
     ref = (ntxent_reference(a1, a2, 0.2) + w * kl_a + ntxent_reference(b1, b2, 0.3) + 2 * w * kl_b)
@@ -73,7 +74,7 @@ def test_kl_term_sends_gradient_to_its_own_peer_only():
     a1, a2, b1, b2 = _inputs(6, 8, seed=7)
     # Only peer a's KL term is on: the total is NT-Xent(a) + NT-Xent(b) + KL(P_b || P_a).
     peers = {"a": PeerConfig(ssl="simclr", tau=0.5, kl_weight=1.0), "b": PeerConfig(ssl="simclr", tau=0.5, kl_weight=0.0)}
-    loss, _ = objective_loss({"a": (a1, a2), "b": (b1, b2)}, ObjectiveConfig(name="dogo", tile=1024), peers)
+    loss, _ = objective_loss({"a": Crops.of([a1, a2]), "b": Crops.of([b1, b2])}, ObjectiveConfig(name="dogo", tile=1024), peers)
     grads = torch.autograd.grad(loss, (a1, a2, b1, b2))
     only_a = torch.autograd.grad(ntxent_reference(a1, a2, 0.5), (a1, a2))
     only_b = torch.autograd.grad(ntxent_reference(b1, b2, 0.5), (b1, b2))
@@ -87,7 +88,7 @@ def test_kl_term_sends_gradient_to_its_own_peer_only():
 def test_bf16_embeddings_are_accumulated_in_float32():
     a1, a2, _, _ = _inputs(8, 16, seed=3, dtype=torch.float32)
     peers = {"p": PeerConfig(ssl="simclr", tau=0.1)}
-    full, _ = objective_loss({"p": (a1, a2)}, ObjectiveConfig(name="simclr", tile=1024), peers)
-    half, _ = objective_loss({"p": (a1.bfloat16(), a2.bfloat16())}, ObjectiveConfig(name="simclr", tile=1024), peers)
+    full, _ = objective_loss({"p": Crops.of([a1, a2])}, ObjectiveConfig(name="simclr", tile=1024), peers)
+    half, _ = objective_loss({"p": Crops.of([a1.bfloat16(), a2.bfloat16()])}, ObjectiveConfig(name="simclr", tile=1024), peers)
     assert half.dtype == torch.float32
     assert math.isclose(full.item(), half.item(), rel_tol=2e-2)

@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
 from dogo.engine.ssl.objectives import objective_loss
+from dogo.engine.ssl.peers import Crops
 from tests.helpers import gloo_ranks
 
 PEERS = {"a": PeerConfig(ssl="simclr", tau=0.2, kl_weight=1.0), "b": PeerConfig(ssl="simclr", tau=0.5, kl_weight=0.5)}
@@ -19,7 +20,7 @@ def _inputs(global_b: int):
 
 def _reference(objective: str, global_b: int):
     leaves = [t.clone().requires_grad_() for t in _inputs(global_b)]
-    emb = {"a": (leaves[0], leaves[1]), "b": (leaves[2], leaves[3])}
+    emb = {"a": Crops.of(leaves[:2]), "b": Crops.of(leaves[2:])}
     loss, terms = objective_loss(emb, ObjectiveConfig(name=objective, tile=1024), PEERS)
     loss.backward()
     return loss.detach(), [t.grad for t in leaves]
@@ -28,7 +29,7 @@ def _reference(objective: str, global_b: int):
 def _objective_on_rank(rank: int, world: int, objective: str, global_b: int):
     b = global_b // world
     leaves = [t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in _inputs(global_b)]
-    emb = {"a": (leaves[0], leaves[1]), "b": (leaves[2], leaves[3])}
+    emb = {"a": Crops.of(leaves[:2]), "b": Crops.of(leaves[2:])}
     loss, _ = objective_loss(emb, ObjectiveConfig(name=objective, tile=1024), PEERS)
     loss.backward()
     return loss.detach(), [t.grad for t in leaves]
@@ -45,16 +46,26 @@ def _bn_on_rank(rank: int, world: int, affine: bool):
     return y.detach(), xr.grad, bn.weight.grad if affine else None, bn.running_var.clone()
 
 
-def _kernel_on_rank(rank: int, world: int, tau_kl, global_b: int, tile: int):
+KERNEL_CASES = {  # crops per image and DoGo's KL pairs: two views, and 2 large + 1 small crop
+    2: ((0, 1),), 3: ((0, 1), (0, 2), (1, 2))}
+
+
+def _crops(global_b: int, crops: int):
+    """Each peer's crops of the global batch (float64)."""
+    g = torch.Generator().manual_seed(global_b + crops)
+    return [torch.randn(global_b, 8, generator=g, dtype=torch.float64) for _ in range(2 * crops)]
+
+
+def _kernel_on_rank(rank: int, world: int, tau_kl, global_b: int, tile: int, crops: int = 2):
     from dogo.engine.ssl.contrastive import contrastive_terms
     from dogo.engine.ssl.losses import reference_terms
     b = global_b // world
-    taus = (0.2, 0.5)
+    taus, pairs = (0.2, 0.5), KERNEL_CASES[crops]
     result = {}
-    for name, fn in (("kernel", lambda z: contrastive_terms(z, taus, tau_kl, tile)),
-                     ("straightforward", lambda z: reference_terms(z, taus, tau_kl))):
+    for name, fn in (("kernel", lambda z: contrastive_terms([z[:crops], z[crops:]], taus, tau_kl, pairs, tile)),
+                     ("straightforward", lambda z: reference_terms([z[:crops], z[crops:]], taus, tau_kl, pairs))):
         leaves = [torch.nn.functional.normalize(t[rank * b:(rank + 1) * b], dim=1).requires_grad_()
-                  for t in _inputs(global_b)]
+                  for t in _crops(global_b, crops)]
         terms = fn(leaves)
         terms.sum().backward()
         result[name] = (terms.detach(), [t.grad for t in leaves])
@@ -69,7 +80,7 @@ STATISTICS = ("vicreg", "barlowtwins", "byol")
 def _statistics_loss(method: str, z1, z2, targets=None):
     from dogo.engine.ssl.targets import Targets
     peers = {"p": PeerConfig(ssl=method)}
-    outputs = (z1, z2, z1 * 1.5, z2 - 0.5) if method == "byol" else (z1, z2)  # BYOL: predictions too
+    outputs = Crops.of([z1, z2], [z1 * 1.5, z2 - 0.5] if method == "byol" else None)  # BYOL: predictions too
     t = Targets(method={"p": targets}) if targets is not None else None
     return objective_loss({"p": outputs}, ObjectiveConfig(name=method, tile=1024), peers, t)[0]
 
@@ -98,7 +109,7 @@ def _worker(rank: int, world: int, port: int, out):
         "objective": {o: _objective_on_rank(rank, world, o, 6 * world) for o in OBJECTIVES},
         "statistics": {m: _statistics_on_rank(rank, world, m, 6 * world) for m in STATISTICS},
         # tiles of 4 images over 5 images per rank: tiles straddle rank boundaries and the self-mask diagonal moves
-        "kernel": {t: _kernel_on_rank(rank, world, t, 5 * world, 4) for t in TAUS_KL},
+        "kernel": {(t, c): _kernel_on_rank(rank, world, t, 5 * world, 4, c) for t in TAUS_KL for c in KERNEL_CASES},
         "bn": {a: _bn_on_rank(rank, world, a) for a in AFFINE},
     }
     dist.destroy_process_group()
@@ -173,15 +184,17 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch(ranks, affine
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("crops", list(KERNEL_CASES))
 @pytest.mark.parametrize("tau_kl", TAUS_KL)
-def test_kernel_ranks_equal_the_global_batch(ranks, tau_kl):
+def test_kernel_ranks_equal_the_global_batch(ranks, tau_kl, crops):
     from dogo.engine.ssl.contrastive import contrastive_terms
     world, out = ranks
     global_b = 5 * world
-    leaves = [torch.nn.functional.normalize(t, dim=1).requires_grad_() for t in _inputs(global_b)]
-    ref = contrastive_terms(leaves, (0.2, 0.5), tau_kl, tile=global_b)
+    leaves = [torch.nn.functional.normalize(t, dim=1).requires_grad_() for t in _crops(global_b, crops)]
+    ref = contrastive_terms([leaves[:crops], leaves[crops:]], (0.2, 0.5), tau_kl, KERNEL_CASES[crops],
+                            tile=global_b)
     ref.sum().backward()
-    got = [out[r]["kernel"][tau_kl] for r in range(world)]
+    got = [out[r]["kernel"][(tau_kl, crops)] for r in range(world)]
     b = global_b // world
     for r in range(world):
         # each rank's own loss and gradients equal the straightforward gather-with-gradient version's

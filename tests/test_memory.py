@@ -44,6 +44,9 @@ def _peak_of_two_steps(config: str, overrides: list[str]) -> dict:
     ("bench_r18_r50.yaml", ["data.image_size=64", "data.batch_size=16", "peers.r18.ssl=byol", "peers.r50.ssl=vicreg",
                             "peers.r18.head_hidden=null", "peers.r18.head_out=null", "peers.r50.head_hidden=null",
                             "peers.r50.head_out=null"]),
+    # multi-crop: each group of views counted at its size (2 x 64 px + 4 x 32 px per peer)
+    ("bench_r18_r50.yaml", ["data.image_size=64", "data.batch_size=16",
+                            "views={global: {count: 2}, local: {count: 4, size: 32}}"]),
 ])
 def test_estimate_is_within_25_percent_of_the_measured_peak_on_cpu(config, overrides):
     """Measured in a process of its own: a heap untouched by other tests."""

@@ -7,6 +7,7 @@ import torch
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
 from dogo.engine.ssl.objectives import objective_loss
+from dogo.engine.ssl.peers import Crops
 
 lightly_loss = pytest.importorskip("lightly.loss", reason="lightly is a test dependency (the dev extra)")
 
@@ -22,7 +23,8 @@ def _loss(method, outputs, targets=None, **settings):
         setattr(getattr(peer, method), key, value)
     from dogo.engine.ssl.targets import Targets
     t = Targets(method={"p": targets}) if targets is not None else None
-    return objective_loss({"p": outputs}, ObjectiveConfig(name=method, tile=1024), {"p": peer}, t)[0]
+    crops = Crops.of(outputs[:2], outputs[2:] or None)  # (z1, z2) and a method's (p1, p2)
+    return objective_loss({"p": crops}, ObjectiveConfig(name=method, tile=1024), {"p": peer}, t)[0]
 
 
 def _same(ours, theirs, leaves):

@@ -16,6 +16,7 @@ from dogo.engine.ssl.losses import embedding_distance, mocov2_loss, reference_te
 from dogo.engine.ssl.objectives import objective_loss
 from dogo.engine.ssl.methods import MoCoV2Settings
 from dogo.engine.ssl.momentum import KeyQueue, MomentumEncoder, momentum_at
+from dogo.engine.ssl.peers import Crops
 from dogo.engine.ssl.targets import Targets
 from dogo.models import Peer
 from tests.helpers import gloo_ranks
@@ -39,7 +40,7 @@ def test_mocov2_loss_equals_a_row_by_row_reference():
     q1, q2 = F.normalize(_rand(b, d, seed=1), dim=1), F.normalize(_rand(b, d, seed=2), dim=1)
     r1, r2 = q1.detach(), q2.detach()
     k1, k2, queue = _unit(b, d, seed=3), _unit(b, d, seed=4), _unit(k, d, seed=5)
-    got = mocov2_loss(q1, q2, k1, k2, queue, tau, symmetric=True)
+    got = mocov2_loss([q1, q2], [k1, k2], queue, tau)
 
     def infonce_row(q, key):  # -log( exp(q.k+/t) / (exp(q.k+/t) + sum_n exp(q.n/t)) ) for one query
         pos = math.exp(float(q @ key) / tau)
@@ -56,10 +57,10 @@ def test_mocov2_loss_equals_a_row_by_row_reference():
     p = torch.softmax(logits, 0)
     p[0] -= 1
     torch.testing.assert_close(g1[0], p @ keys / tau / (2 * b), rtol=1e-12, atol=1e-14)
-    assert torch.autograd.gradcheck(lambda a, c: mocov2_loss(F.normalize(a, dim=1), F.normalize(c, dim=1), k1, k2,
-                                                             queue, tau, symmetric=True),
+    assert torch.autograd.gradcheck(lambda a, c: mocov2_loss([F.normalize(a, dim=1), F.normalize(c, dim=1)],
+                                                             [k1, k2], queue, tau),
                                     (_rand(b, d, seed=6), _rand(b, d, seed=7)))
-    one_way = mocov2_loss(q1, q2, None, k2, queue, tau)  # MoCo's own form: view-1 queries, view-2 keys
+    one_way = mocov2_loss([q1, q2], [None, k2], queue, tau)  # MoCo's own form: view-1 queries, view-2 keys
     assert one_way.item() == pytest.approx(sum(infonce_row(r1[i], k2[i]) for i in range(b)) / b, rel=1e-12)
 
 
@@ -96,8 +97,8 @@ def test_kernel_with_a_kl_only_peer_equals_straightforward(tile):
     for taus in [(0.3, None), (None, 0.5), (None, None)]:
         w = torch.rand(2 + sum(t is not None for t in taus), generator=torch.Generator().manual_seed(1),
                        dtype=torch.float64) + 0.5
-        got = contrastive_terms(zs, taus, 0.2, tile)
-        ref = reference_terms(zs, taus, 0.2)
+        got = contrastive_terms([zs[:2], zs[2:]], taus, 0.2, tile=tile)
+        ref = reference_terms([zs[:2], zs[2:]], taus, 0.2)
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
         g_got = torch.autograd.grad((got * w).sum(), zs)
         g_ref = torch.autograd.grad((ref * w).sum(), zs)
@@ -110,10 +111,10 @@ def test_dogo_with_a_simclr_and_a_simsiam_peer_composes_the_terms():
     b, d = 6, 8
     a1, a2, z1, z2, p1, p2 = (_rand(b, d, seed=40 + i) for i in range(6))
     peers = {"a": PeerConfig(ssl="simclr", tau=0.3, kl_weight=0.7), "b": PeerConfig(ssl="simsiam", kl_weight=0.4)}
-    loss, terms = objective_loss({"a": (a1, a2), "b": (z1, z2, p1, p2)}, ObjectiveConfig(name="dogo", tau_kl=0.2, tile=1024),
-                                 peers)
+    loss, terms = objective_loss({"a": Crops.of([a1, a2]), "b": Crops.of([z1, z2], [p1, p2])},
+                                 ObjectiveConfig(name="dogo", tau_kl=0.2, tile=1024), peers)
     n = lambda x: F.normalize(x, dim=1)
-    ref = reference_terms([n(a1), n(a2), n(p1), n(p2)], (0.3, None), 0.2)
+    ref = reference_terms([[n(a1), n(a2)], [n(p1), n(p2)]], (0.3, None), 0.2)
     siam = simsiam_loss(z1, z2, p1, p2)
     want = ref[0] + 0.7 * ref[1] + siam + 0.4 * ref[2]
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
@@ -133,9 +134,10 @@ def test_objective_loss_for_mocov2_and_disco_uses_the_targets():
     t1, t2 = _rand(b, d, seed=55, requires_grad=False), _rand(b, d, seed=56, requires_grad=False)
     targets = Targets(method={"s": (None, k2, queue)}, teacher={"s": (t1, t2)})
     peers = {"s": PeerConfig(ssl="mocov2", tau=0.2)}
-    loss, terms = objective_loss({"s": (q1, q2)}, ObjectiveConfig(name="disco", distill_weight=0.3, tile=1024), peers, targets)
+    loss, terms = objective_loss({"s": Crops.of([q1, q2])}, ObjectiveConfig(name="disco", distill_weight=0.3, tile=1024),
+                                 peers, targets)
     n = lambda x: F.normalize(x, dim=1)
-    moco = mocov2_loss(n(q1), n(q2), None, k2, queue, 0.2)
+    moco = mocov2_loss([n(q1), n(q2)], [None, k2], queue, 0.2)
     dist_ = embedding_distance(q1, t1) + embedding_distance(q2, t2)
     torch.testing.assert_close(loss, moco + 0.3 * dist_, rtol=1e-12, atol=1e-14)
     assert set(terms) == {"s/infonce", "s/distill", "loss"}

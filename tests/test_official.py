@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from dogo.engine.config import ObjectiveConfig, PeerConfig
 from dogo.engine.ssl.losses import mocov2_loss
+from dogo.engine.ssl.peers import Crops
 from dogo.engine.ssl.objectives import objective_loss
 from dogo.engine.ssl.momentum import KeyQueue
 from dogo.engine.ssl.targets import Targets
@@ -57,8 +58,9 @@ def official_dogo_peer_kl(kind1, out1, kind2, out2, temperature):
                                    ("simsiam", "simsiam")])
 def test_dogo_kl_follows_the_official_choice_of_embeddings(kinds):
     b, d, tau_kl = 6, 5, 0.2
-    outs = {name: tuple(_rand(b, d, seed=10 * k + i) for i in range(2 if kind == "simclr" else 4))
-            for k, (name, kind) in enumerate(zip("ab", kinds))}
+    raw = {name: tuple(_rand(b, d, seed=10 * k + i) for i in range(2 if kind == "simclr" else 4))
+           for k, (name, kind) in enumerate(zip("ab", kinds))}
+    outs = {name: Crops.of(t[:2], t[2:] or None) for name, t in raw.items()}
     weights = {"a": 0.7, "b": 1.3}
 
     def ours(scale):
@@ -68,11 +70,11 @@ def test_dogo_kl_follows_the_official_choice_of_embeddings(kinds):
 
     loss, terms = ours(1.0)
     loss_no_kl, _ = ours(0.0)
-    kl1, kl2 = official_dogo_peer_kl(kinds[0], outs["a"], kinds[1], outs["b"], tau_kl)
+    kl1, kl2 = official_dogo_peer_kl(kinds[0], raw["a"], kinds[1], raw["b"], tau_kl)
     # ours averages over the b rows; the official element mean divides by b * b as well: a factor of b
     torch.testing.assert_close(terms["a/kl"], b * kl1.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(terms["b/kl"], b * kl2.detach(), rtol=1e-10, atol=1e-12)
-    leaves = [t for name in "ab" for t in outs[name]]
+    leaves = [t for name in "ab" for t in raw[name]]
     kl_ours = torch.autograd.grad(loss - loss_no_kl, leaves, allow_unused=True, materialize_grads=True)
     kl_ref = torch.autograd.grad(b * (weights["a"] * kl1 + weights["b"] * kl2), leaves, allow_unused=True,
                                  materialize_grads=True)
@@ -122,7 +124,7 @@ def test_mocov2_queue_starts_random_and_rings_as_the_official_one():
     for step in range(5):  # 5 x 4 keys through 12: wraps around
         k = F.normalize(_rand(4, 8, seed=20 + step), dim=1).detach()
         want = official.loss(q, k, 0.2)
-        got = mocov2_loss(q, None, None, k, enc.negatives(), 0.2)
+        got = mocov2_loss([q], [None, k], enc.negatives(), 0.2)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         if step == 0:
             assert got > 0 and torch.autograd.grad(got, q)[0].abs().max() > 0, "the first step has negatives"
@@ -153,7 +155,7 @@ def test_disco_loss_equals_the_official_one():
     t1, t2 = (F.normalize(_rand(b, d, seed=s), dim=1).detach() for s in (5, 6))
     peers = {"s": PeerConfig(ssl="mocov2", tau=T)}  # MoCo v2's own form is the default
     targets = Targets(method={"s": (None, k2, queue)}, teacher={"s": (t1, t2)})
-    loss, _ = objective_loss({"s": (s1, s2)}, ObjectiveConfig(name="disco", tile=1024), peers, targets)
+    loss, _ = objective_loss({"s": Crops.of([s1, s2])}, ObjectiveConfig(name="disco", tile=1024), peers, targets)
     want = official_disco_loss(s1, s2, k2, queue, t1, t2, T)
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
     for got, ref in zip(torch.autograd.grad(loss, (s1, s2)), torch.autograd.grad(want, (s1, s2))):
@@ -184,7 +186,7 @@ def test_disco_teacher_bn_modes_follow_the_official_teacher(bn):
               for s in (1, 2))
     with torch.no_grad():
         want = official(v1), official(v2)
-    got = ours.embed_views(v1, v2)
+    got = ours.embed(torch.cat([v1, v2]), 2).chunk(2)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     for key, value in ours.peer.state_dict().items():

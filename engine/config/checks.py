@@ -15,7 +15,7 @@ from typing import Any
 from dogo.core.errors import ConfigError
 from dogo.core.registry import BACKBONES, BACKENDS, METHODS, OBJECTIVES
 from dogo.engine.config.loading import to_dict
-from dogo.engine.config.resolve import tensorboard_installed
+from dogo.engine.config.resolve import group_size, overlaid, tensorboard_installed, view_recipe
 from dogo.engine.config.schema import AugmentConfig, Config, section_names
 
 def check(cfg: Config) -> None:
@@ -61,10 +61,6 @@ def check(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{key} must be 0 or more, got {value}")
     _check_optimiser(cfg)
-    a = cfg.augment
-    for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-        if not 0 <= getattr(a, key) <= 1:
-            raise ConfigError(f"augment.{key} is a probability: it must be in [0, 1], got {getattr(a, key)}")
     _check_peer_names(cfg)
     if cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name:
         raise ConfigError(f"name={cfg.name!r} must be a plain folder name: the run folder is out_dir/name and may "
@@ -86,10 +82,11 @@ def check(cfg: Config) -> None:
         if peer.arch_args and backbone.library != "timm":
             raise ConfigError(f"peers.{name}.arch_args are timm.create_model's arguments; {peer.arch} is a "
                               f"{backbone.library} backbone: remove them")
-    _check_recipe(cfg.augment)
+    _check_recipe(cfg.augment, "augment")
     if cfg.data.image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is too small: views of at least {MIN_IMAGE_SIZE} px "
                           f"(the backbones downsample by up to 32 and the blur needs a border)")
+    _check_views(cfg)
 
 
 def _check_optimiser(cfg: Config) -> None:
@@ -157,24 +154,65 @@ def _check_finite(node: Any, key: str) -> None:
         raise ConfigError(f"{key} must be a finite number, got {node}")
 
 
-def _check_recipe(a: AugmentConfig) -> None:
-    """Ranges of the recipe's numbers (torchvision's own limits where it has them)."""
+def _check_recipe(a: AugmentConfig, prefix: str) -> None:
+    """Ranges of the recipe's numbers (torchvision's own limits where it has them); prefix: where they were set
+    (augment, or a view group's overrides)."""
+    for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        if not 0 <= getattr(a, key) <= 1:
+            raise ConfigError(f"{prefix}.{key} is a probability: it must be in [0, 1], got {getattr(a, key)}")
     lo, hi = a.crop_scale
     if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {a.crop_scale}")
+        raise ConfigError(f"{prefix}.crop_scale must satisfy 0 < min <= max <= 1, got {a.crop_scale}")
     if not 0 < a.crop_ratio[0] <= a.crop_ratio[1]:
-        raise ConfigError(f"augment.crop_ratio must satisfy 0 < min <= max, got {a.crop_ratio}")
+        raise ConfigError(f"{prefix}.crop_ratio must satisfy 0 < min <= max, got {a.crop_ratio}")
     for key in ("brightness", "contrast", "saturation"):
         if getattr(a, key) < 0:
-            raise ConfigError(f"augment.{key} is a jitter strength: 0 or more, got {getattr(a, key)}")
+            raise ConfigError(f"{prefix}.{key} is a jitter strength: 0 or more, got {getattr(a, key)}")
     if not 0 <= a.hue <= 0.5:
-        raise ConfigError(f"augment.hue is a shift in turns: it must be in [0, 0.5], got {a.hue}")
+        raise ConfigError(f"{prefix}.hue is a shift in turns: it must be in [0, 0.5], got {a.hue}")
     if not 0 < a.blur_sigma[0] <= a.blur_sigma[1]:
-        raise ConfigError(f"augment.blur_sigma must satisfy 0 < min <= max, got {a.blur_sigma}")
+        raise ConfigError(f"{prefix}.blur_sigma must satisfy 0 < min <= max, got {a.blur_sigma}")
     if a.blur_kernel_fraction <= 0:
-        raise ConfigError(f"augment.blur_kernel_fraction must be positive, got {a.blur_kernel_fraction}")
+        raise ConfigError(f"{prefix}.blur_kernel_fraction must be positive, got {a.blur_kernel_fraction}")
     if min(a.std) <= 0:
-        raise ConfigError(f"augment.std must be positive in every channel, got {a.std}")
+        raise ConfigError(f"{prefix}.std must be positive in every channel, got {a.std}")
+
+
+def _check_views(cfg: Config) -> None:
+    """The plan of views: named groups, the first of at least two views at data.image_size, sizes decreasing (one
+    forward per size), each view's recipe in range."""
+    previous = None
+    for g, (name, group) in enumerate(cfg.views.items()):
+        key = f"views.{name}"
+        if not PEER_NAME.fullmatch(name):
+            raise ConfigError(f"views: {name!r} is not a usable group name: a letter or _, then letters, digits, _ "
+                              f"or - (e.g. global, local)")
+        least = 2 if g == 0 else 1
+        if group.count < least:
+            reason = "the large crops are paired by every method" if g == 0 else "a group holds views"
+            raise ConfigError(f"{key}.count={group.count}: {reason}: at least {least}")
+        size = group_size(group, cfg.data.image_size)
+        if g == 0 and size != cfg.data.image_size:
+            raise ConfigError(f"{key}.size={size} differs from data.image_size={cfg.data.image_size}: the first "
+                              f"group's views are the models' input and the evaluation size; set data.image_size "
+                              f"(or leave {key}.size empty)")
+        if size < MIN_IMAGE_SIZE:
+            raise ConfigError(f"{key}.size={size} is too small: views of at least {MIN_IMAGE_SIZE} px")
+        if previous is not None and size >= previous[1]:
+            raise ConfigError(f"{key}.size={size} is not below views.{previous[0]}.size={previous[1]}: one forward "
+                              f"per size, largest first; put views of one size into one group (view_recipe sets "
+                              f"what differs per view)")
+        previous = (name, size)
+        _check_recipe(overlaid(cfg.augment, group.recipe), f"{key}.recipe")
+        for k in group.view_recipe:
+            if not (k.isdigit() and int(k) < group.count):
+                raise ConfigError(f"{key}.view_recipe.{k}: views are numbered 0 to {group.count - 1} ({key}.count)")
+            _check_recipe(view_recipe(cfg.augment, group, int(k)), f"{key}.view_recipe.{k}")
+    for name, peer in cfg.peers.items():
+        if peer.arch_args.get("dynamic_img_size") is False and len(cfg.views) > 1:
+            raise ConfigError(f"peers.{name}.arch_args.dynamic_img_size=false: {peer.arch} is built for one view "
+                              f"size and the views come in {len(cfg.views)} sizes; remove the setting (it is set "
+                              f"to true for a plan of several sizes)")
 
 
 def _check_labels(cfg: Config) -> None:

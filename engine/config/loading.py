@@ -111,8 +111,8 @@ def _read_text(path: Path) -> str:
 
 def read_yaml(path: Path) -> dict:
     """A config file as a dict, with its `base:` chain (each a path relative to the file naming it) read first and
-    overlaid: mappings merge key by key, except `peers`, which a file that sets it replaces whole (its peers are the
-    run's peers)."""
+    overlaid: mappings merge key by key, except `peers` and `views`, which a file that sets them replaces whole (its
+    peers are the run's peers, its plan of views the run's plan)."""
     chain: list[Path] = []
     layers: list[dict] = []
     while True:
@@ -140,10 +140,13 @@ def read_yaml(path: Path) -> dict:
     return merged
 
 
+WHOLE = ("peers", "views")  # top-level mappings a file states whole: a base file's entries are not kept beside them
+
+
 def _overlay(base: dict, top: dict, key: str = "") -> dict:
     out = dict(base)
     for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and not (key == "" and k == "peers"):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not (key == "" and k in WHOLE):
             out[k] = _overlay(out[k], v, f"{key}.{k}" if key else k)
         else:
             out[k] = v
@@ -157,19 +160,30 @@ def _type_name(tp: Any) -> str:
 
 
 def schema_keys(cls: type = Config, prefix: str = "", peer: str = "NAME") -> list[str]:
-    """Every dotted key of the schema (peers' keys under peers.<peer>.)."""
+    """Every dotted key of the schema (peers' keys under peers.<peer>., the entries of other mappings of settings
+    under NAME: views.NAME.count, views.NAME.view_recipe.NAME.blur_p)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
+        entry = _entry_type(tp)
         if dataclasses.is_dataclass(tp):
             out.extend(schema_keys(tp, key + ".", peer))
-        elif f.name == "peers" and cls is Config:
-            out.extend(schema_keys(typing.get_args(tp)[1], f"{key}.{peer}.", peer))
+        elif entry is not None:
+            name = peer if f.name == "peers" and cls is Config else "NAME"
+            out.extend(schema_keys(entry, f"{key}.{name}.", peer))
         else:
             out.append(key)
     return out
+
+
+def _entry_type(tp: Any) -> type | None:
+    """The settings type of a mapping of name -> settings (peers, views), else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return args[1]
+    return None
 
 
 def unknown_key(cls: type, key: str, full: str) -> ConfigError:
@@ -200,8 +214,9 @@ def unknown_key(cls: type, key: str, full: str) -> ConfigError:
                        + "; every key: docs/config.md, or dogo config CONFIG")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+def _coerce(value: Any, tp: Any, key: str, may_be_empty: bool = False) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`. may_be_empty: a mapping of name -> settings
+    may have no entry (the schema field's MAY_BE_EMPTY)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -232,7 +247,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping of argument names to values, got {value!r}")
         return dict(value)
     if origin is dict:
-        if not isinstance(value, dict) or not value:
+        if not isinstance(value, dict) or not (value or may_be_empty):
             raise ConfigError(f"{key}: expected a non-empty mapping of name -> settings, got {value!r}")
         return {str(k): _coerce(v or {}, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
@@ -271,8 +286,12 @@ def build(cls: type, raw: dict, prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
             raise unknown_key(cls, str(key), full)
-        kwargs[key] = _coerce(value, hints[key], full)
+        kwargs[key] = _coerce(value, hints[key], full, _may_be_empty(cls, key))
     return cls(**kwargs)
+
+
+def _may_be_empty(cls: type, name: str) -> bool:
+    return any(f.name == name and f.metadata.get("may_be_empty") for f in dataclasses.fields(cls))
 
 
 def apply_override(cfg: Config, override: str) -> None:
@@ -318,7 +337,7 @@ def _set(node: Any, part: str, value: Any, path: str, override: str) -> None:
         for key, sub in value.items():
             _set(current, str(key), sub, f"{path}.{key}", override)
         return
-    coerced = _coerce(value, tp, path)
+    coerced = _coerce(value, tp, path, not isinstance(node, dict) and _may_be_empty(type(node), part))
     if isinstance(node, dict):
         node[part] = coerced
     else:
@@ -379,8 +398,8 @@ def _at(cfg: Config, dotted: str) -> Any:
 # -- writing ---------------------------------------------------------------------------------------------------
 
 def to_dict(cfg: Config, all_sections: bool = False) -> dict:
-    """The config as plain dicts; a peer keeps only its own method's sub-section and the data only its backend's
-    (unless all_sections)."""
+    """The config as plain dicts; a peer keeps only its own method's sub-section, the data only its backend's and
+    the views' recipe overrides only the numbers they set (unless all_sections)."""
     out = dataclasses.asdict(cfg)
     if not all_sections:
         for name, peer in out["peers"].items():
@@ -390,7 +409,14 @@ def to_dict(cfg: Config, all_sections: bool = False) -> dict:
         for section in section_names(type(cfg.data)):
             if section != cfg.data.backend:
                 out["data"].pop(section, None)
+        for group in out["views"].values():  # an override states only what differs from augment
+            group["recipe"] = _set_only(group["recipe"])
+            group["view_recipe"] = {k: _set_only(v) for k, v in group["view_recipe"].items()}
     return out
+
+
+def _set_only(overrides: dict) -> dict:
+    return {k: v for k, v in overrides.items() if v is not None}
 
 
 def dump_text(cfg: Config) -> str:

@@ -6,6 +6,7 @@ above the config.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -14,7 +15,7 @@ import torch
 from dogo.core.errors import ConfigError
 from dogo.core.registry import BACKBONES, BACKENDS, METHODS, OBJECTIVES
 from dogo.engine.config.loading import to_dict
-from dogo.engine.config.schema import KNN_PROTOCOLS, Config, EvalConfig
+from dogo.engine.config.schema import KNN_PROTOCOLS, AugmentConfig, Config, EvalConfig, RecipeOverrides, ViewGroup
 
 # objective.tile=auto: the contrastive kernel's tile, in images
 CPU_TILE = 1024  # on a CPU the tiles' launches are cheap next to their arithmetic
@@ -22,15 +23,15 @@ GPU_TILE_SHARE = 1 / 8  # of the free device memory, for the kernel's live block
 GPU_TILE_RANGE = (1024, 32768)
 
 
-def auto_tile(device: torch.device, peers: int, global_batch: int) -> int:
-    """objective.tile=auto: on CUDA, the largest power of two whose live blocks (about four (2 tile x 2 tile) fp32
-    blocks per peer, engine/run/memory.py) fit GPU_TILE_SHARE of the free memory, so that 16,384 views take a
-    handful of tiles (each tile is tens of launches: small tiles are launch-bound); on CPUs, CPU_TILE. Never more
-    than the global batch."""
+def auto_tile(device: torch.device, peers: int, global_batch: int, crops: int = 2) -> int:
+    """objective.tile=auto: on CUDA, the largest power of two whose live blocks (about four (crops tile x crops
+    tile) fp32 blocks per peer, engine/run/memory.py) fit GPU_TILE_SHARE of the free memory, so that 16,384 views
+    take a handful of tiles (each tile is tens of launches: small tiles are launch-bound); on CPUs, CPU_TILE. Never
+    more than the global batch. crops: views per image of a peer (the plan's)."""
     if device.type != "cuda":
         return min(CPU_TILE, global_batch)
     free, _ = torch.cuda.mem_get_info(device)
-    fitting = int((GPU_TILE_SHARE * free / (64 * max(peers, 1))) ** 0.5)
+    fitting = int((GPU_TILE_SHARE * free / (16 * crops ** 2 * max(peers, 1))) ** 0.5)
     tile = 1 << max(fitting, 1).bit_length() - 1
     return min(max(GPU_TILE_RANGE[0], min(tile, GPU_TILE_RANGE[1])), global_batch)
 
@@ -58,7 +59,8 @@ def resolve(cfg: Config) -> Config:
         cfg.augment.place = "device" if on_gpu else "workers"
     if cfg.objective.tile == "auto":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
-        cfg.objective.tile = auto_tile(device, len(cfg.peers), cfg.data.batch_size)
+        crops = sum(g.count for g in cfg.views.values())
+        cfg.objective.tile = auto_tile(device, len(cfg.peers), cfg.data.batch_size, crops)
     if cfg.log.tensorboard == "auto":
         cfg.log.tensorboard = "on" if tensorboard_installed() else "off"
     if cfg.checkpoint.resume == "auto":
@@ -66,6 +68,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.log.progress == "auto":
         cfg.log.progress = "on" if sys.stdout.isatty() else "off"
     _resolve_knn(cfg.eval)
+    _resolve_dynamic_size(cfg)
     objective = OBJECTIVES.get(cfg.objective.name, "objective.name")
     methods = peer_methods(cfg)
     for name, peer in cfg.peers.items():
@@ -134,6 +137,34 @@ def _resolve_view_size(cfg: Config, on_gpu: bool) -> None:
         if peer.cifar_stem == "auto":
             has_stem = BACKBONES.get(peer.arch, f"peers.{name}.arch").cifar_stem
             peer.cifar_stem = has_stem and cfg.data.image_size <= 64
+
+
+def group_size(group: ViewGroup, image_size: int) -> int:
+    """A view group's side, px: its own, else data.image_size."""
+    return image_size if group.size is None else group.size
+
+
+def overlaid(recipe: AugmentConfig, overrides: RecipeOverrides) -> AugmentConfig:
+    """`recipe` with the numbers `overrides` sets."""
+    changes = {f.name: getattr(overrides, f.name) for f in dataclasses.fields(overrides)}
+    return dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
+
+
+def view_recipe(augment: AugmentConfig, group: ViewGroup, k: int) -> AugmentConfig:
+    """The recipe of view k of a group: augment, then the group's overrides, then the view's own."""
+    return overlaid(overlaid(augment, group.recipe), group.view_recipe.get(str(k), RecipeOverrides()))
+
+
+def _resolve_dynamic_size(cfg: Config) -> None:
+    """A backbone built for one view size (a timm ViT) takes views of several sizes only with timm's position
+    embedding interpolated per input: arch_args.dynamic_img_size, set here when the plan has several sizes (an
+    explicit false is refused by the checks)."""
+    sizes = {group_size(g, cfg.data.image_size) for g in cfg.views.values()}
+    if len(sizes) < 2:
+        return
+    for name, peer in cfg.peers.items():
+        if BACKBONES.get(peer.arch, f"peers.{name}.arch").sized:
+            peer.arch_args.setdefault("dynamic_img_size", True)
 
 
 def _resolve_knn(ev: EvalConfig) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 SECTION = {"section": True}  # field metadata: a method's or a backend's own settings
+MAY_BE_EMPTY = {"may_be_empty": True}  # field metadata: a mapping of name -> settings that may have no entry
 
 
 def section(settings: type) -> Any:
@@ -55,7 +56,7 @@ class SyntheticSettings:
 
 @dataclass
 class DataConfig:
-    # where two-view batches come from: a registered backend (dogo.core.registry.BACKENDS); its own settings are the
+    # where batches of views come from: a registered backend (dogo.core.registry.BACKENDS); its own settings are the
     # sub-section named after it, e.g. data.ffcv.beton, data.dali.scan
     backend: str = "folder"
     # the dataset root, one folder per split, each class_name/image.jpg (ImageNet's layout: train/, val/); held: that,
@@ -136,6 +137,34 @@ class AugmentConfig:
     solarize_p: float = 0.0  # solarisation probability
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalisation mean (ImageNet's)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalisation standard deviation (ImageNet's)
+
+
+@dataclass
+class RecipeOverrides:
+    """augment.* numbers that differ for a group of views or for one view of it; null keeps augment's."""
+    crop_scale: Optional[tuple[float, float]] = None  # RandomResizedCrop area fraction (DINO's local crops: 0.05-0.4)
+    crop_ratio: Optional[tuple[float, float]] = None  # RandomResizedCrop aspect ratio
+    flip_p: Optional[float] = None  # horizontal flip probability
+    jitter_p: Optional[float] = None  # colour jitter probability
+    brightness: Optional[float] = None  # colour jitter strengths: brightness ...
+    contrast: Optional[float] = None  # ... contrast ...
+    saturation: Optional[float] = None  # ... saturation ...
+    hue: Optional[float] = None  # ... and hue
+    grayscale_p: Optional[float] = None  # grayscale probability
+    blur_p: Optional[float] = None  # Gaussian blur probability (DINO: 1.0 on global view 0, 0.1 on view 1)
+    blur_sigma: Optional[tuple[float, float]] = None  # Gaussian blur sigma range
+    solarize_p: Optional[float] = None  # solarisation probability (DINO: 0.2 on global view 1)
+
+
+@dataclass
+class ViewGroup:
+    count: int = 2  # views of each image in this group (per peer's set of views)
+    # side of the group's views, px; null: data.image_size (the first group's must be data.image_size: the models'
+    # input and the evaluation size)
+    size: Optional[int] = None
+    recipe: RecipeOverrides = field(default_factory=RecipeOverrides)  # what differs from augment for every view here
+    # per view of the group, by its index 0 .. count-1: what differs from the group's recipe for that view alone
+    view_recipe: dict[str, RecipeOverrides] = field(default_factory=dict, metadata=MAY_BE_EMPTY)
 
 
 @dataclass
@@ -292,6 +321,11 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees a GPU
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # the views each image yields, as groups of one size, largest first: the first group holds the large (global)
+    # crops that every method pairs, momentum encoders and DisCo's teacher see; later groups are smaller (local)
+    # crops. A file that sets views states the whole plan (it replaces the base file's). Default: two views at
+    # data.image_size
+    views: dict[str, ViewGroup] = field(default_factory=lambda: {"global": ViewGroup()})
     peers: dict[str, PeerConfig] = field(default_factory=lambda: {"r18": PeerConfig()})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -31,8 +31,10 @@ class OnlineProbe:
 
     def _hook(self, name: str):
         def keep(module, inputs, output):
-            if self.capturing:  # only the trainer's step: not evaluation's or a momentum copy's forwards
-                self._features[name] = output.detach()
+            # only the trainer's step (not evaluation's or a momentum copy's forwards), and of its groups of views
+            # the first, the large crops (solo-learn's online classifier sees those only)
+            if self.capturing:
+                self._features.setdefault(name, output.detach())
         return keep
 
     def step(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -60,9 +60,10 @@ def _meta_peers(cfg: Config, precision: Precision) -> PeerSet:
     return model.to(memory_format=precision.memory_format).train()
 
 
-def _saved_bytes(model, image_size: int, local_batch: int, precision: Precision) -> tuple[int, int]:
-    """(bytes autograd saves in the meta peers' forward for `local_batch` images, the largest single saved tensor).
-    Low precision adds the low-precision weight copies autocast saves."""
+def _saved_bytes(model, local_batch: int, precision: Precision) -> tuple[int, int]:
+    """(bytes autograd saves in the meta peers' forward for `local_batch` images, the largest single saved tensor),
+    every group of the plan of views at its size. Low precision adds the low-precision weight copies autocast
+    saves."""
     dtype, fmt = precision.dtype, precision.memory_format
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -73,10 +74,10 @@ def _saved_bytes(model, image_size: int, local_batch: int, precision: Precision)
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
         return t
 
-    views = [torch.empty(local_batch, 3, image_size, image_size, device="meta", dtype=dtype)
-             .contiguous(memory_format=fmt) for _ in range(model.n_views)]
+    groups = [torch.empty(len(g.views) * local_batch, 3, g.size, g.size, device="meta", dtype=dtype)
+              .contiguous(memory_format=fmt) for g in model.plan.groups]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(views)
+        model(groups)
     extra = _param_bytes(model) if dtype != torch.float32 else 0  # autocast's bf16/fp16 weight copies
     return sum(seen.values()) + extra, max(seen.values(), default=0)
 
@@ -86,12 +87,13 @@ def _optimizer_state_factor(cfg: Config) -> int:
 
 
 def _kernel_bytes(cfg: Config, global_batch: int) -> int:
-    """The tiled contrastive kernel: normalised gathered embeddings of both views (and their gradient) for each
-    peer in it, and about four live (2 tile x 2 tile) fp32 blocks per peer during the walk."""
+    """The tiled contrastive kernel: normalised gathered embeddings of every crop (and their gradient) for each
+    peer in it, and about four live (V tile x V tile) fp32 blocks per peer during the walk (V crops per image)."""
     peers = len(cfg.peers)
     d = max(p.head_out for p in cfg.peers.values())
+    crops = sum(g.count for g in cfg.views.values())
     tile = min(cfg.objective.tile, global_batch)  # resolved for the device by the config
-    return peers * (2 * 2 * global_batch * d * 4 + 4 * (2 * tile) ** 2 * 4)
+    return peers * (2 * crops * global_batch * d * 4 + 4 * (crops * tile) ** 2 * 4)
 
 
 @dataclass
@@ -129,21 +131,23 @@ class MemoryModel:
 
 
 def _require_image_size(model: PeerSet, cfg: Config, precision: Precision) -> None:
-    """Every peer's backbone takes views of data.image_size (a ViT's patches, inception's stem need a least size):
-    one meta forward each (no memory, no compute), so that the one that cannot is named with what to do rather than
-    a convolution's traceback from the trial forward below."""
-    s = cfg.data.image_size
-    for name, peer in model.peers.items():
-        views = torch.empty(2, 3, s, s, device="meta", dtype=precision.dtype).contiguous(
-            memory_format=precision.memory_format)
-        try:
-            with torch.no_grad():
-                peer.backbone(views)
-        except (RuntimeError, ValueError, AssertionError) as exc:
-            reason = " ".join(str(exc).split("\n")[0].split())[:200]
-            raise ConfigError(f"peers.{name}.arch={cfg.peers[name].arch} cannot take data.image_size={s} px views "
-                              f"({reason}); raise data.image_size, or give peers.{name}.arch a backbone (or arch_args, "
-                              f"e.g. a ViT's patch_size) made for {s} px images") from None
+    """Every peer's backbone takes views of each size of the plan (a ViT's patches, inception's stem need a least
+    size): one meta forward each (no memory, no compute), so that the one that cannot is named with what to do rather
+    than a convolution's traceback from the trial forward below."""
+    for g, group in enumerate(model.plan.groups):
+        s = group.size
+        key = "data.image_size" if g == 0 else f"views.{group.name}.size"
+        for name, peer in model.peers.items():
+            views = torch.empty(2, 3, s, s, device="meta", dtype=precision.dtype).contiguous(
+                memory_format=precision.memory_format)
+            try:
+                with torch.no_grad():
+                    peer.backbone(views)
+            except (RuntimeError, ValueError, AssertionError) as exc:
+                reason = " ".join(str(exc).split("\n")[0].split())[:200]
+                raise ConfigError(f"peers.{name}.arch={cfg.peers[name].arch} cannot take {key}={s} px views "
+                                  f"({reason}); raise {key}, or give peers.{name}.arch a backbone (or arch_args, "
+                                  f"e.g. a ViT's patch_size) made for {s} px images") from None
 
 
 def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryModel:
@@ -152,9 +156,8 @@ def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryMo
     params = sum(p.numel() for p in model.parameters()) * 4  # fp32 master weights whatever the autocast dtype
     buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point()) * 4
     # the per-image part from two batch sizes (the heads' BatchNorm1d needs at least 2 rows)
-    s = cfg.data.image_size
-    saved_2, _ = _saved_bytes(model, s, 2, precision)
-    saved_4, largest_4 = _saved_bytes(model, s, 4, precision)
+    saved_2, _ = _saved_bytes(model, 2, precision)
+    saved_4, largest_4 = _saved_bytes(model, 4, precision)
     elem = torch.finfo(precision.dtype).bits // 8
     fixed = {
         "parameters": params + buffers,
@@ -164,8 +167,8 @@ def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryMo
         "method losses": _method_loss_bytes(cfg, params, world_size),
         "held images": held_bytes(cfg.data),  # every rank holds the whole split
     }
-    return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4,
-                       model.n_views * 3 * s ** 2 * elem)
+    view_bytes = sum(len(g.views) * 3 * g.size ** 2 * elem for g in model.plan.groups)  # per image
+    return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4, view_bytes)
 
 
 def _method_loss_bytes(cfg: Config, params: int, world_size: int) -> int:

@@ -32,7 +32,7 @@ from dogo.engine.ssl.objectives import objective_loss
 from dogo.engine.ssl.peers import build_peers
 from dogo.engine.ssl.targets import TargetMakers
 from dogo.core.registry import BACKENDS
-from dogo.pipelines import TwoViewBatch, build_loader
+from dogo.pipelines import LoaderSpec, ViewBatch, build_loader
 
 
 def ddp_options(model: torch.nn.Module, sync_bn: bool) -> dict:
@@ -98,11 +98,11 @@ class Trainer:
         for line in (warning, note):
             if line and self.ctx.is_main:
                 Console(soft_wrap=True).print(line, highlight=False, markup=False)
-        self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), cfg.augment,
-                                   n_views=self.model.n_views, seed=cfg.seed,
-                                   rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
-                                   dtype=self.precision.dtype, channels_last=self.precision.channels_last,
-                                   compile_recipe=cfg.precision.compile in ("on", "peers"))
+        spec = LoaderSpec(plan=self.model.plan, recipe=cfg.augment, global_batch=cfg.data.batch_size, seed=cfg.seed,
+                          rank=self.ctx.rank, world_size=self.ctx.world_size, device=self.ctx.device,
+                          dtype=self.precision.dtype, channels_last=self.precision.channels_last,
+                          compile_recipe=cfg.precision.compile in ("on", "peers"))
+        self.loader = build_loader(dataclasses.replace(cfg.data, workers=workers), spec)
         if cfg.precision.compile == "peers":
             for peer in self.model.peers.values():
                 peer.compile()  # in place: its state_dict keys (checkpoints) are unchanged
@@ -201,7 +201,7 @@ class Trainer:
         return path
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    def step(self, batch: TwoViewBatch) -> dict[str, torch.Tensor]:
+    def step(self, batch: ViewBatch) -> dict[str, torch.Tensor]:
         """One optimiser step over every peer on one batch. No host synchronisation. What the step number decides
         (the lr, a momentum) is written here, on the host; the rest is `_device_step`, which a CUDA graph may
         capture and replay."""
@@ -209,19 +209,19 @@ class Trainer:
                                          self.cfg.schedule.final_lr_ratio))
         self.targets.schedule(self.pos.step + 1, self.total_steps)
         if self.graph is not None:
-            return self.graph(batch.views, batch.labels)
-        return self._device_step(batch.views, batch.labels)
+            return self.graph(batch.groups, batch.labels)
+        return self._device_step(batch.groups, batch.labels)
 
-    def _device_step(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _device_step(self, groups: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward, loss, backward, update and the method states' updates: the same kernels at every step, with
         what changes between steps read from device tensors (engine/run/graphs.py)."""
         with self.precision.autocast(self.ctx.device):
             if self.probe:
                 self.probe.capturing = True  # the backbones' features of this forward, for the online probe
-            outputs = self.forward(views)
+            outputs = self.forward(groups)
             if self.probe:
                 self.probe.capturing = False
-            targets = self.targets.make(views, self.model.pairs)
+            targets = self.targets.make(ViewBatch(groups, labels), self.model.plan, self.model.sets)
         loss, terms = objective_loss(outputs, self.cfg.objective, self.cfg.peers, targets)
         self.watch.note(loss)  # a flag on the device, read only at log and checkpoint steps
         self.scaler.scale(loss).backward()

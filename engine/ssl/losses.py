@@ -1,7 +1,8 @@
 """The losses as functions of the embeddings; the methods (methods.py) and objectives (objectives.py) combine them.
 
-Shapes: each rank holds b = B/W images; z1, z2 are (b, d) embeddings of the two views. Columns span the global
-batch, rows are this rank's own. At world size 1 no process group is needed.
+Shapes: each rank holds b = B/W images; a peer's crops (views) are (b, d) embeddings each, large crops first; two
+views are the two-crop case (z1, z2). Columns span the global batch, rows are this rank's own. At world size 1 no
+process group is needed.
 
 NT-Xent and DoGo's KL run through the tiled kernel (contrastive.py, via `kernel_terms`). The straightforward
 functions below (gather with gradient, full logits block) are its reference, in the tests and in `dogo bench loss`.
@@ -27,25 +28,28 @@ def normalize(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(at_least_fp32(z), dim=1)
 
 
-def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
-    """SimCLR's NT-Xent over this rank's 2b rows against all 2B columns; mean over the rows.
+def ntxent(crops, tau: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over this rank's V b rows (V crops of b images) against all V B columns; mean over the rows.
 
-    z1, z2: (b, d), L2-normalised. Row i of view 1 has its positive at column B + g(i) and itself at g(i),
-    where g(i) = rank * b + i is the image's global index.
+    crops: V tensors (b, d), L2-normalised. Row (v, i) meets itself at column (v, g(i)), where g(i) = rank * b + i
+    is the image's global index, and its positives at (w, g(i)) for every other crop w (solo-learn's multi-crop
+    SimCLR): l = logsumexp over the non-self columns - logsumexp over the positives; for two crops the classic
+    NT-Xent.
     """
-    b = z1.shape[0]
-    rows = torch.cat([z1, z2])  # (2b, d)
-    c1, c2 = gather_with_grad(z1), gather_with_grad(z2)
-    cols = torch.cat([c1, c2])  # (2B, d)
-    big_b = c1.shape[0]
-    logits = rows @ cols.T / tau  # (2b, 2B)
-    g = rank() * b + torch.arange(b, device=z1.device)
-    self_col = torch.cat([g, g + big_b])
-    pos_col = torch.cat([g + big_b, g])
-    r = torch.arange(2 * b, device=z1.device)
-    is_self = torch.arange(2 * big_b, device=z1.device) == self_col[:, None]  # built on the device: no copy
+    n, b = len(crops), crops[0].shape[0]
+    rows = torch.cat(list(crops))  # (V b, d)
+    gathered = [gather_with_grad(z) for z in crops]
+    cols = torch.cat(gathered)  # (V B, d)
+    big_b = gathered[0].shape[0]
+    logits = rows @ cols.T / tau  # (V b, V B)
+    g = (rank() * b + torch.arange(b, device=rows.device)).repeat(n)  # each row's image
+    col = torch.arange(n * big_b, device=rows.device)  # built on the device: no copy
+    self_col = g + big_b * torch.arange(n, device=rows.device).repeat_interleave(b)
+    is_self = col == self_col[:, None]
+    same_image = (col % big_b) == g[:, None]
     logits = logits.masked_fill(is_self, float("-inf"))
-    return (torch.logsumexp(logits, dim=1) - logits[r, pos_col]).mean()
+    positives = logits.masked_fill(~same_image, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(positives, dim=1)).mean()
 
 
 def cross_view_log_softmax(z1: torch.Tensor, z2: torch.Tensor, tau_kl: float, grad: bool = True) -> torch.Tensor:
@@ -60,12 +64,13 @@ def dogo_kl(log_p_self: torch.Tensor, log_p_peer: torch.Tensor) -> torch.Tensor:
     return (log_p_peer.exp() * (log_p_peer - log_p_self)).sum(dim=1).mean()
 
 
-def reference_terms(zs, taus, tau_kl=None) -> torch.Tensor:
+def reference_terms(crops, taus, tau_kl=None, kl_pairs=((0, 1),)) -> torch.Tensor:
     """The straightforward version of `contrastive_terms`: same inputs, same layout of terms."""
-    terms = [ntxent(zs[2 * k], zs[2 * k + 1], tau) for k, tau in enumerate(taus) if tau is not None]
+    terms = [ntxent(crops[k], tau) for k, tau in enumerate(taus) if tau is not None]
     if tau_kl is not None:
-        log_p = [cross_view_log_softmax(zs[2 * k], zs[2 * k + 1], tau_kl) for k in range(2)]
-        terms += [dogo_kl(log_p[0], log_p[1]), dogo_kl(log_p[1], log_p[0])]
+        log_p = [[cross_view_log_softmax(crops[k][a], crops[k][c], tau_kl) for a, c in kl_pairs] for k in range(2)]
+        terms += [torch.stack([dogo_kl(mine, other) for mine, other in zip(log_p[k], log_p[1 - k])]).mean()
+                  for k in range(2)]
     return torch.stack(terms)
 
 
@@ -80,13 +85,14 @@ def infonce_with_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, ta
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
-def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, tau: float, symmetric: bool = False) -> torch.Tensor:
-    """MoCo v2: view 1's queries against view 2's keys and the queue, MoCo's own form (q2 and k1 are unused).
+def mocov2_loss(queries, keys, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    """MoCo v2 over crops: the mean over pairs (v, g) of InfoNCE of crop v's queries against large crop g's keys and
+    the queue, for every g whose keys were made (keys[g] not None) and every other crop v.
 
-    symmetric (our option): also view 2's queries against view 1's keys, the two directions averaged."""
-    if not symmetric:
-        return infonce_with_queue(q1, k2, queue, tau)
-    return 0.5 * (infonce_with_queue(q1, k2, queue, tau) + infonce_with_queue(q2, k1, queue, tau))
+    MoCo's own form: keys of crop 1 only, so (q_0, k_1) for two crops; symmetric (our option): keys of both large
+    crops, the two directions averaged. Local crops (under DoGo or DisCo) query the large crops' keys."""
+    pairs = [(v, g) for g, k in enumerate(keys) if k is not None for v in range(len(queries)) if v != g]
+    return sum(infonce_with_queue(queries[v], keys[g], queue, tau) for v, g in pairs) / len(pairs)
 
 
 def simsiam_loss(z1, z2, p1, p2) -> torch.Tensor:
@@ -96,11 +102,13 @@ def simsiam_loss(z1, z2, p1, p2) -> torch.Tensor:
     return -0.5 * (cos(p1, z2) + cos(p2, z1))
 
 
-def byol_loss(p1, p2, t1, t2) -> torch.Tensor:
-    """BYOL: 2 - 2 cos between each view's prediction and the target network's (normalised, gradient-free)
-    projection of the other view, averaged over the rows, the two directions summed."""
+def byol_loss(predictions, targets) -> torch.Tensor:
+    """BYOL over crops, as solo-learn sums it: 2 - 2 cos between crop v's prediction and the target network's
+    (normalised, gradient-free) projection of large crop g, averaged over the rows, summed over every large crop g
+    and every other crop v. Two crops: both directions summed (BYOL's loss); it grows with the crops."""
     cos = lambda p, t: F.cosine_similarity(p, t.detach(), dim=1).mean()
-    return 4 - 2 * (cos(p1, t2) + cos(p2, t1))
+    return sum(2 - 2 * cos(predictions[v], t) for g, t in enumerate(targets)
+               for v in range(len(predictions)) if v != g)
 
 
 def _off_diagonal_square_sum(m: torch.Tensor) -> torch.Tensor:
@@ -140,17 +148,30 @@ def embedding_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     return (normalize(student) - normalize(teacher).detach()).pow(2).sum()
 
 
-def kernel_terms(pairs: list[tuple[tuple, tuple]], taus: list, tau_kl: float | None, tile: int) -> torch.Tensor:
-    """The tiled kernel's terms (layout of `contrastive_terms`) for peers given as (own, as_target) embeddings.
+def disco_distance(student, teacher) -> torch.Tensor:
+    """DisCo over crops: the teacher embeds the G large crops only. Each large crop's student embedding to the
+    teacher's of the same crop (DisCo's two terms for two crops), each local crop's to every large crop's with
+    weight 1/G (one unit per crop, as each large crop):
+        sum_g d(s_g, t_g) + sum_{v >= G} (1/G) sum_g d(s_v, t_g)."""
+    large = len(teacher)
+    own = sum(embedding_distance(s, t) for s, t in zip(student[:large], teacher))
+    local = [embedding_distance(s, t) for s in student[large:] for t in teacher]
+    return own + sum(local) / large if local else own
 
-    When every peer's own and target embeddings are the same tensors, one walk of the columns computes every term.
+
+def kernel_terms(pairs: list[tuple[list, list]], taus: list, tau_kl: float | None, tile: int,
+                 kl_pairs=((0, 1),)) -> torch.Tensor:
+    """The tiled kernel's terms (layout of `contrastive_terms`) for peers given as (own, as_target) crops.
+
+    When every peer's own and target crops are the same tensors, one walk of the columns computes every term.
     Otherwise (two SimSiam peers, neither with NT-Xent) each KL term takes a walk of its own, with the partner's
-    target embeddings in the partner's slot; the other term of that walk is left out, so it sends no gradient."""
+    target crops in the partner's slot; the other term of that walk is left out, so it sends no gradient."""
     if tau_kl is None or all(a is b for own, target in pairs for a, b in zip(own, target)):
-        return contrastive_terms([normalize(z) for own, _ in pairs for z in own], taus, tau_kl, tile)
+        return contrastive_terms([[normalize(z) for z in own] for own, _ in pairs], taus, tau_kl, kl_pairs, tile)
     assert all(tau is None for tau in taus), "distinct KL targets arise only for peers without NT-Xent"
     kls = []
     for k in range(2):
         slots = [pairs[0][0], pairs[1][1]] if k == 0 else [pairs[0][1], pairs[1][0]]
-        kls.append(contrastive_terms([normalize(z) for pair in slots for z in pair], taus, tau_kl, tile)[k])
+        kls.append(contrastive_terms([[normalize(z) for z in crops] for crops in slots], taus, tau_kl, kl_pairs,
+                                     tile)[k])
     return torch.stack(kls)

@@ -6,8 +6,10 @@ state: a momentum encoder, a queue of negatives; built by `make_state`, updated 
 `state_bytes`), its default temperature, which of the peer's embeddings enter DoGo's KL, and its own loss. The config,
 the peers, the memory estimate and the objectives ask the method; none of them compares method names.
 
-A peer's outputs are (z1, z2): its projections of both views, (b, d) each, unnormalised; a method with a predictor
-adds (p1, p2).
+A peer's outputs are its Crops (engine/ssl/peers.py): its projections of every crop of its images, large crops first,
+unnormalised; a method with a predictor has its predictions too. Two views are the two-crop case; every loss here is
+written for crops, as solo-learn's: a method whose loss takes only the two large crops (SimSiam, VICReg, Barlow
+Twins, MoCo alone) says so (`local_crops`), and its momentum networks see the large crops only.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dogo.core.registry import METHODS
 from dogo.engine.config.schema import BYOLSettings, MoCoV2Settings
 from dogo.engine.ssl import losses
 from dogo.engine.ssl.momentum import KeyQueue, MomentumEncoder, module_bytes, momentum_at
+from dogo.engine.ssl.peers import Crops
 from dogo.models import projection_head
 
 
@@ -37,7 +40,8 @@ class MethodState(nn.Module):
     def schedule(self, step: int, total_steps: int) -> None:
         """Write the numbers of the step that makes `step` steps in all (a momentum) where the step reads them."""
 
-    def targets(self, v1: torch.Tensor, v2: torch.Tensor) -> Any:
+    def targets(self, large: torch.Tensor, crops: int) -> Any:
+        """large: the peer's `crops` large crops of its images, (crops * b, 3, S, S), crop after crop."""
         raise NotImplementedError
 
     def after_step(self, peer: nn.Module, targets: Any) -> None:
@@ -54,6 +58,9 @@ class Method:
     whitened_projection: ClassVar[bool] = False  # the projection ends in a BN without affine parameters (SimSiam)
     projection_bias: ClassVar[bool] = True  # the head's last Linear has a bias
     kl_on_predictions: ClassVar[bool] = False  # DoGo's KL takes its predictions (SimSiam, BYOL): kl_embeddings
+    # its own loss uses the crops beyond the two large ones (solo-learn's: SimCLR, BYOL); False: the two large crops
+    # only, so that alone it refuses local crops (under DoGo or DisCo the KL or the distillation uses them)
+    local_crops: ClassVar[bool] = True
 
     def check(self, key: str, peer, cfg) -> None:
         """Raise ConfigError for settings of this peer (`key`: peers.NAME) that the method cannot use."""
@@ -74,21 +81,20 @@ class Method:
         """Bytes its own loss holds at its peak beyond the embeddings (e.g. a d x d matrix and its gradient)."""
         return 0
 
-    def loss(self, name: str, out: tuple[torch.Tensor, ...], peer, targets: Any) -> dict[str, torch.Tensor]:
+    def loss(self, name: str, out: Crops, peer, targets: Any) -> dict[str, torch.Tensor]:
         """The method's own terms outside the tiled kernel, named f'{name}/...'; `targets`: its state's targets."""
         return {}
 
-    def kl_embeddings(self, out: tuple[torch.Tensor, ...], partner: "Method") -> tuple[tuple, tuple]:
-        """(own, as_target): the two views' embeddings from which DoGo's KL takes this peer's own similarity
-        distribution and the one its partner is pulled towards.
+    def kl_embeddings(self, out: Crops, partner: "Method") -> tuple[torch.Tensor, torch.Tensor]:
+        """(own, as_target): the flat embeddings of every crop from which DoGo's KL takes this peer's own
+        similarity distribution and the one its partner is pulled towards.
 
         Projections for both, for a method without a predictor. With a predictor (SimSiam, BYOL), as DoGo's code
         does for SimSiam (util/train_util.py): its predictions for both; but beside another method with a predictor
         (the pairing DoGo's code defines for two SimSiam peers), the partner is pulled towards its projections."""
         if not self.kl_on_predictions:
-            return out[:2], out[:2]
-        predictions = (out[2], out[3])
-        return predictions, (out[:2] if partner.kl_on_predictions else predictions)
+            return out.z, out.z
+        return out.p, (out.z if partner.kl_on_predictions else out.p)
 
 
 class SimCLR(Method):
@@ -99,8 +105,9 @@ class SimCLR(Method):
 
 
 class MoCoState(MethodState):
-    """MoCo's key encoder and queue. Targets: (k1, k2, negatives); k1 is None in MoCo's own one-direction form,
-    which needs view 2's keys only."""
+    """MoCo's key encoder and queue. Targets: (k_0, ..., k_{G-1}, negatives), the keys of the G large crops; in
+    MoCo's own one-direction form only crop 1's are made (the others None); the symmetric form makes all of
+    them in one forward."""
 
     def __init__(self, peer: nn.Module, settings: MoCoV2Settings, dim: int, seed: int):
         super().__init__()
@@ -112,32 +119,35 @@ class MoCoState(MethodState):
         s = self.settings
         self.key_encoder.set_momentum(momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
 
-    def targets(self, v1, v2):
+    def targets(self, large, crops):
         if not self.settings.symmetric:
-            return None, self.key_encoder.embed(v2), self.queue.negatives()
-        k1, k2 = self.key_encoder.embed(torch.cat([v1, v2])).chunk(2)  # one forward for both views
-        return k1, k2, self.queue.negatives()
+            return None, self.key_encoder.embed(large.chunk(crops)[1]), *[None] * (crops - 2), self.queue.negatives()
+        return *self.key_encoder.embed(large).chunk(crops), self.queue.negatives()  # one forward for every crop
 
     def after_step(self, peer, targets):
-        """Enqueue every rank's keys (MoCo: view 2's; both views' in the symmetric form), then follow the peer."""
-        keys = [k for k in targets[:2] if k is not None]
-        gathered = all_gather_rows(torch.cat(keys, dim=1))  # one collective for both views
-        self.queue.enqueue(torch.cat(gathered.chunk(len(keys), dim=1)))  # every rank's view-1 keys, then view-2's
+        """Enqueue every rank's keys (MoCo: crop 1's; every large crop's in the symmetric form), then follow the
+        peer."""
+        keys = [k for k in targets[:-1] if k is not None]
+        gathered = all_gather_rows(torch.cat(keys, dim=1))  # one collective for every crop
+        self.queue.enqueue(torch.cat(gathered.chunk(len(keys), dim=1)))  # every rank's crop-0 keys, then crop 1's
         self.key_encoder.follow(peer)
 
 
 class MoCoV2(Method):
-    """InfoNCE of view-1 queries against the momentum encoder's view-2 keys and a queue of earlier keys (MoCo v2);
-    with peers.NAME.mocov2.symmetric both directions, averaged."""
+    """InfoNCE of crop-0 queries against the momentum encoder's crop-1 keys and a queue of earlier keys (MoCo v2);
+    with peers.NAME.mocov2.symmetric every large crop's keys, each queried by the other crops, averaged. Keys come
+    from the large crops only; alone it trains on the two large crops (solo-learn's MoCo v2+)."""
     name = "mocov2"
     structural = ("queue_size",)
     default_tau = 0.2  # MoCo v2's
+    local_crops = False
 
     def check(self, key: str, peer, cfg) -> None:
         s = peer.mocov2
         if not 0 <= s.momentum < 1:
             raise ConfigError(f"{key}.mocov2.momentum must be in [0, 1), got {s.momentum}")
-        per_step = (2 if s.symmetric else 1) * cfg.data.batch_size
+        large = next(iter(cfg.views.values())).count
+        per_step = (large if s.symmetric else 1) * cfg.data.batch_size
         if s.queue_size < per_step:
             raise ConfigError(f"{key}.mocov2.queue_size={s.queue_size} holds less than one step's keys ({per_step}); "
                               f"make it larger")
@@ -149,17 +159,19 @@ class MoCoV2(Method):
         return module_bytes(peer) + peer_cfg.mocov2.queue_size * peer_cfg.head_out * 4
 
     def loss(self, name, out, peer, targets):
-        k1, k2, queue = targets
-        q1, q2 = losses.normalize(out[0]), losses.normalize(out[1])
-        return {f"{name}/infonce": losses.mocov2_loss(q1, q2, k1, k2, queue, peer.tau, peer.mocov2.symmetric)}
+        *keys, queue = targets
+        queries = [losses.normalize(q) for q in out.split(out.z)]
+        return {f"{name}/infonce": losses.mocov2_loss(queries, keys, queue, peer.tau)}
 
 
 class SimSiam(Method):
-    """Negative cosine between each view's prediction and the other view's projection behind a stop-gradient."""
+    """Negative cosine between each view's prediction and the other view's projection behind a stop-gradient; the
+    two large crops only (solo-learn's SimSiam)."""
     name = "simsiam"
     structural = ("pred_hidden",)
     whitened_projection = True
     kl_on_predictions = True
+    local_crops = False
 
     def check(self, key, peer, cfg):
         if peer.simsiam.pred_hidden <= 0:
@@ -169,12 +181,13 @@ class SimSiam(Method):
         return projection_head(peer.head_out, peer.simsiam.pred_hidden, peer.head_out)
 
     def loss(self, name, out, peer, targets):
-        return {f"{name}/simsiam": losses.simsiam_loss(*(losses.at_least_fp32(x) for x in out))}
+        z, p = out.split(out.z), out.split(out.p)
+        return {f"{name}/simsiam": losses.simsiam_loss(*(losses.at_least_fp32(x) for x in (*z[:2], *p[:2])))}
 
 
 class BYOLState(MethodState):
     """BYOL's target network: an EMA copy of the peer's backbone and projection. Targets: its L2-normalised
-    projections of both views (one forward)."""
+    projections of the large crops (one forward), one tensor per crop."""
 
     def __init__(self, peer: nn.Module, settings: BYOLSettings):
         super().__init__()
@@ -185,16 +198,17 @@ class BYOLState(MethodState):
         s = self.settings
         self.target.set_momentum(momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
 
-    def targets(self, v1, v2):
-        return self.target.embed(torch.cat([v1, v2])).chunk(2)
+    def targets(self, large, crops):
+        return self.target.embed(large).chunk(crops)
 
     def after_step(self, peer, targets):
         self.target.follow(peer)
 
 
 class BYOL(Method):
-    """Each view's prediction regresses the target network's projection of the other view (2 - 2 cos, both
-    directions summed, as BYOL's loss); the target network follows the peer by EMA."""
+    """Each crop's prediction regresses the target network's projection of every other large crop (2 - 2 cos,
+    summed over the pairs as BYOL's loss over its two directions and solo-learn's over crops); the target network
+    sees the large crops only and follows the peer by EMA."""
     name = "byol"
     structural = ("pred_hidden",)
     default_head = (4096, 256, 2)
@@ -218,18 +232,18 @@ class BYOL(Method):
         return module_bytes(peer) - (module_bytes(predictor) if predictor is not None else 0)
 
     def loss(self, name, out, peer, targets):
-        t1, t2 = targets
-        p1, p2 = losses.at_least_fp32(out[2]), losses.at_least_fp32(out[3])
-        return {f"{name}/byol": losses.byol_loss(p1, p2, t1, t2)}
+        predictions = out.split(losses.at_least_fp32(out.p))
+        return {f"{name}/byol": losses.byol_loss(predictions, targets)}
 
 
 class VICReg(Method):
-    """Variance-invariance-covariance regularisation; variance and covariance over the global batch (every rank's
-    embeddings gathered with their gradient), the invariance over this rank's rows (DDP's averaging makes it the
-    global mean)."""
+    """Variance-invariance-covariance regularisation of the two large crops (solo-learn's VICReg); variance and
+    covariance over the global batch (every rank's embeddings gathered with their gradient), the invariance over this
+    rank's rows (DDP's averaging makes it the global mean)."""
     name = "vicreg"
     default_head = (8192, 8192, 3)
     projection_bias = False
+    local_crops = False
 
     def check(self, key, peer, cfg):
         s = peer.vicreg
@@ -246,16 +260,17 @@ class VICReg(Method):
 
     def loss(self, name, out, peer, targets):
         s = peer.vicreg
-        z1, z2 = losses.at_least_fp32(out[0]), losses.at_least_fp32(out[1])
+        z1, z2 = out.split(losses.at_least_fp32(out.z))[:2]
         return {f"{name}/vicreg": losses.vicreg_loss(z1, z2, s.sim_coeff, s.std_coeff, s.cov_coeff, s.eps)}
 
 
 class BarlowTwins(Method):
-    """The cross-correlation of the two views' embeddings, each normalised over the global batch (every rank's
-    embeddings gathered with their gradient), pulled towards the identity."""
+    """The cross-correlation of the two large crops' embeddings, each normalised over the global batch (every rank's
+    embeddings gathered with their gradient), pulled towards the identity (solo-learn's Barlow Twins)."""
     name = "barlowtwins"
     default_head = (8192, 8192, 3)
     projection_bias = False
+    local_crops = False
 
     def check(self, key, peer, cfg):
         if peer.barlowtwins.lambd < 0:
@@ -267,7 +282,7 @@ class BarlowTwins(Method):
         return 5 * peer_cfg.head_out ** 2 * 4  # the fp32 cross-correlation, its square and gradients: 5.1-5.3 d^2
 
     def loss(self, name, out, peer, targets):
-        z1, z2 = losses.at_least_fp32(out[0]), losses.at_least_fp32(out[1])
+        z1, z2 = out.split(losses.at_least_fp32(out.z))[:2]
         return {f"{name}/barlowtwins": losses.barlow_twins_loss(z1, z2, peer.barlowtwins.lambd)}
 
 

@@ -19,9 +19,9 @@ from dogo.engine.ssl.teacher import FrozenTeacher, load_teacher
 @dataclass
 class Targets:
     """One step's targets. method: peer -> what its method's state made (e.g. MoCo's keys and negatives);
-    teacher: peer -> (t1, t2), the teacher's embeddings of that peer's views."""
+    teacher: peer -> the teacher's embeddings of that peer's large crops, one (b, d) tensor per crop."""
     method: dict[str, Any] = field(default_factory=dict)
-    teacher: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    teacher: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
 
 class TargetMakers(nn.Module):
@@ -51,20 +51,20 @@ class TargetMakers(nn.Module):
     def active(self) -> bool:
         return bool(self.states) or self.teacher is not None
 
-    def make(self, views: list[torch.Tensor], pairs: dict[str, tuple[int, int]]) -> Targets:
-        """The method states' targets and the teacher's embeddings of this step's views (call under the run's
-        autocast)."""
+    def make(self, batch, plan, sets: dict[str, int]) -> Targets:
+        """The method states' targets and the teacher's embeddings of this step's large crops only (batch: a
+        pipelines.ViewBatch; plan: its ViewPlan; sets: peer -> its set of views), under the run's autocast: momentum
+        networks and the teacher never see the local crops."""
         out = Targets()
         for name, state in self.states.items():
-            i, j = pairs[name]
-            out.method[name] = state.targets(views[i], views[j])
+            out.method[name] = state.targets(batch.large(plan, sets[name]), plan.large)
         if self.teacher is not None:
-            seen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+            seen: dict[int, tuple[torch.Tensor, ...]] = {}
             for name in self.cfg.peers:
-                pair = pairs[name]
-                if pair not in seen:  # students that share views share the teacher's forward
-                    seen[pair] = self.teacher.embed_views(views[pair[0]], views[pair[1]])
-                out.teacher[name] = seen[pair]
+                s = sets[name]
+                if s not in seen:  # students that share views share the teacher's forward
+                    seen[s] = self.teacher.embed(batch.large(plan, s), plan.large).chunk(plan.large)
+                out.teacher[name] = seen[s]
         return out
 
     def schedule(self, step: int, total_steps: int) -> None:

@@ -52,12 +52,12 @@ class FrozenTeacher(nn.Module):
             z = self.peer(images)
         return z.clone()  # a normal tensor again: autograd may use it (as a constant) in the loss
 
-    def embed_views(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both views' embeddings: one forward in eval mode; one per view with batch statistics, as DisCo's code
-        forwards the query and the key images separately."""
+    def embed(self, large: torch.Tensor, crops: int) -> torch.Tensor:
+        """The embeddings of `crops` large crops, (crops * b, 3, S, S) crop after crop: one forward in eval mode;
+        one per crop with batch statistics, as DisCo's code forwards the query and the key images separately."""
         if self.bn == "batch":
-            return self(v1), self(v2)
-        return self(torch.cat([v1, v2])).chunk(2)
+            return torch.cat([self(x) for x in large.chunk(crops)])
+        return self(large)
 
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:

@@ -1,10 +1,11 @@
 """DALI backend: each JPEG is read and decoded once, and every view of the recipe is drawn from the decoded image.
 
 Decoding runs on the GPU (`device='mixed'`, the hardware JPEG decoder taking `data.dali.hw_decoder_load` of the
-images) or, without one, on the CPU (`device_id=None`: what our machines and CI run). Per view, in DALI:
-RandomResizedCrop, colour jitter with p (factors drawn per image; brightness, contrast around the image's mean grey
-as torchvision does, saturation, hue), grayscale with p, Gaussian blur with a per-image sigma with p, solarisation
-with p, then flip, normalisation and the NCHW layout in one crop_mirror_normalize. Probabilities use DALI's
+images) or, without one, on the CPU (`device_id=None`: what our machines and CI run). Per view of every group of the
+plan, at its group's size and with its own recipe, in DALI: RandomResizedCrop, colour jitter with p (factors drawn
+per image; brightness, contrast around the image's mean grey as torchvision does, saturation, hue), grayscale with p,
+Gaussian blur with a per-image sigma with p, solarisation with p, then flip, normalisation and the NCHW layout in one
+crop_mirror_normalize. Probabilities use DALI's
 conditional execution (an op runs only for the images whose coin says so) or, for the jitter, identity factors.
 The numbers come from the same recipe object (AugmentConfig) as the other backends. Files that cannot be decoded
 are found before DALI sees them (DALI 2.4's CPU decoder can crash on them) and left out, with a report.
@@ -32,8 +33,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from dogo.pipelines.recipe.device import blur_kernel_size
 from dogo.core.errors import DataError
-from dogo.core.precision import memory_format
-from dogo.pipelines.base import ShardedLoader, TwoViewBatch, die_with_parent
+from dogo.pipelines.base import LoaderSpec, ShardedLoader, ViewBatch, die_with_parent
 from dogo.pipelines.imagefolder import scan
 from dogo.pipelines.images import DECODE_ERRORS, load_rgb, structural_problem
 
@@ -87,12 +87,17 @@ def _view(images, size: int, r, out_dtype):
 
 
 @pipeline_def(enable_conditionals=True)
-def _two_views(files: list[str], labels: list[int], n_views: int, size: int, recipe, decoder: str,
-               hw_decoder_load: float, out_dtype):
+def _views(files: list[str], labels: list[int], plan, decoder: str, hw_decoder_load: float, out_dtype):
+    """Every view of the plan from one decode of each image, in the plan's order (group, then set and view): the
+    outputs g{g}v{k}, then the label."""
     encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=_READER)
     extra = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **extra)
-    return (*[_view(images, size, recipe, out_dtype) for _ in range(n_views)], label)
+    return (*[_view(images, g.size, spec.recipe, out_dtype) for g in plan.groups for spec in g.views], label)
+
+
+def _output_names(plan) -> list[str]:
+    return [f"g{g}v{k}" for g, group in enumerate(plan.groups) for k in range(len(group.views))] + ["label"]
 
 
 def _undecodable(paths: list[str], processes: int, whole: bool) -> list[tuple[str, str]]:
@@ -137,67 +142,68 @@ def _decode_error(path: str, draft_only: bool = False) -> str | None:
 
 
 class DALILoader(ShardedLoader):
-    """The TwoViewLoader protocol over an image folder, with DALI doing all the image work."""
+    """The ViewLoader protocol over an image folder, with DALI doing all the image work."""
 
-    def __init__(self, root: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, workers: int,
-                 hw_decoder_load: float, seed: int, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, scan_whole: bool = True, labels: str = "folders"):
+    def __init__(self, root: str | Path, spec: LoaderSpec, *, workers: int, hw_decoder_load: float = 0.65,
+                 scan_whole: bool = True, labels: str = "folders"):
         index = scan(root, labels=labels)
         # Undecodable files are left out (and reported), as the other backends skip them.
         bad = dict(_undecodable(index.paths, len(os.sched_getaffinity(0)), scan_whole))
         if bad:
             index = index.subset([i for i, p in enumerate(index.paths) if p not in bad])
         self.index = index
-        super().__init__(len(index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
-                         where=str(root))
+        super().__init__(len(index), spec, where=str(root))
         self.num_classes = len(index.classes) or None
         # put on the first batch, so that the run logs them
         self._report = self.note_skipped(index.skipped
                                          + [f"{printable(path)}: {reason}" for path, reason in bad.items()])
-        self.n_views, self.image_size, self.recipe = n_views, image_size, recipe
         self.workers, self.hw_decoder_load = max(1, workers), hw_decoder_load
-        self.device, self.dtype = device, dtype
-        self.memory_format = memory_format(channels_last)
 
     def _pipeline(self, epoch: int, start_step: int):
         rows = self.shard.epoch_indices(epoch, start_step)
         gpu = self.device.type == "cuda"
         seed = int(np.random.SeedSequence([self.seed, epoch, start_step, self.shard.rank])
                    .generate_state(1)[0] & 0x7FFFFFFF)
-        pipe = _two_views(files=[self.index.paths[i] for i in rows], labels=[int(self.index.labels[i]) for i in rows],
-                          n_views=self.n_views, size=self.image_size, recipe=self.recipe,
-                          decoder="mixed" if gpu else "cpu", hw_decoder_load=self.hw_decoder_load,
-                          out_dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
-                          batch_size=self.shard.local_batch, num_threads=self.workers,
-                          device_id=(self.device.index or 0) if gpu else None, seed=seed,
-                          prefetch_queue_depth=_PREFETCH)
+        pipe = _views(files=[self.index.paths[i] for i in rows], labels=[int(self.index.labels[i]) for i in rows],
+                      plan=self.plan, decoder="mixed" if gpu else "cpu", hw_decoder_load=self.hw_decoder_load,
+                      out_dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
+                      batch_size=self.shard.local_batch, num_threads=self.workers,
+                      device_id=(self.device.index or 0) if gpu else None, seed=seed,
+                      prefetch_queue_depth=_PREFETCH)
         try:
             pipe.build()
         except RuntimeError as exc:
             raise DataError(f"DALI could not build its pipeline: {_first_line(exc)}") from None
         return pipe
 
-    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+    def batches(self, epoch: int, start_step: int) -> Iterator[ViewBatch]:
         if start_step >= self.steps_per_epoch:
             return
-        names = [f"view{v}" for v in range(self.n_views)] + ["label"]
+        names = _output_names(self.plan)
         step = start_step
         try:
             # the iterator starts the pipeline (and its prefetching) as it is made
             it = DALIGenericIterator(self._pipeline(epoch, start_step), names, reader_name=_READER,
                                      last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
             for batch, in it:
-                views = [batch[f"view{v}"].to(self.device, self.dtype, non_blocking=True)
-                         .contiguous(memory_format=self.memory_format) for v in range(self.n_views)]
+                groups = [self._group(g, batch) for g in range(len(self.plan.groups))]
                 # DALI hands labels over on the CPU: pinned, so that the copy does not block the host
                 labels = batch["label"].reshape(-1)
                 if self.device.type == "cuda":
                     labels = labels.pin_memory().to(self.device, non_blocking=True)
-                yield TwoViewBatch(views, labels.long(), skipped=self._report)
+                yield ViewBatch(groups, labels.long(), skipped=self._report)
                 self._report = []
                 step += 1
         except RuntimeError as exc:
             raise self._explain(exc, epoch, step) from None
+
+    def _group(self, g: int, batch: dict) -> torch.Tensor:
+        """Group g's views, each copied from DALI's output into its rows of the group's tensor (the one copy: dtype
+        and memory format on the way)."""
+        out, b = self.group_output(g), self.shard.local_batch
+        for k in range(len(self.plan.groups[g].views)):
+            out[k * b:(k + 1) * b].copy_(batch[f"g{g}v{k}"], non_blocking=True)
+        return out
 
     def _explain(self, exc: RuntimeError, epoch: int, step: int) -> DataError:
         """A DataError naming the undecodable file(s) or the setting to change.
@@ -236,9 +242,9 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def make_loader(data, *, place: str, compile_recipe: bool, **common) -> DALILoader:
+def make_loader(data, spec: LoaderSpec) -> DALILoader:
     """The registry's entry: the image folder data.path/data.train_split, every view made in DALI (augment.place
     does not apply: DALI keeps its own pipeline)."""
-    return DALILoader(Path(data.path) / data.train_split, workers=data.workers,
+    return DALILoader(Path(data.path) / data.train_split, spec, workers=data.workers,
                       hw_decoder_load=data.dali.hw_decoder_load, scan_whole=data.dali.scan == "whole",
-                      labels=data.labels, **common)
+                      labels=data.labels)

@@ -1,8 +1,9 @@
-"""FFCV backend: two-view batches from a .beton file (`dogo convert`).
+"""FFCV backend: batches of views from a .beton file (`dogo convert`).
 
 FFCV's threads read and decode each image once, whole (WholeImageDecoder); right after, on the host, a thread pool
-makes every view from it as the folder backend does (recipe.cpu.write_views: crop box and flip from the image's
-parameter stream, bilinear resize by OpenCV), so both backends give the same views of the same pixels. With
+makes every view of every group of the plan from it as the folder backend does (recipe.cpu.write_groups: crop box and
+flip from the image's parameter stream, bilinear resize by OpenCV), so both backends give the same views of the same
+pixels. With
 augment.place=workers the rest of the recipe runs there too, in uint8 (recipe/cpu.py: numba and OpenCV release the
 GIL); with augment.place=device the crops are written in the batch's order and the recipe runs
 batched on the device (augment.DeviceRecipe). The order is ours, not FFCV's: a TraversalOrder that serves this
@@ -35,10 +36,9 @@ from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from dogo.pipelines.recipe.device import DeviceRecipe, normalise
 from dogo.core.errors import DataError
-from dogo.pipelines.base import ReusedBuffers, Shard, ShardedLoader, TwoViewBatch, prefetched
-from dogo.pipelines.recipe.cpu import CpuRecipe, draw_views, write_views
+from dogo.pipelines.base import LoaderSpec, ReusedBuffers, Shard, ShardedLoader, ViewBatch, prefetched
+from dogo.pipelines.recipe.cpu import CpuRecipe, draw_views, write_groups
 from dogo.pipelines.images import MAX_PIXELS
 
 
@@ -227,12 +227,11 @@ def _jpeg_frame_sizes(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray)
 
 
 class FFCVLoader(ShardedLoader):
-    """The TwoViewLoader protocol over a .beton."""
+    """The ViewLoader protocol over a .beton."""
 
-    def __init__(self, beton: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, place: str,
-                 workers: int, order: str, os_cache: bool, seed: int, rank: int, world_size: int,
-                 device: torch.device, dtype: torch.dtype, channels_last: bool, image_field: str = "image",
-                 label_field: str = "label", compile_recipe: bool = False, labels: str = "folders"):
+    def __init__(self, beton: str | Path, spec: LoaderSpec, *, workers: int, order: str = "random",
+                 os_cache: bool = True, image_field: str = "image", label_field: str = "label",
+                 labels: str = "folders"):
         reader, fields = open_beton(beton, image_field, label_field)
         if labels == "folders":
             _require_labels(beton, reader.metadata[f"f{fields.index(fields.label)}"])
@@ -240,19 +239,16 @@ class FFCVLoader(ShardedLoader):
         shard = None
         if order == "quasi_random":
             by_location = np.argsort(reader.metadata[f"f{fields.index(fields.image)}"]["data_ptr"], kind="stable")
-            shard = BlockShard(n, global_batch, rank, world_size, seed, by_location, max(16 * global_batch, 4096))
-        super().__init__(n, global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
-                         where=str(beton), shard=shard)
+            shard = BlockShard(n, spec.global_batch, spec.rank, spec.world_size, spec.seed, by_location,
+                               max(16 * spec.global_batch, 4096))
+        super().__init__(n, spec, where=str(beton), shard=shard)
         if labels == "folders":  # the .beton stores label numbers only: the classes are those it uses
             self.num_classes = len(np.unique(reader.metadata[f"f{fields.index(fields.label)}"]))
-        self.n_views, self.size, self.recipe, self.device = n_views, image_size, recipe, device
-        self.dtype, self.channels_last = dtype, channels_last
-        self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last,
-                                          compile=compile_recipe) if place == "device" else None
+        self.recipes = self.device_recipes() if spec.recipe.place == "device" else None
         self._threads = max(1, workers)
         cv2.setNumThreads(1)  # the crops run in our pool, one image per thread at a time
-        self._cpu = threading.local()  # one CpuRecipe (scratch planes) per thread of the pool
-        self._host_buffers = ReusedBuffers()  # the uint8 views, on a CPU device
+        self._cpu = threading.local()  # one CpuRecipe per group (scratch planes) per thread of the pool
+        self._host_buffers = ReusedBuffers(keep=3 * len(self.plan.groups) + 1)  # the uint8 views, on a CPU device
         self._order = _ShardOrder(self.shard)
         sizes = reader.metadata[f"f{fields.index(fields.image)}"]
         self._heights, self._widths = sizes["height"].astype(np.int64), sizes["width"].astype(np.int64)
@@ -261,7 +257,7 @@ class FFCVLoader(ShardedLoader):
         pipelines[fields.label] = [IntDecoder(), ToTensor(), Squeeze()]
         self._image_first = fields.index(fields.image) < fields.index(fields.label)
         self._loader = Loader(str(beton), batch_size=self.shard.local_batch, num_workers=self._threads,
-                              os_cache=os_cache, order=self._order, seed=seed, pipelines=pipelines, drop_last=True)
+                              os_cache=os_cache, order=self._order, seed=spec.seed, pipelines=pipelines, drop_last=True)
 
     def decoded_batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, list[np.ndarray], torch.Tensor]]:
         """(step, the batch's decoded images (h, w, 3) uint8, labels) as FFCV makes them, before any crop. FFCV
@@ -283,25 +279,30 @@ class FFCVLoader(ShardedLoader):
     def _host_views(self, epoch: int, step: int, images: list[np.ndarray], pool: ThreadPoolExecutor):
         """Every view's crop and flip (and with augment.place=workers the rest of the recipe) on the host, from the
         images' streams, split over the pool's threads (one task per thread, not per image: the pool's own
-        overhead runs under the GIL): (V, b, S, S, 3) uint8, pinned on CUDA, and the device plans (device
-        placement)."""
+        overhead runs under the GIL): per group (V, b, S, S, 3) uint8, pinned on CUDA, and the device plans per
+        group and view (device placement)."""
         ids = self.shard.indices(epoch, step)
-        shape = (self.n_views, len(ids), self.size, self.size, 3)
-        out = torch.empty(shape, dtype=torch.uint8, pin_memory=True) if self.device.type == "cuda" else \
-            self._host_buffers.take(shape, torch.uint8, self.device)
-        on_device = self.device_recipe is not None
-        drawn = draw_views(self.recipe, self.seed, epoch, ids, self._heights[ids], self._widths[ids], self.n_views,
-                           on_device=on_device)
-        pixels = out.numpy()
-        list(pool.map(lambda rows: write_views(images, rows, drawn, self.size,
-                                               None if on_device else self._cpu_recipe(), pixels),
+        groups = self.plan.groups
+        out = [self._host_block((len(g.views), len(ids), g.size, g.size, 3)) for g in groups]
+        on_device = self.recipes is not None
+        drawn = [draw_views(g, self.seed, epoch, ids, self._heights[ids], self._widths[ids], on_device)
+                 for g in groups]
+        pixels = [o.numpy() for o in out]
+        sizes = [g.size for g in groups]
+        list(pool.map(lambda rows: write_groups(images, rows, drawn, sizes, None if on_device else self._cpu_recipes(),
+                                                pixels),
                       np.array_split(np.arange(len(ids)), self._threads)))
-        return out, [view.plan for view in drawn] if on_device else None
+        return out, [[view.plan for view in views] for views in drawn] if on_device else None
 
-    def _cpu_recipe(self) -> CpuRecipe:
-        if not hasattr(self._cpu, "recipe"):
-            self._cpu.recipe = CpuRecipe(self.recipe, self.size)
-        return self._cpu.recipe
+    def _host_block(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        return self._host_buffers.take(shape, torch.uint8, self.device)
+
+    def _cpu_recipes(self) -> list[CpuRecipe]:
+        if not hasattr(self._cpu, "recipes"):
+            self._cpu.recipes = [CpuRecipe(g.recipe, g.size) for g in self.plan.groups]
+        return self._cpu.recipes
 
     def _host_batches(self, epoch: int, start_step: int):
         """(host views, plans, labels) per step: FFCV's crops taken out of FFCV's reused buffers before the next
@@ -311,19 +312,12 @@ class FFCVLoader(ShardedLoader):
                 host, plans = self._host_views(epoch, step, images, pool)
                 yield host, plans, labels.clone()
 
-    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+    def batches(self, epoch: int, start_step: int) -> Iterator[ViewBatch]:
         # the host's part of the next batches runs in a thread while the device trains on this one (numba, OpenCV
         # and numpy's copies release the GIL)
         for host, plans, labels in prefetched(self._host_batches(epoch, start_step), depth=2):
-            views_u8 = host.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)
-            views = []
-            for v in range(self.n_views):
-                if self.device_recipe is None:
-                    views.append(normalise(views_u8[v], self.recipe, self.dtype, self.channels_last,
-                                           self.outputs))
-                else:
-                    views.append(self.device_recipe.apply(views_u8[v], plans[v]))
-            yield TwoViewBatch(views, labels.to(self.device, non_blocking=True).long())
+            groups = [self.group_from_pixels(g, block, plans) for g, block in enumerate(host)]
+            yield ViewBatch(groups, labels.to(self.device, non_blocking=True).long())
 
 
 def _require_labels(beton: str | Path, labels: np.ndarray) -> None:
@@ -336,12 +330,12 @@ def _require_labels(beton: str | Path, labels: np.ndarray) -> None:
                         f"--labels none")
 
 
-def make_loader(data, **common) -> FFCVLoader:
+def make_loader(data, spec: LoaderSpec) -> FFCVLoader:
     """The registry's entry: data.ffcv.beton for training; evaluation reads the image folders under data.path
     (the registry's eval_module)."""
     s = data.ffcv
     if not s.beton:
         raise DataError("data.backend=ffcv needs data.ffcv.beton: the training split converted with "
                         "`dogo convert IMAGE_FOLDER/train OUT.beton`")
-    return FFCVLoader(s.beton, workers=data.workers, order=s.order, os_cache=s.os_cache,
-                      image_field=s.image_field, label_field=s.label_field, labels=data.labels, **common)
+    return FFCVLoader(s.beton, spec, workers=data.workers, order=s.order, os_cache=s.os_cache,
+                      image_field=s.image_field, label_field=s.label_field, labels=data.labels)

@@ -1,7 +1,8 @@
 """Image-folder backend: torchvision's ImageFolder layout (root/class_name/image.jpg), ImageNet's train/ and val/.
 
-DataLoader workers fetch a batch at a time: each decodes its images (pipelines.images), draws every view's
-parameters from the images' streams (params.py) and makes the crop and flip (OpenCV, bilinear). Then either
+DataLoader workers fetch a batch at a time: each decodes its images once (pipelines.images), draws every view's
+parameters from the images' streams (params.py) and makes the crop and flip (OpenCV, bilinear) of every view of
+every group of the plan, at the group's size. Then either
 - augment.place=workers: the whole recipe runs there too, per image in uint8 (pipelines/recipe/cpu.py), and the
   device only normalises; or
 - augment.place=device: the worker writes each view's crops in the batch's order with each view's plan
@@ -16,10 +17,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dogo.pipelines.recipe.device import DeviceRecipe, normalise
+from dogo.pipelines.recipe.device import normalise
 from dogo.core.errors import DataError
-from dogo.pipelines.base import ShardedLoader, TwoViewBatch, die_with_parent
-from dogo.pipelines.recipe.cpu import CpuRecipe, draw_views, write_views
+from dogo.pipelines.base import LoaderSpec, ShardedLoader, ViewBatch, die_with_parent
+from dogo.pipelines.recipe.cpu import CpuRecipe, draw_views, write_groups
+from dogo.pipelines.views import ViewPlan
 from dogo.pipelines.imagefolder import ImageFolderIndex, class_folders, scan
 from dogo.pipelines.images import DECODE_ERRORS, load_rgb, open_rgb, skip_line, stored_size
 
@@ -54,21 +56,30 @@ class _BatchSlots:
     process holds them all) makes a fresh buffer as before.
 
     Used where the device is the CPU. On CUDA the DataLoader copies each batch into pinned memory for the
-    transfer, which a slot would have to be registered for first."""
+    transfer, which a slot would have to be registered for first. A slot holds one block per group of the plan
+    (shapes: each group's (V, b, S, S, 3)); one busy table covers them all."""
 
-    def __init__(self, workers: int, per_worker: int, shape: tuple[int, ...]):
-        self.pixels = torch.empty(0, dtype=torch.uint8).set_(
-            torch.UntypedStorage._new_shared(workers * per_worker * int(np.prod(shape)))).view(workers, per_worker, *shape)
+    def __init__(self, workers: int, per_worker: int, shapes: list[tuple[int, ...]]):
+        self.pixels = [torch.empty(0, dtype=torch.uint8).set_(
+            torch.UntypedStorage._new_shared(workers * per_worker * int(np.prod(shape)))).view(workers, per_worker,
+                                                                                               *shape)
+            for shape in shapes]
         self.busy = torch.zeros((workers, per_worker), dtype=torch.uint8).share_memory_()
 
-    def claim(self) -> tuple[torch.Tensor, tuple[int, int]] | None:
-        """In a worker: a free slot of its own, marked busy, and its address; None if all are busy."""
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape[2:]) for p in self.pixels]
+
+    def claim(self) -> tuple[list[torch.Tensor], tuple[int, int]] | None:
+        """In a worker: a free slot of its own, marked busy, its blocks and its address; None if all are busy."""
         worker = torch.utils.data.get_worker_info().id
         free = np.flatnonzero(self.busy[worker].numpy() == 0)
         if len(free) == 0:
             return None
         self.busy[worker, int(free[0])] = 1
-        return self.pixels[worker, int(free[0])], (worker, int(free[0]))
+        return self.at((worker, int(free[0]))), (worker, int(free[0]))
+
+    def at(self, slot: tuple[int, int]) -> list[torch.Tensor]:
+        return [p[slot] for p in self.pixels]
 
     def release(self, slot: tuple[int, int]) -> None:
         self.busy[slot] = 0
@@ -79,16 +90,17 @@ class _BatchSlots:
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Fetched a batch at a time (__getitems__) from a list of (epoch, index) keys: uint8 views (V, b, S, S, 3),
-    labels, the files skipped, and per view the device recipe's plan (None with the workers placement).
+    """Fetched a batch at a time (__getitems__) from a list of (epoch, index) keys: per group of the plan uint8
+    views (V_g, b, S_g, S_g, 3), labels, the files skipped, and per group and view the device recipe's plan (None
+    with the workers placement).
 
     An undecodable file is replaced by the next decodable image of the dataset and reported; nothing raises in a
     worker (a DataError there would reach the user wrapped in a worker traceback): a batch that cannot be made at
     all carries its reason, and the main process raises it."""
 
-    def __init__(self, index: ImageFolderIndex, image_size: int, n_views: int, recipe, seed: int, place: str):
-        self.index, self.size, self.n_views, self.recipe, self.seed = index, image_size, n_views, recipe, seed
-        self.cpu_recipe = CpuRecipe(recipe, image_size) if place == "workers" else None
+    def __init__(self, index: ImageFolderIndex, plan: ViewPlan, seed: int, place: str):
+        self.index, self.plan, self.seed = index, plan, seed
+        self.cpu_recipes = [CpuRecipe(g.recipe, g.size) for g in plan.groups] if place == "workers" else None
         self.slots: _BatchSlots | None = None  # set by the loader where the device is the CPU
         self._bad: set[int] = set()  # files this worker found undecodable: not tried again
 
@@ -123,16 +135,16 @@ class _Batches(torch.utils.data.Dataset):
         images = [im for im, _ in decoded]
         heights = np.array([im.shape[0] for im in images])
         widths = np.array([im.shape[1] for im in images])
-        shape = (self.n_views, len(ids), self.size, self.size, 3)
-        claimed = self.slots.claim() if self.slots is not None and tuple(self.slots.pixels.shape[2:]) == shape \
-            else None
-        out, slot = claimed if claimed is not None else (batch_buffer(shape), None)
-        drawn = draw_views(self.recipe, self.seed, epoch, ids, heights, widths, self.n_views,
-                           on_device=self.cpu_recipe is None)
-        write_views(images, range(len(images)), drawn, self.size, self.cpu_recipe, out.numpy())
-        plans = [view.plan for view in drawn] if self.cpu_recipe is None else None
+        shapes = [(len(g.views), len(ids), g.size, g.size, 3) for g in self.plan.groups]
+        claimed = self.slots.claim() if self.slots is not None and self.slots.shapes() == shapes else None
+        out, slot = claimed if claimed is not None else ([batch_buffer(shape) for shape in shapes], None)
+        on_device = self.cpu_recipes is None
+        drawn = [draw_views(g, self.seed, epoch, ids, heights, widths, on_device) for g in self.plan.groups]
+        write_groups(images, range(len(images)), drawn, [g.size for g in self.plan.groups], self.cpu_recipes,
+                     [o.numpy() for o in out])
+        plans = [[view.plan for view in views] for views in drawn] if on_device else None
         labels = np.array([label for _, label in decoded], dtype=np.int64)
-        return {"views": out if slot is None else None, "slot": slot, "labels": torch.from_numpy(labels),
+        return {"groups": out if slot is None else None, "slot": slot, "labels": torch.from_numpy(labels),
                 "skipped": skipped, "plans": plans}
 
 
@@ -151,35 +163,29 @@ class _ShardBatches(torch.utils.data.Sampler):
 
 
 class FolderLoader(ShardedLoader):
-    """Two-view batches from an image folder (the TwoViewLoader protocol)."""
+    """Batches of views from an image folder (the ViewLoader protocol)."""
 
-    def __init__(self, root: str | Path, *, image_size: int, global_batch: int, n_views: int, recipe, place: str,
-                 workers: int, seed: int, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, compile_recipe: bool = False, labels: str = "folders"):
+    def __init__(self, root: str | Path, spec: LoaderSpec, workers: int, labels: str = "folders"):
         self.index = scan(root, labels=labels)
-        super().__init__(len(self.index), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
-                         where=str(root))
+        super().__init__(len(self.index), spec, where=str(root))
         self.num_classes = len(self.index.classes) or None
         self._report = self.note_skipped(self.index.skipped)  # entries the scan could not list: on the first batch
-        self.n_views, self.device, self.dtype, self.channels_last = n_views, device, dtype, channels_last
-        self.recipe = recipe
-        self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last,
-                                          compile=compile_recipe) if place == "device" else None
+        self.recipes = self.device_recipes() if spec.recipe.place == "device" else None
         self._sampler = _ShardBatches(self.shard)
-        batches = _Batches(self.index, image_size, n_views, recipe, seed, place)
+        batches = _Batches(self.index, self.plan, spec.seed, spec.recipe.place)
         prefetch = 4
-        if workers > 0 and device.type == "cpu":
+        if workers > 0 and spec.device.type == "cpu":
             # per worker: the batches asked of it ahead, and the one the main process is reading
-            batches.slots = _BatchSlots(workers, prefetch + 2, (n_views, self.shard.local_batch, image_size,
-                                                                image_size, 3))
+            batches.slots = _BatchSlots(workers, prefetch + 2, [(len(g.views), self.shard.local_batch, g.size,
+                                                                 g.size, 3) for g in self.plan.groups])
         self._slots = batches.slots
         self._loader = torch.utils.data.DataLoader(
             batches, batch_sampler=self._sampler,
-            num_workers=workers, collate_fn=_whole_batch, pin_memory=device.type == "cuda",
+            num_workers=workers, collate_fn=_whole_batch, pin_memory=spec.device.type == "cuda",
             persistent_workers=False, prefetch_factor=prefetch if workers > 0 else None,
             generator=_private_generator(), worker_init_fn=die_with_parent)
 
-    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+    def batches(self, epoch: int, start_step: int) -> Iterator[ViewBatch]:
         self._sampler.epoch, self._sampler.start = epoch, start_step
         if self._slots is not None:
             self._slots.reset()
@@ -187,18 +193,12 @@ class FolderLoader(ShardedLoader):
             if "error" in batch:
                 raise DataError(batch["error"])
             skipped, self._report = self._report + self.note_skipped(batch["skipped"]), []
-            pixels = batch["views"] if batch["slot"] is None else self._slots.pixels[batch["slot"]]
-            crops = pixels.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)  # (V, b, 3, S, S)
-            views = []
-            for v in range(self.n_views):
-                if self.device_recipe is None:
-                    views.append(normalise(crops[v], self.recipe, self.dtype, self.channels_last, self.outputs))
-                else:
-                    views.append(self.device_recipe.apply(crops[v], batch["plans"][v]))
+            pixels = batch["groups"] if batch["slot"] is None else self._slots.at(batch["slot"])
+            groups = [self.group_from_pixels(g, block, batch["plans"]) for g, block in enumerate(pixels)]
             if batch["slot"] is not None:  # its views are made (normalise and the device recipe copy)
-                del crops
+                del pixels
                 self._slots.release(batch["slot"])
-            yield TwoViewBatch(views, batch["labels"].to(self.device, non_blocking=True), skipped=skipped)
+            yield ViewBatch(groups, batch["labels"].to(self.device, non_blocking=True), skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,9 +248,9 @@ class FolderEvalSplit:
             yield normalise(x, recipe, dtype, channels_last), labels.to(device, non_blocking=True)
 
 
-def make_loader(data, **common) -> FolderLoader:
+def make_loader(data, spec: LoaderSpec) -> FolderLoader:
     """The registry's entry (dogo.pipelines.BACKENDS): the training split of data.path."""
-    return FolderLoader(Path(data.path) / data.train_split, workers=data.workers, labels=data.labels, **common)
+    return FolderLoader(Path(data.path) / data.train_split, spec, workers=data.workers, labels=data.labels)
 
 
 def open_eval_split(data, split: str, workers: int) -> FolderEvalSplit:

@@ -3,8 +3,9 @@ fit the device) lives on the training device as one uint8 tensor, and every view
 
 The source is found from data.path (pipelines/heldsplit.py): CIFAR's python format as downloaded, or an image folder
 decoded once at start by data.workers processes. Every view: per-image random resized crop boxes, one resampling op
-for the batch, then the shared batched recipe (dogo.pipelines.recipe.device). No worker processes while training;
-per step and view one small host-to-device copy (crop boxes, flips, the sorted rows), asynchronous. Order, sharding
+for the batch at its group's size, then the shared batched recipe (dogo.pipelines.recipe.device) into the view's rows
+of its group's tensor. No worker processes while training; per step and group one small host-to-device copy (every
+view's crop boxes and flips), asynchronous. Order, sharding
 and parameters follow base.Shard and params.py, as every backend. A split too large to hold is an error naming the
 folder backend, which decodes in workers every epoch instead.
 """
@@ -20,10 +21,10 @@ import torch.nn.functional as F
 
 from dogo.core.environment import available_bytes
 from dogo.core.errors import DataError
-from dogo.pipelines.base import ShardedLoader, TwoViewBatch
+from dogo.pipelines.base import LoaderSpec, ShardedLoader, ViewBatch
 from dogo.pipelines.heldsplit import HeldSplit, read_split, split_shape
 from dogo.pipelines.recipe import params as P
-from dogo.pipelines.recipe.device import DeviceRecipe, normalise, plan, resized_crops, to_device
+from dogo.pipelines.recipe.device import normalise, plan, resized_crops, to_device
 
 # The held split may take at most this share of what the device (and the host, which decodes it first) has
 # available: the training step needs the rest.
@@ -32,23 +33,19 @@ _GIB = 1024 ** 3
 
 
 class HeldLoader(ShardedLoader):
-    """Two-view batches of a split held on `device` (the TwoViewLoader protocol)."""
+    """Batches of views of a split held on the training device (the ViewLoader protocol)."""
 
-    def __init__(self, split: HeldSplit, *, image_size: int, global_batch: int, n_views: int, recipe, seed: int,
-                 rank: int, world_size: int, device: torch.device, dtype: torch.dtype, channels_last: bool,
-                 compile_recipe: bool = False):
-        super().__init__(len(split), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
-                         where=str(split.source))
+    def __init__(self, split: HeldSplit, spec: LoaderSpec):
+        super().__init__(len(split), spec, where=str(split.source))
         self._report = self.note_skipped(split.skipped)  # reported with the first batch, as the folder backend does
         self.num_classes = len(split.classes) or None
-        self.images = torch.from_numpy(split.images).to(device)  # 150 MB for CIFAR's 50,000 training images
-        self.labels = torch.from_numpy(split.labels).to(device)
+        self.images = torch.from_numpy(split.images).to(spec.device)  # 150 MB for CIFAR's 50,000 training images
+        self.labels = torch.from_numpy(split.labels).to(spec.device)
         self.height, self.width = split.images.shape[2:]
-        self.size, self.n_views, self.device, self.recipe = image_size, n_views, device, recipe
-        self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last, compile=compile_recipe)
+        self.recipes = self.device_recipes()
 
-    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
-        b, r = self.shard.local_batch, self.recipe
+    def batches(self, epoch: int, start_step: int) -> Iterator[ViewBatch]:
+        b = self.shard.local_batch
         # this rank's rows of every remaining step, copied to the device once per epoch
         order = self.shard.epoch_indices(epoch, start_step)
         order_t = to_device(order, self.device)
@@ -56,18 +53,28 @@ class HeldLoader(ShardedLoader):
             ids = order[k * b:(k + 1) * b]
             step_rows = order_t[k * b:(k + 1) * b]
             images = self.images.index_select(0, step_rows)  # every view crops from the same gathered images
-            views = []
-            for v in range(self.n_views):
-                keys = P.stream_keys(self.seed, epoch, ids, v)
-                p = P.draw(r, keys)
-                # one copy of the rows' boxes and flips for the view
-                boxes = P.crop_boxes(keys, self.height, self.width, r.crop_scale, r.crop_ratio)
-                rows_t = to_device(np.concatenate([boxes.reshape(-1), p.flip]).astype(np.int64), self.device)
-                box_t, flip_t = rows_t.split([4 * b, b])
-                crops = resized_crops(images, box_t.view(b, 4), flip_t.bool(), self.size)
-                views.append(self.device_recipe.apply(crops, plan(p)))
+            groups = [self._group(g, images, epoch, ids) for g in range(len(self.plan.groups))]
             skipped, self._report = self._report, []
-            yield TwoViewBatch(views, self.labels.index_select(0, step_rows), skipped=skipped)
+            yield ViewBatch(groups, self.labels.index_select(0, step_rows), skipped=skipped)
+
+    def _group(self, g: int, images: torch.Tensor, epoch: int, ids: np.ndarray) -> torch.Tensor:
+        """Group g's views of the batch's images: each view's crops, then the recipe into its rows."""
+        group, b = self.plan.groups[g], len(ids)
+        keys = [P.stream_keys(self.seed, epoch, ids, spec.stream) for spec in group.views]
+        params = [P.draw(spec.recipe, key) for spec, key in zip(group.views, keys)]
+        boxes = [P.crop_boxes(key, self.height, self.width, spec.recipe.crop_scale, spec.recipe.crop_ratio)
+                 for spec, key in zip(group.views, keys)]
+        # one copy of every view's boxes and flips
+        rows_t = to_device(np.concatenate([x.reshape(-1) for x in (*boxes, *(p.flip for p in params))])
+                           .astype(np.int64), self.device)
+        n = len(group.views)
+        box_t, flip_t = rows_t.split([4 * b * n, b * n])
+        out = self.group_output(g)
+        for v, p in enumerate(params):
+            crops = resized_crops(images, box_t[4 * b * v:4 * b * (v + 1)].view(b, 4),
+                                  flip_t[b * v:b * (v + 1)].bool(), group.size)
+            self.recipes[g].apply(crops, plan(p), out=out[v * b:(v + 1) * b])
+        return out
 
 
 class HeldEvalSplit:
@@ -133,11 +140,11 @@ def typical_side(data) -> int:
     return min(h, w)
 
 
-def make_loader(data, *, place: str, **common) -> HeldLoader:
+def make_loader(data, spec: LoaderSpec) -> HeldLoader:
     """The registry's entry: the split named data.train_split of data.path, decoded (an image folder) by data.workers
     processes. Every view is made on the device, whatever augment.place says (nothing is left to decode)."""
-    check_holdable(data.path, data.train_split, common["device"])
-    return HeldLoader(read_split(data.path, data.train_split, data.workers, data.train_split), **common)
+    check_holdable(data.path, data.train_split, spec.device)
+    return HeldLoader(read_split(data.path, data.train_split, data.workers, data.train_split), spec)
 
 
 def open_eval_split(data, split: str, workers: int) -> HeldEvalSplit:

@@ -12,39 +12,37 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from dogo.pipelines.base import LoaderSpec, ShardedLoader, ViewBatch
 from dogo.pipelines.recipe import params as P
-from dogo.pipelines.recipe.device import DeviceRecipe, plan
-from dogo.pipelines.base import ShardedLoader, TwoViewBatch
+from dogo.pipelines.recipe.device import plan
 
 NUM_CLASSES = 10
 
 
 class SyntheticLoader(ShardedLoader):
-    def __init__(self, *, num_images: int, image_size: int, global_batch: int, n_views: int, recipe, seed: int,
-                 rank: int, world_size: int, device: torch.device, dtype: torch.dtype, channels_last: bool,
-                 compile_recipe: bool = False):
-        super().__init__(num_images, global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
-                         where="the synthetic dataset (data.synthetic.images)")
-        self.size, self.n_views, self.device, self.recipe = image_size, n_views, device, recipe
-        self.device_recipe = DeviceRecipe(recipe, image_size, device, dtype, channels_last, compile=compile_recipe)
+    def __init__(self, num_images: int, spec: LoaderSpec):
+        super().__init__(num_images, spec, where="the synthetic dataset (data.synthetic.images)")
+        self.recipes = self.device_recipes()
 
-    def batches(self, epoch: int, start_step: int) -> Iterator[TwoViewBatch]:
+    def batches(self, epoch: int, start_step: int) -> Iterator[ViewBatch]:
         b = self.shard.local_batch
         gen = torch.Generator(device=self.device)
         for step in range(start_step, self.steps_per_epoch):
             ids = self.shard.indices(epoch, step)
             gen.manual_seed(int(np.random.SeedSequence([self.seed, epoch, step, self.shard.rank]).generate_state(1)[0]))
             labels = torch.randint(0, NUM_CLASSES, (b,), generator=gen, device=self.device)  # no host data
-            views = []
-            for v in range(self.n_views):
-                images = torch.randint(0, 256, (b, 3, self.size, self.size), generator=gen, device=self.device,
-                                       dtype=torch.uint8)
-                views.append(self.device_recipe.apply(images, plan(P.draw(self.recipe,
-                                                                          P.stream_keys(self.seed, epoch, ids, v)))))
-            yield TwoViewBatch(views, labels)
+            groups = []
+            for g, group in enumerate(self.plan.groups):  # the generator's draws in the plan's order of views
+                out = self.group_output(g)
+                for v, spec in enumerate(group.views):
+                    images = torch.randint(0, 256, (b, 3, group.size, group.size), generator=gen,
+                                           device=self.device, dtype=torch.uint8)
+                    p = plan(P.draw(spec.recipe, P.stream_keys(self.seed, epoch, ids, spec.stream)))
+                    self.recipes[g].apply(images, p, out=out[v * b:(v + 1) * b])
+                groups.append(out)
+            yield ViewBatch(groups, labels)
 
 
-def make_loader(data, *, place: str, **common) -> SyntheticLoader:
+def make_loader(data, spec: LoaderSpec) -> SyntheticLoader:
     """The registry's entry: data.synthetic.images random images; the recipe on the device."""
-    return SyntheticLoader(num_images=data.synthetic.images, **common)
-
+    return SyntheticLoader(data.synthetic.images, spec)

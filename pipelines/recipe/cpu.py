@@ -211,14 +211,14 @@ class DrawnView:
     plan: Plan | None  # augment.place=device: the device recipe's plan
 
 
-def draw_views(recipe, seed: int, epoch: int, ids: np.ndarray, heights, widths, n_views: int,
-               on_device: bool) -> list[DrawnView]:
-    """Every view's parameters and crop boxes for the images `ids` of sizes (heights, widths)."""
+def draw_views(group, seed: int, epoch: int, ids: np.ndarray, heights, widths, on_device: bool) -> list[DrawnView]:
+    """Every view's parameters and crop boxes of a plan's group (pipelines.views.PlanGroup), in its rows' order
+    [set][view], for the images `ids` of sizes (heights, widths): each view from its own stream and recipe."""
     drawn = []
-    for v in range(n_views):
-        keys = P.stream_keys(seed, epoch, ids, v)
-        p = P.draw(recipe, keys)
-        boxes = P.crop_boxes(keys, heights, widths, recipe.crop_scale, recipe.crop_ratio)
+    for spec in group.views:
+        keys = P.stream_keys(seed, epoch, ids, spec.stream)
+        p = P.draw(spec.recipe, keys)
+        boxes = P.crop_boxes(keys, heights, widths, spec.recipe.crop_scale, spec.recipe.crop_ratio)
         drawn.append(DrawnView(p, boxes, device_plan(p) if on_device else None))
     return drawn
 
@@ -234,3 +234,11 @@ def write_views(images: Sequence[np.ndarray], rows, drawn: list[DrawnView], size
                 pixels[v, k] = crop
             else:
                 recipe.colour(crop, view.params, k, pixels[v, k])
+
+
+def write_groups(images: Sequence[np.ndarray], rows, drawn: list[list[DrawnView]], sizes: Sequence[int],
+                 recipes: Sequence[CpuRecipe] | None, pixels: Sequence[np.ndarray]) -> None:
+    """Every group's views of the images `rows` from one decode of each: per group g, write_views into pixels[g]
+    (V_g, b, S_g, S_g, 3) with its draws, size and (augment.place=workers) its CpuRecipe."""
+    for g, size in enumerate(sizes):
+        write_views(images, rows, drawn[g], size, None if recipes is None else recipes[g], pixels[g])

@@ -248,10 +248,12 @@ class DeviceRecipe:
         on = flags.view(3, n, 1, 1, 1) > 0
         return [*stages, matrices[2].view(n, 3, 3), matrices[3].view(n * c, k)], hue_shift, on
 
-    def apply(self, images: torch.Tensor, the_plan: Plan) -> torch.Tensor:
-        """images: (n, 3, S, S) uint8 (or 0..255 float), in the batch's order."""
+    def apply(self, images: torch.Tensor, the_plan: Plan, out: torch.Tensor | None = None) -> torch.Tensor:
+        """images: (n, 3, S, S) uint8 (or 0..255 float), in the batch's order; out: where the views go (the view's
+        rows of its group's tensor), else a new tensor."""
         n = images.shape[0]
-        out = torch.empty(images.shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
+        if out is None:
+            out = torch.empty(images.shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
         if n == 0:
             return out
         matrices, hue_shift, flags = self._numbers(the_plan)
