@@ -37,7 +37,6 @@ from dogo.core.io import write_json
 from dogo.core.registry import BACKBONES
 
 KNN_PRESETS = ("dino", "lightly")  # engine.config.KNN_PROTOCOLS' presets every arm is evaluated with
-TIME_FILE = "study_seconds.json"  # in the run folder: training seconds so far, summed over the calls that trained it
 
 
 # ---- the study file ------------------------------------------------------------------------------------------------
@@ -202,12 +201,11 @@ def run_arm(study: Study, arm_name: str, seed: int, *, out: str | Path, runs: st
     overrides = arm_overrides(study, arm, seed, runs, data, extra)
     cfg = config_mod.load(arm.config, overrides)
     run_dir = Path(cfg.run_dir)
-    before = _trained_seconds(run_dir)
-    start = time.perf_counter()
     result = train(cfg)
-    train_seconds = before + time.perf_counter() - start
+    # the run's own clock, over every session that trained it: a session killed outright (no signal handler ran)
+    # counts up to its last checkpoint, and the steps after it are trained again and counted again
+    train_seconds = result["run_seconds"]
     gc.collect()  # the trainer's held split and model, before the evaluation builds its own (one GPU, many arms)
-    write_json(run_dir / TIME_FILE, {"train_seconds": train_seconds})
     if result["stopped"]:
         return None
     start = time.perf_counter()
@@ -217,17 +215,8 @@ def run_arm(study: Study, arm_name: str, seed: int, *, out: str | Path, runs: st
         study, arm, seed, cfg, overrides, run_dir, evaluation, train_seconds, eval_seconds))
 
 
-def _trained_seconds(run_dir: Path) -> float:
-    """The training seconds earlier calls spent on this run (a run resumed after a stop adds to them)."""
-    import json
-    try:
-        return float(json.loads((run_dir / TIME_FILE).read_text())["train_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.0
-
-
 def _arm_record(study: Study, arm: Arm, seed: int, cfg, overrides: list[str], run_dir: Path, evaluation: dict,
-                train_seconds: float, eval_seconds: float) -> dict:
+                train_seconds: float | None, eval_seconds: float) -> dict:
     from dogo.engine import config as config_mod
     device = evaluation["environment"]["device"]
     on_gpu = device.startswith("cuda")
@@ -242,7 +231,8 @@ def _arm_record(study: Study, arm: Arm, seed: int, cfg, overrides: list[str], ru
         "images_seen": evaluation["step"] * cfg.data.batch_size,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         # GPU-seconds: wall time x GPUs; on a CPU the wall time of the whole machine's cores
-        "device_seconds": (train_seconds + eval_seconds) * (world if on_gpu else 1),
+        # None: the run resumed from a checkpoint that predates the run clock (wall_seconds), so its time is unknown
+        "device_seconds": None if train_seconds is None else (train_seconds + eval_seconds) * (world if on_gpu else 1),
         "device_seconds_are": "GPU-seconds (wall x GPUs)" if on_gpu else "CPU wall seconds",
         **{k: v for k, v in evaluation.items() if k not in ("environment", "world_size", "step")},
         "resolved_config": config_mod.to_dict(cfg), "environment": evaluation["environment"],
@@ -424,6 +414,11 @@ def spread(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
+def _spread_known(values: list[float | None]) -> dict | None:
+    """spread() of values every seed has; None when one lacks it (a probe that was off, a time not recorded)."""
+    return spread(values) if values and all(v is not None for v in values) else None
+
+
 def merge(folder: str | Path, study: Study | None = None) -> dict:
     """The table of a study's arm files: per arm and peer, kNN (both presets), online and linear probe as mean +-
     spread over seeds, GPU- (or CPU-) seconds and images seen; the baselines (raw pixels, random init per
@@ -438,15 +433,14 @@ def merge(folder: str | Path, study: Study | None = None) -> dict:
             row = {"arm": arm, "peer": peer, "arch": arch, "objective": members[0]["objective"],
                    "seeds": [m["seed"] for m in members], "epochs": members[0]["epochs"],
                    "batch_size": members[0]["batch_size"], "images_seen": members[0]["images_seen"],
-                   "device_seconds": spread([m["device_seconds"] for m in members]),
+                   "device_seconds": _spread_known([m["device_seconds"] for m in members]),
                    "device_seconds_are": members[0]["device_seconds_are"],
                    "files": [m["_file"] for m in members]}
             for preset in KNN_PRESETS:
                 row[f"knn_{preset}"] = spread([m["knn"][peer][preset] for m in members])
             for key, pick in (("online_probe", lambda m: (m.get("online_probe") or {}).get(peer)),
                               ("linear_probe", lambda m: ((m.get("linear_probe") or {}).get(peer) or {}).get("top1"))):
-                values = [pick(m) for m in members]
-                row[key] = spread(values) if values and all(v is not None for v in values) else None
+                row[key] = _spread_known([pick(m) for m in members])
             rows.append(row)
     return {"study": study.name if study else records[0]["study"], "rows": rows, "baselines": _baselines(folder),
             "published": [dict(p) for p in (study.published if study else ())],
@@ -510,10 +504,11 @@ def table_markdown(table: dict) -> str:
              "linear probe | device seconds |", "|" + " --- |" * 11]
     for r in table["rows"]:
         kind = "GPU" if r["device_seconds_are"].startswith("GPU") else "CPU wall"
+        seconds = "-" if r["device_seconds"] is None else f"{r['device_seconds']['mean']:,.0f} ({kind})"
         lines.append(f"| {r['arm']} | {r['peer']} ({r['arch']}) | {len(r['seeds'])} | {r['epochs']:.3g} | "
                      f"{r['batch_size']} | {r['images_seen']:,} | {_cell(r['knn_dino'])} | {_cell(r['knn_lightly'])} "
                      f"| {_cell(r['online_probe'])} | {_cell(r['linear_probe'])} | "
-                     f"{r['device_seconds']['mean']:,.0f} ({kind}) |")
+                     f"{seconds} |")
     for b in table["baselines"]:
         lines.append(f"| {b['model']} | | {len(b.get('seeds', [])) or ''} | | | | {_cell(b['knn_dino'])} | "
                      f"{_cell(b['knn_lightly'])} | | | |")

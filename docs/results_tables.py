@@ -40,6 +40,10 @@ def provenance(files: list[str]) -> str:
 
 
 def _files_line(files: list[str]) -> str:
+    """The result files, named by their common folder where they share one beyond benchmarks/results/."""
+    folders = {str(Path(f).parts[0]) for f in files}
+    if len(folders) == 1 and len(Path(files[0]).parts) > 1:
+        return f"`benchmarks/results/{folders.pop()}/`"
     return ", ".join(f"`benchmarks/results/{f}`" for f in files)
 
 
@@ -98,8 +102,9 @@ def study_cpu() -> str:
            f"(`benchmarks/results/{folder}/`; {provenance(files)}):", "",
            "| model | kNN dino (k=20) | kNN lightly (k=200) | CPU-seconds |", "| --- | --- | --- | --- |"]
     for r in table["rows"]:
+        seconds = "-" if r["device_seconds"] is None else f"{r['device_seconds']['mean']:,.0f}"
         out.append(f"| {r['arm']}: {r['arch']} | {r['knn_dino']['mean']:.1f} | {r['knn_lightly']['mean']:.1f} | "
-                   f"{r['device_seconds']['mean']:,.0f} |")
+                   f"{seconds} |")
     for b in table["baselines"]:
         out.append(f"| {b['model']} | {b['knn_dino']['mean']:.1f} | {b['knn_lightly']['mean']:.1f} | |")
     return "\n".join(out) + "\n"

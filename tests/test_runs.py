@@ -27,12 +27,12 @@ def final_peers(run_dir):
 
 # multi-crop: two 32 px views and two 24 px crops of each image per peer
 PLANS = {"two_views": {}, "multicrop": {"views": {"global": {"count": 2}, "local": {"count": 2, "size": 24}}}}
-# How close the final weights of 1 and 2 ranks come after three LARS steps, measured on this CPU: two views at 32 px
-# within 6e-7, but at 64 px 1.1e-3 (the same run, larger maps), and with four crops 1.4e-4 at 32 px (one group of
-# 4) or 8e-5 (2 x 32 + 2 x 24 px): float rounding of two summation orders, amplified by the steps. The pieces are
-# exact across ranks for every plan (the views: tests/test_views_default.py; the kernel and the losses:
-# tests/test_losses_distributed.py), and every step's loss terms agree to 1e-5 below.
-WEIGHT_TOLERANCE = {"two_views": {"rtol": 1e-4, "atol": 2e-5}, "multicrop": {"rtol": 1e-3, "atol": 3e-4}}
+# LARS at 0.05, not the other tests' 0.5: three steps at 0.5 on batch 8 amplify float rounding ~1000x in one step
+# (the same one-process run on 1 and 2 intra-op threads ends 1e-3 apart; plain SGD at 0.5 as well). At 0.05 the two
+# thread counts agree to 2e-7 while the norms and biases (outside LARS's adaptation, so a gradient off by a factor
+# shows there) move by 5e-3. What is left between 1 and 2 ranks is their BatchNorms (torch's native one against
+# engine/dist/syncbn.py, each within 2e-5 of float64 at 32 px): 2.5e-5 apart in peer b's weights here.
+EXACT = {"weights": {"rtol": 1e-4, "atol": 5e-5}, "loss": {"rel": 5e-5, "abs": 1e-6}}
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
@@ -42,9 +42,9 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
     # 32 px, not the other tests' 16: at 16 px layer3 and layer4 of the ResNet-18 see 1 x 1 maps, and torch's
     # native fp32 BatchNorm backward (the 1-rank run) is off by up to 4e-3 from a float64 reference in peer a's
     # gradients, while the 2-rank run (engine/dist/syncbn.py, two-pass statistics) is within 2e-5 of it. At 32 px both
-    # are within 2e-5 and the two runs agree to ~1e-6 after three steps.
+    # are within 2e-5.
     # the online probe on: its classifiers' gradients are averaged over the ranks, so they match too
-    common = {"distributed": {"sync_bn": True}, "schedule": {"max_steps": 3},
+    common = {"distributed": {"sync_bn": True}, "schedule": {"max_steps": 3}, "optim": {"name": "lars", "lr": 0.05},
               "eval": {"knn_every_epochs": 0, "online_probe": "on"}, **PLANS[plan]}
     one = tiny_config(shapes, tmp_path / "w1", **common)
     one["data"]["image_size"] = 32
@@ -57,14 +57,12 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
     for a, b in zip(m1, m2):
         for key in ("loss", "a/ntxent", "a/kl", "b/ntxent", "b/kl", "probe/a/loss", "probe/b/loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    # The pieces are exact to ~1e-6 (tests/test_losses_distributed.py: losses, gradients, synced BN) and the views
-    # equal; only the summation order of 1 and 2 ranks differs.
+            assert a[key] == pytest.approx(b[key], **EXACT["loss"]), (a["step"], key)
     p1, p2 = final_peers(tmp_path / "w1" / "t"), final_peers(tmp_path / "w2" / "t")
     for peer in ("a", "b"):
         for name, t in p1[peer].items():
             if t.is_floating_point():
-                torch.testing.assert_close(p2[peer][name], t, **WEIGHT_TOLERANCE[plan], msg=f"{peer}.{name}")
+                torch.testing.assert_close(p2[peer][name], t, **EXACT["weights"], msg=f"{peer}.{name}")
     c1, c2 = (checkpoint_files.load(checkpoint_files.latest(tmp_path / w / "t"))["online_probe"]["classifiers"]
               for w in ("w1", "w2"))
     for name, t in c1.items():

@@ -121,7 +121,7 @@ def test_disco_from_a_timm_teachers_files(tmp_path):
 @pytest.mark.parametrize("overrides, match", [
     (["peers.r18.arch=timm:vit_tiy_patch16_224"], r"'vit_tiy_patch16_224' is not a timm model; did you mean "
                                                   r"vit_tiny_patch16_224"),
-    (["peers.r18.arch=timm:convnext_atto", "peers.r18.cifar_stem=true"], "cifar_stem applies to the torchvision"),
+    (["peers.r18.arch=timm:convnext_atto", "peers.r18.cifar_stem=true"], "timm:convnext_atto takes no CIFAR stem"),
     (["peers.r18.arch_args={depth: 2}"], "arch_args are timm.create_model's arguments; resnet18 is a torchvision"),
 ])
 def test_timm_errors_are_named(overrides, match):

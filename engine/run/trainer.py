@@ -430,6 +430,7 @@ def train(cfg: Config) -> dict:
         result = trainer.fit()
         result["run_dir"] = str(trainer.run_dir)
         result["step"] = trainer.pos.step
+        result["run_seconds"] = trainer.run_seconds()  # every session's, a killed one's up to its last checkpoint
         return result
     finally:
         distributed.shutdown()
