@@ -63,6 +63,9 @@ def test_a_tiny_study_runs_end_to_end_and_its_table_comes_from_the_arm_files(tmp
         assert [p["epoch"] for p in record["knn_curve"]] == [1, 2]  # the monitor's points, the last at the end
         assert record["knn_curve"][-1]["top1"]["r20"] == record["knn"]["r20"]["dino"]  # the same split, preset
         assert record["device_seconds"] == record["train_seconds"] + record["eval_seconds"] > 0
+        # the run's own clock (summed over its sessions, a killed one's up to its last checkpoint)
+        done = json.loads((Path(record["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
+        assert done["event"] == "done" and record["train_seconds"] == pytest.approx(done["run_seconds"], abs=1.0)
         assert record["device_seconds_are"] == "CPU wall seconds" and record["environment"]["device"] == "cpu"
     table = json.loads((out / "table.json").read_text())
     rows = {r["arm"]: r for r in table["rows"]}
