@@ -40,7 +40,7 @@ def test_unknown_section(tmp_path):
 @pytest.mark.parametrize("override,match", [
     ("optim.lr=fast", "optim.lr: expected a number"),
     ("data.batch_size=1.5", "data.batch_size: expected an integer"),
-    ("objective.name=swav", "objective.name: 'swav' is not a registered objective or SSL method; registered: simclr, mocov2, simsiam, byol, vicreg, barlowtwins, dogo, disco"),
+    ("objective.name=swav", "objective.name: 'swav' is not a registered objective or SSL method; registered: simclr, mocov2, simsiam, byol, vicreg, barlowtwins, dino, dogo, disco"),
     ("data.batchsize=3", "did you mean 'data.batch_size'"),
     ("peers.r19.tau=0.2", "did you mean 'r18'"),
     ("optim.lr", "key=value"),

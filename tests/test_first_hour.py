@@ -102,10 +102,10 @@ def test_view_size_auto_follows_the_images(side, cpu, gpu):
     assert (view_size(side, on_gpu=False), view_size(side, on_gpu=True)) == (cpu, gpu)
 
 
-@pytest.mark.parametrize("side, size, blur, stem", [(32, 32, 0.0, True), (96, 64, 0.5, True), (300, 96, 0.5, False)])
+@pytest.mark.parametrize("side, size, blur, stem", [(32, 32, 0.0, False), (96, 64, 0.5, False), (300, 96, 0.5, False)])
 def test_image_size_auto_reads_the_training_images(tmp_path, side, size, blur, stem):
     """Item 1: one config for small images and photos alike: data.image_size, augment.blur_p and the peers'
-    cifar_stem follow the training images' size (read from their headers)."""
+    cifar_stem follow the training images' size (read from their headers); on a CPU the standard stem."""
     from dogo.pipelines.shapes import generate
     root = generate(tmp_path / "data", image_size=side, train_per_class=2, val_per_class=1, seed=0)
     raw = tiny_config(root, tmp_path, data={"image_size": "auto"}, augment={"blur_p": "auto"})
@@ -114,3 +114,17 @@ def test_image_size_auto_reads_the_training_images(tmp_path, side, size, blur, s
     cfg = config_mod.load(write_config(tmp_path / "c.yaml", raw), ["device=cpu"])
     assert (cfg.data.image_size, cfg.augment.blur_p) == (size, blur)
     assert all(p.cifar_stem is stem for p in cfg.peers.values())
+
+
+@pytest.mark.parametrize("size, on_gpu, arch, stem", [
+    (32, True, "resnet18", True), (64, True, "resnet18", True), (96, True, "resnet18", False),
+    (32, False, "resnet18", False), (32, True, "resnet20", False), (32, True, "mobilenet_v3_large", True)])
+def test_cifar_stem_auto_takes_the_stem_for_small_views_on_a_gpu_only(size, on_gpu, arch, stem):
+    """The CIFAR stem where a GPU affords it (views up to 64 px, backbones that have one); a CPU's first hour gets
+    the standard stem, whose step is 10x faster at 32 px."""
+    from dogo.engine.config import PeerConfig
+    from dogo.engine.config.resolve import _resolve_view_size
+    cfg = config_mod.Config(peers={"p": PeerConfig(arch=arch, cifar_stem="auto")})
+    cfg.data.image_size = size
+    _resolve_view_size(cfg, on_gpu)
+    assert cfg.peers["p"].cifar_stem is stem

@@ -47,6 +47,9 @@ def _peak_of_two_steps(config: str, overrides: list[str]) -> dict:
     # multi-crop: each group of views counted at its size (2 x 64 px + 4 x 32 px per peer)
     ("bench_r18_r50.yaml", ["data.image_size=64", "data.batch_size=16",
                             "views={global: {count: 2}, local: {count: 4, size: 32}}"]),
+    # DINO's teacher with its prototypes and the scores over 65,536 of them for 2 + 6 crops
+    ("cifar10_dino_r18_multicrop.yaml", ["data.backend=synthetic", "data.batch_size=32",
+                                         "peers.r18.dino.prototypes=65536"]),
 ])
 def test_estimate_is_within_25_percent_of_the_measured_peak_on_cpu(config, overrides):
     """Measured in a process of its own: a heap untouched by other tests."""

@@ -90,7 +90,7 @@ def test_byol_target_network_follows_byols_formula():
             p.add_(torch.randn_like(p))
     step, total, base = 30, 100, peer_cfg.byol.momentum
     tau = 1 - (1 - base) * (math.cos(math.pi * step / total) + 1) / 2
-    state.schedule(step, total)
+    state.schedule(step, total, total)
     state.after_step(peer, None)
     for n, p in target.named_parameters():
         torch.testing.assert_close(p.double(), tau * before[n] + (1 - tau) * online[n].double(), rtol=1e-6, atol=1e-7)

@@ -127,7 +127,9 @@ def view_size(side: int, on_gpu: bool) -> int:
 
 
 def _resolve_view_size(cfg: Config, on_gpu: bool) -> None:
-    """data.image_size, then what follows from it: augment.blur_p and each peer's cifar_stem."""
+    """data.image_size, then what follows from it: augment.blur_p and each peer's cifar_stem (on a GPU for views up
+    to 64 px; on a CPU the standard stem, which shrinks a 32 px view 4x before the blocks: ResNet-18's step is 10x
+    faster there, 265 against 25 images/s on 2 cores, and learns within minutes where the stem's has not begun)."""
     if cfg.data.image_size == "auto":
         backend = BACKENDS.get(cfg.data.backend, "data.backend")
         cfg.data.image_size = view_size(backend.typical_side(cfg.data), on_gpu)
@@ -136,7 +138,7 @@ def _resolve_view_size(cfg: Config, on_gpu: bool) -> None:
     for name, peer in cfg.peers.items():
         if peer.cifar_stem == "auto":
             has_stem = BACKBONES.get(peer.arch, f"peers.{name}.arch").cifar_stem
-            peer.cifar_stem = has_stem and cfg.data.image_size <= 64
+            peer.cifar_stem = has_stem and on_gpu and cfg.data.image_size <= 64
 
 
 def group_size(group: ViewGroup, image_size: int) -> int:

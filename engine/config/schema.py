@@ -116,6 +116,20 @@ class BarlowTwinsSettings:
 
 
 @dataclass
+class DINOSettings:
+    prototypes: int = 65536  # K, the outputs of the weight-normalised last layer (DINO's out_dim)
+    norm_last_layer: bool = True  # the last layer's weight norm fixed at 1 (DINO's default; false trains it)
+    momentum: float = 0.996  # the teacher's EMA momentum at the start ...
+    momentum_schedule: Literal["constant", "cosine"] = "cosine"  # ... cosine: to 1 over the run (DINO's)
+    center_momentum: float = 0.9  # EMA of the teacher's mean output, subtracted before its softmax (centring)
+    student_temp: float = 0.1  # the student's softmax temperature
+    teacher_temp: float = 0.04  # the teacher's temperature after its warm-up (DINO: 0.04, up to 0.07 for long runs)
+    warmup_teacher_temp: float = 0.04  # its temperature in epoch 0, rising linearly (per epoch) ...
+    warmup_teacher_temp_epochs: int = 0  # ... to teacher_temp over these epochs (DINO's ViT-S: 0.04 -> 0.07 in 30)
+    freeze_last_layer_epochs: int = 1  # the last layer takes no update for these first epochs (DINO's 1)
+
+
+@dataclass
 class AugmentConfig:
     """The SimCLR recipe (docs/algorithms.md); every random parameter is drawn per image."""
     # where the recipe after the crop runs: device (batched, on the training device), workers (per image in uint8 in
@@ -172,12 +186,13 @@ class PeerConfig:
     # a registered backbone (dogo.core.registry.BACKBONES: resnet18, ...), or timm:<name>, any timm model (the timm extra)
     arch: str = "resnet18"
     arch_args: dict[str, Any] = field(default_factory=dict)  # timm: passed to timm.create_model, e.g. {patch_size: 4}
-    # 3x3 stride-1 first conv and no max-pool, for 32-64 px images; auto: on for views of 64 px or less where the
-    # backbone has the stem
+    # 3x3 stride-1 first conv and no max-pool, for 32-64 px images; auto: on a GPU, on for views of 64 px or less
+    # where the backbone has the stem; on a CPU off (the standard stem: 10x faster steps at 32 px)
     cifar_stem: Union[Literal["auto"], bool] = False
     zero_init_residual: bool = False  # ResNets: each block's last BN starts at zero scale (SimCLR's init)
     # the projection head: hidden width, output (embedding) size, Linear layers; None takes the method's paper
-    # default (simclr, mocov2, simsiam 2048-128 in 2 layers; byol 4096-256; vicreg, barlowtwins 8192-8192-8192)
+    # default (simclr, mocov2, simsiam 2048-128 in 2 layers; byol 4096-256; vicreg, barlowtwins 8192-8192-8192;
+    # dino 2048-2048-256, GELU without BN, before its prototypes)
     head_hidden: Optional[int] = None
     head_out: Optional[int] = None  # the embedding size (see head_hidden)
     head_layers: Optional[int] = None  # Linear layers: Linear-BN-ReLU blocks, then a Linear (see head_hidden)
@@ -193,6 +208,7 @@ class PeerConfig:
     byol: BYOLSettings = section(BYOLSettings)  # byol's settings
     vicreg: VICRegSettings = section(VICRegSettings)  # vicreg's settings
     barlowtwins: BarlowTwinsSettings = section(BarlowTwinsSettings)  # barlowtwins' settings
+    dino: DINOSettings = section(DINOSettings)  # dino's settings
 
 
 @dataclass
@@ -205,6 +221,11 @@ class ObjectiveConfig:
     # this rank's images: DisCo's MSELoss(reduction='sum') per GPU, weight 1 (its 256 images on 8 GPUs: 32 per
     # GPU). The pull therefore grows with the per-rank batch b: to keep DisCo's strength at b, use 32 / b.
     distill_weight: float = 1.0
+    # disco: what the student is pulled towards. embedding: the teacher's final embedding (DisCo). prototypes: a DINO
+    # teacher's softmax over its prototypes, centred (a running mean of its scores) and at the student's
+    # dino.teacher_temp, as the target of a DINO student's softmax over as many prototypes: a cross-entropy, mean
+    # over the rows (the DINOv2 distillation recipe)
+    distill_target: Literal["embedding", "prototypes"] = "embedding"
     share_views: bool = False  # dogo: both peers see the same two views (half the decoding and augmentation)
     # images per tile of the contrastive kernel (rows and columns); its blocks grow as tile^2. auto: on CUDA the
     # largest power of two whose blocks take at most an eighth of the free memory (few tiles, few launches), 1024

@@ -106,6 +106,7 @@ class MemoryModel:
     activations_per_image: float
     largest_per_image: float  # the largest saved tensor, per image
     view_bytes_per_image: int
+    loss_bytes_per_image: int  # what the methods' losses hold per image beyond the peers' forward (DINO's scores)
 
     def at(self, global_batch: int) -> MemoryEstimate:
         local = max(1, global_batch // self.world_size)
@@ -113,6 +114,7 @@ class MemoryModel:
             **self.fixed,
             "activations": int(self.activations_at_2 + self.activations_per_image * (local - 2)),
             "views": self.view_bytes_per_image * local,
+            "method scores": self.loss_bytes_per_image * local,
             "loss kernel": _kernel_bytes(self.cfg, global_batch),
             "backward margin": int(2 * self.largest_per_image * local),  # gradients of the largest activations
         }
@@ -168,7 +170,9 @@ def memory_model(cfg: Config, world_size: int, precision: Precision) -> MemoryMo
         "held images": held_bytes(cfg.data),  # every rank holds the whole split
     }
     view_bytes = sum(len(g.views) * 3 * g.size ** 2 * elem for g in model.plan.groups)  # per image
-    return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4, view_bytes)
+    scores = sum(METHODS.get(p.ssl, f"peers.{n}.ssl").loss_bytes_per_image(p, model.plan.crops, model.plan.large)
+                 for n, p in cfg.peers.items())
+    return MemoryModel(cfg, world_size, fixed, saved_2, (saved_4 - saved_2) / 2, largest_4 / 4, view_bytes, scores)
 
 
 def _method_loss_bytes(cfg: Config, params: int, world_size: int) -> int:

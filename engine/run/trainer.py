@@ -207,8 +207,8 @@ class Trainer:
         capture and replay."""
         set_lr(self.optimizer, lr_factor(self.pos.step, self.total_steps, self.warmup_steps,
                                          self.cfg.schedule.final_lr_ratio))
-        self.targets.schedule(self.pos.step + 1, self.total_steps)
-        if self.graph is not None:
+        self.targets.schedule(self.pos.step + 1, self.total_steps, self.loader.steps_per_epoch)
+        if self.graph is not None and self.pos.step >= self.targets.eager_steps:
             return self.graph(batch.groups, batch.labels)
         return self._device_step(batch.groups, batch.labels)
 
@@ -228,6 +228,7 @@ class Trainer:
         if self.cfg.optim.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm, foreach=True)
+        self.targets.before_update(self.model.peers)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -111,6 +111,17 @@ def byol_loss(predictions, targets) -> torch.Tensor:
                for v in range(len(predictions)) if v != g)
 
 
+def dino_loss(student_logits, teacher_probs, student_temp: float) -> torch.Tensor:
+    """DINO's cross-entropy: -sum_k t_k log softmax(s / student_temp)_k between the teacher's (centred, sharpened)
+    distribution over the prototypes for large crop g and the student's for every other crop v, averaged over the
+    rows and over the pairs (g, v != g), as DINO's DINOLoss and lightly's. student_logits: one (b, K) tensor per crop,
+    large first; teacher_probs: one per large crop."""
+    log_p = [F.log_softmax(s / student_temp, dim=-1) for s in student_logits]
+    terms = [-(t * log_p[v]).sum(dim=-1).mean() for g, t in enumerate(teacher_probs)
+             for v in range(len(log_p)) if v != g]
+    return sum(terms) / len(terms)
+
+
 def _off_diagonal_square_sum(m: torch.Tensor) -> torch.Tensor:
     """Sum of the squared off-diagonal entries, without a boolean mask (a mask's indexing waits for the host)."""
     return m.pow(2).sum() - torch.diagonal(m).pow(2).sum()
@@ -156,6 +167,18 @@ def disco_distance(student, teacher) -> torch.Tensor:
     large = len(teacher)
     own = sum(embedding_distance(s, t) for s, t in zip(student[:large], teacher))
     local = [embedding_distance(s, t) for s in student[large:] for t in teacher]
+    return own + sum(local) / large if local else own
+
+
+def distill_cross_entropy(student_logits, teacher_probs, student_temp: float) -> torch.Tensor:
+    """DisCo with a DINO teacher's prototypes as the target (the DINOv2 distillation recipe): the cross-entropy of the
+    student's softmax over its prototypes (at student_temp) to the teacher's distribution, a mean over the rows,
+    paired over crops as disco_distance pairs them: each large crop with the teacher's same crop, each local crop
+    with every large crop at weight 1/G."""
+    large = len(teacher_probs)
+    ce = lambda s, t: -(t * F.log_softmax(s / student_temp, dim=-1)).sum(dim=-1).mean()  # noqa: E731
+    own = sum(ce(s, t) for s, t in zip(student_logits[:large], teacher_probs))
+    local = [ce(s, t) for s in student_logits[large:] for t in teacher_probs]
     return own + sum(local) / large if local else own
 
 

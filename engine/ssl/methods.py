@@ -18,14 +18,14 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from dogo.engine.dist.distributed import all_gather_rows
+from dogo.engine.dist.distributed import all_gather_rows, all_reduce_mean
 from dogo.core.errors import ConfigError
 from dogo.core.registry import METHODS
-from dogo.engine.config.schema import BYOLSettings, MoCoV2Settings
+from dogo.engine.config.schema import BYOLSettings, DINOSettings, MoCoV2Settings
 from dogo.engine.ssl import losses
 from dogo.engine.ssl.momentum import KeyQueue, MomentumEncoder, module_bytes, momentum_at
 from dogo.engine.ssl.peers import Crops
-from dogo.models import projection_head
+from dogo.models import Prototypes, projection_head
 
 
 class MethodState(nn.Module):
@@ -37,8 +37,17 @@ class MethodState(nn.Module):
     what changes from step to step (a scheduled momentum, the queue's position) from device tensors and update
     their state in place; only `schedule` sees the step number."""
 
-    def schedule(self, step: int, total_steps: int) -> None:
+    def schedule(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         """Write the numbers of the step that makes `step` steps in all (a momentum) where the step reads them."""
+
+    @property
+    def eager_steps(self) -> int:
+        """Steps (from the start of the run) whose device work differs from the later ones' by a host decision
+        (DINO's frozen last layer): a CUDA graph is captured only after them."""
+        return 0
+
+    def before_update(self, peer: nn.Module) -> None:
+        """Between the backward and the optimiser step (DINO drops its last layer's gradients in its first epoch)."""
 
     def targets(self, large: torch.Tensor, crops: int) -> Any:
         """large: the peer's `crops` large crops of its images, (crops * b, 3, S, S), crop after crop."""
@@ -57,6 +66,7 @@ class Method:
     contrastive: ClassVar[bool] = False  # NT-Xent over the (all-gathered) batch: computed by the tiled kernel
     whitened_projection: ClassVar[bool] = False  # the projection ends in a BN without affine parameters (SimSiam)
     projection_bias: ClassVar[bool] = True  # the head's last Linear has a bias
+    head_style: ClassVar[str] = "simclr"  # the head's blocks: Linear-BN-ReLU, or dino's Linear-GELU (models/heads.py)
     kl_on_predictions: ClassVar[bool] = False  # DoGo's KL takes its predictions (SimSiam, BYOL): kl_embeddings
     # its own loss uses the crops beyond the two large ones (solo-learn's: SimCLR, BYOL); False: the two large crops
     # only, so that alone it refuses local crops (under DoGo or DisCo the KL or the distillation uses them)
@@ -79,6 +89,11 @@ class Method:
 
     def loss_bytes(self, peer_cfg) -> int:
         """Bytes its own loss holds at its peak beyond the embeddings (e.g. a d x d matrix and its gradient)."""
+        return 0
+
+    def loss_bytes_per_image(self, peer_cfg, crops: int, large: int) -> int:
+        """Bytes its loss and targets hold per image of the local batch beyond what the peer's forward saves (with
+        `crops` crops per image, `large` of them large)."""
         return 0
 
     def loss(self, name: str, out: Crops, peer, targets: Any) -> dict[str, torch.Tensor]:
@@ -115,7 +130,7 @@ class MoCoState(MethodState):
         self.key_encoder = MomentumEncoder(peer, settings.momentum)
         self.queue = KeyQueue(settings.queue_size, dim, seed)
 
-    def schedule(self, step, total_steps):
+    def schedule(self, step, total_steps, steps_per_epoch):
         s = self.settings
         self.key_encoder.set_momentum(momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
 
@@ -194,7 +209,7 @@ class BYOLState(MethodState):
         self.settings = settings
         self.target = MomentumEncoder(peer, settings.momentum)
 
-    def schedule(self, step, total_steps):
+    def schedule(self, step, total_steps, steps_per_epoch):
         s = self.settings
         self.target.set_momentum(momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
 
@@ -286,5 +301,109 @@ class BarlowTwins(Method):
         return {f"{name}/barlowtwins": losses.barlow_twins_loss(z1, z2, peer.barlowtwins.lambd)}
 
 
-for _method in (SimCLR, MoCoV2, SimSiam, BYOL, VICReg, BarlowTwins):
+class DINOState(MethodState):
+    """DINO's teacher: an EMA copy of the peer with its prototypes, the centre of its outputs, its temperature.
+
+    Targets: (probs_0, ..., probs_{G-1}, logits): the teacher's softmax((t - centre) / teacher_temp) over the
+    prototypes for each of the G large crops, and its raw scores, from which `after_step` moves the centre (their
+    mean over every rank's images and large crops, as DINO's update_center) before the teacher follows the peer.
+    The momentum and the temperature of the step live in device tensors (a CUDA graph replays them); whether the last
+    layer is frozen is decided on the host, so the trainer captures no graph before that phase ends (eager_steps)."""
+
+    def __init__(self, peer: nn.Module, settings: DINOSettings):
+        super().__init__()
+        self.settings = settings
+        self.teacher = MomentumEncoder(peer, settings.momentum, keep_predictor=True)
+        self.register_buffer("center", torch.zeros(1, settings.prototypes))
+        self.register_buffer("teacher_temp", torch.tensor(settings.warmup_teacher_temp), persistent=False)
+        self.frozen = settings.freeze_last_layer_epochs > 0
+        self._eager_steps = 0
+
+    def schedule(self, step, total_steps, steps_per_epoch):
+        s = self.settings
+        self.teacher.set_momentum(momentum_at(s.momentum, s.momentum_schedule, step, total_steps))
+        epoch = (step - 1) // steps_per_epoch  # of the step being made (step counts from 1)
+        self.teacher_temp.fill_(teacher_temp_at(s, epoch))
+        self.frozen = epoch < s.freeze_last_layer_epochs
+        self._eager_steps = s.freeze_last_layer_epochs * steps_per_epoch
+
+    @property
+    def eager_steps(self):
+        return self._eager_steps
+
+    @torch.no_grad()
+    def targets(self, large, crops):
+        encoder = self.teacher.encoder
+        logits = losses.at_least_fp32(encoder.predictor(encoder(large)))
+        probs = torch.softmax((logits - self.center) / self.teacher_temp, dim=-1)
+        return *probs.chunk(crops), logits
+
+    def before_update(self, peer):
+        if self.frozen:  # DINO's cancel_gradients_last_layer: no gradient, so the optimiser leaves it untouched
+            for p in peer.predictor.parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def after_step(self, peer, targets):
+        logits = targets[-1]
+        batch_center = all_reduce_mean(logits.mean(dim=0, keepdim=True))  # equal local batches: the global mean
+        m = self.settings.center_momentum
+        self.center.mul_(m).add_(batch_center, alpha=1 - m)
+        self.teacher.follow(peer)
+
+
+def teacher_temp_at(s: DINOSettings, epoch: int) -> float:
+    """DINO's teacher temperature: linear from warmup_teacher_temp to teacher_temp over the warm-up epochs (one value
+    per epoch, as DINO's np.linspace schedule and lightly's), then teacher_temp."""
+    n = s.warmup_teacher_temp_epochs
+    if epoch >= n:
+        return s.teacher_temp
+    return s.warmup_teacher_temp + (s.teacher_temp - s.warmup_teacher_temp) * epoch / max(1, n - 1)
+
+
+class DINO(Method):
+    """Self-distillation without labels (DINO): the student's softmax over K prototypes for every crop pulled
+    towards a momentum teacher's centred, sharpened softmax for every other large crop. The peer's head is DINO's
+    MLP to a bottleneck (its embedding: what DoGo's KL and the kNN see), its predictor the weight-normalised
+    prototypes; the teacher (an EMA copy of both) sees the large crops only."""
+    name = "dino"
+    structural = ("prototypes", "norm_last_layer")
+    default_head = (2048, 256, 3)
+    head_style = "dino"
+
+    def check(self, key, peer, cfg):
+        s = peer.dino
+        for k in ("momentum", "center_momentum"):
+            if not 0 <= getattr(s, k) < 1:
+                raise ConfigError(f"{key}.dino.{k} must be in [0, 1), got {getattr(s, k)}")
+        for k in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            if not getattr(s, k) > 0:
+                raise ConfigError(f"{key}.dino.{k} must be positive, got {getattr(s, k)}")
+        if s.prototypes < 1:
+            raise ConfigError(f"{key}.dino.prototypes must be positive, got {s.prototypes}")
+        for k in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+            if getattr(s, k) < 0:
+                raise ConfigError(f"{key}.dino.{k} must be 0 or more, got {getattr(s, k)}")
+
+    def predictor(self, peer):
+        return Prototypes(peer.head_out, peer.dino.prototypes, peer.dino.norm_last_layer)
+
+    def make_state(self, peer_cfg, peer, seed):
+        return DINOState(peer, peer_cfg.dino)
+
+    def state_bytes(self, peer_cfg, peer):
+        return module_bytes(peer) + peer_cfg.dino.prototypes * 4
+
+    def loss_bytes_per_image(self, peer_cfg, crops, large):
+        """fp32 scores over the K prototypes: the student's (kept by its Crops) and their log-softmax for every
+        crop, the teacher's scores and softmax for the large crops, and the student's scores' gradient."""
+        return peer_cfg.dino.prototypes * 4 * (3 * crops + 2 * large)
+
+    def loss(self, name, out, peer, targets):
+        *teacher_probs, _ = targets
+        student = out.split(losses.at_least_fp32(out.p))
+        return {f"{name}/dino": losses.dino_loss(student, teacher_probs, peer.dino.student_temp)}
+
+
+for _method in (SimCLR, MoCoV2, SimSiam, BYOL, VICReg, BarlowTwins, DINO):
     METHODS.register(_method.name, _method())

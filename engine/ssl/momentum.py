@@ -23,7 +23,8 @@ def momentum_at(base: float, schedule: str, step: int, total_steps: int) -> floa
 
 
 class MomentumEncoder(nn.Module):
-    """An EMA copy of a peer (backbone and projection head; not its predictor).
+    """An EMA copy of a peer (backbone and projection head; its predictor too with keep_predictor: DINO's teacher
+    has the student's prototypes).
 
     It runs in training mode, so its BatchNorm normalises with the batch's statistics, as MoCo's and BYOL's do.
     (MoCo shuffles the batch across GPUs first so that BN cannot leak which key belongs to which query; here each
@@ -35,11 +36,11 @@ class MomentumEncoder(nn.Module):
     schedule's start.
     """
 
-    def __init__(self, peer: nn.Module, momentum: float):
+    def __init__(self, peer: nn.Module, momentum: float, keep_predictor: bool = False):
         super().__init__()
         self.encoder = copy.deepcopy(peer).requires_grad_(False)
-        if getattr(self.encoder, "predictor", None) is not None:
-            self.encoder.predictor = None  # the predictor is the online network's alone
+        if getattr(self.encoder, "predictor", None) is not None and not keep_predictor:
+            self.encoder.predictor = None  # BYOL's predictor is the online network's alone
         self.register_buffer("momentum", torch.zeros(()), persistent=False)
         self.register_buffer("one_minus_momentum", torch.zeros(()), persistent=False)
         self.set_momentum(momentum)

@@ -34,6 +34,9 @@ class Objective:
         if self.peers_needed is not None and n != self.peers_needed:
             raise ConfigError(f"objective.name={self.name} needs exactly {self.peers_needed} peers, the config has "
                               f"{n}: {', '.join(cfg.peers)}")
+        if cfg.objective.distill_target != "embedding" and not self.uses_teacher:
+            raise ConfigError(f"objective.distill_target={cfg.objective.distill_target} is DisCo's (objective.name="
+                              f"disco); objective.name={self.name} has no teacher to distil")
         self._check_crops(cfg)
 
     def _check_crops(self, cfg) -> None:
@@ -53,7 +56,7 @@ class Objective:
         objective gives each its own."""
         return {name: 0 for name in peer_names}
 
-    def extra_terms(self, name: str, out, objective_cfg, targets) -> dict[str, tuple[float, torch.Tensor]]:
+    def extra_terms(self, name: str, out, objective_cfg, targets, peer) -> dict[str, tuple[float, torch.Tensor]]:
         """Terms the objective adds to peer `name`'s loss: term name -> (weight, value)."""
         return {}
 
@@ -93,7 +96,8 @@ class Objective:
             for key, value in methods[name].loss(name, outputs[name], peers[name], own).items():
                 terms[key] = value
                 total = total + value
-            for key, (weight, value) in self.extra_terms(name, outputs[name], objective_cfg, targets).items():
+            extra = self.extra_terms(name, outputs[name], objective_cfg, targets, peers[name])
+            for key, (weight, value) in extra.items():
                 terms[key] = value
                 total = total + weight * value
 
@@ -137,7 +141,9 @@ class DoGo(Objective):
 class DisCo(Objective):
     """Distilled Contrastive learning: each student's own method plus distill_weight times the squared distance of
     its normalised embeddings to the frozen teacher's: the teacher embeds the large crops only, the student every
-    crop (each local crop pulled towards every large crop's teacher embedding, weight 1 / large crops)."""
+    crop (each local crop pulled towards every large crop's teacher embedding, weight 1 / large crops). With
+    objective.distill_target=prototypes, a DINO teacher's centred softmax over its prototypes is the target of each
+    DINO student's (a cross-entropy, the DINOv2 distillation recipe), paired over crops the same way."""
     name = "disco"
     uses_teacher = True
 
@@ -154,7 +160,12 @@ class DisCo(Objective):
             raise ConfigError(f"a teacher from state_dict files needs teacher.backbone, teacher.head and teacher.arch; "
                               f"missing: {', '.join('teacher.' + k for k in missing)}")
 
-    def extra_terms(self, name, out, objective_cfg, targets):
+    def extra_terms(self, name, out, objective_cfg, targets, peer):
+        if objective_cfg.distill_target == "prototypes":  # DINO students of a DINO teacher (engine/ssl/targets.py)
+            *probs, _ = targets.teacher[name]
+            student = out.split(losses.at_least_fp32(out.p))
+            ce = losses.distill_cross_entropy(student, probs, peer.dino.student_temp)
+            return {f"{name}/distill": (objective_cfg.distill_weight, ce)}
         distance = losses.disco_distance(out.split(out.z), targets.teacher[name])
         return {f"{name}/distill": (objective_cfg.distill_weight, distance)}
 

@@ -19,7 +19,8 @@ def build_peer(peer_cfg, image_size: int = 224) -> Peer:
     method = METHODS.get(peer_cfg.ssl, "ssl")
     peer = Peer(peer_cfg.arch, peer_cfg.cifar_stem, peer_cfg.head_hidden, peer_cfg.head_out,
                 peer_cfg.zero_init_residual, out_bn=method.whitened_projection, head_layers=peer_cfg.head_layers,
-                head_bias=method.projection_bias, image_size=image_size, arch_args=peer_cfg.arch_args)
+                head_bias=method.projection_bias, image_size=image_size, arch_args=peer_cfg.arch_args,
+                head_style=method.head_style)
     peer.predictor = method.predictor(peer_cfg)  # after the backbone and head: their initial weights per seed
     return peer
 
@@ -28,7 +29,7 @@ class Crops(NamedTuple):  # a NamedTuple: DDP's handling of outputs sees through
     """One peer's outputs for its crops of a step's images, large crops first: crop v is rows v*b:(v+1)*b of each
     flat tensor (b images). Two views are the two-crop case."""
     z: torch.Tensor  # (crops * b, d) the projection head's outputs, unnormalised
-    p: torch.Tensor | None  # (crops * b, d) the predictor's outputs (SimSiam, BYOL), else None
+    p: torch.Tensor | None  # (crops * b, d) the predictor's outputs (SimSiam, BYOL; DINO's K prototype scores)
     crops: int  # crops per image
     large: int  # how many of the first crops are the large ones
 

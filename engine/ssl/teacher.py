@@ -21,7 +21,7 @@ from dogo.engine.config import TeacherConfig, stored
 from dogo.core.io import UnreadableFile, read_torch_file
 from dogo.engine.ssl.peers import build_peer
 from dogo.core.registry import BACKBONES
-from dogo.models import Peer
+from dogo.models import Peer, Prototypes
 from dogo.models.heads import head_shape
 
 
@@ -58,6 +58,19 @@ class FrozenTeacher(nn.Module):
         if self.bn == "batch":
             return torch.cat([self(x) for x in large.chunk(crops)])
         return self(large)
+
+    @property
+    def prototypes(self) -> int:
+        """How many prototypes its DINO head scores (0: it has none)."""
+        predictor = self.peer.predictor
+        return predictor.weight_v.shape[0] if isinstance(predictor, Prototypes) else 0
+
+    def scores(self, large: torch.Tensor, crops: int) -> torch.Tensor:
+        """A DINO teacher's scores over its prototypes for the large crops (as `embed`, through its prototypes)."""
+        z = self.embed(large, crops)
+        with torch.inference_mode():
+            s = self.peer.predictor(z)
+        return s.clone()
 
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
