@@ -378,8 +378,7 @@ def run_study(study: Study, *, out: str | Path, runs: str | Path | None = None, 
             if target.is_file() and not force:
                 log(f"{name} seed {seed}: done ({target})")
                 continue
-            log(f"{name} seed {seed}: training " + (f"{study.epochs} epochs" if study.epochs else
-                                                     f"{study.steps} steps") + " ...")
+            log(f"{name} seed {seed}: training ...")  # its run's banner gives its steps (an arm may set its own)
             path = run_arm(study, name, seed, out=out, runs=runs, data=data, extra=extra)
             if path is None:
                 log(f"{name} seed {seed}: stopped by a signal; its checkpoint is saved, the same command resumes it")
@@ -434,6 +433,7 @@ def merge(folder: str | Path, study: Study | None = None) -> dict:
                    "seeds": [m["seed"] for m in members], "epochs": members[0]["epochs"],
                    "batch_size": members[0]["batch_size"], "images_seen": members[0]["images_seen"],
                    "device_seconds": _spread_known([m["device_seconds"] for m in members]),
+                   "train_seconds": _spread_known([m["train_seconds"] for m in members]),
                    "device_seconds_are": members[0]["device_seconds_are"],
                    "files": [m["_file"] for m in members]}
             for preset in KNN_PRESETS:

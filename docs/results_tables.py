@@ -101,17 +101,40 @@ def study_cpu() -> str:
            f"on the {table['val_images']:,} val photos with all {table['bank_images']:,} training photos as the bank "
            f"(`benchmarks/results/{folder}/`; {provenance(files)}):", "",
            "| model | kNN dino (k=20) | kNN lightly (k=200) | CPU-seconds |", "| --- | --- | --- | --- |"]
-    for r in table["rows"]:
-        seconds = "-" if r["device_seconds"] is None else f"{r['device_seconds']['mean']:,.0f}"
-        out.append(f"| {r['arm']}: {r['arch']} | {r['knn_dino']['mean']:.1f} | {r['knn_lightly']['mean']:.1f} | "
-                   f"{seconds} |")
-    for b in table["baselines"]:
-        out.append(f"| {b['model']} | {b['knn_dino']['mean']:.1f} | {b['knn_lightly']['mean']:.1f} | |")
+    out += [f"| {r['arm']}: {r['arch']} | {_knn(r)} | {_seconds(r['device_seconds'])} |" for r in table["rows"]]
+    out += [f"| {b['model']} | {_knn(b)} | |" for b in table["baselines"]]
     return "\n".join(out) + "\n"
 
 
-TABLES = {"gpu_steps": gpu_steps, "pipelines": pipelines, "memory": memory, "demo": demo, "study_cpu": study_cpu}
-DOCUMENTS = [REPO / "README.md", REPO / "docs" / "gpu.md"]
+def _knn(row: dict) -> str:
+    """A study row's two kNN cells (means over its seeds)."""
+    return f"{row['knn_dino']['mean']:.1f} | {row['knn_lightly']['mean']:.1f}"
+
+
+def _seconds(spread: dict | None) -> str:
+    return "-" if spread is None else f"{spread['mean']:,.0f}"
+
+
+def study_multicrop() -> str:
+    """Multi-crop against two crops at equal training time (dogo study run configs/study_multicrop_cifar10_cpu.yaml):
+    images seen and training seconds per arm, since equal time means unequal images."""
+    folder = "study_multicrop_cifar10_cpu2"
+    table = _load(f"{folder}/table.json")
+    files = [f"{folder}/{Path(f).name}" for f in table["arm_files"]]
+    out = [f"CIFAR-10 ResNet-18 (CIFAR stem), batch {table['rows'][0]['batch_size']}, one seed, kNN top-1 on the "
+           f"{table['val_images']:,} val photos with the {table['bank_images']:,} training photos as the bank "
+           f"(`benchmarks/results/{folder}/`; {provenance(files)}):", "",
+           "| arm | images seen | training CPU-seconds | kNN dino (k=20) | kNN lightly (k=200) |",
+           "| --- | --- | --- | --- | --- |"]
+    out += [f"| {r['arm']} | {r['images_seen']:,} | {_seconds(r['train_seconds'])} | {_knn(r)} |"
+            for r in table["rows"]]
+    out += [f"| {b['model']} | | | {_knn(b)} |" for b in table["baselines"]]
+    return "\n".join(out) + "\n"
+
+
+TABLES = {"gpu_steps": gpu_steps, "pipelines": pipelines, "memory": memory, "demo": demo, "study_cpu": study_cpu,
+          "study_multicrop": study_multicrop}
+DOCUMENTS = [REPO / "README.md", REPO / "docs" / "gpu.md", REPO / "docs" / "methods.md"]
 
 
 def render(text: str) -> str:

@@ -52,9 +52,11 @@ class Prototypes(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(prototypes, 1), requires_grad=not norm_last_layer)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # x W^T with W's rows scaled by g / ||V||: the scores against V, then each column scaled; autograd keeps the
+        # (rows, K) scores rather than a K x d copy of the weights (the memory estimate counts what grows with rows)
         v = self.weight_v
-        w = self.weight_g * v / v.norm(dim=1, keepdim=True)
-        return nn.functional.linear(nn.functional.normalize(z, dim=-1), w)
+        scale = (self.weight_g / v.norm(dim=1, keepdim=True)).reshape(1, -1)
+        return nn.functional.linear(nn.functional.normalize(z, dim=-1), v) * scale
 
 
 def head_shape(state: dict[str, torch.Tensor]) -> dict:

@@ -274,6 +274,14 @@ def big_images(tmp_path_factory):
     return root
 
 
+def _sigint_as_in_a_terminal():
+    """SIGINT's default disposition in the converter, whatever started the suite: a shell starts background jobs
+    (`make test &`, nohup) with SIGINT ignored, a Python started so keeps ignoring it (no KeyboardInterrupt), and the
+    test's Ctrl-C would then be lost in every attempt, as a user's is not in a terminal."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _converting(src, dst):
     """`dogo convert` of SRC with two writers, one image per chunk: returns the process once its writers are
     working on DST.partial."""
@@ -284,7 +292,7 @@ def _converting(src, dst):
     proc = subprocess.Popen([sys.executable, "-m", "dogo", "convert", str(src), str(dst),
                              "--num-workers", "2", "--chunk-size", "1", "--write-mode", "jpg", "--jpeg-quality", "100"],
                             env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
     partial = dst.with_name(dst.name + ".partial")
     deadline = time.time() + 60
     while not (partial.exists() and len(_children(proc.pid)) >= 2) and time.time() < deadline \

@@ -313,3 +313,17 @@ def test_the_prototype_target_outside_disco_is_refused(tmp_path):
     from dogo.core.errors import ConfigError
     with pytest.raises(ConfigError, match="objective.distill_target=prototypes is DisCo's"):
         _config(tmp_path, "dino", f"{{d: {DINO_PEER}}}", "objective.distill_target=prototypes")
+
+
+def test_dino_on_a_timm_vit_trains_every_parameter_after_the_frozen_epoch(tmp_path):
+    """DINO's own backbone family: a timm ViT (2 blocks, 4 px patches) with the DINO head and prototypes, on crops."""
+    pytest.importorskip("timm", reason="the timm extra")
+    from dogo.engine.run.trainer import Trainer
+    vit = ("{arch: 'timm:vit_tiny_patch16_224', arch_args: {patch_size: 4, depth: 2}, head_hidden: 16, head_out: 8, "
+           "ssl: dino, dino: {prototypes: 32, freeze_last_layer_epochs: 0}}")
+    trainer = Trainer(_config(tmp_path, "dino", f"{{v: {vit}}}", "precision.channels_last=off"))
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    terms = trainer.step(next(iter(trainer.loader)))
+    assert torch.isfinite(terms["v/dino"])
+    unchanged = [k for k, v in trainer.model.named_parameters() if v.requires_grad and torch.equal(v, before[k])]
+    assert not unchanged, unchanged[:5]

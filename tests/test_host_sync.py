@@ -27,6 +27,9 @@ PEERS = {
     "byol": {"y": {"arch": "resnet18", **HEAD, "byol": {"pred_hidden": 8}}},
     "vicreg": {"v": {"arch": "resnet18", **HEAD}},
     "barlowtwins": {"w": {"arch": "resnet18", **HEAD}},
+    # DINO with its last layer training, and frozen (the default: epoch 0 holds every guarded step)
+    "dino": {"d": {"arch": "resnet18", **HEAD, "dino": {"prototypes": 32, "freeze_last_layer_epochs": 0}}},
+    "dino:frozen": {"d": {"arch": "resnet18", **HEAD, "dino": {"prototypes": 32}}},
     # DoGo pairs mixing methods (the objective is the name before the colon)
     "dogo:byol+simclr": {"y": {"arch": "resnet18", **HEAD, "ssl": "byol", "byol": {"pred_hidden": 8}},
                          "s": {"arch": "resnet18", **HEAD, "ssl": "simclr", "tau": 0.5}},
@@ -36,7 +39,7 @@ PEERS = {
 }
 # multi-crop: 2 x 16 px + 2 x 8 px views per image (objective:multicrop, the same peers as the objective alone)
 MULTICROP = {"views": {"global": {"count": 2}, "local": {"count": 2, "size": 8}}}
-for _name in ("simclr", "dogo", "disco"):
+for _name in ("simclr", "dogo", "disco", "dino"):
     PEERS[f"{_name}:multicrop"] = PEERS[_name]
 
 
@@ -120,7 +123,7 @@ def _op_count(objective: str, tmp_path, batch: int, teacher) -> int:
 
 
 @pytest.mark.parametrize("objective", ["dogo", "disco", "dogo:byol+simclr", "dogo:vicreg+barlowtwins",
-                                       "simclr:multicrop", "dogo:multicrop", "disco:multicrop"])
+                                       "simclr:multicrop", "dogo:multicrop", "disco:multicrop", "dino:multicrop"])
 def test_op_count_of_a_step_does_not_grow_with_the_batch(objective, tmp_path, teacher_files):
     """No Python loop over images in the recipe or the step: 8 and 16 images dispatch the same ops (the kernel's
     tile of 64 holds both batches in one tile); with multi-crop the loops run over groups, crops and pairs."""

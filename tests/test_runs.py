@@ -26,7 +26,12 @@ def final_peers(run_dir):
 
 
 # multi-crop: two 32 px views and two 24 px crops of each image per peer
-PLANS = {"two_views": {}, "multicrop": {"views": {"global": {"count": 2}, "local": {"count": 2, "size": 24}}}}
+MULTICROP = {"views": {"global": {"count": 2}, "local": {"count": 2, "size": 24}}}
+PLANS = {"two_views": {}, "multicrop": MULTICROP,
+         # a DINO peer beside the SimCLR one: its centre (every rank's teacher scores) and momentum teacher too
+         "dino_multicrop": {**MULTICROP, "peers": {"a": {"arch": "resnet18", "head_hidden": 32, "head_out": 16,
+                                                         "ssl": "dino", "dino": {"prototypes": 64,
+                                                                                 "freeze_last_layer_epochs": 0}}}}}
 # LARS at 0.05, not the other tests' 0.5: three steps at 0.5 on batch 8 amplify float rounding ~1000x in one step
 # (the same one-process run on 1 and 2 intra-op threads ends 1e-3 apart; plain SGD at 0.5 as well). At 0.05 the two
 # thread counts agree to 2e-7 while the norms and biases (outside LARS's adaptation, so a gradient off by a factor
@@ -55,9 +60,16 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(shapes, tmp_
     assert not re.search(r"\w+Warning: ", proc.stdout + proc.stderr), proc.stdout + proc.stderr
     m1, m2 = metrics(tmp_path / "w1" / "t"), metrics(tmp_path / "w2" / "t")
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
+    own = "a/dino" if plan.startswith("dino") else "a/ntxent"
     for a, b in zip(m1, m2):
-        for key in ("loss", "a/ntxent", "a/kl", "b/ntxent", "b/kl", "probe/a/loss", "probe/b/loss"):
+        for key in ("loss", own, "a/kl", "b/ntxent", "b/kl", "probe/a/loss", "probe/b/loss"):
             assert a[key] == pytest.approx(b[key], **EXACT["loss"]), (a["step"], key)
+    s1, s2 = (checkpoint_files.load(checkpoint_files.latest(tmp_path / w / "t"))["targets"]["method_states"]
+              for w in ("w1", "w2"))
+    assert s1.keys() == s2.keys() and (("a.center" in s1) == plan.startswith("dino"))
+    for name, t in s1.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(s2[name], t, **EXACT["weights"], msg=f"method state {name}")
     p1, p2 = final_peers(tmp_path / "w1" / "t"), final_peers(tmp_path / "w2" / "t")
     for peer in ("a", "b"):
         for name, t in p1[peer].items():

@@ -89,6 +89,7 @@ class Trainer:
         self.targets = TargetMakers(cfg, self.model.peers)
         if cfg.distributed.sync_bn and self.ctx.distributed:
             self.model = convert_sync_batchnorm(self.model)
+            self.targets.sync_batchnorm()
         self.model.to(self.ctx.device, memory_format=self.precision.memory_format)
         self.targets.to(self.ctx.device, memory_format=self.precision.memory_format)
         # before any data is read: a step that cannot fit stops here, with the settings that would

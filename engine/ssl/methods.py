@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from dogo.engine.dist.distributed import all_gather_rows, all_reduce_mean
+from dogo.engine.dist.syncbn import convert_sync_batchnorm
 from dogo.core.errors import ConfigError
 from dogo.core.registry import METHODS
 from dogo.engine.config.schema import BYOLSettings, DINOSettings, MoCoV2Settings
@@ -48,6 +49,11 @@ class MethodState(nn.Module):
 
     def before_update(self, peer: nn.Module) -> None:
         """Between the backward and the optimiser step (DINO drops its last layer's gradients in its first epoch)."""
+
+    def sync_batchnorm(self) -> None:
+        """Under distributed.sync_bn on several ranks. By default the state's networks keep each rank's batch
+        statistics (MoCo's keys: no BN leak between queries and keys; BYOL's target network); DINO syncs its
+        teacher's, as DINO's code."""
 
     def targets(self, large: torch.Tensor, crops: int) -> Any:
         """large: the peer's `crops` large crops of its images, (crops * b, 3, S, S), crop after crop."""
@@ -337,6 +343,9 @@ class DINOState(MethodState):
         logits = losses.at_least_fp32(encoder.predictor(encoder(large)))
         probs = torch.softmax((logits - self.center) / self.teacher_temp, dim=-1)
         return *probs.chunk(crops), logits
+
+    def sync_batchnorm(self):
+        convert_sync_batchnorm(self.teacher.encoder)  # in place: the same parameters and buffers
 
     def before_update(self, peer):
         if self.frozen:  # DINO's cancel_gradients_last_layer: no gradient, so the optimiser leaves it untouched

@@ -111,6 +111,11 @@ class TargetMakers(nn.Module):
         """The run's first steps that a CUDA graph may not capture (MethodState.eager_steps)."""
         return max((state.eager_steps for state in self.states.values()), default=0)
 
+    def sync_batchnorm(self) -> None:
+        """distributed.sync_bn on several ranks: the method states whose networks sync their statistics too."""
+        for state in self.states.values():
+            state.sync_batchnorm()
+
     def before_update(self, peers: nn.ModuleDict) -> None:
         for name, state in self.states.items():
             state.before_update(peers[name])
