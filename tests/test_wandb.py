@@ -36,6 +36,18 @@ def wandb_records(path) -> list:
     return records
 
 
+def settled_records(path, steps: list[int], timeout: float = 30.0) -> list:
+    """The records once the history of `steps` is in the file: W&B's service process writes the file, and on a loaded
+    machine (the suite under xdist) it was seen without its history when read right after the run's finish()."""
+    import time
+    deadline = time.time() + timeout
+    while True:
+        records = wandb_records(path)
+        if sorted(history(records)) == steps or time.time() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def history(records) -> dict[int, dict]:
     out = {}
     for r in records:
@@ -54,7 +66,7 @@ def test_an_offline_run_holds_the_scalars_and_config_and_resumes_the_same_run(sh
     run = tmp_path / "t"
     run_id = (run / "wandb_run_id").read_text().strip()
     [first] = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    records = wandb_records(first)
+    records = settled_records(first, [2, 4])
     steps = history(records)
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"event"' not in l]
     assert sorted(steps) == [line["step"] for line in lines] == [2, 4]
@@ -74,7 +86,7 @@ def test_an_offline_run_holds_the_scalars_and_config_and_resumes_the_same_run(sh
     assert (run / "wandb_run_id").read_text().strip() == run_id
     folders = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(folders) == 2
-    assert sorted(history(wandb_records(folders[-1]))) == [6]
+    assert sorted(history(settled_records(folders[-1], [6]))) == [6]
 
 
 def test_wandb_off_writes_nothing_and_a_missing_package_is_a_clear_error(shapes, tmp_path, monkeypatch):
