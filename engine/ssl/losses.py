@@ -117,9 +117,13 @@ def dino_loss(student_logits, teacher_probs, student_temp: float) -> torch.Tenso
     rows and over the pairs (g, v != g), as DINO's DINOLoss and lightly's. student_logits: one (b, K) tensor per crop,
     large first; teacher_probs: one per large crop."""
     log_p = [F.log_softmax(s / student_temp, dim=-1) for s in student_logits]
-    terms = [-(t * log_p[v]).sum(dim=-1).mean() for g, t in enumerate(teacher_probs)
-             for v in range(len(log_p)) if v != g]
+    terms = [soft_cross_entropy(log_p[v], t) for g, t in enumerate(teacher_probs) for v in range(len(log_p)) if v != g]
     return sum(terms) / len(terms)
+
+
+def soft_cross_entropy(log_p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-sum_k target_k log_p_k, a mean over the rows."""
+    return -(target * log_p).sum(dim=-1).mean()
 
 
 def _off_diagonal_square_sum(m: torch.Tensor) -> torch.Tensor:
@@ -176,9 +180,9 @@ def distill_cross_entropy(student_logits, teacher_probs, student_temp: float) ->
     paired over crops as disco_distance pairs them: each large crop with the teacher's same crop, each local crop
     with every large crop at weight 1/G."""
     large = len(teacher_probs)
-    ce = lambda s, t: -(t * F.log_softmax(s / student_temp, dim=-1)).sum(dim=-1).mean()  # noqa: E731
-    own = sum(ce(s, t) for s, t in zip(student_logits[:large], teacher_probs))
-    local = [ce(s, t) for s in student_logits[large:] for t in teacher_probs]
+    log_p = [F.log_softmax(s / student_temp, dim=-1) for s in student_logits]  # once per crop
+    own = sum(soft_cross_entropy(lp, t) for lp, t in zip(log_p[:large], teacher_probs))
+    local = [soft_cross_entropy(lp, t) for lp in log_p[large:] for t in teacher_probs]
     return own + sum(local) / large if local else own
 
 

@@ -18,13 +18,14 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from dogo.engine.dist.distributed import all_gather_rows, all_reduce_mean
+from dogo.engine.dist.distributed import all_gather_rows
 from dogo.engine.dist.syncbn import convert_sync_batchnorm
 from dogo.core.errors import ConfigError
 from dogo.core.registry import METHODS
 from dogo.engine.config.schema import BYOLSettings, DINOSettings, MoCoV2Settings
 from dogo.engine.ssl import losses
-from dogo.engine.ssl.momentum import KeyQueue, MomentumEncoder, module_bytes, momentum_at
+from dogo.engine.ssl.momentum import (KeyQueue, MomentumEncoder, centred_softmax, follow_centre, module_bytes,
+                                      momentum_at)
 from dogo.engine.ssl.peers import Crops
 from dogo.models import Prototypes, projection_head
 
@@ -341,8 +342,7 @@ class DINOState(MethodState):
     def targets(self, large, crops):
         encoder = self.teacher.encoder
         logits = losses.at_least_fp32(encoder.predictor(encoder(large)))
-        probs = torch.softmax((logits - self.center) / self.teacher_temp, dim=-1)
-        return *probs.chunk(crops), logits
+        return *centred_softmax(logits, self.center, self.teacher_temp).chunk(crops), logits
 
     def sync_batchnorm(self):
         convert_sync_batchnorm(self.teacher.encoder)  # in place: the same parameters and buffers
@@ -354,10 +354,7 @@ class DINOState(MethodState):
 
     @torch.no_grad()
     def after_step(self, peer, targets):
-        logits = targets[-1]
-        batch_center = all_reduce_mean(logits.mean(dim=0, keepdim=True))  # equal local batches: the global mean
-        m = self.settings.center_momentum
-        self.center.mul_(m).add_(batch_center, alpha=1 - m)
+        follow_centre(self.center, targets[-1], self.settings.center_momentum)
         self.teacher.follow(peer)
 
 

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
+from dogo.engine.dist.distributed import all_reduce_mean
 from dogo.engine.ssl.losses import normalize
 
 
@@ -109,3 +110,15 @@ class KeyQueue(nn.Module):
 def module_bytes(module: nn.Module) -> int:
     """Parameters and buffers (memory accounting; works on the meta device)."""
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def centred_softmax(scores: torch.Tensor, centre: torch.Tensor, temperature) -> torch.Tensor:
+    """DINO's teacher distribution: softmax((scores - centre) / temperature) over the prototypes."""
+    return torch.softmax((scores - centre) / temperature, dim=-1)
+
+
+@torch.no_grad()
+def follow_centre(centre: torch.Tensor, scores: torch.Tensor, momentum: float) -> None:
+    """centre <- m centre + (1 - m) mean of `scores` over every rank's rows (equal local batches: the global mean),
+    in place, as DINO's update_center."""
+    centre.mul_(momentum).add_(all_reduce_mean(scores.mean(dim=0, keepdim=True)), alpha=1 - momentum)

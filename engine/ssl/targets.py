@@ -13,7 +13,7 @@ import torch.nn as nn
 from dogo.engine.config import Config
 from dogo.core.errors import CheckpointError, ConfigError
 from dogo.core.registry import METHODS, OBJECTIVES
-from dogo.engine.dist.distributed import all_reduce_mean
+from dogo.engine.ssl.momentum import centred_softmax, follow_centre
 from dogo.engine.ssl.teacher import FrozenTeacher, load_teacher
 
 
@@ -97,8 +97,7 @@ class TargetMakers(nn.Module):
             return self.teacher.embed(large, crops).chunk(crops)
         scores = self.teacher.scores(large, crops).float()
         temp = next(iter(self.cfg.peers.values())).dino.teacher_temp
-        probs = torch.softmax((scores - self.teacher_center) / temp, dim=-1)
-        return *probs.chunk(crops), scores
+        return *centred_softmax(scores, self.teacher_center, temp).chunk(crops), scores
 
     def schedule(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         """Before the step that makes `step` steps in all: each method state's scheduled numbers (a momentum),
@@ -126,13 +125,11 @@ class TargetMakers(nn.Module):
         if self.distill_prototypes:
             self._follow_teacher_centre(targets)
 
-    @torch.no_grad()
     def _follow_teacher_centre(self, targets: Targets) -> None:
         """centre <- m centre + (1 - m) mean of the teacher's scores over every rank's large crops (each set of views
         the teacher embedded once), m: the first student's dino.center_momentum."""
         scores = torch.cat([t[-1] for t in {id(t): t for t in targets.teacher.values()}.values()])
-        m = next(iter(self.cfg.peers.values())).dino.center_momentum
-        self.teacher_center.mul_(m).add_(all_reduce_mean(scores.mean(dim=0, keepdim=True)), alpha=1 - m)
+        follow_centre(self.teacher_center, scores, next(iter(self.cfg.peers.values())).dino.center_momentum)
 
     def checkpoint_state(self) -> dict:
         """What a resume needs: the method states; the teacher only as a fingerprint (it is read from its source
