@@ -49,6 +49,11 @@ def load(path: str | Path) -> dict:
         state = read_torch_file(path, "dogo checkpoint")
     except UnreadableFile as exc:
         raise CheckpointError(str(exc)) from None
+    return checked(state, path)
+
+
+def checked(state, path: Path) -> dict:
+    """A file's loaded contents, if they are a whole dogo checkpoint; else a CheckpointError naming the file."""
     missing = [k for k in ("config", "peers", "position") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a dogo checkpoint (it has no {', '.join(missing)}): give a run folder "

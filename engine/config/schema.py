@@ -235,12 +235,17 @@ class ObjectiveConfig:
 
 @dataclass
 class TeacherConfig:
-    """DisCo's frozen teacher: a peer of a dogo run (checkpoint), or plain state_dict files (backbone + head)."""
-    checkpoint: str = ""  # a dogo checkpoint file or run folder (its newest checkpoint)
-    peer: str = ""  # which peer of that checkpoint; empty: its only peer
+    """DisCo's frozen teacher: a peer of a dogo run or a solo-learn or lightly run (checkpoint), or plain state_dict
+    files (backbone + head)."""
+    # a dogo checkpoint file or run folder (its newest checkpoint), or a solo-learn or lightly Lightning checkpoint
+    # (.ckpt: its backbone and projection head, with teacher.arch; a 3x3 first conv is the library's CIFAR stem)
+    checkpoint: str = ""
+    peer: str = ""  # which peer of a dogo checkpoint; empty: its only peer
     backbone: str = ""  # or: a torchvision-format backbone state_dict (classifier keys are ignored) ...
     head: str = ""  # ... and its projection head's state_dict (sizes are read from it)
-    arch: str = ""  # with backbone/head files: the backbone's name, e.g. resnet50 or timm:vit_small_patch16_224
+    # with backbone/head files or a Lightning checkpoint: the backbone's name, e.g. resnet50 or
+    # timm:vit_small_patch16_224
+    arch: str = ""
     arch_args: dict[str, Any] = field(default_factory=dict)  # with a timm arch: its timm.create_model arguments
     cifar_stem: bool = False  # with backbone/head files
     # eval: BatchNorm with the teacher's running statistics (our default). batch: each view's batch statistics, as

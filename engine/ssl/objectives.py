@@ -153,8 +153,9 @@ class DisCo(Objective):
         files = bool(t.backbone or t.head)
         if bool(t.checkpoint) == files:
             raise ConfigError("objective.name=disco needs its teacher from exactly one source: teacher.checkpoint=RUN "
-                              "(a dogo run folder or checkpoint; teacher.peer picks the peer), or "
-                              "teacher.backbone=FILE with teacher.head=FILE and teacher.arch=NAME")
+                              "(a dogo run folder or checkpoint, teacher.peer picking the peer; or a solo-learn or "
+                              "lightly .ckpt with teacher.arch=NAME), or teacher.backbone=FILE with teacher.head=FILE "
+                              "and teacher.arch=NAME")
         if files and not (t.backbone and t.head and t.arch):
             missing = [k for k in ("backbone", "head", "arch") if not getattr(t, k)]
             raise ConfigError(f"a teacher from state_dict files needs teacher.backbone, teacher.head and teacher.arch; "

@@ -1,4 +1,5 @@
-"""DisCo's teacher: a frozen backbone and projection head, from a dogo checkpoint or from plain state_dict files.
+"""DisCo's teacher: a frozen backbone and projection head, from a dogo checkpoint, a solo-learn or lightly Lightning
+checkpoint (engine/ssl/lightning_teacher.py), or plain state_dict files.
 
 Frozen means: no parameter requires gradient, `.train()` changes nothing, and the forward runs under inference
 mode (and the run's autocast). BatchNorm (`teacher.bn`) uses the running statistics (eval, our default) or each
@@ -19,6 +20,7 @@ from dogo.core import checkpoint_files
 from dogo.core.errors import CheckpointError, ConfigError
 from dogo.engine.config import TeacherConfig, stored
 from dogo.core.io import UnreadableFile, read_torch_file
+from dogo.engine.ssl import lightning_teacher
 from dogo.engine.ssl.peers import build_peer
 from dogo.core.registry import BACKBONES
 from dogo.models import Peer, Prototypes
@@ -104,12 +106,15 @@ def _load_into(module: nn.Module, state: dict, what: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def _from_checkpoint(t: TeacherConfig) -> tuple[Peer, str]:
+def _from_checkpoint(t: TeacherConfig, image_size: int) -> tuple[Peer, str]:
     try:
         path = checkpoint_files.resolve(t.checkpoint)
-        state = checkpoint_files.load(path)
+        contents = read_torch_file(path, "checkpoint (dogo's, solo-learn's or lightly's)")
+        if lightning_teacher.is_lightning_checkpoint(contents):
+            return _from_lightning(contents, path, t, image_size)
+        state = checkpoint_files.checked(contents, path)
         checkpoint_files.check_finite(state, path)
-    except CheckpointError as exc:
+    except (CheckpointError, UnreadableFile) as exc:
         raise ConfigError(f"teacher.checkpoint: {exc}") from None
     peers = list(state["peers"])
     name = t.peer or (peers[0] if len(peers) == 1 else "")
@@ -121,6 +126,18 @@ def _from_checkpoint(t: TeacherConfig) -> tuple[Peer, str]:
     peer = build_peer(peer_cfg, run_cfg.data.image_size)
     _load_into(peer, state["peers"][name], f"teacher peer '{name}' of {path}")
     return peer, f"peer '{name}' ({peer_cfg.arch}) of {path}"
+
+
+def _from_lightning(contents: dict, path: Path, t: TeacherConfig, image_size: int) -> tuple[Peer, str]:
+    parts = lightning_teacher.teacher_parts(contents, path, t, image_size)
+    bad = checkpoint_files.diverged({**{f"backbone.{k}": v for k, v in parts.backbone.items()},
+                                     **{f"head.{k}": v for k, v in parts.head.items()}})
+    if bad:
+        raise ConfigError(f"teacher.checkpoint: {path} holds non-finite or absurdly large values ({bad}); its "
+                          f"training diverged. Use an earlier checkpoint")
+    _load_into(parts.peer.backbone, parts.backbone, f"the backbone of {parts.source}")
+    _load_into(parts.peer.head, parts.head, f"the projection head of {parts.source}")
+    return parts.peer, parts.source
 
 
 def _from_files(t: TeacherConfig, image_size: int) -> tuple[Peer, str]:
@@ -141,5 +158,5 @@ def _from_files(t: TeacherConfig, image_size: int) -> tuple[Peer, str]:
 
 def load_teacher(t: TeacherConfig, image_size: int) -> FrozenTeacher:
     """The teacher for views of `image_size` (a timm ViT teacher from files is built for them)."""
-    peer, source = _from_checkpoint(t) if t.checkpoint else _from_files(t, image_size)
+    peer, source = _from_checkpoint(t, image_size) if t.checkpoint else _from_files(t, image_size)
     return FrozenTeacher(peer, source, t.bn)

@@ -1,0 +1,156 @@
+"""A DisCo teacher from a solo-learn or lightly run: a Lightning checkpoint (.ckpt) holds the whole LightningModule's
+state_dict, and each library names its backbone and projection head its own way.
+
+- solo-learn (solo/methods/base.py): `backbone.*`, a torchvision ResNet with fc = Identity (for CIFAR its first
+  conv is 3x3, stride 1, padding 2, and the max-pool is gone), and `projector.*`, an nn.Sequential. solo-learn
+  1.0.2, the release on PyPI, calls the backbone `encoder`.
+- lightly (its examples and benchmarks): `backbone.*`, a torchvision model with fc = Identity or
+  nn.Sequential(*list(resnet.children())[:-1]) (the children by index), and `projection_head.layers.*` (lightly's
+  ProjectionHead keeps its blocks in `layers`).
+
+The projection head is rebuilt as the nn.Sequential it was: a Linear where a 2-D weight is (with its bias if it has
+one), a BatchNorm1d where running statistics are (affine or not), and a ReLU at each index that holds no tensors:
+every projection head of both libraries except DINO's is made of those. Classifiers, momentum copies and
+predictors in the checkpoint are left out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dogo.core.errors import ConfigError
+from dogo.core.registry import BACKBONES
+from dogo.engine.config import TeacherConfig
+from dogo.models import Peer
+
+
+@dataclass(frozen=True)
+class Layout:
+    library: str
+    backbones: tuple[str, ...]  # the backbone's prefixes, the first found is taken
+    projector: str
+    cifar_padding: int  # the 3x3 first conv's padding in the library's CIFAR ResNet
+
+
+# solo-learn first: a lightly module has no `projector`, a solo-learn one no `projection_head`
+LAYOUTS = (Layout("solo-learn", ("backbone.", "encoder."), "projector.", cifar_padding=2),
+           Layout("lightly", ("backbone.",), "projection_head.layers.", cifar_padding=1))
+
+
+def is_lightning_checkpoint(contents) -> bool:
+    """What Lightning's Trainer.save_checkpoint writes: the module's state_dict beside the trainer's state."""
+    return isinstance(contents, dict) and "pytorch-lightning_version" in contents \
+        and isinstance(contents.get("state_dict"), dict)
+
+
+@dataclass
+class TeacherParts:
+    peer: Peer  # built for the checkpoint's backbone and head, weights not loaded yet
+    backbone: dict[str, torch.Tensor]  # the state_dicts that load into peer.backbone and peer.head
+    head: dict[str, torch.Tensor]
+    source: str
+
+
+def teacher_parts(contents: dict, path: Path, t: TeacherConfig, image_size: int) -> TeacherParts:
+    """The peer a Lightning checkpoint's backbone and projection head make, and the state_dicts to load into it."""
+    weights = {k: v for k, v in contents["state_dict"].items() if isinstance(v, torch.Tensor)}
+    layout = _layout(weights, path)
+    if t.peer:
+        raise ConfigError(f"teacher.peer: {path} is a {layout.library} checkpoint of one network; leave teacher.peer "
+                          f"empty")
+    if not t.arch:
+        raise ConfigError(f"teacher.arch: {path} is a {layout.library} checkpoint, which does not record its "
+                          f"backbone's architecture; name it, e.g. teacher.arch=resnet18")
+    backbone_prefix = next(p for p in layout.backbones if any(k.startswith(p) for k in weights))
+    backbone = _under(weights, backbone_prefix)
+    spec = BACKBONES.get(t.arch, "teacher.arch")
+    # a 3x3 first conv is the library's CIFAR ResNet (an ImageNet one is 7x7)
+    conv1 = backbone.get("conv1.weight", backbone.get("0.weight"))
+    cifar_stem = t.cifar_stem or (spec.cifar_stem and conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 3)
+    head_state = _under(weights, layout.projector)
+    head = mirrored_head(head_state, f"{path}'s {layout.projector.rstrip('.')}")
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    peer = Peer(t.arch, cifar_stem, linears[0].out_features, linears[-1].out_features, image_size=image_size,
+                arch_args=t.arch_args)
+    if linears[0].in_features != peer.num_features:
+        raise ConfigError(f"teacher.arch: {path}'s projection head takes {linears[0].in_features} features; "
+                          f"{t.arch} gives {peer.num_features}: name the backbone the run trained")
+    if cifar_stem and hasattr(peer.backbone, "conv1"):
+        peer.backbone.conv1.padding = (layout.cifar_padding, layout.cifar_padding)
+    peer.head = head  # the library's own head in place of dogo's: the teacher computes what it computed
+    peer.embedding_dim = _width(head)
+    backbone = _by_child_names(backbone, peer.backbone)
+    classifier = spec.classifier_keys()
+    backbone = {k: v for k, v in backbone.items() if not k.startswith(classifier)}
+    stem = f", CIFAR stem with padding {layout.cifar_padding}" if cifar_stem else ""
+    return TeacherParts(peer, backbone, head_state, f"{layout.library} checkpoint {path} ({t.arch}{stem})")
+
+
+def _layout(weights: dict, path: Path) -> Layout:
+    for layout in LAYOUTS:
+        if any(k.startswith(layout.projector) for k in weights) and \
+                any(k.startswith(p) for p in layout.backbones for k in weights):
+            return layout
+    top = sorted({k.split(".")[0] for k in weights})
+    raise ConfigError(f"teacher.checkpoint: {path} is a Lightning checkpoint of neither known layout (its modules: "
+                      f"{', '.join(top[:8])}); dogo reads solo-learn's (backbone + projector) and lightly's (backbone "
+                      f"+ projection_head); for another, save the backbone's and head's state_dicts and give them as "
+                      f"teacher.backbone and teacher.head")
+
+
+def _under(weights: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def _by_child_names(state: dict, backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """lightly's nn.Sequential(*list(resnet.children())[:-1]) numbers the model's children: name them again."""
+    if not all(k.split(".")[0].isdigit() for k in state):
+        return state
+    children = [name for name, _ in backbone.named_children()]
+    renamed = {}
+    for key, value in state.items():
+        index, _, rest = key.partition(".")
+        if int(index) >= len(children):
+            raise ConfigError(f"teacher.arch: the checkpoint's backbone has a child {index}; {type(backbone).__name__} "
+                              f"has {len(children)}: name the backbone the run trained")
+        renamed[f"{children[int(index)]}.{rest}"] = value
+    return renamed
+
+
+def mirrored_head(state: dict[str, torch.Tensor], what: str) -> nn.Sequential:
+    """The nn.Sequential of Linear, BatchNorm1d and ReLU layers whose state_dict `state` is."""
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit():
+            raise ConfigError(f"teacher.checkpoint: {what} is not an nn.Sequential (it has {key})")
+        by_index.setdefault(int(index), {})[name] = value
+    if not by_index:
+        raise ConfigError(f"teacher.checkpoint: {what} holds no layers")
+    layers: list[nn.Module] = []
+    for i in range(max(by_index) + 1):
+        layers.append(_layer(by_index.get(i), f"{what} layer {i}"))
+    if not isinstance(layers[0], nn.Linear):
+        raise ConfigError(f"teacher.checkpoint: {what} does not start with a Linear layer")
+    return nn.Sequential(*layers)
+
+
+def _layer(tensors: dict[str, torch.Tensor] | None, what: str) -> nn.Module:
+    if tensors is None:
+        return nn.ReLU()  # no tensors: the activation (ReLU in both libraries' non-DINO heads)
+    if "running_mean" in tensors:
+        return nn.BatchNorm1d(tensors["running_mean"].shape[0], affine="weight" in tensors)
+    weight = tensors.get("weight")
+    if weight is not None and weight.dim() == 2:
+        out_features, in_features = weight.shape
+        return nn.Linear(in_features, out_features, bias="bias" in tensors)
+    raise ConfigError(f"teacher.checkpoint: {what} ({', '.join(sorted(tensors))}) is neither a Linear nor a "
+                      f"BatchNorm1d: dogo rebuilds heads of Linear, BatchNorm1d and ReLU layers (DINO's is not one)")
+
+
+def _width(head: nn.Sequential) -> int:
+    last = head[-1]
+    return last.out_features if isinstance(last, nn.Linear) else last.num_features
