@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -69,4 +70,8 @@ def read_torch_file(path: str | Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle's own traceback says nothing useful
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused:  # torch's paragraph on weights_only, in one line
+            raise UnreadableFile(f"{path} is not a readable {what}: it holds a {refused.group(1)}, an object a "
+                                 f"weights-only load refuses (it could run code)") from None
         raise UnreadableFile(f"{path} is not a readable {what} ({type(exc).__name__}: {exc})") from None

@@ -247,7 +247,10 @@ class TeacherConfig:
     # timm:vit_small_patch16_224
     arch: str = ""
     arch_args: dict[str, Any] = field(default_factory=dict)  # with a timm arch: its timm.create_model arguments
-    cifar_stem: bool = False  # with backbone/head files
+    cifar_stem: bool = False  # with backbone/head files (a Lightning checkpoint's 3x3 first conv says so itself)
+    # a solo-learn or lightly head's activation, which its checkpoint does not record: relu (their SimCLR, MoCo, BYOL,
+    # SimSiam, VICReg, Barlow Twins, NNCLR, SwAV heads) or gelu (lightly's MSN and LeWM, solo-learn's VIbCReg)
+    head_activation: Literal["relu", "gelu"] = "relu"
     # eval: BatchNorm with the teacher's running statistics (our default). batch: each view's batch statistics, as
     # DisCo's code (model.train() on the teacher too), without updating the running statistics.
     bn: Literal["eval", "batch"] = "eval"

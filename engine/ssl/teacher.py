@@ -109,12 +109,15 @@ def _load_into(module: nn.Module, state: dict, what: str) -> None:
 def _from_checkpoint(t: TeacherConfig, image_size: int) -> tuple[Peer, str]:
     try:
         path = checkpoint_files.resolve(t.checkpoint)
-        contents = read_torch_file(path, "checkpoint (dogo's, solo-learn's or lightly's)")
-        if lightning_teacher.is_lightning_checkpoint(contents):
+        with torch.serialization.safe_globals(lightning_teacher.SAFE_GLOBALS):
+            contents = read_torch_file(path, "checkpoint (dogo's, solo-learn's or lightly's)")
+        if lightning_teacher.is_module_checkpoint(contents):
             return _from_lightning(contents, path, t, image_size)
         state = checkpoint_files.checked(contents, path)
         checkpoint_files.check_finite(state, path)
-    except (CheckpointError, UnreadableFile) as exc:
+    except UnreadableFile as exc:
+        raise ConfigError(f"teacher.checkpoint: {exc}{lightning_teacher.hint_for(exc)}") from None
+    except CheckpointError as exc:
         raise ConfigError(f"teacher.checkpoint: {exc}") from None
     peers = list(state["peers"])
     name = t.peer or (peers[0] if len(peers) == 1 else "")
