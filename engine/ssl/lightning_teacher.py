@@ -18,10 +18,9 @@ two layouts (what is left when a checkpoint's other contents are dropped).
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
-
-import argparse
 
 import torch
 import torch.nn as nn
@@ -181,7 +180,7 @@ def _layer(tensors: dict[str, torch.Tensor] | None, what: str, activation: str) 
         out_features, in_features = weight.shape
         return nn.Linear(in_features, out_features, bias="bias" in tensors)
     raise ConfigError(f"teacher.checkpoint: {what} ({', '.join(sorted(tensors))}) is neither a Linear nor a "
-                      f"BatchNorm1d: dogo rebuilds heads of Linear, BatchNorm1d and ReLU layers (DINO's is not one)")
+                      f"BatchNorm1d: dogo rebuilds heads of Linear, BatchNorm1d and activation layers")
 
 
 def _width(head: nn.Sequential) -> int:
