@@ -9,6 +9,7 @@ synchronisation and dispatches the same kernels with the same arguments on the s
 without one.
 """
 import copy
+import gc
 
 import pytest
 import torch
@@ -155,8 +156,16 @@ def _region_records(trainer, batches) -> list[list]:
 
     trainer.graph.body = recorded
     for batch in batches:
-        with host_sync_guard():
-            trainer.step(batch)
+        # The record hands every op's tensors to Python; when the collector frees those wrappers differs from step
+        # to step, and autograd then steals a gradient or copies it (new_empty_strided): seen once in a fresh
+        # clone's suite. Collected before each step and paused during it, every step's record is the same.
+        gc.collect()
+        gc.disable()
+        try:
+            with host_sync_guard():
+                trainer.step(batch)
+        finally:
+            gc.enable()
         trainer.pos.step += 1
     trainer.graph.body = body
     return records
