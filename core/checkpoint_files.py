@@ -118,7 +118,12 @@ def check_finite(state: dict, path: Path) -> None:
     """Refuse weights with NaN, inf or absurd magnitudes: a run that diverged must not be evaluated, exported or
     distilled from."""
     for peer, tensors in state["peers"].items():
-        name = diverged(tensors)
-        if name:
-            raise CheckpointError(f"{path}: peer '{peer}' holds non-finite or absurdly large values ({name}); its "
-                                  f"training diverged. Use an earlier checkpoint")
+        refuse_diverged(tensors, f"{path}: peer '{peer}'")
+
+
+def refuse_diverged(named: Mapping[str, torch.Tensor], where: str) -> None:
+    """A CheckpointError naming `where` and the first diverged tensor, if any (diverged)."""
+    name = diverged(named)
+    if name:
+        raise CheckpointError(f"{where} holds non-finite or absurdly large values ({name}); its training diverged. "
+                              f"Use an earlier checkpoint")

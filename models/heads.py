@@ -79,15 +79,16 @@ class Peer(nn.Module):
     def __init__(self, arch: str, cifar_stem: bool, head_hidden: int, head_out: int,
                  zero_init_residual: bool = False, out_bn: bool = False, predictor: nn.Module | None = None,
                  head_layers: int = 2, head_bias: bool = True, image_size: int = 224, arch_args: dict | None = None,
-                 head_style: str = "simclr"):
+                 head_style: str = "simclr", head: nn.Module | None = None):
         super().__init__()
         self.arch = arch
         self.backbone, self.num_features = build_backbone(arch, cifar_stem, zero_init_residual,
                                                           image_size=image_size, arch_args=arch_args)
         # parameters the backbone's library keeps out of weight decay (a ViT's position embedding, class token)
         self.no_weight_decay = {f"backbone.{n}" for n in BACKBONES.get(arch, "arch").no_weight_decay(self.backbone)}
-        self.head = projection_head(self.num_features, head_hidden, head_out, out_bn, head_layers, head_bias,
-                                    head_style)
+        # head: a ready-made one (another library's, for a teacher) in place of projection_head's
+        self.head = head if head is not None else projection_head(self.num_features, head_hidden, head_out, out_bn,
+                                                                  head_layers, head_bias, head_style)
         self.embedding_dim = head_out
         self.predictor = predictor
 

@@ -98,15 +98,13 @@ def teacher_parts(contents: dict, path: Path, t: TeacherConfig, image_size: int)
                           f"a teacher's embedding")
     head = mirrored_head(head_state, f"{path}'s {layout.projector.rstrip('.')}", t.head_activation)
     linears = [m for m in head if isinstance(m, nn.Linear)]
-    peer = Peer(t.arch, cifar_stem, linears[0].out_features, linears[-1].out_features, image_size=image_size,
-                arch_args=t.arch_args)
+    peer = Peer(t.arch, cifar_stem, linears[0].out_features, _width(head), image_size=image_size,
+                arch_args=t.arch_args, head=head)  # the library's own head: the teacher computes what it computed
     if linears[0].in_features != peer.num_features:
         raise ConfigError(f"teacher.arch: {path}'s projection head takes {linears[0].in_features} features; "
                           f"{t.arch} gives {peer.num_features}: name the backbone the run trained")
     if cifar_stem and hasattr(peer.backbone, "conv1"):
         peer.backbone.conv1.padding = (layout.cifar_padding, layout.cifar_padding)
-    peer.head = head  # the library's own head in place of dogo's: the teacher computes what it computed
-    peer.embedding_dim = _width(head)
     backbone = _by_child_names(backbone, peer.backbone, path)
     classifier = spec.classifier_keys()
     backbone = {k: v for k, v in backbone.items() if not k.startswith(classifier)}

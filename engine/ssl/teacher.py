@@ -133,11 +133,11 @@ def _from_checkpoint(t: TeacherConfig, image_size: int) -> tuple[Peer, str]:
 
 def _from_lightning(contents: dict, path: Path, t: TeacherConfig, image_size: int) -> tuple[Peer, str]:
     parts = lightning_teacher.teacher_parts(contents, path, t, image_size)
-    bad = checkpoint_files.diverged({**{f"backbone.{k}": v for k, v in parts.backbone.items()},
-                                     **{f"head.{k}": v for k, v in parts.head.items()}})
-    if bad:
-        raise ConfigError(f"teacher.checkpoint: {path} holds non-finite or absurdly large values ({bad}); its "
-                          f"training diverged. Use an earlier checkpoint")
+    try:
+        checkpoint_files.refuse_diverged({**{f"backbone.{k}": v for k, v in parts.backbone.items()},
+                                          **{f"head.{k}": v for k, v in parts.head.items()}}, str(path))
+    except CheckpointError as exc:
+        raise ConfigError(f"teacher.checkpoint: {exc}") from None
     _load_into(parts.peer.backbone, parts.backbone, f"the backbone of {parts.source}")
     _load_into(parts.peer.head, parts.head, f"the projection head of {parts.source}")
     return parts.peer, parts.source
