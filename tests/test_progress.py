@@ -127,11 +127,15 @@ def test_banner_summary_and_whole_lines(shapes, tmp_path, capsys, monkeypatch):
 
     # a resumed session: the banner says from where; the summary's time covers both sessions
     cfg["schedule"]["max_steps"] = 8
+    # (the first session counts up to its checkpoint, which came before its kNN and summary: first_session is more)
+    at_checkpoint = torch.load(checkpoint, weights_only=True)["wall_seconds"]
+    assert 0 < at_checkpoint <= first_session
     assert dogo("train", write_config(tmp_path / "c.yaml", cfg)) == 0
     out = _lines(capsys.readouterr().out)
     assert out[0] == f"run folder {run}: resumed at step 6 of 8 from {checkpoint}"
     done = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert done["run_seconds"] > first_session and done["seconds"] < done["run_seconds"]
+    assert abs(done["run_seconds"] - (at_checkpoint + done["seconds"])) <= 0.1  # each rounded to 0.1 s
+    assert done["run_seconds"] > at_checkpoint and 0 < done["seconds"] < done["run_seconds"]
     finished = next(line for line in out if line.startswith("finished "))
     assert re.fullmatch(r"finished 8 steps in \d+ s \(\d+ s since resuming at step 6\)", finished), finished
 
